@@ -1,0 +1,1 @@
+"""Model execution: model families, layer executor, KV cache, generation."""

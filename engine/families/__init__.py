@@ -1,0 +1,1 @@
+"""Per-family layer math."""

@@ -1,0 +1,1 @@
+"""Compute: torch reference kernels (the spec and the CPU path) and CuPy/CUDA kernels."""

@@ -1,0 +1,61 @@
+"""Torch reference of every compute kernel: the specification for the CUDA kernels and the CPU path.
+
+Every function is pure, works on any device and dtype torch supports, and is what the fused
+CuPy kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tiermem.kernels.quant import QuantizedWeight, unpack_codes
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W[out, in] = q * scale + zero, per group of `group_size` input columns."""
+    out_features, in_features = qw.shape
+    g = qw.scheme.group_size
+    q = unpack_codes(qw).to(torch.float32).reshape(out_features, in_features // g, g)  # [O, G, g]
+    scale = qw.scale.to(torch.float32).unsqueeze(-1)  # [O, G, 1]
+    zero = qw.zero.to(torch.float32).unsqueeze(-1)
+    return (q * scale + zero).reshape(out_features, in_features).to(dtype)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[..., out] = x[..., in] @ W[out, in]^T + b, in x's dtype; quantized W is dequantized first."""
+    if isinstance(weight, QuantizedWeight):
+        weight = dequantize(weight, x.dtype)
+    elif weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm: x[..., D] / rms(x) * w[D], the mean of squares in fp32 (as HF does)."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == x.dtype:
+        return weight * x32.to(x.dtype)
+    return (weight.to(torch.float32) * x32).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dimension (HF's non-interleaved RoPE convention)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x[B, H, T, Dh] with cos/sin[B, T, Dh] (frequencies repeated twice)."""
+    cos = cos.unsqueeze(1).to(x.dtype)  # [B, 1, T, Dh]
+    sin = sin.unsqueeze(1).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's elementwise part: silu(gate) * up."""
+    return F.silu(gate) * up

@@ -1,0 +1,1 @@
+"""Bytes on disk: the block-store format, HF checkpoint readers, I/O backends, durable writes."""

@@ -1,0 +1,1 @@
+"""I/O backends that read byte ranges of files into host or device buffers."""
