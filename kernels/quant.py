@@ -18,7 +18,8 @@ import torch
 from tiermem.errors import ConfigError
 
 SUPPORTED_BITS = (4, 8)
-FP16_EPS = 2.0**-11  # unit roundoff of fp16
+FP16_EPS = 2.0**-11  # unit roundoff of fp16 (normal range)
+FP16_TINY = 2.0**-25  # absolute rounding error of fp16 subnormals
 
 
 @dataclass(frozen=True)
@@ -129,14 +130,15 @@ def error_bound(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Per-element bound on |W - dequantize(quantize(W))| implied by the scheme.
 
     Rounding to the nearest code costs scale/2; the fp16 rounding of zero and scale adds
-    |min| * eps + levels * scale * eps; fp32 arithmetic adds a few ulps of max|w|.
+    |min| * eps + levels * scale * eps (plus an absolute 2**-25 each where they are fp16
+    subnormals); fp32 arithmetic adds a few ulps of max|w|.
     """
     out_features = weight.shape[0]
     levels = 2**scheme.bits - 1
     w = weight.detach().to(torch.float32).reshape(out_features, -1, scheme.group_size)
     w_min = w.amin(dim=-1, keepdim=True)
     w_max = w.amax(dim=-1, keepdim=True)
-    scale = (w_max - w_min) / levels * (1 + FP16_EPS)
-    bound = scale / 2 + w_min.abs() * FP16_EPS + levels * scale * FP16_EPS
+    scale = (w_max - w_min) / levels * (1 + FP16_EPS) + FP16_TINY
+    bound = scale / 2 + w_min.abs() * FP16_EPS + FP16_TINY + levels * (scale * FP16_EPS + FP16_TINY)
     bound = bound + 4 * torch.finfo(torch.float32).eps * w.abs().amax(dim=-1, keepdim=True)
     return bound.expand_as(w).reshape(weight.shape)
