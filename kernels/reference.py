@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from tiermem.kernels.quant import QuantizedWeight, unpack_codes
 
 

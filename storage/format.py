@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -88,10 +88,34 @@ def spec_of(value: Value) -> TensorSpec:
     return tuple(value.shape), value.dtype
 
 
-class BlockWriter:
-    """Writes one block file sequentially: header first, then each tensor in declared order."""
+class TensorSink:
+    """A write-only binary stream into a preallocated uint8 CPU tensor (e.g. a pinned host buffer)."""
 
-    def __init__(self, directory: Path, block: str, specs: Mapping[str, TensorSpec]) -> None:
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self._view = memoryview(buffer.numpy()).cast("B")
+        self._pos = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = len(data)
+        self._view[self._pos:self._pos + n] = data
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._view.release()
+
+
+class BlockWriter:
+    """Writes one block sequentially: header first, then each tensor in declared order.
+
+    The bytes go to `directory/<block file>`, or to `sink` (any object with write/tell/close, such as
+    a TensorSink) when one is given; `nbytes` is the block's final size, known before writing.
+    """
+
+    def __init__(self, directory: Path, block: str, specs: Mapping[str, TensorSpec], sink=None) -> None:
         self.block = block
         self.file = block_file_name(block)
         self.path = directory / self.file
@@ -102,11 +126,13 @@ class BlockWriter:
                                       DATA_START, TENSOR_ALIGN, FILE_ALIGN)
         self._offsets = dict(zip((p[0] for p in parts), offsets, strict=True))
         self._nbytes = {n: nb for n, _dt, _s, nb in entries}
+        end = max((off + nb for off, nb in zip(offsets, self._nbytes.values(), strict=True)), default=0)
+        self.nbytes = -(-max(end, len(header)) // FILE_ALIGN) * FILE_ALIGN
         self._pending = list(self._specs)
         self._entries: dict[str, dict] = {}
         self._hash = xxhash.xxh3_64()
         try:
-            self._f = open(self.path, "xb")  # closed by finish() or abort()
+            self._f = sink if sink is not None else open(self.path, "xb")  # closed by finish() or abort()
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {exc}") from exc
         self._emit(header)
@@ -299,23 +325,7 @@ class StoreReader:
 
     def decode_block(self, name: str, buf: torch.Tensor) -> dict[str, torch.Tensor | QuantizedWeight]:
         """Zero-copy views into `buf` (uint8, any device): HF name -> tensor or QuantizedWeight."""
-        block = self._block(name)
-        if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < block["nbytes"]:
-            raise StoreError(f"decode_block({name}): buf must be 1-D uint8 of >= {block['nbytes']} B")
-
-        def view(part: dict) -> torch.Tensor:
-            raw = buf[part["offset"]:part["offset"] + part["nbytes"]]
-            return raw.view(str_to_dtype(part["dtype"])).reshape(part["shape"])
-
-        out: dict[str, torch.Tensor | QuantizedWeight] = {}
-        for tname, entry in block["tensors"].items():
-            if "quant" in entry:
-                parts = entry["parts"]
-                out[tname] = QuantizedWeight(view(parts["qdata"]), view(parts["scale"]), view(parts["zero"]),
-                                             self.quant, tuple(entry["shape"]))
-            else:
-                out[tname] = view(entry)
-        return out
+        return decode_entry(self._block(name), buf, self.quant)
 
     def load_block(self, name: str) -> dict[str, torch.Tensor | QuantizedWeight]:
         return self.decode_block(name, self.read_block(name))
@@ -327,6 +337,54 @@ class StoreReader:
 
     def total_nbytes(self) -> int:
         return sum(self.block_nbytes(n) for n in self.block_names)
+
+
+def decode_entry(block: dict, buf: torch.Tensor, quant: QuantScheme | None) -> dict[str, Value]:
+    """Zero-copy views into `buf` (uint8, any device) of the tensors a block's manifest entry lists."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < block["nbytes"]:
+        raise StoreError(f"decode_block({block['name']}): buf must be 1-D uint8 of >= {block['nbytes']} B")
+
+    def view(part: dict) -> torch.Tensor:
+        raw = buf[part["offset"]:part["offset"] + part["nbytes"]]
+        return raw.view(str_to_dtype(part["dtype"])).reshape(part["shape"])
+
+    out: dict[str, Value] = {}
+    for tname, entry in block["tensors"].items():
+        if "quant" in entry:
+            parts = entry["parts"]
+            scheme = QuantScheme(QuantScheme.from_name(entry["quant"]).bits, entry["group_size"])
+            out[tname] = QuantizedWeight(view(parts["qdata"]), view(parts["scale"]), view(parts["zero"]),
+                                         scheme, tuple(entry["shape"]))
+        else:
+            out[tname] = view(entry)
+    return out
+
+
+def encode_block(block: str, tensors: Mapping[str, Value],
+                 allocate: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Lay a block out exactly as its store file would be, into `allocate(nbytes)` (a uint8 CPU tensor).
+
+    Returns the filled buffer and the block's manifest entry (for decode_entry); used to build
+    blocks straight in host memory, e.g. for synthetic benchmarks.
+    """
+    specs = {name: spec_of(value) for name, value in tensors.items()}
+    probe = BlockWriter(Path("."), block, specs, sink=_NullSink())
+    buffer = allocate(probe.nbytes)
+    writer = BlockWriter(Path("."), block, specs, sink=TensorSink(buffer))
+    for name, value in tensors.items():
+        writer.write(name, value)
+    return buffer, writer.finish()
+
+
+class _NullSink:
+    def write(self, data: bytes | memoryview) -> int:
+        return len(data)
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 def _read_whole(path: Path, buf: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -61,11 +61,13 @@ def plan_specs(
     quant: QuantScheme | None,
     should_quantize: ShouldQuantize,
     dtype: torch.dtype | None,
+    aliases: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, TensorSpec]]:
     """Block -> {tensor name -> stored spec}, in execution order; validates every shape up front."""
     by_block: dict[str, dict[str, TensorSpec]] = {}
-    for name in ckpt.tensor_names:
-        shape, src_dtype = ckpt.tensor_shape(name), ckpt.tensor_dtype(name)
+    for name in [*ckpt.tensor_names, *(aliases or {})]:
+        source = (aliases or {}).get(name, name)
+        shape, src_dtype = ckpt.tensor_shape(source), ckpt.tensor_dtype(source)
         kind: torch.dtype | QuantScheme = src_dtype
         if quant is not None and src_dtype.is_floating_point and should_quantize(name, shape):
             try:
@@ -94,12 +96,14 @@ def pack_checkpoint(
     progress: bool = True,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    aliases: Mapping[str, str] | None = None,
 ) -> Path:
     """Convert the HF checkpoint in `src_dir` into a block store at `dst_store`; returns its path.
 
     quant: None (keep weights dense), a QuantScheme, or "int8"/"int4" (group size 64).
     should_quantize(name, shape) picks the weights to quantize (default: `default_should_quantize`).
     dtype: convert floating tensors that are not quantized (default: keep the checkpoint's dtype).
+    aliases: extra tensors to store, {new name: checkpoint tensor it copies} (e.g. a tied lm_head).
     """
     if isinstance(quant, str):
         try:
@@ -110,14 +114,18 @@ def pack_checkpoint(
     if dst.exists() and not overwrite:
         raise PackError(f"{dst} already exists; choose another destination or pass overwrite=True")
     ckpt = HFCheckpoint(src_dir)
-    plan = plan_specs(ckpt, quant, should_quantize or default_should_quantize, dtype)
-    total = sum(ckpt.tensor_nbytes(n) for n in ckpt.tensor_names)
+    aliases = dict(aliases or {})
+    missing = sorted(src for src in aliases.values() if src not in ckpt.tensor_names)
+    if missing:
+        raise PackError(f"aliases refer to tensors {missing} that {src_dir} does not contain")
+    plan = plan_specs(ckpt, quant, should_quantize or default_should_quantize, dtype, aliases)
+    total = sum(ckpt.tensor_nbytes(aliases.get(n, n)) for specs in plan.values() for n in specs)
     try:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"pack {dst.name}", disable=not progress)
         with bar, atomic_directory(dst, overwrite=overwrite) as tmp:
             writer = StoreWriter(tmp)
             for block, specs in plan.items():
-                _write_block(writer, ckpt, block, specs, bar)
+                _write_block(writer, ckpt, block, specs, bar, aliases)
             writer.finish(ckpt.config, quant, ckpt.tokenizer_files)
     except (OSError, StoreError) as exc:
         raise PackError(f"packing {src_dir} into {dst} failed: {exc}") from exc
@@ -125,14 +133,16 @@ def pack_checkpoint(
 
 
 def _write_block(
-    writer: StoreWriter, ckpt: HFCheckpoint, block: str, specs: dict[str, TensorSpec], bar: tqdm
+    writer: StoreWriter, ckpt: HFCheckpoint, block: str, specs: dict[str, TensorSpec], bar: tqdm,
+    aliases: Mapping[str, str],
 ) -> None:
     """Stream one block: each tensor is loaded, converted, written and dropped before the next."""
     block_writer = writer.open_block(block, specs)
     try:
         for name, spec in specs.items():
-            block_writer.write(name, _convert(ckpt.load_tensor(name), name, spec))
-            bar.update(ckpt.tensor_nbytes(name))
+            source = aliases.get(name, name)
+            block_writer.write(name, _convert(ckpt.load_tensor(source), name, spec))
+            bar.update(ckpt.tensor_nbytes(source))
     except BaseException:
         block_writer.abort()
         raise

@@ -1,0 +1,74 @@
+"""Causal self-attention over the KV cache, for one micro-batch in one forward step.
+
+The executor builds one `Attention` per micro-batch per step (masks and RoPE tables are computed
+once there and shared by all layers); family code calls `attn.rope(q)` and `attn(layer, q, k, v)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tiermem.engine.kv_cache import KVCache
+from tiermem.kernels import ops
+
+
+def causal_mask(key_mask: torch.Tensor, start: int, window: int | None = None) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S] (True = attend) for queries at slots start..S-1 over keys 0..S-1.
+
+    key_mask [B, S] marks real tokens. A query may see earlier real keys (within `window` slots if
+    given, as HF's sliding window: k > q - window) and always itself, so no row is empty (a padding
+    query attends only to itself: finite output, never NaN).
+    """
+    S = key_mask.shape[1]
+    q_idx = torch.arange(start, S, device=key_mask.device)[:, None]  # [T, 1]
+    k_idx = torch.arange(S, device=key_mask.device)[None, :]  # [1, S]
+    allowed = k_idx <= q_idx  # [T, S]
+    if window is not None:
+        allowed = allowed & (k_idx > q_idx - window)
+    mask = allowed[None] & key_mask[:, None, :]  # [B, T, S]
+    mask = mask | (k_idx == q_idx)[None]
+    return mask[:, None]  # [B, 1, T, S]
+
+
+def positions_from_mask(key_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Positions [B, T] of slots start..S-1: real tokens before each (HF: cumsum - 1); padding -> 0."""
+    pos = key_mask.long().cumsum(-1) - 1  # [B, S]
+    return pos.masked_fill(~key_mask, 0)[:, start:]
+
+
+@dataclass
+class Attention:
+    """One micro-batch's view of a step: rows of the batch, key mask, cache, RoPE tables."""
+
+    key_mask: torch.Tensor  # bool [b, S]: real tokens among all keys (past + new)
+    start: int  # slots already in the cache before this step
+    rows: slice  # this micro-batch's rows of the full batch (and of the cache)
+    cache: KVCache | None = None
+    cos: torch.Tensor | None = None  # [b, T, Dh]
+    sin: torch.Tensor | None = None
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [b, H, T, Dh] at this step's positions."""
+        return ops.apply_rope(x, self.cos, self.sin)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            self._masks[window] = causal_mask(self.key_mask, self.start, window)
+        return self._masks[window]
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+    ) -> torch.Tensor:
+        """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh]."""
+        if self.cache is not None:
+            k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
+        b, H, T, Dh = q.shape
+        gqa = k.shape[1] != H
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask(window), scale=Dh**-0.5, enable_gqa=gqa
+        )  # [b, H, T, Dh]
+        return out.transpose(1, 2).reshape(b, T, H * Dh)

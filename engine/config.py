@@ -1,0 +1,268 @@
+"""HF `config.json` (as any transformers version writes it) -> ModelConfig, and weight-name checks.
+
+Absent keys take the defaults the model's transformers config class would give them, so a config
+written by transformers 4.x (`torch_dtype`, `rope_scaling` with "type", no `head_dim`) and one written
+by 5.x (`dtype`, `rope_parameters`) describe the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from tiermem.engine.families import llama, opt
+from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
+from tiermem.kernels.quant import QuantizedWeight
+
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
+MODEL_TYPE_OF_ARCHITECTURE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "OPTForCausalLM": "opt",
+}
+# Defaults of the transformers config classes for keys a config.json may omit.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-6, sliding_window=4096),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6),
+    "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=2048),
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+IGNORED_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (HF `rope_parameters` / `rope_scaling`, standardized)."""
+
+    theta: float = 10000.0
+    type: str = "default"  # "default" | "linear" | "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the engine needs to know about a decoder-only model; built by model_config_from_hf."""
+
+    model_type: str  # "llama" | "mistral" | "qwen2" | "opt"
+    family: str  # "llama" | "opt": which module in engine/families runs it
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str  # "silu" (llama family) | "relu" | "gelu" (opt)
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    rope: RopeConfig | None = None  # None: learned positions (OPT)
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full causal attention
+    # OPT only
+    word_embed_proj_dim: int = 0  # 0: same as hidden_size
+    do_layer_norm_before: bool = True
+    final_layer_norm: bool = True
+    layer_norm_affine: bool = True
+    position_offset: int = 0
+    # generation defaults
+    dtype: torch.dtype | None = None
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @property
+    def block_names(self) -> list[str]:
+        """Weight blocks in execution order."""
+        return ["embed", *(f"layers.{i}" for i in range(self.num_layers)), "head"]
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (OPT's word_embed_proj_dim, else hidden_size)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+
+def family_module(cfg: ModelConfig) -> ModuleType:
+    """The module of engine/families that implements cfg's math."""
+    return {"llama": llama, "opt": opt}[cfg.family]
+
+
+def _model_type(hf: Mapping[str, Any]) -> str:
+    model_type = hf.get("model_type")
+    if model_type is None:
+        for arch in hf.get("architectures") or ():
+            if arch in MODEL_TYPE_OF_ARCHITECTURE:
+                return MODEL_TYPE_OF_ARCHITECTURE[arch]
+        raise ConfigError("config.json has no 'model_type' (nor a known 'architectures' entry); "
+                          "is this a Hugging Face causal-LM config?")
+    if model_type not in FAMILY_OF_MODEL_TYPE:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} is not supported; tiermem runs {sorted(FAMILY_OF_MODEL_TYPE)}")
+    return model_type
+
+
+def _dtype(hf: Mapping[str, Any]) -> torch.dtype | None:
+    name = hf.get("dtype") or hf.get("torch_dtype")  # 5.x writes "dtype", 4.x "torch_dtype"
+    if name is None:
+        return None
+    name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(f"config.json dtype {name!r} is not a floating dtype known: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedArchitectureError(
+            f"rope type {rope_type!r} is not supported; tiermem implements {SUPPORTED_ROPE_TYPES}")
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    try:
+        factor = float(params["factor"])
+        if rope_type == "linear":
+            return RopeConfig(theta=float(theta), type="linear", factor=factor)
+        return RopeConfig(
+            theta=float(theta), type="llama3", factor=factor,
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_pos)),
+        )
+    except KeyError as e:
+        raise ConfigError(f"rope parameters of type {rope_type!r} lack key {e.args[0]!r}: {params}") from e
+
+
+def _eos(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding window (None = full attention), as Mistral / Qwen2 configs set them."""
+    if model_type == "mistral":
+        return (d["sliding_window"],) * n_layers
+    if model_type == "qwen2" and d.get("use_sliding_window", False):
+        window = d.get("sliding_window", 4096)
+        types = d.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28)
+            else "full_attention" for i in range(n_layers)]
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (None,) * n_layers
+
+
+def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """Read an HF config.json dict the way its transformers config class would."""
+    model_type = _model_type(hf)
+    d = {**HF_DEFAULTS[model_type], **hf}
+    common = dict(
+        model_type=model_type, family=FAMILY_OF_MODEL_TYPE[model_type], vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),
+        num_heads=int(d["num_attention_heads"]), max_position_embeddings=int(d["max_position_embeddings"]),
+        dtype=_dtype(hf), bos_token_id=hf.get("bos_token_id"), eos_token_id=_eos(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    if common["hidden_size"] % common["num_heads"] and not d.get("head_dim"):
+        raise ConfigError(f"hidden_size {common['hidden_size']} is not a multiple of "
+                          f"num_attention_heads {common['num_heads']}")
+    if model_type == "opt":
+        act = d.get("activation_function", "relu")
+        if act not in ("relu", "gelu"):
+            raise UnsupportedArchitectureError(f"OPT activation_function {act!r} unsupported: relu, gelu")
+        proj = int(d.get("word_embed_proj_dim") or d["hidden_size"])
+        before = bool(d.get("do_layer_norm_before", True))
+        return ModelConfig(
+            **common, intermediate_size=int(d["ffn_dim"]), num_kv_heads=common["num_heads"],
+            head_dim=common["hidden_size"] // common["num_heads"], norm_eps=1e-5, hidden_act=act,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            qkv_bias=bool(d.get("enable_bias", True)), o_bias=bool(d.get("enable_bias", True)),
+            mlp_bias=bool(d.get("enable_bias", True)), sliding_windows=(None,) * common["num_layers"],
+            word_embed_proj_dim=0 if proj == common["hidden_size"] else proj,
+            do_layer_norm_before=before,
+            final_layer_norm=before and not d.get("_remove_final_layer_norm", False),
+            layer_norm_affine=bool(d.get("layer_norm_elementwise_affine", True)), position_offset=2,
+        )
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedArchitectureError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
+    attention_bias = bool(d.get("attention_bias", False))
+    return ModelConfig(
+        **common, intermediate_size=int(d["intermediate_size"]),
+        num_kv_heads=int(d.get("num_key_value_heads") or common["num_heads"]),
+        head_dim=int(d.get("head_dim") or common["hidden_size"] // common["num_heads"]),
+        norm_eps=float(d["rms_norm_eps"]), hidden_act=act,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+        mlp_bias=bool(d.get("mlp_bias", False)), rope=_rope(d, int(d["max_position_embeddings"])),
+        sliding_windows=_llama_windows(model_type, d, common["num_layers"]),
+    )
+
+
+def expected_weights(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Block name -> {HF tensor name -> shape} that a checkpoint of cfg must hold."""
+    return family_module(cfg).weight_shapes(cfg)
+
+
+def _shape_and_dtype(spec: Any) -> tuple[tuple[int, ...], Any]:
+    if isinstance(spec, QuantizedWeight):
+        return tuple(spec.shape), spec.scheme.name
+    if isinstance(spec, torch.Tensor):
+        return tuple(spec.shape), spec.dtype
+    if len(spec) == 2 and isinstance(spec[0], (tuple, list, torch.Size)):
+        return tuple(spec[0]), spec[1]
+    return tuple(spec), None
+
+
+def check_weights(cfg: ModelConfig, specs: Mapping[str, Any]) -> None:
+    """Raise WeightsError naming every missing, unexpected, misplaced or misshaped tensor.
+
+    `specs` is block -> {name -> spec} (as StoreReader.tensor_specs gives per block) or a flat
+    {name -> spec}; a spec is a shape, a (shape, dtype) pair, a tensor or a QuantizedWeight.
+    """
+    nested = all(isinstance(v, Mapping) for v in specs.values())
+    flat = {n: (b, s) for b, block in specs.items() for n, s in block.items()} if nested else {
+        n: (None, s) for n, s in specs.items()}
+    expected = {n: (b, shape) for b, block in expected_weights(cfg).items() for n, shape in block.items()}
+    problems = [f"missing {n} {shape}" for n, (_, shape) in expected.items() if n not in flat]
+    for name, (block, spec) in flat.items():
+        if name not in expected:
+            tied_head = cfg.tie_word_embeddings and name == "lm_head.weight"
+            if not (tied_head or name.endswith(IGNORED_WEIGHT_SUFFIXES)):
+                problems.append(f"unexpected {name}")
+            continue
+        want_block, want_shape = expected[name]
+        shape, dtype = _shape_and_dtype(spec)
+        if shape != want_shape:
+            problems.append(f"{name} has shape {shape}, expected {want_shape}")
+        if block is not None and block != want_block:
+            problems.append(f"{name} is in block {block!r}, expected {want_block!r}")
+        if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+            problems.append(f"{name} has dtype {dtype}, expected a floating dtype")
+        elif isinstance(dtype, str) and (dtype not in ("int4", "int8") or len(shape) != 2):
+            problems.append(f"{name} has dtype {dtype!r}; only 2-D weights may be int4/int8")
+    if problems:
+        raise WeightsError(
+            f"weights do not match the {cfg.model_type} config ({len(problems)} problems): "
+            + "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
+            + ". Re-export the checkpoint with transformers or check that config.json belongs to it.")

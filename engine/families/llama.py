@@ -1,0 +1,104 @@
+"""Llama 2/3/3.1, Mistral and Qwen2: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP.
+
+Pure math, no I/O. Weight dicts are keyed by full HF names; values are tensors or QuantizedWeight,
+and every matmul goes through ops.linear (which casts/dequantizes to the activation dtype).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from tiermem.kernels import ops
+
+if TYPE_CHECKING:
+    from tiermem.engine.attention import Attention
+    from tiermem.engine.config import ModelConfig
+
+Weights = Mapping[str, object]
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Block -> {HF name -> shape} of a checkpoint for cfg."""
+    D, F_, Dh = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q_dim, kv_dim = cfg.num_heads * Dh, cfg.num_kv_heads * Dh
+    blocks: dict[str, dict[str, tuple[int, ...]]] = {"embed": {EMBED: (cfg.vocab_size, D)}}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        w = {
+            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (q_dim, D), p + "self_attn.k_proj.weight": (kv_dim, D),
+            p + "self_attn.v_proj.weight": (kv_dim, D), p + "self_attn.o_proj.weight": (D, q_dim),
+            p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
+            p + "mlp.down_proj.weight": (D, F_),
+        }
+        if cfg.qkv_bias:
+            w |= {p + "self_attn.q_proj.bias": (q_dim,), p + "self_attn.k_proj.bias": (kv_dim,),
+                  p + "self_attn.v_proj.bias": (kv_dim,)}
+        if cfg.o_bias:
+            w[p + "self_attn.o_proj.bias"] = (D,)
+        if cfg.mlp_bias:
+            w |= {p + "mlp.gate_proj.bias": (F_,), p + "mlp.up_proj.bias": (F_,),
+                  p + "mlp.down_proj.bias": (D,)}
+        blocks[f"layers.{i}"] = w
+    blocks["head"] = {NORM: (D,)} if cfg.tie_word_embeddings else {NORM: (D,), LM_HEAD: (cfg.vocab_size, D)}
+    return blocks
+
+
+def embed(
+    cfg: ModelConfig, w: Weights, input_ids: torch.Tensor, positions: torch.Tensor,
+    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """input_ids [B, T] -> h [B, T, D] on `device` in `dtype` (positions unused: RoPE is in attention).
+
+    Rows are gathered where the table lives; only the gathered rows move.
+    """
+    table = w[EMBED]  # [V, D]
+    return F.embedding(input_ids.to(table.device), table).to(device or table.device, dtype or table.dtype)
+
+
+def layer(cfg: ModelConfig, i: int, w: Weights, h: torch.Tensor, attn: Attention) -> torch.Tensor:
+    """One decoder layer: h [B, T, D] -> [B, T, D]."""
+    p = f"model.layers.{i}."
+    B, T, _ = h.shape
+    x = ops.rms_norm(h, w[p + "input_layernorm.weight"], cfg.norm_eps)  # [B, T, D]
+    q = ops.linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))  # [B, T, H*Dh]
+    k = ops.linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))  # [B, T, Hkv*Dh]
+    v = ops.linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+    q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+    k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+    v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    a = attn(i, attn.rope(q), attn.rope(k), v, cfg.sliding_windows[i])  # [B, T, H*Dh]
+    h = h + ops.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+    x = ops.rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.norm_eps)
+    gate = ops.linear(x, w[p + "mlp.gate_proj.weight"], w.get(p + "mlp.gate_proj.bias"))  # [B, T, I]
+    up = ops.linear(x, w[p + "mlp.up_proj.weight"], w.get(p + "mlp.up_proj.bias"))
+    x = ops.silu_mul(gate, up)  # [B, T, I]
+    return h + ops.linear(x, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
+
+
+def final(cfg: ModelConfig, w_head: Weights, h: torch.Tensor) -> torch.Tensor:
+    """Final RMSNorm: h [B, T, D] -> [B, T, D]."""
+    return ops.rms_norm(h, w_head[NORM], cfg.norm_eps)
+
+
+def lm_head_weight_name(cfg: ModelConfig) -> tuple[str, str]:
+    """(block, HF name) of the output projection: the embedding table when tied."""
+    return ("embed", EMBED) if cfg.tie_word_embeddings else ("head", LM_HEAD)
+
+
+def logits(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
+    """h [B, T, D] -> logits [B, T, V]; `w` holds lm_head.weight (a tied store may carry a copy in
+    "head") or else is the block named by lm_head_weight_name."""
+    return ops.linear(h, w[LM_HEAD] if LM_HEAD in w else w[lm_head_weight_name(cfg)[1]])
+
+
+def head(cfg: ModelConfig, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
+    """Final norm then output projection (tied to the embedding if cfg says so)."""
+    return logits(cfg, w_embed if cfg.tie_word_embeddings else w_head, final(cfg, w_head, h))

@@ -1,0 +1,42 @@
+"""Rotary position embedding tables: inverse frequencies (default, linear, llama3) and cos/sin.
+
+Computed in fp32 exactly as transformers does (modeling_rope_utils), then cast to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from tiermem.engine.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """inv_freq[head_dim / 2] in fp32."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
+    inv_freq = 1.0 / (rope.theta ** (exponents / head_dim))  # [Dh/2]
+    if rope.type == "linear":
+        return inv_freq / rope.factor
+    if rope.type != "llama3":
+        return inv_freq
+    old_len = rope.original_max_position_embeddings
+    low_freq_wavelen = old_len / rope.low_freq_factor
+    high_freq_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, Dh] for positions [B, T] (frequencies repeated twice, HF's layout)."""
+    freqs = positions[..., None].to(torch.float32) * inv_freq.to(positions.device)  # [B, T, Dh/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]
+    return emb.cos().to(dtype), emb.sin().to(dtype)

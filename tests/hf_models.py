@@ -1,0 +1,92 @@
+"""Tiny random-weight Hugging Face models of every supported family, saved as HF checkpoints.
+
+    from hf_models import VARIANTS, build_tiny, load_tiny
+    path = build_tiny("llama3", tmp_path / "llama3")   # config.json + model.safetensors + tokenizer
+    model = load_tiny(path)                             # transformers model, eval, fp32, eager attention
+
+Weights are seeded per variant (same bytes on every call). Unlike transformers' init, norm weights
+and biases are random too, so that every parameter influences the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+LLAMA = dict(COMMON, intermediate_size=128, rms_norm_eps=1e-5)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama2": ("llama", dict(LLAMA)),
+    "llama3": ("llama", dict(LLAMA, num_key_value_heads=2, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64))),
+    "llama-tied": ("llama", dict(LLAMA, tie_word_embeddings=True, num_key_value_heads=1)),
+    "mistral": ("mistral", dict(LLAMA, num_key_value_heads=2, sliding_window=16, head_dim=32)),
+    "qwen2": ("qwen2", dict(LLAMA, num_key_value_heads=2, rope_parameters=dict(rope_type="default",
+                                                                                 rope_theta=1000000.0))),
+    "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
+    "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
+}
+
+
+def hf_config(variant: str):
+    """The transformers config object of a variant."""
+    from transformers import AutoConfig
+
+    model_type, kwargs = VARIANTS[variant]
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere (including norms and biases), deterministic in `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            is_norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * noise if is_norm_scale else 0.1 * noise)
+
+
+def build_model(variant: str):
+    """A fresh transformers CausalLM of `variant` with seeded random fp32 weights (not saved)."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(variant)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    _randomize(model, zlib.crc32(variant.encode()))
+    return model.eval()
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over VOCAB tokens ("<pad>", "<s>", "</s>", then "t3".."t255")."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "unk_token": "<pad>", "padding_side": "left"}))
+
+
+def build_tiny(variant: str, directory: str | Path) -> Path:
+    """Save a tiny random `variant` model as an HF checkpoint (safetensors + tokenizer) in directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    build_model(variant).save_pretrained(directory, safe_serialization=True)
+    write_tokenizer(directory)
+    return directory
+
+
+def load_tiny(directory: str | Path):
+    """Load a checkpoint written by build_tiny with transformers (fp32, eager attention, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        Path(directory), dtype=torch.float32, attn_implementation="eager").eval()

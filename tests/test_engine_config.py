@@ -1,0 +1,147 @@
+"""Reading HF config.json as different transformers versions write it, and checking weight names."""
+
+import pytest
+import torch
+from hf_models import VARIANTS, build_model
+
+from tiermem.engine.config import check_weights, expected_weights, model_config_from_hf
+from tiermem.engine.rope import inverse_frequencies
+from tiermem.engine.weights import block_of, split_state_dict
+from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=512,
+             num_attention_heads=8, num_hidden_layers=2, vocab_size=1000, rms_norm_eps=1e-5,
+             max_position_embeddings=4096)
+LLAMA31_RS = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=1024)
+CONFIGS = {
+    # transformers 4.2x: no num_key_value_heads / head_dim / rope_theta, torch_dtype
+    "llama2-v4.28": dict(LLAMA, torch_dtype="float16", rope_scaling=None),
+    # transformers 4.3x: rope_scaling with "type", rope_theta at the top
+    "llama-linear-v4.36": dict(LLAMA, num_key_value_heads=8, rope_theta=10000.0, torch_dtype="bfloat16",
+                               rope_scaling={"type": "linear", "factor": 2.0}),
+    # transformers 4.43+: llama3 rope_scaling with "rope_type"
+    "llama3.1-v4.43": dict(LLAMA, num_key_value_heads=2, rope_theta=500000.0, torch_dtype="bfloat16",
+                           eos_token_id=[128001, 128008, 128009],
+                           rope_scaling=dict(LLAMA31_RS, rope_type="llama3")),
+    # transformers 5.x: rope_parameters carries rope_theta, "dtype", head_dim written out
+    "llama3.1-v5": dict(LLAMA, num_key_value_heads=2, head_dim=32, dtype="bfloat16",
+                        eos_token_id=[128001, 128008, 128009],
+                        rope_parameters=dict(LLAMA31_RS, rope_type="llama3", rope_theta=500000.0)),
+    "mistral-no-kv-heads": dict(LLAMA, architectures=["MistralForCausalLM"], model_type="mistral",
+                                sliding_window=4096, head_dim=64),
+    "mistral-v0.2": dict(LLAMA, model_type="mistral", num_key_value_heads=2, sliding_window=None,
+                         rope_theta=1000000.0),
+    "qwen2": dict(LLAMA, model_type="qwen2", num_key_value_heads=2, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=1, tie_word_embeddings=True),
+    "qwen2-sliding": dict(LLAMA, model_type="qwen2", num_key_value_heads=2, use_sliding_window=True,
+                          sliding_window=64, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_llama_family_configs_read_like_transformers(name):
+    raw = CONFIGS[name]
+    cfg = model_config_from_hf(raw)
+    hf = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
+    assert cfg.num_kv_heads == hf.num_key_value_heads
+    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    assert cfg.rope.theta == hf.rope_parameters["rope_theta"]
+    assert cfg.rope.type == hf.rope_parameters["rope_type"]
+    assert cfg.tie_word_embeddings == hf.tie_word_embeddings
+    assert cfg.norm_eps == hf.rms_norm_eps
+    layer_types = getattr(hf, "layer_types", None) or ["full_attention"] * cfg.num_layers
+    window = getattr(hf, "sliding_window", None)
+    assert cfg.sliding_windows == tuple(window if t == "sliding_attention" or cfg.model_type == "mistral"
+                                        else None for t in layer_types)
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf)
+    assert torch.allclose(inverse_frequencies(cfg.rope, cfg.head_dim), rotary.inv_freq, rtol=1e-6, atol=0)
+
+
+def test_versions_agree_and_derived_fields():
+    old, new = model_config_from_hf(CONFIGS["llama3.1-v4.43"]), model_config_from_hf(CONFIGS["llama3.1-v5"])
+    assert old == new
+    assert new.dtype == torch.bfloat16 and new.eos_token_id == (128001, 128008, 128009)
+    assert new.rope.original_max_position_embeddings == 1024 and new.rope.factor == 8.0
+    llama2 = model_config_from_hf(CONFIGS["llama2-v4.28"])
+    assert (llama2.num_kv_heads, llama2.head_dim, llama2.rope.theta) == (8, 32, 10000.0)
+    assert llama2.dtype == torch.float16
+    assert model_config_from_hf(CONFIGS["mistral-no-kv-heads"]).num_kv_heads == 8  # MistralConfig's default
+    assert model_config_from_hf(CONFIGS["qwen2"]).qkv_bias
+    assert model_config_from_hf({k: v for k, v in LLAMA.items() if k != "model_type"}).model_type == "llama"
+
+
+def test_opt_350m_style_config():
+    raw = dict(architectures=["OPTForCausalLM"], model_type="opt", hidden_size=1024, ffn_dim=4096,
+               num_attention_heads=16, num_hidden_layers=24, vocab_size=50272, max_position_embeddings=2048,
+               do_layer_norm_before=False, word_embed_proj_dim=512, torch_dtype="float16",
+               activation_function="relu", _remove_final_layer_norm=False, enable_bias=True)
+    cfg = model_config_from_hf(raw)
+    assert cfg.family == "opt" and cfg.rope is None and cfg.position_offset == 2
+    assert (cfg.word_embed_proj_dim, cfg.embed_dim, cfg.final_layer_norm) == (512, 512, False)
+    assert cfg.tie_word_embeddings and cfg.qkv_bias and cfg.head_dim == 64
+    shapes = expected_weights(cfg)
+    assert shapes["embed"]["model.decoder.project_in.weight"] == (1024, 512)
+    assert shapes["head"] == {"model.decoder.project_out.weight": (512, 1024)}
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "words"),
+    [
+        (dict(LLAMA, model_type="gpt2"), UnsupportedArchitectureError, "gpt2"),
+        (dict(LLAMA, rope_scaling={"type": "yarn", "factor": 4.0}), UnsupportedArchitectureError, "yarn"),
+        (dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0}), ConfigError, "low_freq_factor"),
+        (dict(LLAMA, hidden_act="gelu"), UnsupportedArchitectureError, "gelu"),
+        (dict(LLAMA, torch_dtype="int8"), ConfigError, "int8"),
+        ({"hidden_size": 64}, ConfigError, "model_type"),
+    ],
+)
+def test_bad_configs_raise(raw, error, words):
+    with pytest.raises(error, match=words):
+        model_config_from_hf(raw)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_expected_weights_are_exactly_the_hf_state_dict(variant):
+    model = build_model(variant)
+    cfg = model_config_from_hf(model.config.to_dict())
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    got = {b: {n: tuple(t.shape) for n, t in ws.items()} for b, ws in split_state_dict(state).items()}
+    assert got == expected_weights(cfg)
+    check_weights(cfg, split_state_dict(model.state_dict()))  # a tied lm_head copy is tolerated
+
+
+def test_check_weights_names_the_bad_tensors():
+    cfg = model_config_from_hf(CONFIGS["mistral-v0.2"])
+    specs = {b: dict(ws) for b, ws in expected_weights(cfg).items()}
+    check_weights(cfg, specs)
+    check_weights(cfg, {n: (s, torch.bfloat16) for ws in specs.values() for n, s in ws.items()})  # flat form
+    del specs["layers.1"]["model.layers.1.mlp.up_proj.weight"]
+    specs["layers.0"]["model.layers.0.self_attn.k_proj.weight"] = (256, 256)
+    specs["embed"]["model.extra.weight"] = (3,)
+    specs["embed"]["model.norm.weight"] = specs["head"].pop("model.norm.weight")
+    specs["head"]["lm_head.weight"] = ((1000, 256), torch.int32)
+    specs["layers.0"]["model.layers.0.rotary_emb.inv_freq"] = (16,)  # old checkpoints have these: ignored
+    with pytest.raises(WeightsError) as info:
+        check_weights(cfg, specs)
+    msg = str(info.value)
+    for words in ("missing model.layers.1.mlp.up_proj.weight",
+                  "model.layers.0.self_attn.k_proj.weight has shape",
+                  "unexpected model.extra.weight", "model.norm.weight is in block 'embed'",
+                  "lm_head.weight has dtype torch.int32"):
+        assert words in msg
+    assert "inv_freq" not in msg
+
+
+def test_block_rule():
+    assert block_of("model.layers.12.self_attn.q_proj.weight") == "layers.12"
+    assert block_of("model.decoder.layers.3.final_layer_norm.bias") == "layers.3"
+    assert block_of("model.decoder.final_layer_norm.weight") == "head"
+    assert block_of("model.decoder.project_out.weight") == "head"
+    assert block_of("model.decoder.project_in.weight") == "embed"
+    assert block_of("lm_head.weight") == "head" and block_of("model.norm.weight") == "head"
+    assert block_of("model.embed_tokens.weight") == "embed"

@@ -1,0 +1,53 @@
+"""Measure the links a decode step is bound by, in the same run as the benchmark that uses them."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _median_seconds(fn: Callable[[], None], reps: int) -> float:
+    """Median wall time of fn() measured with CUDA events (one warm-up call first)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def measure_h2d(nbytes: int = 1 << 30, reps: int = 10, device: str = "cuda") -> float:
+    """Pinned host -> HBM copy bandwidth in bytes/s (one large copy, median of reps)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).random_(0, 255)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    seconds = _median_seconds(lambda: dev.copy_(host, non_blocking=True), reps)
+    return nbytes / seconds
+
+
+def measure_hbm(nbytes: int = 2 << 30, reps: int = 10, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / seconds
+
+
+def measure_ceilings(device: str = "cuda") -> dict[str, float]:
+    """{"h2d_pinned_Bps", "hbm_Bps", "gpu_name", ...} measured now on this machine."""
+    start = time.perf_counter()
+    result = {
+        "gpu_name": torch.cuda.get_device_name(device),
+        "h2d_pinned_Bps": measure_h2d(device=device),
+        "hbm_Bps": measure_hbm(device=device),
+    }
+    torch.cuda.empty_cache()
+    result["probe_seconds"] = time.perf_counter() - start
+    return result

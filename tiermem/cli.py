@@ -1,0 +1,136 @@
+"""The `tiermem` command line: demo, pack, generate, info, bench, checkpoint verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from tiermem.errors import TiermemError
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from tiermem.demo import run_demo
+
+    run_demo(cache_dir=args.cache_dir, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+             quant=None if args.quant == "none" else args.quant, device=args.device)
+
+
+def _cmd_pack(args: argparse.Namespace) -> None:
+    from tiermem.api import pack
+
+    pack(args.src, args.dst, quant=None if args.quant == "none" else args.quant,
+         group_size=args.group_size, overwrite=args.overwrite)
+    print(f"packed {args.src} -> {args.dst}")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from tiermem.api import load
+
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise TiermemError("no prompt given: pass --prompt TEXT (repeatable) or pipe lines on stdin")
+    with load(args.store, device=args.device, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory) as m:
+        start = time.perf_counter()
+        texts, new_tokens = m.generate_text(
+            prompts, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+            temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            progress=not args.quiet)
+        elapsed = time.perf_counter() - start
+    for prompt, text in zip(prompts, texts, strict=True):
+        print(f"{prompt}{text}")
+    print(f"[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tok/s]", file=sys.stderr)
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    from tiermem.api import store_info
+
+    info = store_info(args.store)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:>18}: {value}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from tiermem.bench import run_bench_cli
+
+    run_bench_cli(args)
+
+
+def _cmd_checkpoint_verify(args: argparse.Namespace) -> None:
+    from tiermem.checkpoint import format_report, verify
+
+    report = verify(args.path)
+    print(format_report(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiermem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build a tiny random-weight Llama, pack it as int4 and generate")
+    p.add_argument("--cache-dir", default=None, help="where the demo model lives (default ~/.cache/tiermem)")
+    p.add_argument("--prompt", default="Once upon a time", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--quant", choices=["int4", "int8", "none"], default="int4")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pack", help="convert an HF checkpoint directory into a block store")
+    p.add_argument("src", help="HF checkpoint dir (config.json + *.safetensors)")
+    p.add_argument("dst", help="block store directory to create")
+    p.add_argument("--quant", choices=["int4", "int8", "none"], default="none")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("generate", help="generate text from a packed store")
+    p.add_argument("store")
+    p.add_argument("--prompt", action="append", help="prompt (repeat for a batch); default: stdin lines")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gpu-memory", default=None, help="hard GPU memory budget, e.g. 24GiB")
+    p.add_argument("--cpu-memory", default=None, help="hard host memory budget, e.g. 64GiB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("info", help="show a store's config, sizes per block and quantization")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="measure link ceilings and decode speed against the roofline")
+    from tiermem.bench import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True)
+    v = csub.add_parser("verify", help="check every checksum of a checkpoint and print a summary")
+    v.add_argument("path")
+    v.set_defaults(func=_cmd_checkpoint_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TiermemError as exc:
+        print(f"tiermem: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

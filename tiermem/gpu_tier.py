@@ -1,0 +1,157 @@
+"""The GPU tier: resident blocks in HBM and a ring of HBM slots fed from pinned host buffers.
+
+Blocks that do not stay resident are copied host -> HBM on a dedicated copy stream, `lookahead`
+blocks ahead of the compute that needs them. Each slot carries two events: `ready` (recorded on
+the copy stream after its copy) and `free` (recorded on the compute stream after the last kernel
+that reads it). Compute waits only on its own block's `ready`; a copy into a slot waits only on
+that slot's `free`. Nothing synchronises the host, so the CPU runs ahead and the copy engine is
+never idle while a later block still has to cross PCIe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from tiermem.errors import BudgetError, ConfigError
+
+Decoder = Callable[[str, torch.Tensor], dict]
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor  # uint8 [slot_bytes] in HBM
+    ready: torch.cuda.Event
+    free: torch.cuda.Event
+
+
+class GpuWeights:
+    """WeightSource for CUDA execution (see engine.executor): yields each block's tensors in HBM.
+
+    resident: block name -> uint8 buffer in HBM holding the block's bytes (kept for good).
+    host_blocks: block name -> uint8 buffer in pinned host memory, for every other block.
+    decode: (block name, uint8 buffer on any device) -> {tensor name: tensor views}.
+    host_only: host blocks whose tensors are used where they are (e.g. the token embedding, gathered
+    on the host so that only [B, T, D] activations cross PCIe instead of the whole table); the
+    rest of host_blocks stream through the ring of HBM slots.
+    """
+
+    def __init__(
+        self,
+        resident: Mapping[str, torch.Tensor],
+        host_blocks: Mapping[str, torch.Tensor],
+        decode: Decoder,
+        device: torch.device | str = "cuda",
+        host_only: Sequence[str] = (),
+        lookahead: int = 2,
+    ) -> None:
+        if lookahead < 1:
+            raise ConfigError(f"lookahead must be >= 1, got {lookahead}")
+        self.device = torch.device(device)
+        self.decode = decode
+        self.resident = dict(resident)
+        self.host_blocks = dict(host_blocks)
+        self.host_only = frozenset(host_only)
+        self.lookahead = lookahead
+        if self.host_only - set(self.host_blocks):
+            raise ConfigError(f"host-only blocks {sorted(self.host_only - set(self.host_blocks))} are not "
+                              "in the host tier")
+        streamed = [n for n in self.host_blocks if n not in self.host_only]
+        slot_bytes = max((self.host_blocks[n].numel() for n in streamed), default=0)
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.slots = [
+            _Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device),
+                  torch.cuda.Event(), torch.cuda.Event())
+            for _ in range(lookahead + 1 if streamed else 0)
+        ]
+        self.bytes_copied = 0
+
+    @property
+    def hbm_bytes(self) -> int:
+        tensors = [*self.resident.values(), *(s.buffer for s in self.slots)]
+        return sum(t.numel() for t in tensors)
+
+    def streamed_bytes_per_pass(self, names: Sequence[str]) -> int:
+        """Bytes that cross PCIe when `names` are streamed once."""
+        return sum(self.host_blocks[n].numel() for n in names if self._is_streamed(n))
+
+    @contextmanager
+    def stream(self, names: Sequence[str]) -> Iterator[Iterator[tuple[str, dict]]]:
+        yield self._iterate(list(names))
+
+    def _iterate(self, names: list[str]) -> Iterator[tuple[str, dict]]:
+        compute = torch.cuda.current_stream(self.device)
+        slot_of: dict[int, _Slot] = {}
+        next_slot = 0
+        issued = 0
+        for j, name in enumerate(names):
+            while issued < len(names) and issued <= j + self.lookahead:
+                if self._is_streamed(names[issued]):
+                    slot_of[issued] = self._issue_copy(names[issued], self.slots[next_slot])
+                    next_slot = (next_slot + 1) % len(self.slots)
+                issued += 1
+            if name in self.host_only:
+                yield name, self.decode(name, self.host_blocks[name])
+            elif name in self.resident:
+                yield name, self.decode(name, self.resident[name])
+            else:
+                slot = slot_of.pop(j)
+                compute.wait_event(slot.ready)
+                yield name, self.decode(name, slot.buffer[: self.host_blocks[name].numel()])
+                slot.free.record(compute)
+
+    def _is_streamed(self, name: str) -> bool:
+        if name not in self.host_blocks and name not in self.resident:
+            raise ConfigError(f"block {name!r} is in neither the GPU nor the host tier")
+        return name not in self.resident and name not in self.host_only
+
+    def _issue_copy(self, name: str, slot: _Slot) -> _Slot:
+        src = self.host_blocks[name]
+        self.copy_stream.wait_event(slot.free)
+        with torch.cuda.stream(self.copy_stream):
+            slot.buffer[: src.numel()].copy_(src, non_blocking=True)
+            slot.ready.record(self.copy_stream)
+        self.bytes_copied += src.numel()
+        return slot
+
+    def close(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self.resident.clear()
+        self.slots.clear()
+
+
+def plan_gpu_residency(
+    block_bytes: Mapping[str, int], order: Sequence[str], host_only: Sequence[str], budget: int,
+    lookahead: int, max_resident: int | None = None,
+) -> tuple[list[str], int]:
+    """Which blocks stay in HBM, within `budget` bytes for weights (resident blocks plus the ring).
+
+    Blocks are taken in execution order while resident bytes plus lookahead + 1 slots of the largest
+    block still streamed fit; max_resident caps the resident bytes (0 streams every block).
+    Returns (resident names, bytes used); BudgetError when not even the ring fits.
+    """
+    candidates = [n for n in order if n not in host_only]
+    resident: list[str] = []
+    used = 0
+
+    def ring(streamed: list[str]) -> int:
+        return (lookahead + 1) * max((block_bytes[n] for n in streamed), default=0)
+
+    for k, name in enumerate(candidates):
+        size = block_bytes[name]
+        if max_resident is not None and used + size > max_resident:
+            break
+        if used + size + ring(candidates[k + 1:]) > budget:
+            break
+        resident.append(name)
+        used += size
+    total = used + ring(candidates[len(resident):])
+    if total > budget:
+        raise BudgetError(
+            f"weights need {total / 2**30:.2f} GiB of GPU memory at least ({lookahead + 1} slots of the "
+            f"largest block) but only {budget / 2**30:.2f} GiB are left for them: raise gpu_memory, "
+            "lower the batch size or sequence length, or use a smaller lookahead")
+    return resident, total

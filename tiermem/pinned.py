@@ -1,0 +1,61 @@
+"""Page-locked host memory of exactly the size asked for.
+
+torch's pinned allocator rounds every request up to a power of two (8.7 GB takes 16 GiB), which
+a host tier of tens of GB cannot afford. A PinnedArena allocates one ordinary buffer, page-locks it
+with cudaHostRegister, and hands out 4 KiB-aligned slices; close() unregisters it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiermem.errors import BudgetError, TierIOError
+
+ALIGN = 4096
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class PinnedArena:
+    """One page-locked host allocation of `nbytes` (rounded to 4 KiB), carved into aligned slices."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.capacity = _round_up(max(nbytes, ALIGN), ALIGN)
+        raw = torch.empty(self.capacity + ALIGN, dtype=torch.uint8)
+        start = -raw.data_ptr() % ALIGN
+        self._buffer = raw[start:start + self.capacity]
+        self._used = 0
+        self._registered = False
+        if torch.cuda.is_available():
+            status = torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), self.capacity, 0)
+            if int(status) != 0:
+                raise TierIOError(f"cudaHostRegister of {self.capacity} bytes failed ({status}): lower "
+                                  "cpu_memory or free host memory")
+            self._registered = True
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def take(self, nbytes: int, what: str = "buffer") -> torch.Tensor:
+        """A slice of `nbytes` starting on a 4 KiB boundary; BudgetError when the arena is full."""
+        start = _round_up(self._used, ALIGN)
+        if start + nbytes > self.capacity:
+            raise BudgetError(f"pinned host arena of {self.capacity} B cannot fit {what} ({nbytes} B, "
+                              f"{self._used} B used): raise cpu_memory")
+        self._used = start + nbytes
+        return self._buffer[start:start + nbytes]
+
+    def close(self) -> None:
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
+            self._registered = False
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def __enter__(self) -> PinnedArena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,50 @@
+"""Named model shapes (HF config.json dicts) for synthetic benchmarks and the demo."""
+
+from __future__ import annotations
+
+from tiermem.errors import ConfigError
+
+
+def _llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int = 32000,
+           **extra: object) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, **extra,
+    }
+
+
+def _opt(hidden: int, ffn: int, layers: int, heads: int) -> dict:
+    return {
+        "architectures": ["OPTForCausalLM"], "model_type": "opt",
+        "hidden_size": hidden, "ffn_dim": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "vocab_size": 50272, "max_position_embeddings": 2048,
+        "word_embed_proj_dim": hidden, "do_layer_norm_before": True, "activation_function": "relu",
+        "enable_bias": True, "layer_norm_elementwise_affine": True, "torch_dtype": "float16",
+        "bos_token_id": 2, "eos_token_id": 2, "pad_token_id": 1, "tie_word_embeddings": True,
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "tiny-llama": _llama(64, 256, 2, 4, 2, vocab=512, max_position_embeddings=512,
+                         tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1),
+    "llama-1b": _llama(2048, 5504, 22, 16, 16),
+    "llama-7b": _llama(4096, 11008, 32, 32, 32),
+    "llama-13b": _llama(5120, 13824, 40, 40, 40),
+    "llama3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, rope_theta=500000.0),
+    "llama-111b": _llama(12288, 28672, 80, 96, 8, vocab=32768),
+    "opt-1.3b": _opt(2048, 8192, 24, 32),
+    "opt-6.7b": _opt(4096, 16384, 32, 32),
+    "opt-30b": _opt(7168, 28672, 48, 56),
+    "opt-66b": _opt(9216, 36864, 64, 72),
+}
+
+
+def preset(name: str) -> dict:
+    """A copy of the HF config dict of a named shape (see PRESETS)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model shape {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name])
