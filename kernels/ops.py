@@ -1,5 +1,99 @@
-"""Kernel dispatch: the functions model code calls. Today every op is the torch reference."""
+"""Kernel dispatch: the functions model code calls.
 
-from tiermem.kernels.reference import apply_rope, dequantize, linear, rms_norm, silu_mul
+CUDA tensors go to the fused CuPy kernels (kernels/cupy_ops.py) when CuPy is there and the case is
+one they implement; everything else, and every CPU tensor, runs the torch reference unchanged.
+- linear: quantized weight, x with at most 8 rows -> fused dequant-GEMV; more rows -> dequantize
+  on the GPU, then torch's matmul; unquantized weight -> F.linear (the reference).
+- rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiermem.kernels import cupy_ops, reference
+from tiermem.kernels.quant import QuantizedWeight
 
 __all__ = ["apply_rope", "dequantize", "linear", "rms_norm", "silu_mul"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
+
+
+def _fused(*tensors: torch.Tensor) -> bool:
+    """All tensors on one CUDA device, the first fp16/bf16, and the CUDA kernels usable."""
+    first = tensors[0]
+    return (
+        first.is_cuda
+        and first.dtype in cupy_ops.HALF_DTYPES
+        and all(t.device == first.device for t in tensors)
+        and cupy_ops.cuda_kernels_available()
+    )
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W[out, in] = q * scale + zero (see reference.dequantize)."""
+    if qw.qdata.is_cuda and dtype in _FLOAT_DTYPES and cupy_ops.cuda_kernels_available():
+        if qw.qdata.numel() < 2**32:
+            return cupy_ops.dequantize_cuda(qw, dtype)
+    return reference.dequantize(qw, dtype)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y[..., out] = x[..., in] @ W[out, in]^T + b, in x's dtype (see reference.linear)."""
+    if (
+        isinstance(weight, QuantizedWeight)
+        and x.is_cuda
+        and weight.device == x.device
+        and x.dtype in _FLOAT_DTYPES
+        and cupy_ops.cuda_kernels_available()
+    ):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if (
+            x.dtype in cupy_ops.HALF_DTYPES
+            and 1 <= rows <= cupy_ops.GEMV_MAX_BATCH
+            and cupy_ops.gemv_supported(weight)
+            and (bias is None or bias.device == x.device)
+        ):
+            return cupy_ops.quant_linear(x, weight, bias)
+        return reference.linear(x, dequantize(weight, x.dtype), bias)
+    return reference.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm over the last dimension (see reference.rms_norm)."""
+    if (
+        _fused(x, weight)
+        and weight.dtype in _FLOAT_DTYPES
+        and weight.shape == x.shape[-1:]
+        and x.shape[-1] > 0
+    ):
+        return cupy_ops.rms_norm_cuda(x, weight, eps)
+    return reference.rms_norm(x, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x[B, H, T, Dh] with cos/sin[B, T, Dh] (see reference.apply_rope)."""
+    if (
+        x.dim() == 4
+        and cos.dim() == 3
+        and sin.dim() == 3
+        and _fused(x, cos, sin)
+        and cos.dtype in _FLOAT_DTYPES
+        and sin.dtype == cos.dtype
+        and x.shape[-1] % 2 == 0
+        and x.numel() // 2 < _INDEX_LIMIT
+    ):
+        batch, _, seq, head_dim = x.shape
+        if all(t.shape[0] in (1, batch) and t.shape[1:] == (seq, head_dim) for t in (cos, sin)):
+            return cupy_ops.apply_rope_cuda(x, cos, sin)
+    return reference.apply_rope(x, cos, sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's elementwise part: silu(gate) * up (see reference.silu_mul)."""
+    if _fused(gate, up) and up.dtype == gate.dtype and up.shape == gate.shape:
+        return cupy_ops.silu_mul_cuda(gate, up)
+    return reference.silu_mul(gate, up)

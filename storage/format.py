@@ -368,12 +368,18 @@ def encode_block(block: str, tensors: Mapping[str, Value],
     blocks straight in host memory, e.g. for synthetic benchmarks.
     """
     specs = {name: spec_of(value) for name, value in tensors.items()}
-    probe = BlockWriter(Path("."), block, specs, sink=_NullSink())
-    buffer = allocate(probe.nbytes)
+    buffer = allocate(planned_block_nbytes(block, specs))
     writer = BlockWriter(Path("."), block, specs, sink=TensorSink(buffer))
     for name, value in tensors.items():
         writer.write(name, value)
     return buffer, writer.finish()
+
+
+def planned_block_nbytes(block: str, specs: Mapping[str, TensorSpec]) -> int:
+    """The size a block of these tensor specs takes in the store (its file size)."""
+    writer = BlockWriter(Path("."), block, specs, sink=_NullSink())
+    writer.abort()
+    return writer.nbytes
 
 
 class _NullSink:

@@ -31,7 +31,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise TiermemError("no prompt given: pass --prompt TEXT (repeatable) or pipe lines on stdin")
-    with load(args.store, device=args.device, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory) as m:
+    with load(args.store, device=args.device, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+              max_batch_size=len(prompts), max_seq_len=args.max_seq_len) as m:
         start = time.perf_counter()
         texts, new_tokens = m.generate_text(
             prompts, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--gpu-memory", default=None, help="hard GPU memory budget, e.g. 24GiB")
     p.add_argument("--cpu-memory", default=None, help="hard host memory budget, e.g. 64GiB")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + new tokens to reserve KV cache for (default: the model's limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 

@@ -29,7 +29,7 @@ def _opt(hidden: int, ffn: int, layers: int, heads: int) -> dict:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny-llama": _llama(64, 256, 2, 4, 2, vocab=512, max_position_embeddings=512,
+    "tiny-llama": _llama(128, 384, 4, 4, 2, vocab=512, max_position_embeddings=512,
                          tie_word_embeddings=False, torch_dtype="float32", bos_token_id=0, eos_token_id=1),
     "llama-1b": _llama(2048, 5504, 22, 16, 16),
     "llama-7b": _llama(4096, 11008, 32, 32, 32),

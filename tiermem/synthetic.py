@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tiermem.engine.config import expected_weights, model_config_from_hf
+from tiermem.engine.config import expected_weights, family_module, model_config_from_hf
+from tiermem.kernels.quant import QuantScheme, quantize
+from tiermem.storage.format import TensorSpec, decode_entry, encode_block, planned_block_nbytes
+from tiermem.storage.pack import default_should_quantize
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator,
@@ -52,3 +55,69 @@ def write_hf_checkpoint(hf_config: dict, dst: str | Path, seed: int = 0,
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(hf_config, indent=2))
     return dst
+
+
+class SyntheticStore:
+    """A random-weight model that reads like a StoreReader, built block by block on demand.
+
+    Blocks are generated (and quantized) on `device`, then laid out exactly as a store file would
+    be, so that loading it exercises the same placement, transfer and decode paths as a real store
+    without writing tens of GB to disk first. Weights are random, never zeros.
+    """
+
+    def __init__(self, hf_config: dict, quant: QuantScheme | None = None, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.model_config = dict(hf_config)
+        self.quant = quant
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.seed = seed
+        self.path = None
+        cfg = model_config_from_hf(hf_config)
+        shapes = expected_weights(cfg)
+        if family_module(cfg).lm_head_weight_name(cfg)[0] == "embed":  # tied: a copy in "head", as pack does
+            embed_name = family_module(cfg).lm_head_weight_name(cfg)[1]
+            shapes["head"]["lm_head.weight"] = shapes["embed"][embed_name]
+        self._shapes = shapes
+        self.block_names = cfg.block_names
+        self._nbytes = {b: self._plan(b) for b in self.block_names}
+        self._layouts: dict[str, dict] = {}  # block -> manifest-style entry, recorded by read_block
+
+    def _spec(self, name: str, shape: tuple[int, ...]) -> TensorSpec:
+        if self.quant is not None and default_should_quantize(name, shape):
+            return tuple(shape), self.quant
+        return tuple(shape), self.dtype
+
+    def _plan(self, block: str) -> int:
+        specs = {n: self._spec(n, s) for n, s in self._shapes[block].items()}
+        return planned_block_nbytes(block, specs)
+
+    def block_nbytes(self, name: str) -> int:
+        return self._nbytes[name]
+
+    def tensor_specs(self, name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:
+        return {n: (tuple(s), self._spec(n, s)[1] if self.quant is None or not default_should_quantize(n, s)
+                    else self.quant.name) for n, s in self._shapes[name].items()}
+
+    def _tensors(self, block: str) -> dict:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed * 1_000_003 + self.block_names.index(block))
+        out = {}
+        for name, shape in self._shapes[block].items():
+            value = random_tensor(name, shape, generator, self.dtype, self.device)
+            if self.quant is not None and default_should_quantize(name, shape):
+                value = quantize(value, self.quant, name).to("cpu")
+            out[name] = value.cpu() if isinstance(value, torch.Tensor) else value
+        return out
+
+    def read_block(self, name: str, out: torch.Tensor | None = None, backend=None) -> torch.Tensor:
+        """Generate block `name` into `out` (a uint8 CPU tensor of >= block_nbytes) or a new tensor."""
+        def allocate(nbytes: int) -> torch.Tensor:
+            return out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
+
+        buf, self._layouts[name] = encode_block(name, self._tensors(name), allocate)
+        return buf
+
+    def decode_block(self, name: str, buf: torch.Tensor) -> dict:
+        """Views into `buf` of a block generated earlier by read_block."""
+        return decode_entry(self._layouts[name], buf, self.quant)

@@ -1,0 +1,288 @@
+"""CUDA kernels of kernels/cuda/*.cu, compiled with NVRTC through CuPy and launched on torch tensors.
+
+Torch tensors go to the kernels as raw device pointers (no copies), on torch's current stream.
+Each source is compiled once per device (`_module`, cached) and CuPy keeps the binaries in its
+on-disk cache. CuPy is imported lazily: this module imports on machines without CuPy or CUDA,
+where `cuda_kernels_available()` is False. Shapes and layouts: kernels/quant.py and the comments at
+the top of each .cu file; the torch reference of every kernel is kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tiermem.errors import TiermemError
+from tiermem.kernels.quant import QuantizedWeight
+
+CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+GEMV_MAX_BATCH = 8  # the fused GEMV's n dimension (mma n = 8)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the fused GEMV: 16 * m_tiles rows per block of `warps` warps, each lane
+    streaming `unroll` 16-byte chunks of 2 * m_tiles rows per step (see kernels/cuda/gemv.cu)."""
+
+    unroll: int = 2
+    m_tiles: int = 1
+    warps: int = 8
+
+    @property
+    def suffix(self) -> str:
+        return f"u{self.unroll}m{self.m_tiles}"
+
+
+GEMV_VARIANTS = (GemvConfig(1, 1), GemvConfig(2, 1), GemvConfig(4, 1), GemvConfig(2, 2))
+DEFAULT_GEMV = GemvConfig(2, 1, 8)
+
+
+@functools.cache
+def cuda_kernels_available() -> bool:
+    """True when CuPy imports, torch sees a CUDA device and it is sm_80 or newer (mma.sync bf16)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except (ImportError, OSError, RuntimeError):  # absent, or its CUDA libraries are
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def source_text(name: str) -> str:
+    """A .cu file with common.cuh inlined (so CuPy's cache key covers the header too)."""
+    text = (CUDA_DIR / name).read_text()
+    return text.replace('#include "common.cuh"', (CUDA_DIR / "common.cuh").read_text())
+
+
+@functools.cache
+def _module(device_index: int, name: str):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        # CuPy adds -arch for this device itself (sm_XX, cubin).
+        module = cupy.RawModule(code=source_text(name), options=("-std=c++17",))
+        module.compile()
+    return module
+
+
+@functools.cache
+def _function(device_index: int, source: str, kernel: str):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return _module(device_index, source).get_function(kernel)
+
+
+def _launch(device: torch.device, source: str, kernel: str, grid: int, block: int, args: tuple,
+            shared_mem: int = 0) -> None:
+    import cupy
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function(index, source, kernel)
+    with cupy.cuda.Device(index):
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream)
+        with stream:
+            fn((grid,), (block,), args, shared_mem=shared_mem)
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def _grid_for(work: int, block: int) -> int:
+    return max(1, min(math.ceil(work / block), 1 << 20))
+
+
+def _aligned(t: torch.Tensor, nbytes: int = 16) -> bool:
+    return t.data_ptr() % nbytes == 0
+
+
+def _output(name: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`out` checked against the result's shape, dtype and device (tests pass NaN-poisoned buffers),
+    or a new tensor."""
+    dtype = like.dtype if dtype is None else dtype
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    matches = (tuple(out.shape), out.dtype, out.device) == (tuple(shape), dtype, like.device)
+    if not matches or not out.is_contiguous():
+        raise TiermemError(
+            f"{name}: out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {like.device}"
+        )
+    return out
+
+
+def _check_cuda(name: str, *tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    for t in tensors:
+        if not t.is_cuda or t.device != device:
+            raise TiermemError(f"{name}: every tensor must be on the same CUDA device, got {t.device}")
+
+
+# ---------------------------------------------------------------- quantized GEMV and dequantization
+
+
+def _chunk_cols(qw: QuantizedWeight) -> int:
+    return 128 // qw.scheme.bits  # columns per 16-byte chunk of qdata
+
+
+def gemv_supported(qw: QuantizedWeight) -> bool:
+    """Whether the fused GEMV takes this weight: rows of a whole number of 16-byte chunks, 16-byte
+    aligned codes. Other shapes go through dequantize_cuda + matmul."""
+    _, in_features = qw.shape
+    return (
+        qw.qdata.is_cuda
+        and in_features % _chunk_cols(qw) == 0
+        and qw.qdata.is_contiguous()
+        and _aligned(qw.qdata)
+    )
+
+
+def _gemv_kernel(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig) -> tuple[str, int, int]:
+    """Kernel name, rows per block and the cpg_shift argument for this weight.
+
+    The fast kernels need gs / chunk_cols to be a power of two at least `unroll` (a lane's chunks
+    share one group); otherwise the unroll shrinks, or the per-column `general` kernel runs.
+    """
+    chunks_per_group, rem = divmod(qw.scheme.group_size, _chunk_cols(qw))
+    prefix = f"quant_gemv_{qw.scheme.name}_{_DTYPE_NAMES[dtype]}"
+    if rem or chunks_per_group & (chunks_per_group - 1):
+        return f"{prefix}_general", 16, 0
+    shift = chunks_per_group.bit_length() - 1
+    available = {(v.unroll, v.m_tiles) for v in GEMV_VARIANTS}
+    unroll = min(config.unroll, chunks_per_group)
+    m_tiles = config.m_tiles if (unroll, config.m_tiles) in available else 1
+    if (unroll, m_tiles) not in available:
+        unroll = 1
+    return f"{prefix}_u{unroll}m{m_tiles}", 16 * m_tiles, shift
+
+
+def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
+                 config: GemvConfig = DEFAULT_GEMV, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., O] = x[..., I] @ dequant(W)^T + bias for at most 8 rows of x (fp16/bf16), fused.
+    `out`, if given, is the [rows, O] result buffer."""
+    out_features, in_features = qw.shape
+    if x.dtype not in HALF_DTYPES or x.shape[-1] != in_features:
+        raise TiermemError(
+            f"quant_linear: x must be fp16/bf16 [..., {in_features}], got {x.dtype} {tuple(x.shape)}"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)  # x2: [B, I]
+    batch = x2.shape[0]
+    if not 1 <= batch <= GEMV_MAX_BATCH or not gemv_supported(qw):
+        raise TiermemError(f"quant_linear: unsupported batch {batch} or weight layout {qw.shape}")
+    if not (x2.is_contiguous() and _aligned(x2)):
+        x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh, so 16-byte aligned
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    scale, zero = qw.scale.contiguous(), qw.zero.contiguous()
+    _check_cuda("quant_linear", x2, qw.qdata, scale, zero, *(() if bias is None else (bias,)))
+    kernel, rows_per_block, shift = _gemv_kernel(qw, x.dtype, config)
+    m_tiles = rows_per_block // 16
+    y = _output("quant_linear", out, (batch, out_features), x2)  # y: [B, O]
+    args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x2), _ptr(bias), _ptr(y), _i32(out_features),
+            _i32(in_features), _i32(qw.scheme.group_size), _i32(batch), _i32(shift))
+    _launch(x.device, "gemv.cu", kernel, math.ceil(out_features / rows_per_block), 32 * config.warps, args,
+            shared_mem=config.warps * m_tiles * 128 * 4)
+    return y.reshape(*lead, out_features)
+
+
+def dequantize_cuda(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """W[O, I] in dtype (fp16, bf16 or fp32), bit-identical to reference.dequantize."""
+    out_features, in_features = qw.shape
+    if dtype not in _DTYPE_NAMES:
+        raise TiermemError(f"dequantize_cuda: dtype must be fp16, bf16 or fp32, got {dtype}")
+    qdata, scale, zero = qw.qdata.contiguous(), qw.scale.contiguous(), qw.zero.contiguous()
+    _check_cuda("dequantize_cuda", qdata, scale, zero)
+    if qdata.numel() >= 2**32:
+        raise TiermemError(f"dequantize_cuda: {qw.shape} has over 2**32 code bytes; split the weight")
+    out = _output("dequantize_cuda", out, (out_features, in_features), qdata, dtype)
+    row_bytes = qdata.shape[1]
+    prefix = f"dequant_{qw.scheme.name}_{_DTYPE_NAMES[dtype]}"
+    common = (_i32(in_features), _i32(qw.scheme.group_size))
+    if row_bytes % 8 == 0 and _aligned(qdata, 8) and _aligned(out):
+        units = out_features * row_bytes // 8
+        args = (_ptr(qdata), _ptr(scale), _ptr(zero), _ptr(out), *common, np.uint32(row_bytes // 8),
+                np.uint32(units))
+        _launch(qdata.device, "dequant.cu", f"{prefix}_vec", _grid_for(units, 256), 256, args)
+    else:
+        total = out_features * row_bytes
+        args = (_ptr(qdata), _ptr(scale), _ptr(zero), _ptr(out), *common, np.uint32(row_bytes),
+                np.uint32(total))
+        _launch(qdata.device, "dequant.cu", f"{prefix}_scalar", _grid_for(total, 256), 256, args)
+    return out
+
+
+# ---------------------------------------------------------------- fused elementwise kernels
+
+
+def rms_norm_cuda(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.rms_norm for fp16/bf16 x[..., D] and a fp16/bf16/fp32 weight[D]."""
+    dim = x.shape[-1]
+    x = x.contiguous()
+    weight = weight.contiguous()
+    _check_cuda("rms_norm_cuda", x, weight)
+    out = _output("rms_norm_cuda", out, tuple(x.shape), x)
+    rows = x.numel() // dim if dim else 0
+    if rows == 0:
+        return out
+    vec = 8 if dim % 8 == 0 and _aligned(x) and _aligned(weight) and _aligned(out) else 1
+    threads = min(1024, max(32, 32 * math.ceil(dim / vec / 32)))
+    kernel = f"rms_norm_{_DTYPE_NAMES[x.dtype]}_w{_DTYPE_NAMES[weight.dtype]}_vec{vec}"
+    args = (_ptr(x), _ptr(weight), _ptr(out), _i32(dim), np.float32(eps))
+    _launch(x.device, "elementwise.cu", kernel, rows, threads, args)
+    return out
+
+
+def apply_rope_cuda(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.apply_rope: x[B, H, T, Dh] (any strides, last one 1), cos/sin[B or 1, T, Dh]."""
+    batch, heads, seq, head_dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    _check_cuda("apply_rope_cuda", x, cos, sin)
+    out = _output("apply_rope_cuda", out, (batch, heads, seq, head_dim), x)
+    total = batch * heads * seq * (head_dim // 2)
+    if total == 0:
+        return out
+
+    def bstride(t: torch.Tensor) -> int:
+        return 0 if t.shape[0] == 1 else t.stride(0)
+
+    args = (_ptr(x), _ptr(cos), _ptr(sin), _ptr(out), _i32(heads), _i32(seq), _i32(head_dim // 2),
+            np.int64(x.stride(0)), np.int64(x.stride(1)), np.int64(x.stride(2)), np.int64(bstride(cos)),
+            np.int64(cos.stride(1)), np.int64(bstride(sin)), np.int64(sin.stride(1)), np.uint32(total))
+    kernel = f"rope_{_DTYPE_NAMES[x.dtype]}_c{_DTYPE_NAMES[cos.dtype]}"
+    _launch(x.device, "elementwise.cu", kernel, _grid_for(total, 256), 256, args)
+    return out
+
+
+def silu_mul_cuda(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """reference.silu_mul for fp16/bf16 tensors of one shape."""
+    gate, up = gate.contiguous(), up.contiguous()
+    _check_cuda("silu_mul_cuda", gate, up)
+    out = _output("silu_mul_cuda", out, tuple(gate.shape), gate)
+    n = gate.numel()
+    if n == 0:
+        return out
+    vec = 8 if _aligned(gate) and _aligned(up) and _aligned(out) else 1
+    kernel = f"silu_mul_{_DTYPE_NAMES[gate.dtype]}_vec{vec}"
+    args = (_ptr(gate), _ptr(up), _ptr(out), np.uint64(n))
+    _launch(gate.device, "elementwise.cu", kernel, _grid_for(n // vec if vec == 8 else n, 256), 256, args)
+    return out

@@ -1,0 +1,135 @@
+"""End to end through the public API: pack an HF checkpoint, load the store, compare with transformers."""
+
+import json
+
+import pytest
+import torch
+from hf_models import VARIANTS, build_tiny, load_tiny
+
+import tiermem
+from tiermem.engine.config import model_config_from_hf
+from tiermem.placement import kv_cache_bytes
+from tiermem.storage.format import StoreReader
+
+pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """2 rows of 10 tokens, the second left-padded by 4."""
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :4] = 0
+    mask[1, :4] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def packed(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    src = build_tiny(request.param, root / "hf")
+    store = tiermem.pack(src, root / "store", progress=False)
+    return request.param, load_tiny(src), store
+
+
+def hf_reference(model, ids, mask):
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
+                                eos_token_id=2, pad_token_id=0)
+    return logits, tokens
+
+
+def smallest_budget(store, batch, seq, lookahead=1):
+    """A cpu_memory that holds the KV reservation, the staging ring and the smallest block only."""
+    reader = StoreReader(store)
+    sizes = [reader.block_nbytes(b) for b in reader.block_names]
+    kv = kv_cache_bytes(model_config_from_hf(reader.model_config), batch, seq, torch.float32)
+    return kv + (lookahead + 1) * max(sizes) + min(sizes)
+
+
+@pytest.mark.parametrize("budget", ["unlimited", "smaller than the model"])
+def test_pack_load_matches_transformers(packed, batch, budget):
+    variant, hf, store = packed
+    ids, mask = batch
+    ref_logits, ref_tokens = hf_reference(hf, ids, mask)
+    cpu_memory = None if budget == "unlimited" else smallest_budget(store, 2, 64)
+    with tiermem.load(store, cpu_memory=cpu_memory, max_batch_size=2, max_seq_len=64, lookahead=1) as m:
+        logits = m.forward(ids, mask)
+        real = mask.bool()
+        err = rel_err(logits[real], ref_logits[real])
+        assert err <= 1e-4, f"{variant}: logits max rel error {err:.2e}"
+        out = m.generate(ids, 32, attention_mask=mask, eos_token_id=2, pad_token_id=0)
+        assert out.shape[1] > 20 and torch.equal(out, ref_tokens), f"{variant}: greedy tokens differ"
+        weights = m.source.weights
+        if cpu_memory is not None:
+            assert weights.streamed_blocks, "the budget should force some blocks to stream from disk"
+            assert weights.peak_host_bytes + m.source.kv_reserved <= cpu_memory
+            per_pass = sum(weights.table[b].nbytes for b in weights.streamed_blocks)
+            # the forward and every generation step re-read every streamed block
+            steps = 1 + out.shape[1] - ids.shape[1]
+            assert weights.bytes_read_from_disk >= steps * per_pass
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_store_logits_error_is_small(tmp_path, batch, quant):
+    src = build_tiny("llama3", tmp_path / "hf")
+    dense = tiermem.pack(src, tmp_path / "dense", progress=False)
+    packed = tiermem.pack(src, tmp_path / quant, quant=quant, group_size=32, progress=False)
+    ids, mask = batch
+    with tiermem.load(dense, max_batch_size=2, max_seq_len=16) as m:
+        ref = m.forward(ids, mask)
+    with tiermem.load(packed, max_batch_size=2, max_seq_len=16) as m:
+        out = m.forward(ids, mask)
+    err = rel_err(out[mask.bool()], ref[mask.bool()])
+    # int8 keeps 8 bits per weight, int4 4: the logits error grows about 16x from one to the other.
+    bound = {"int8": 0.02, "int4": 0.3}[quant]
+    assert 0 < err < bound, f"{quant} logits relative error {err:.4f} (bound {bound})"
+
+
+def test_pack_writes_tied_head_and_info(tmp_path):
+    src = build_tiny("llama-tied", tmp_path / "hf")
+    store = tiermem.pack(src, tmp_path / "store", quant="int4", group_size=32, progress=False)
+    reader = StoreReader(store)
+    assert "lm_head.weight" in reader.tensor_specs("head")
+    info = tiermem.api.store_info(store)
+    assert info["architecture"] == "llama" and info["quant"] == "int4 (group 32)"
+
+
+def test_pack_rejects_unknown_architecture_and_bad_weights(tmp_path):
+    src = build_tiny("llama2", tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(tiermem.UnsupportedArchitectureError, match="mamba"):
+        tiermem.pack(src, tmp_path / "a", progress=False)
+    config["model_type"] = "llama"
+    config["hidden_size"] = 96
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(tiermem.WeightsError, match="shape"):
+        tiermem.pack(src, tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_budget_too_small_for_one_layer(packed):
+    _variant, _hf, store = packed
+    with pytest.raises(tiermem.BudgetError, match="cpu_memory"):
+        tiermem.load(store, cpu_memory=4096, max_batch_size=1, max_seq_len=8)
+
+
+def test_generate_rejects_bad_input(packed):
+    _variant, _hf, store = packed
+    with tiermem.load(store, max_batch_size=1, max_seq_len=8) as m:
+        with pytest.raises(tiermem.ConfigError, match="LongTensor"):
+            m.generate(torch.zeros(1, 3), 2)
+        with pytest.raises(tiermem.ConfigError, match="token ids"):
+            m.generate(torch.tensor([[10**6]]), 2)
+        with pytest.raises(tiermem.BudgetError, match="max_seq_len"):
+            m.generate(torch.tensor([[5, 6, 7]]), 16)
+    with pytest.raises(tiermem.TiermemError, match="closed"):
+        m.forward(torch.tensor([[5]]))

@@ -1,0 +1,44 @@
+"""The command line: demo on the embedded default, pack / info / generate, --help everywhere, errors."""
+
+import pytest
+from hf_models import build_tiny
+
+from tiermem.cli import build_parser, main
+
+SUBCOMMANDS = [[], ["demo"], ["pack"], ["generate"], ["info"], ["bench"], ["checkpoint"], ["checkpoint", "verify"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS)
+def test_help_everywhere(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*words, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tiermem" in capsys.readouterr().out
+
+
+def test_demo_builds_packs_and_generates(tmp_path, capsys):
+    assert main(["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "6 tokens in" in out and "tokens/s" in out and "output:" in out
+    assert (tmp_path / "demo" / "tiny-llama-int4" / "manifest.json").is_file()
+    assert main(["demo", "--cache-dir", str(tmp_path), "--max-new-tokens", "2"]) == 0  # cached the second time
+
+
+def test_pack_info_generate(tmp_path, capsys):
+    src = build_tiny("llama2", tmp_path / "hf")
+    store = tmp_path / "store"
+    assert main(["pack", str(src), str(store), "--quant", "int8", "--group-size", "32"]) == 0
+    assert main(["info", str(store)]) == 0
+    assert "int8 (group 32)" in capsys.readouterr().out
+    assert main(["generate", str(store), "--prompt", "t5 t6 t7", "--prompt", "t9", "--max-new-tokens", "4",
+                 "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("t5 t6 t7") and lines[1].startswith("t9")
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "tiermem: error:" in capsys.readouterr().err
+    src = build_tiny("opt", tmp_path / "hf")
+    assert main(["pack", str(src), str(tmp_path / "s"), "--quant", "int4", "--group-size", "48"]) == 2
+    assert "group" in capsys.readouterr().err

@@ -1,0 +1,236 @@
+"""GPU checks of the CuPy kernels against the torch reference (kernels/reference.py) on the same device.
+
+Every test draws fresh seeded random inputs (never zeros), poisons the output buffer with NaN before
+the launch so that an unwritten element fails, synchronizes after each launch so that asynchronous
+errors surface, and compares with the reference computed in fp32 (or float64) by
+||out - ref|| / ||ref||. fp16 results must land within 2e-3; bf16 within 6e-3 (bf16 rounding of the
+output alone costs ~1.5e-3 and the dequantized weight adds about as much).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from tiermem.kernels import cupy_ops, ops, reference
+from tiermem.kernels.cupy_ops import cuda_kernels_available
+from tiermem.kernels.quant import QuantizedWeight, QuantScheme, quantize
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA GPU (sm_80+) and CuPy"),
+]
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 6e-3}
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _gen(*key: object) -> torch.Generator:
+    """A generator seeded from the test's parameters (stable across runs, unlike hash())."""
+    return torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _randn(shape, gen, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen, device="cuda") * scale).to(dtype)
+
+
+def _poison(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    torch.cuda.synchronize()
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} elements not written or not finite"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _quantized(out_features, in_features, bits, group, gen) -> QuantizedWeight:
+    w = _randn((out_features, in_features), gen, scale=0.05)
+    qw = quantize(w, QuantScheme(bits, group))
+    assert qw.qdata.is_cuda
+    return qw
+
+
+def _linear_ref(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    ref = x.float() @ reference.dequantize(qw, torch.float32).T
+    return ref if bias is None else ref + bias.float()
+
+
+# ------------------------------------------------------------------------------------------ GEMV
+
+GEMV_SHAPES = [
+    # out, in, bits, group
+    (100, 64 * 7, 4, 64),
+    (100, 128 * 5, 4, 128),
+    (37, 64 * 9, 8, 64),
+    (300, 128 * 3, 8, 128),
+    (45, 32 * 5, 4, 32),
+    (1000, 4096, 4, 64),
+    (3000, 11008, 4, 128),
+    (4096, 1024, 8, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize(("out_features", "in_features", "bits", "group"), GEMV_SHAPES)
+def test_quant_gemv(out_features, in_features, bits, group, batch, dtype):
+    gen = _gen("gemv", out_features, in_features, bits, group, batch, dtype)
+    qw = _quantized(out_features, in_features, bits, group, gen)
+    x = _randn((batch, in_features), gen, dtype)
+    bias = _randn((out_features,), gen, dtype) if batch != 3 else None
+    out = _poison((batch, out_features), dtype)
+    y = cupy_ops.quant_linear(x, qw, bias, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert _rel_err(y, _linear_ref(x, qw, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("config", cupy_ops.GEMV_VARIANTS + (cupy_ops.GemvConfig(2, 1, 4),), ids=str)
+@pytest.mark.parametrize(("bits", "dtype"), [(4, torch.float16), (4, torch.bfloat16), (8, torch.float16),
+                                             (8, torch.bfloat16)])
+def test_quant_gemv_variants(bits, dtype, config):
+    gen = _gen("variant", bits, dtype, config)
+    qw = _quantized(77, 128 * 9, bits, 128, gen)
+    for batch in (1, 5, 8):
+        x = _randn((batch, 128 * 9), gen, dtype)
+        bias = _randn((77,), gen, dtype)
+        y = cupy_ops.quant_linear(x, qw, bias, config=config, out=_poison((batch, 77), dtype))
+        assert _rel_err(y, _linear_ref(x, qw, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("bits", "group", "in_features"), [(4, 6, 96 * 3), (4, 48, 96 * 3), (8, 10, 80 * 3),
+                                                            (4, 16, 32 * 5)])
+def test_quant_gemv_general_groups(bits, group, in_features, dtype):
+    gen = _gen("general", bits, group, dtype)
+    qw = _quantized(50, in_features, bits, group, gen)
+    assert cupy_ops._gemv_kernel(qw, dtype, cupy_ops.DEFAULT_GEMV)[0].endswith("_general")
+    for batch in (1, 4):
+        x = _randn((batch, in_features), gen, dtype)
+        bias = _randn((50,), gen, dtype)
+        y = cupy_ops.quant_linear(x, qw, bias, out=_poison((batch, 50), dtype))
+        assert _rel_err(y, _linear_ref(x, qw, bias)) < TOL[dtype]
+
+
+def test_quant_gemv_leading_dims_and_views():
+    gen = _gen("views")
+    qw = _quantized(200, 512, 4, 64, gen)
+    big = _randn((2, 3, 513), gen, torch.float16)
+    x = big[..., 1:]  # non-contiguous, misaligned
+    y = cupy_ops.quant_linear(x, qw)
+    assert y.shape == (2, 3, 200)
+    assert _rel_err(y, _linear_ref(x, qw, None)) < TOL[torch.float16]
+
+
+# ------------------------------------------------------------------------------- dequantization
+
+DEQUANT_SHAPES = [
+    # out, in, bits, group: vector path when the row is a multiple of 8 bytes, else scalar
+    (64, 64 * 5, 4, 64),
+    (33, 128 * 3, 8, 128),
+    (17, 6 * 3, 4, 6),     # 9-byte rows: scalar
+    (19, 10 * 3, 8, 10),   # 30-byte rows: scalar
+    (21, 48 * 3, 4, 48),   # vector, 16-column units inside one group
+    (23, 48, 4, 6),        # vector, a unit spans several groups
+    (9, 80, 8, 10),        # vector, a unit spans several groups
+    (513, 4096, 4, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("out_features", "in_features", "bits", "group"), DEQUANT_SHAPES)
+def test_dequantize_is_bit_exact(out_features, in_features, bits, group, dtype):
+    gen = _gen("dequant", out_features, in_features, bits, group, dtype)
+    qw = _quantized(out_features, in_features, bits, group, gen)
+    out = cupy_ops.dequantize_cuda(qw, dtype, out=_poison((out_features, in_features), dtype))
+    torch.cuda.synchronize()
+    assert torch.equal(out, reference.dequantize(qw, dtype))
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("rows", [1, 8, 9, 40])
+def test_ops_linear_dispatch(rows, dtype):
+    gen = _gen("ops", rows, dtype)
+    qw = _quantized(96, 256, 4, 64, gen)
+    x = _randn((rows, 256), gen, dtype)
+    bias = _randn((96,), gen, torch.float32)  # cast to x's dtype, as the reference does
+    y = ops.linear(x, qw, bias)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    assert _rel_err(y, _linear_ref(x, qw, bias.to(dtype))) < TOL[dtype]
+    dense = reference.dequantize(qw, dtype)
+    assert _rel_err(ops.linear(x, dense, bias), _linear_ref(x, qw, bias.to(dtype))) < TOL[dtype]
+
+
+def test_ops_linear_fp32_and_odd_layouts():
+    gen = _gen("ops-odd")
+    qw = _quantized(30, 18, 4, 6, gen)  # 9-byte rows: no fused GEMV, dequantize + matmul
+    x = _randn((2, 18), gen, torch.float16)
+    assert _rel_err(ops.linear(x, qw), _linear_ref(x, qw, None)) < TOL[torch.float16]
+    x32 = _randn((3, 18), gen)
+    assert _rel_err(ops.linear(x32, qw), _linear_ref(x32, qw, None)) < 1e-5
+    assert torch.equal(ops.dequantize(qw, torch.float16), reference.dequantize(qw, torch.float16))
+
+
+# ------------------------------------------------------------------------------------ elementwise
+
+
+def _close_to_torch(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within one unit of the last place of the reference run by torch on the same device."""
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    eps = torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out, ref, rtol=eps, atol=eps * ref.abs().max().item() * 1e-3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4096), (3, 5, 1000), (7, 100), (2, 8), (4, 5000)])
+def test_rms_norm(shape, weight_dtype, dtype):
+    gen = _gen("rms", shape, weight_dtype, dtype)
+    x = _randn(shape, gen, dtype, scale=3.0)
+    w = (1.0 + _randn(shape[-1:], gen, scale=0.1)).to(weight_dtype)
+    out = cupy_ops.rms_norm_cuda(x, w, 1e-6, out=_poison(shape, dtype))
+    ref32 = reference.rms_norm(x.float(), w.float(), 1e-6)
+    assert _rel_err(out, ref32) < TOL[dtype]
+    _close_to_torch(out, reference.rms_norm(x, w, 1e-6))
+    _close_to_torch(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("cos_dtype", ["same", torch.float32])
+@pytest.mark.parametrize(("batch", "heads", "seq", "head_dim", "cos_batch"),
+                         [(1, 32, 1, 128, 1), (2, 4, 7, 64, 2), (3, 2, 5, 96, 1), (2, 3, 4, 16, 2)])
+def test_rope(batch, heads, seq, head_dim, cos_batch, cos_dtype, dtype):
+    gen = _gen("rope", batch, heads, seq, head_dim, cos_dtype, dtype)
+    cdtype = dtype if cos_dtype == "same" else cos_dtype
+    # x as the engine makes it: [B, T, H, Dh] transposed to [B, H, T, Dh] (non-contiguous).
+    x = _randn((batch, seq, heads, head_dim), gen, dtype).transpose(1, 2)
+    angles = torch.rand((cos_batch, seq, head_dim // 2), generator=gen, device="cuda") * 6.3
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(cdtype), angles.sin().to(cdtype)
+    out = cupy_ops.apply_rope_cuda(x, cos, sin, out=_poison((batch, heads, seq, head_dim), dtype))
+    ref32 = reference.apply_rope(x.float(), cos.float(), sin.float())
+    assert _rel_err(out, ref32) < TOL[dtype]
+    _close_to_torch(out, reference.apply_rope(x, cos, sin))
+    _close_to_torch(ops.apply_rope(x, cos, sin), reference.apply_rope(x, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(1, 11008), (3, 7, 100), (5, 13), (2, 1, 14336)])
+def test_silu_mul(shape, dtype):
+    gen = _gen("silu", shape, dtype)
+    gate, up = _randn(shape, gen, dtype, scale=3.0), _randn(shape, gen, dtype)
+    out = cupy_ops.silu_mul_cuda(gate, up, out=_poison(shape, dtype))
+    assert _rel_err(out, reference.silu_mul(gate.float(), up.float())) < TOL[dtype]
+    _close_to_torch(out, reference.silu_mul(gate, up))
+    n = math.prod(shape)
+    flat = _randn((2, n + 1), gen, dtype)
+    g2, u2 = flat[0, 1:].view(shape), flat[1, 1:].view(shape)  # 2-byte offsets: the scalar path
+    _close_to_torch(ops.silu_mul(g2, u2), reference.silu_mul(g2, u2))

@@ -1,0 +1,250 @@
+"""The public entry points: pack a checkpoint, load a store, run it (forward / generate)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from tiermem.config import PrefetchConfig, format_size, parse_size
+from tiermem.engine.config import ModelConfig, check_weights, family_module, model_config_from_hf
+from tiermem.engine.executor import Executor
+from tiermem.engine.generate import generate as generate_tokens
+from tiermem.engine.kv_cache import KVCache
+from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
+from tiermem.kernels.quant import QuantScheme
+from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
+from tiermem.storage.format import StoreReader
+from tiermem.storage.hf import HFCheckpoint
+from tiermem.storage.pack import pack_checkpoint
+
+LM_HEAD = "lm_head.weight"
+
+
+def pack(
+    src_hf_dir: str | os.PathLike, dst_store: str | os.PathLike, quant: str | None = None,
+    group_size: int = 64, *, overwrite: bool = False, progress: bool = True, dtype: torch.dtype | None = None,
+) -> Path:
+    """Convert an HF checkpoint dir (config.json + safetensors, single or sharded) into a block store.
+
+    Streams tensor by tensor (peak RAM about one block). quant: None, "int8" or "int4" (group-wise,
+    asymmetric, along the input dimension, fp16 scale and zero per `group_size` inputs). The config
+    and every weight name and shape are checked before anything is written. A tied output projection
+    is stored in the "head" block too, so that the head never needs the embedding table on the GPU.
+    """
+    ckpt = HFCheckpoint(src_hf_dir)
+    cfg = model_config_from_hf(ckpt.config)
+    check_weights(cfg, {n: (ckpt.tensor_shape(n), ckpt.tensor_dtype(n)) for n in ckpt.tensor_names})
+    try:
+        scheme = QuantScheme.from_name(quant, group_size)
+    except ConfigError as exc:
+        raise PackError(str(exc)) from exc
+    block, embed_name = family_module(cfg).lm_head_weight_name(cfg)
+    aliases = {LM_HEAD: embed_name} if block == "embed" and LM_HEAD not in ckpt.tensor_names else {}
+    return pack_checkpoint(src_hf_dir, dst_store, scheme, progress=progress, dtype=dtype,
+                           overwrite=overwrite, aliases=aliases)
+
+
+def load(
+    store: str | os.PathLike, device: str = "cpu", gpu_memory: int | str | None = None,
+    cpu_memory: int | str | None = None, offload_dir: str | os.PathLike | None = None, *,
+    dtype: torch.dtype | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
+    micro_batches: int = 1, lookahead: int = 2, io_threads: int = 4, resident_weights: int | str | None = None,
+    progress: bool = False,
+) -> Model:
+    """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
+
+    gpu_memory / cpu_memory are hard limits on what tiermem allocates ("24GiB", bytes, or None = no
+    limit). On CPU, blocks that do not fit cpu_memory are re-read from the store every step. On CUDA,
+    blocks that fit gpu_memory stay in HBM and the rest stream from pinned host memory each step.
+    The KV cache is sized for max_batch_size sequences of max_seq_len tokens (default: the model's
+    max positions, capped at 4096) and counts against the budget of the device it lives on.
+    resident_weights caps the HBM bytes of resident weights (0 streams every block, as FlexGen's
+    all-offloaded placement does). offload_dir is reserved for the disk KV tier (not used yet).
+    """
+    if offload_dir is not None:
+        raise ConfigError("offload_dir (disk KV tier) is not supported yet; leave it None")
+    return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
+                            dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                            micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
+                            resident_weights=parse_size(resident_weights), progress=progress)
+
+
+def load_from_reader(
+    reader, device: str, gpu_memory: int | None, cpu_memory: int | None, *, dtype: torch.dtype | None,
+    max_batch_size: int, max_seq_len: int | None, micro_batches: int, lookahead: int, io_threads: int,
+    resident_weights: int | None, progress: bool,
+) -> Model:
+    """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
+    cfg = model_config_from_hf(reader.model_config)
+    check_weights(cfg, {b: reader.tensor_specs(b) for b in reader.block_names})
+    max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
+    prefetch = PrefetchConfig(lookahead=lookahead, io_threads=io_threads)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
+        dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
+                                  micro_batches, prefetch, resident_weights, progress)
+    elif dev.type == "cpu":
+        dtype = dtype or torch.float32
+        source = build_cpu_source(reader, cfg, dtype, cpu_memory, max_batch_size, max_seq_len, prefetch)
+    else:
+        raise ConfigError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
+    head_has_lm_head = LM_HEAD in reader.tensor_specs("head")
+    executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
+    return Model(cfg, executor, source, reader, max_batch_size, max_seq_len)
+
+
+class Model:
+    """A loaded model: forward(), generate(), generate_text(); close() or use as a context manager."""
+
+    def __init__(self, cfg: ModelConfig, executor: Executor, source, reader,
+                 max_batch_size: int, max_seq_len: int) -> None:
+        self.config = cfg
+        self.executor = executor
+        self.source = source
+        self.reader = reader
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self._tokenizer = None
+        self._closed = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.executor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.executor.dtype
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TiermemError("this model is closed; load the store again")
+
+    def _check_fits(self, batch: int, tokens: int) -> None:
+        if batch > self.max_batch_size or tokens > self.max_seq_len:
+            raise BudgetError(
+                f"batch {batch} x {tokens} tokens exceeds the KV cache reserved at load "
+                f"({self.max_batch_size} x {self.max_seq_len}): pass larger max_batch_size / max_seq_len "
+                "to tiermem.load")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                micro_batches: int = 1) -> torch.Tensor:
+        """LongTensor [B, T] -> float32 logits [B, T, V] (no cache)."""
+        self._check_open()
+        _check_ids(input_ids, self.config)
+        self._check_fits(*input_ids.shape)
+        return self.executor.forward(input_ids, attention_mask, micro_batches=micro_batches).float()
+
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
+        attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0, top_k: int = 0,
+        top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+        seed: int | None = None, generator: torch.Generator | None = None, micro_batches: int = 1,
+        on_step: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Batched greedy or sampled decoding with a KV cache: LongTensor [B, T] -> [B, T + n].
+
+        Left-pad batches and pass attention_mask (0 = padding). eos_token_id defaults to the
+        config's; rows that finished are padded; n < max_new_tokens only when every row hit EOS.
+        """
+        self._check_open()
+        _check_ids(input_ids, self.config)
+        B, T = input_ids.shape
+        self._check_fits(B, T + max_new_tokens)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        cache = KVCache.allocate(self.config, B, T + max_new_tokens, self.dtype, self.device)
+        try:
+            out = generate_tokens(
+                self.executor, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
+                attention_mask, eos or None, pad, generator, micro_batches, cache, on_step)
+        finally:
+            del cache
+        return out.cpu()
+
+    @property
+    def tokenizer(self):
+        """The store's tokenizers.Tokenizer (from tokenizer.json)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            path = getattr(self.reader, "path", None)
+            path = path / "tokenizer.json" if path is not None else None
+            if path is None or not path.is_file():
+                raise ConfigError("this store has no tokenizer.json: pass token ids to generate() instead")
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, *, progress: bool = False,
+                      **kwargs) -> tuple[list[str], int]:
+        """Encode prompts, generate (left-padded batch), decode the new tokens. Returns (texts, new tokens)."""
+        from tqdm import tqdm
+
+        tok = self.tokenizer
+        ids = [tok.encode(p).ids for p in prompts]
+        if any(not x for x in ids):
+            raise ConfigError("a prompt encodes to no tokens: give non-empty prompts")
+        width = max(map(len, ids))
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with tqdm(total=max_new_tokens, unit="tok", desc="generate", disable=not progress) as bar:
+            out = self.generate(input_ids, max_new_tokens, attention_mask=mask,
+                                on_step=lambda _k: bar.update(1), **kwargs)
+        new = out[:, width:]
+        texts = [tok.decode(row.tolist(), skip_special_tokens=True) for row in new]
+        return texts, int(new.numel())
+
+    def info(self) -> dict:
+        """Placement and sizes: where each block lives, budgets, KV reservation."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                **self.source.describe()}
+
+    def close(self) -> None:
+        if not self._closed:
+            self.source.close()
+            self._closed = True
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ConfigError("input_ids must be a LongTensor of shape [batch, tokens]")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        raise ConfigError(f"token ids must lie in [0, {cfg.vocab_size}) for this model")
+
+
+def store_info(store: str | os.PathLike) -> dict:
+    """Config, sizes per block and quantization of a store (for `tiermem info`)."""
+    reader = StoreReader(store)
+    cfg = model_config_from_hf(reader.model_config)
+    sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
+    layers = [s for b, s in sizes.items() if b.startswith("layers.")]
+    return {
+        "store": str(reader.path),
+        "architecture": cfg.model_type,
+        "layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "heads / kv heads": f"{cfg.num_heads} / {cfg.num_kv_heads}",
+        "vocab_size": cfg.vocab_size,
+        "quant": "none" if reader.quant is None else f"{reader.quant.name} (group {reader.quant.group_size})",
+        "total size": format_size(sum(sizes.values())),
+        "embed block": format_size(sizes.get("embed", 0)),
+        "layer block": format_size(max(layers, default=0)),
+        "head block": format_size(sizes.get("head", 0)),
+        "kv per token": format_size(kv_cache_bytes(cfg, 1, 1, torch.float16)) + " (fp16)",
+        "tokenizer": ", ".join(reader.manifest.get("tokenizer_files", [])) or "none",
+    }

@@ -1,0 +1,196 @@
+"""`tiermem bench`: decode speed against the roofline of the link the streamed bytes cross.
+
+Measures, in one run: the link ceilings (pinned host -> HBM, HBM copy), then for each batch size
+the prefill and decode step times of the model, and reports tok/s and achieved / roofline, where
+roofline step time = max(bytes streamed per step / pinned H2D bandwidth, weight bytes / HBM bandwidth).
+Results go to JSON; a PNG plot of tok/s against batch size with the roofline is drawn when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tiermem.config import parse_size
+from tiermem.errors import ConfigError
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", nargs="?", help="a block store; or use --synthetic")
+    p.add_argument("--synthetic", metavar="SHAPE", help="random weights of a named shape (e.g. opt-30b, llama-13b)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="for --synthetic")
+    p.add_argument("--group-size", type=int, default=64, help="for --synthetic quantization")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="compute dtype")
+    p.add_argument("--batch", default="1", help="comma-separated effective batch sizes, e.g. 1,8,32")
+    p.add_argument("--micro-batches", default="1", help="micro-batches per batch (one value or one per batch)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--gpu-memory", default=None, help="hard GPU budget, e.g. 6GiB")
+    p.add_argument("--cpu-memory", default=None, help="hard host budget")
+    p.add_argument("--resident-weights", default=None, help="cap on HBM-resident weight bytes (0 = stream all)")
+    p.add_argument("--lookahead", type=int, default=2)
+    p.add_argument("--out", default=None, help="write results as JSON here")
+    p.add_argument("--plot", default=None, help="draw tok/s vs batch (PNG) here")
+
+
+def run_bench_cli(args: argparse.Namespace) -> dict:
+    if (args.store is None) == (args.synthetic is None):
+        raise ConfigError("give either a STORE or --synthetic SHAPE")
+    result = run_bench(args)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+    return result
+
+
+def _batches(args: argparse.Namespace) -> list[tuple[int, int]]:
+    batches = [int(b) for b in args.batch.split(",")]
+    micro = [int(m) for m in args.micro_batches.split(",")]
+    if len(micro) == 1:
+        micro = micro * len(batches)
+    if len(micro) != len(batches):
+        raise ConfigError("--micro-batches takes one value or one per --batch value")
+    return list(zip(batches, micro, strict=True))
+
+
+def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int):
+    from tiermem.api import load_from_reader
+    from tiermem.kernels.quant import QuantScheme
+    from tiermem.presets import preset
+    from tiermem.storage.format import StoreReader
+    from tiermem.synthetic import SyntheticStore
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.synthetic:
+        config = preset(args.synthetic)
+        quant = QuantScheme.from_name(None if args.quant == "none" else args.quant, args.group_size)
+        store_dtype = dtype or (torch.float16 if config.get("torch_dtype") == "float16" else torch.bfloat16)
+        gen_device = args.device if torch.cuda.is_available() else "cpu"
+        reader = SyntheticStore(config, quant, store_dtype, device=gen_device)
+    else:
+        reader = StoreReader(args.store)
+    return load_from_reader(
+        reader, args.device, parse_size(args.gpu_memory), parse_size(args.cpu_memory), dtype=dtype,
+        max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
+        lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights), progress=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generation(model, batch: int, micro_batches: int, prompt_len: int, gen_len: int) -> dict:
+    """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
+    stamps: list[float] = []
+
+    def on_step(_k: int) -> None:
+        _sync(model.device)
+        stamps.append(time.perf_counter())
+
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    _sync(model.device)
+    start = time.perf_counter()
+    model.generate(ids, gen_len, eos_token_id=[], micro_batches=micro_batches, on_step=on_step)
+    steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+    decode = steps[1:]
+    return {
+        "batch": batch, "micro_batches": micro_batches, "prompt_len": prompt_len, "gen_len": gen_len,
+        "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
+        "decode_step_median_s": statistics.median(decode), "decode_tok_per_s": batch / statistics.mean(decode),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
+    }
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from tiermem.ceilings import measure_ceilings
+
+    device = torch.device(args.device)
+    plan = _batches(args)
+    ceilings = measure_ceilings(str(device)) if device.type == "cuda" else {}
+    load_start = time.perf_counter()
+    model = _open_model(args, max(b for b, _ in plan), max(m for _, m in plan))
+    load_s = time.perf_counter() - load_start
+    info = model.info()
+    runs = []
+    try:
+        time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
+        for batch, micro in plan:
+            run = time_generation(model, batch, micro, args.prompt_len, args.gen_len)
+            run.update(roofline(info, ceilings, run["decode_step_s"]))
+            runs.append(run)
+    finally:
+        model.close()
+    return {
+        "command": "tiermem bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "machine": {"gpu": ceilings.get("gpu_name"), "host": platform.node(), "torch": torch.__version__,
+                    "cuda": torch.version.cuda},
+        "ceilings": ceilings, "model": args.synthetic or args.store, "quant": args.quant,
+        "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
+    }
+
+
+def roofline(info: dict, ceilings: dict, step_s: float) -> dict:
+    """Roofline step time of the placement and the achieved fraction of it."""
+    if not ceilings:
+        return {}
+    streamed = info.get("streamed_bytes_per_step", 0)
+    weights = streamed + info.get("gpu_weight_bytes", 0)
+    pcie_s = streamed / ceilings["h2d_pinned_Bps"]
+    hbm_s = weights / ceilings["hbm_Bps"]
+    bound = max(pcie_s, hbm_s)
+    return {"roofline_step_s": bound, "roofline_link": "pcie" if pcie_s >= hbm_s else "hbm",
+            "fraction_of_roofline": bound / step_s, "streamed_bytes_per_step": streamed}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']} ({result['quant']}) on {result['machine']['gpu'] or 'cpu'}"]
+    c = result["ceilings"]
+    if c:
+        lines.append(f"ceilings: pinned H2D {c['h2d_pinned_Bps'] / 1e9:.1f} GB/s, HBM {c['hbm_Bps'] / 1e9:.0f} GB/s")
+    lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'tok/s':>9} {'roofline s':>11} "
+                 f"{'fraction':>8}")
+    for r in result["runs"]:
+        lines.append(f"{r['batch']:>6} {r['micro_batches']:>5} {r['prefill_s']:>10.3f} {r['decode_step_s']:>9.4f} "
+                     f"{r['decode_tok_per_s']:>9.2f} {r.get('roofline_step_s', float('nan')):>11.4f} "
+                     f"{r.get('fraction_of_roofline', float('nan')):>8.3f}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    """tok/s against batch size, with the roofline's tok/s (batch / roofline step time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    batches = [r["batch"] for r in runs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(batches, [r["decode_tok_per_s"] for r in runs], "o-", label="tiermem")
+    if all("roofline_step_s" in r for r in runs):
+        ax.plot(batches, [r["batch"] / r["roofline_step_s"] for r in runs], "k--", label="roofline")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("effective batch size")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"{result['model']} ({result['quant']}) on {result['machine']['gpu']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

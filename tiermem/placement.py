@@ -1,0 +1,145 @@
+"""Where a loaded model's blocks live: budgets in, weight sources out.
+
+CPU: TieredWeights keeps what fits cpu_memory (after the KV reservation) in RAM and re-reads the
+rest from the store every step. CUDA: the blocks that fit gpu_memory (after KV and workspace
+reservations and the ring of slots) stay in HBM; the others live in one pinned host arena and
+stream through the ring; the token embedding is gathered on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from tiermem.config import PrefetchConfig, format_size
+from tiermem.engine.config import ModelConfig
+from tiermem.errors import BudgetError
+from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
+from tiermem.pinned import ALIGN, PinnedArena
+from tiermem.residency import TieredWeights
+from tiermem.storage.backends.posix import PosixBackend
+from tiermem.storage.format import StoreReader
+
+HOST_ONLY = ("embed",)
+WORKSPACE_MARGIN = 256 << 20
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype) -> int:
+    """Bytes of a KV cache: layers x (K and V) x [batch, kv heads, seq, head dim]."""
+    return cfg.num_layers * 2 * batch * cfg.num_kv_heads * seq * cfg.head_dim * dtype.itemsize
+
+
+def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype) -> int:
+    """Upper estimate of transient activations of a prefill of batch x seq tokens (HBM reservation)."""
+    rows = math.ceil(batch / micro_batches)
+    e = dtype.itemsize
+    hidden = 2 * batch * seq * cfg.hidden_size * e  # every micro-batch's hidden state, plus one new
+    layer = rows * seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
+    scores = rows * cfg.num_heads * seq * seq * 4  # attention probabilities if materialised (fp32)
+    logits = 2 * batch * cfg.vocab_size * 4  # last-position logits and their fp32 copy
+    return hidden + layer + scores + logits + WORKSPACE_MARGIN
+
+
+class CpuSource:
+    """TieredWeights plus the backend it reads with; describe() for Model.info()."""
+
+    def __init__(self, weights: TieredWeights, backend: PosixBackend, kv_reserved: int) -> None:
+        self.weights = weights
+        self.backend = backend
+        self.kv_reserved = kv_reserved
+
+    def stream(self, names):
+        return self.weights.stream(names)
+
+    def describe(self) -> dict:
+        return {"resident_blocks": len(self.weights.resident_blocks),
+                "streamed_from_disk": len(self.weights.streamed_blocks),
+                "host_bytes": self.weights.host_bytes, "kv_reserved_bytes": self.kv_reserved}
+
+    def close(self) -> None:
+        self.weights.close()
+        self.backend.close()
+
+
+def build_cpu_source(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, cpu_memory: int | None,
+                     max_batch: int, max_seq: int, prefetch: PrefetchConfig) -> CpuSource:
+    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype)
+    budget = None if cpu_memory is None else cpu_memory - kv
+    if budget is not None and budget <= 0:
+        raise BudgetError(f"cpu_memory {format_size(cpu_memory)} does not even hold the KV cache "
+                          f"({format_size(kv)} for {max_batch} x {max_seq} tokens): raise cpu_memory or "
+                          "lower max_batch_size / max_seq_len")
+    backend = PosixBackend(threads=prefetch.io_threads)
+    try:
+        weights = TieredWeights(reader, budget, prefetch, backend=backend, pin=False)
+    except BaseException:
+        backend.close()
+        raise
+    return CpuSource(weights, backend, kv)
+
+
+class GpuSource:
+    """GpuWeights plus the pinned arena behind it; describe() for Model.info()."""
+
+    def __init__(self, weights: GpuWeights, arena: PinnedArena, plan: dict) -> None:
+        self.weights = weights
+        self.arena = arena
+        self.plan = plan
+
+    def stream(self, names):
+        return self.weights.stream(names)
+
+    def describe(self) -> dict:
+        return dict(self.plan)
+
+    def close(self) -> None:
+        self.weights.close()
+        self.arena.close()
+
+
+def build_gpu_source(
+    reader: StoreReader, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_memory: int | None,
+    cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int, prefetch: PrefetchConfig,
+    resident_cap: int | None, progress: bool,
+) -> GpuSource:
+    """Place blocks in HBM / pinned host memory within the budgets and load them (see module doc)."""
+    budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
+    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype)
+    work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype)
+    sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
+    weights_budget = budget - kv - work
+    if weights_budget <= 0:
+        raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(kv)}) "
+                          f"and activations ({format_size(work)}) of {max_batch} x {max_seq} tokens: raise "
+                          "gpu_memory or lower max_batch_size / max_seq_len / raise micro_batches")
+    resident, weight_bytes = plan_gpu_residency(sizes, reader.block_names, HOST_ONLY, weights_budget,
+                                                prefetch.lookahead, resident_cap)
+    host_names = [b for b in reader.block_names if b not in resident]
+    host_bytes = sum(-(-sizes[b] // ALIGN) * ALIGN for b in host_names)
+    if cpu_memory is not None and host_bytes > cpu_memory:
+        raise BudgetError(f"{format_size(host_bytes)} of weights must stay in pinned host memory but "
+                          f"cpu_memory is {format_size(cpu_memory)}: raise cpu_memory or gpu_memory (streaming "
+                          "from disk to the GPU is not implemented yet)")
+    arena = PinnedArena(host_bytes)
+    try:
+        host, gpu = {}, {}
+        with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="load", disable=not progress) as bar:
+            for name in reader.block_names:
+                if name in resident:
+                    gpu[name] = reader.read_block(name).to(device)
+                else:
+                    host[name] = reader.read_block(name, out=arena.take(sizes[name], name))
+                bar.update(sizes[name])
+        weights = GpuWeights(gpu, host, reader.decode_block, device, HOST_ONLY, prefetch.lookahead)
+    except BaseException:
+        arena.close()
+        raise
+    streamed = [b for b in host_names if b not in HOST_ONLY]
+    plan = {"gpu_resident_blocks": len(resident), "streamed_blocks": len(streamed),
+            "host_only_blocks": list(HOST_ONLY), "gpu_weight_bytes": weight_bytes,
+            "gpu_kv_reserved_bytes": kv, "gpu_workspace_reserved_bytes": work,
+            "pinned_host_bytes": host_bytes, "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
+            "gpu_budget_bytes": budget}
+    return GpuSource(weights, arena, plan)
