@@ -35,9 +35,9 @@ class GemvConfig:
     m_tiles: int = 1
     warps: int = 8
 
-    @property
-    def suffix(self) -> str:
-        return f"u{self.unroll}m{self.m_tiles}"
+    def __post_init__(self) -> None:
+        if not 1 <= self.warps <= 8:  # the kernels are built for blocks of at most 256 threads
+            raise TiermemError(f"GemvConfig.warps must be 1..8, got {self.warps}")
 
 
 GEMV_VARIANTS = (GemvConfig(1, 1), GemvConfig(2, 1), GemvConfig(4, 1), GemvConfig(2, 2))
@@ -59,7 +59,20 @@ def cuda_kernels_available() -> bool:
 def source_text(name: str) -> str:
     """A .cu file with common.cuh inlined (so CuPy's cache key covers the header too)."""
     text = (CUDA_DIR / name).read_text()
-    return text.replace('#include "common.cuh"', (CUDA_DIR / "common.cuh").read_text())
+    header = (CUDA_DIR / "common.cuh").read_text().replace("#pragma once\n", "")
+    return text.replace('#include "common.cuh"', header)
+
+
+def _compile_options() -> tuple[str, ...]:
+    """NVRTC options. CuPy itself adds -arch=sm_XX for the current device (a second -arch from us
+    could conflict) and its include paths; the toolkit's include directory is added when there is one."""
+    import cupy
+
+    options = ["-std=c++17"]
+    cuda_path = cupy.cuda.get_cuda_path()
+    if cuda_path and (Path(cuda_path) / "include" / "cuda_fp16.h").exists():
+        options.append(f"-I{Path(cuda_path) / 'include'}")
+    return tuple(options)
 
 
 @functools.cache
@@ -67,8 +80,7 @@ def _module(device_index: int, name: str):
     import cupy
 
     with cupy.cuda.Device(device_index):
-        # CuPy adds -arch for this device itself (sm_XX, cubin).
-        module = cupy.RawModule(code=source_text(name), options=("-std=c++17",))
+        module = cupy.RawModule(code=source_text(name), options=_compile_options())
         module.compile()
     return module
 
@@ -141,16 +153,17 @@ def _chunk_cols(qw: QuantizedWeight) -> int:
 def gemv_supported(qw: QuantizedWeight) -> bool:
     """Whether the fused GEMV takes this weight: rows of a whole number of 16-byte chunks, 16-byte
     aligned codes. Other shapes go through dequantize_cuda + matmul."""
-    _, in_features = qw.shape
+    out_features, in_features = qw.shape
     return (
-        qw.qdata.is_cuda
+        out_features > 0
+        and qw.qdata.is_cuda
         and in_features % _chunk_cols(qw) == 0
         and qw.qdata.is_contiguous()
         and _aligned(qw.qdata)
     )
 
 
-def _gemv_kernel(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig) -> tuple[str, int, int]:
+def gemv_launch_plan(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig) -> tuple[str, int, int]:
     """Kernel name, rows per block and the cpg_shift argument for this weight.
 
     The fast kernels need gs / chunk_cols to be a power of two at least `unroll` (a lane's chunks
@@ -189,7 +202,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         bias = bias.to(x.dtype).contiguous()
     scale, zero = qw.scale.contiguous(), qw.zero.contiguous()
     _check_cuda("quant_linear", x2, qw.qdata, scale, zero, *(() if bias is None else (bias,)))
-    kernel, rows_per_block, shift = _gemv_kernel(qw, x.dtype, config)
+    kernel, rows_per_block, shift = gemv_launch_plan(qw, x.dtype, config)
     m_tiles = rows_per_block // 16
     y = _output("quant_linear", out, (batch, out_features), x2)  # y: [B, O]
     args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x2), _ptr(bias), _ptr(y), _i32(out_features),

@@ -62,7 +62,7 @@ def test_cupy_ops_imports_without_cupy():
 def test_gemv_kernel_choice():
     def choose(bits, group, dtype=torch.float16, config=cupy_ops.DEFAULT_GEMV, in_features=384):
         qw = quantize(torch.randn(32, in_features), QuantScheme(bits, group))
-        return cupy_ops._gemv_kernel(qw, dtype, config)
+        return cupy_ops.gemv_launch_plan(qw, dtype, config)
 
     assert choose(4, 64) == ("quant_gemv_int4_f16_u2m1", 16, 1)
     assert choose(4, 32, torch.bfloat16) == ("quant_gemv_int4_bf16_u1m1", 16, 0)  # a chunk per group

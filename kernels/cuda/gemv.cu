@@ -22,7 +22,8 @@
 //   bf16 int4: t = 128 + q, s = s_hi + s_lo and z - 128 s = z_hi + z_lo (bf16 splits of the fp16
 //         values), w = (t * s_hi + z_hi) + (t * s_lo + z_lo): bf16 alone cannot hold fp16's scale.
 //   bf16 int8: q -> fp32 via the 2^23 magic, w = q * s + z in fp32, packed to bf16x2.
-// GENERAL (gs not a multiple of CW): per column group lookup and fp32 dequantization.
+// GENERAL (gs / CW not a power of two, e.g. gs < CW or int4 gs = 96): per column group lookup and
+// fp32 dequantization. The fast path also needs gs / CW >= U (cupy_ops lowers U to fit).
 #include "common.cuh"
 
 namespace tiermem {
@@ -321,14 +322,15 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
     tiermem::quant_gemv<BITS, T, GENERAL, U, MT>(qdata, scale, zero, x, bias, y, O, I, gs, nb, cpg_shift); \
   }
 
-#define TM_GEMV_ALL(BITS, TN, T)                                       \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u1m1, BITS, T, false, 1, 1, 4) \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m1, BITS, T, false, 2, 1, 4) \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u4m1, BITS, T, false, 4, 1, 2) \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m2, BITS, T, false, 2, 2, 2) \
+// U2_MINB: blocks per SM for the u2m1 variant (int4 bf16 needs more registers for its split constants).
+#define TM_GEMV_ALL(BITS, TN, T, U2_MINB)                                    \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u1m1, BITS, T, false, 1, 1, 4)       \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m1, BITS, T, false, 2, 1, U2_MINB) \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u4m1, BITS, T, false, 4, 1, 2)       \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m2, BITS, T, false, 2, 2, 2)       \
   TM_GEMV(quant_gemv_int##BITS##_##TN##_general, BITS, T, true, 1, 1, 2)
 
-TM_GEMV_ALL(4, f16, __half)
-TM_GEMV_ALL(4, bf16, __nv_bfloat16)
-TM_GEMV_ALL(8, f16, __half)
-TM_GEMV_ALL(8, bf16, __nv_bfloat16)
+TM_GEMV_ALL(4, f16, __half, 4)
+TM_GEMV_ALL(4, bf16, __nv_bfloat16, 3)
+TM_GEMV_ALL(8, f16, __half, 4)
+TM_GEMV_ALL(8, bf16, __nv_bfloat16, 4)
