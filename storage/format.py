@@ -79,7 +79,7 @@ def _values_of(name: str, value: Value, spec: TensorSpec) -> list[torch.Tensor]:
         parts = [value] if ok else []
     if not ok:
         raise StoreError(f"tensor {name}: value does not match its declared spec {tuple(shape)} {kind}")
-    return [p.cpu() for p in parts]
+    return parts
 
 
 def spec_of(value: Value) -> TensorSpec:
@@ -88,81 +88,65 @@ def spec_of(value: Value) -> TensorSpec:
     return tuple(value.shape), value.dtype
 
 
-class TensorSink:
-    """A write-only binary stream into a preallocated uint8 CPU tensor (e.g. a pinned host buffer)."""
+class BlockLayout:
+    """Where every safetensors part of a block's tensors lies in its file: header, offsets, size."""
 
-    def __init__(self, buffer: torch.Tensor) -> None:
-        self._view = memoryview(buffer.numpy()).cast("B")
-        self._pos = 0
+    def __init__(self, block: str, specs: Mapping[str, TensorSpec]) -> None:
+        self.block = block
+        self.specs = dict(specs)
+        parts = [p for name, spec in self.specs.items() for p in _parts_of_spec(name, spec)]
+        entries = [(n, dt, shape, tensor_nbytes(dt, shape)) for n, dt, shape in parts]
+        self.header, offsets = plan_layout(entries, {"format": FORMAT_NAME, "block": block},
+                                           DATA_START, TENSOR_ALIGN, FILE_ALIGN)
+        self.offsets = dict(zip((p[0] for p in parts), offsets, strict=True))
+        self.part_nbytes = {n: nb for n, _dt, _s, nb in entries}
+        end = max((off + nb for off, nb in zip(offsets, self.part_nbytes.values(), strict=True)), default=0)
+        self.nbytes = -(-max(end, len(self.header)) // FILE_ALIGN) * FILE_ALIGN
 
-    def write(self, data: bytes | memoryview) -> int:
-        n = len(data)
-        self._view[self._pos:self._pos + n] = data
-        self._pos += n
-        return n
+    def parts(self, name: str) -> list[tuple[str, int, int]]:
+        """(part name, offset, nbytes) of each safetensors tensor a logical weight is stored as."""
+        return [(p, self.offsets[p], self.part_nbytes[p]) for p, _dt, _sh in _parts_of_spec(name, self.specs[name])]
 
-    def tell(self) -> int:
-        return self._pos
-
-    def close(self) -> None:
-        self._view.release()
+    def entry(self, name: str) -> dict:
+        """The manifest entry of logical weight `name`."""
+        shape, kind = self.specs[name]
+        parts = [{"dtype": dt, "shape": list(sh), "offset": self.offsets[p], "nbytes": self.part_nbytes[p]}
+                 for p, dt, sh in _parts_of_spec(name, self.specs[name])]
+        if isinstance(kind, QuantScheme):
+            return {"quant": kind.name, "group_size": kind.group_size, "shape": list(shape),
+                    "parts": dict(zip(QUANT_PARTS, parts, strict=True))}
+        return parts[0]
 
 
 class BlockWriter:
-    """Writes one block sequentially: header first, then each tensor in declared order.
+    """Writes one block file sequentially: header first, then each tensor in declared order."""
 
-    The bytes go to `directory/<block file>`, or to `sink` (any object with write/tell/close, such as
-    a TensorSink) when one is given; `nbytes` is the block's final size, known before writing.
-    """
-
-    def __init__(self, directory: Path, block: str, specs: Mapping[str, TensorSpec], sink=None) -> None:
+    def __init__(self, directory: Path, block: str, specs: Mapping[str, TensorSpec]) -> None:
         self.block = block
         self.file = block_file_name(block)
         self.path = directory / self.file
-        self._specs = dict(specs)
-        parts = [p for name, spec in self._specs.items() for p in _parts_of_spec(name, spec)]
-        entries = [(n, dt, shape, tensor_nbytes(dt, shape)) for n, dt, shape in parts]
-        header, offsets = plan_layout(entries, {"format": FORMAT_NAME, "block": block},
-                                      DATA_START, TENSOR_ALIGN, FILE_ALIGN)
-        self._offsets = dict(zip((p[0] for p in parts), offsets, strict=True))
-        self._nbytes = {n: nb for n, _dt, _s, nb in entries}
-        end = max((off + nb for off, nb in zip(offsets, self._nbytes.values(), strict=True)), default=0)
-        self.nbytes = -(-max(end, len(header)) // FILE_ALIGN) * FILE_ALIGN
-        self._pending = list(self._specs)
-        self._entries: dict[str, dict] = {}
+        self.layout = BlockLayout(block, specs)
+        self._pending = list(self.layout.specs)
         self._hash = xxhash.xxh3_64()
         try:
-            self._f = sink if sink is not None else open(self.path, "xb")  # closed by finish() or abort()
+            self._f = open(self.path, "xb")  # closed by finish() or abort()
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {exc}") from exc
-        self._emit(header)
+        self._emit(self.layout.header)
 
     def _emit(self, data: bytes | memoryview) -> None:
         self._f.write(data)
         self._hash.update(data)
-
-    def _part_entry(self, part: str, dtype: str, shape: tuple[int, ...], tensor: torch.Tensor) -> dict:
-        gap = self._offsets[part] - self._f.tell()
-        self._emit(b"\0" * gap)
-        self._emit(tensor_bytes(tensor))
-        return {"dtype": dtype, "shape": list(shape), "offset": self._offsets[part],
-                "nbytes": self._nbytes[part]}
 
     def write(self, name: str, value: Value) -> None:
         """Write the next declared tensor (tensors must come in the order of `specs`)."""
         if not self._pending or self._pending[0] != name:
             expected = self._pending[0] if self._pending else "nothing"
             raise StoreError(f"block {self.block}: got tensor {name}, expected {expected} (declared order)")
-        spec = self._specs[name]
-        tensors = _values_of(name, value, spec)
-        parts = _parts_of_spec(name, spec)
-        entries = [self._part_entry(p, dt, sh, t) for (p, dt, sh), t in zip(parts, tensors, strict=True)]
-        shape, kind = spec
-        if isinstance(kind, QuantScheme):
-            self._entries[name] = {"quant": kind.name, "group_size": kind.group_size, "shape": list(shape),
-                                   "parts": dict(zip(QUANT_PARTS, entries, strict=True))}
-        else:
-            self._entries[name] = entries[0]
+        tensors = _values_of(name, value, self.layout.specs[name])
+        for (_part, offset, _nbytes), tensor in zip(self.layout.parts(name), tensors, strict=True):
+            self._emit(b"\0" * (offset - self._f.tell()))
+            self._emit(tensor_bytes(tensor.cpu()))
         self._pending.pop(0)
 
     def finish(self) -> dict:
@@ -172,8 +156,8 @@ class BlockWriter:
         self._emit(b"\0" * (-self._f.tell() % FILE_ALIGN))
         nbytes = self._f.tell()
         self._f.close()
-        return {"name": self.block, "file": self.file, "nbytes": nbytes,
-                "checksum": self._hash.hexdigest(), "tensors": self._entries}
+        return {"name": self.block, "file": self.file, "nbytes": nbytes, "checksum": self._hash.hexdigest(),
+                "tensors": {name: self.layout.entry(name) for name in self.layout.specs}}
 
     def abort(self) -> None:
         self._f.close()
@@ -364,33 +348,29 @@ def encode_block(block: str, tensors: Mapping[str, Value],
                  allocate: Callable[[int], torch.Tensor]) -> tuple[torch.Tensor, dict]:
     """Lay a block out exactly as its store file would be, into `allocate(nbytes)` (a uint8 CPU tensor).
 
-    Returns the filled buffer and the block's manifest entry (for decode_entry); used to build
-    blocks straight in host memory, e.g. for synthetic benchmarks.
+    Tensors may live on any device (GPU tensors are copied straight into the buffer). Returns the
+    buffer and the block's manifest entry without a checksum (for decode_entry); used to build
+    blocks in host memory, e.g. for synthetic benchmarks.
     """
-    specs = {name: spec_of(value) for name, value in tensors.items()}
-    buffer = allocate(planned_block_nbytes(block, specs))
-    writer = BlockWriter(Path("."), block, specs, sink=TensorSink(buffer))
+    layout = BlockLayout(block, {name: spec_of(value) for name, value in tensors.items()})
+    buffer = allocate(layout.nbytes)
+    header = torch.frombuffer(bytearray(layout.header), dtype=torch.uint8)
+    buffer[:len(header)] = header
+    cursor = len(header)
     for name, value in tensors.items():
-        writer.write(name, value)
-    return buffer, writer.finish()
+        for (_part, offset, nbytes), tensor in zip(layout.parts(name), _values_of(name, value, layout.specs[name]),
+                                                    strict=True):
+            buffer[cursor:offset].zero_()
+            buffer[offset:offset + nbytes].copy_(tensor.contiguous().reshape(-1).view(torch.uint8))
+            cursor = offset + nbytes
+    buffer[cursor:].zero_()
+    return buffer, {"name": block, "file": block_file_name(block), "nbytes": layout.nbytes, "checksum": None,
+                    "tensors": {name: layout.entry(name) for name in layout.specs}}
 
 
 def planned_block_nbytes(block: str, specs: Mapping[str, TensorSpec]) -> int:
     """The size a block of these tensor specs takes in the store (its file size)."""
-    writer = BlockWriter(Path("."), block, specs, sink=_NullSink())
-    writer.abort()
-    return writer.nbytes
-
-
-class _NullSink:
-    def write(self, data: bytes | memoryview) -> int:
-        return len(data)
-
-    def tell(self) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
+    return BlockLayout(block, specs).nbytes
 
 
 def _read_whole(path: Path, buf: torch.Tensor) -> None:

@@ -5,7 +5,9 @@ import torch
 
 import tiermem
 from tiermem.api import load_from_reader
+from tiermem.engine.config import model_config_from_hf
 from tiermem.kernels.quant import QuantScheme
+from tiermem.placement import kv_cache_bytes, workspace_bytes
 from tiermem.presets import preset
 from tiermem.synthetic import SyntheticStore, write_hf_checkpoint
 
@@ -80,7 +82,9 @@ def test_gpu_memory_is_a_hard_limit(quant):
                   num_key_value_heads=8, torch_dtype="float16")
     store = SyntheticStore(config, quant, torch.float16, device="cuda")
     total = sum(store.block_nbytes(b) for b in store.block_names)
-    budget = total // 2 + (256 << 20)  # half the weights plus the activation margin
+    cfg = model_config_from_hf(config)
+    reserved = kv_cache_bytes(cfg, 4, 160, torch.float16) + workspace_bytes(cfg, 4, 160, 2, torch.float16)
+    budget = reserved + total // 2  # KV, activations and half the weights
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

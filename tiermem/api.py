@@ -134,11 +134,12 @@ class Model:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 micro_batches: int = 1) -> torch.Tensor:
-        """LongTensor [B, T] -> float32 logits [B, T, V] (no cache)."""
+        """LongTensor [B, T] -> float32 logits [B, T, V] on input_ids' device (no cache)."""
         self._check_open()
         _check_ids(input_ids, self.config)
         self._check_fits(*input_ids.shape)
-        return self.executor.forward(input_ids, attention_mask, micro_batches=micro_batches).float()
+        logits = self.executor.forward(input_ids, attention_mask, micro_batches=micro_batches)
+        return logits.to(input_ids.device, torch.float32)
 
     def generate(
         self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,

@@ -106,8 +106,8 @@ class SyntheticStore:
         for name, shape in self._shapes[block].items():
             value = random_tensor(name, shape, generator, self.dtype, self.device)
             if self.quant is not None and default_should_quantize(name, shape):
-                value = quantize(value, self.quant, name).to("cpu")
-            out[name] = value.cpu() if isinstance(value, torch.Tensor) else value
+                value = quantize(value, self.quant, name)
+            out[name] = value
         return out
 
     def read_block(self, name: str, out: torch.Tensor | None = None, backend=None) -> torch.Tensor:
