@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tiermem.engine.kv_cache import KVCache
 from tiermem.kernels import ops
@@ -37,6 +38,11 @@ def positions_from_mask(key_mask: torch.Tensor, start: int) -> torch.Tensor:
     """Positions [B, T] of slots start..S-1: real tokens before each (HF: cumsum - 1); padding -> 0."""
     pos = key_mask.long().cumsum(-1) - 1  # [B, S]
     return pos.masked_fill(~key_mask, 0)[:, start:]
+
+
+# cuDNN attention builds a new plan (~2 ms of host time) whenever the key length changes, i.e. on every
+# decode step of every layer; the other backends launch in microseconds.
+SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 @dataclass
@@ -68,7 +74,8 @@ class Attention:
             k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
         b, H, T, Dh = q.shape
         gqa = k.shape[1] != H
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self.mask(window), scale=Dh**-0.5, enable_gqa=gqa
-        )  # [b, H, T, Dh]
+        with sdpa_kernel(SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.mask(window), scale=Dh**-0.5, enable_gqa=gqa
+            )  # [b, H, T, Dh]
         return out.transpose(1, 2).reshape(b, T, H * Dh)

@@ -113,6 +113,7 @@ def time_generation(model, batch: int, micro_batches: int, prompt_len: int, gen_
         "batch": batch, "micro_batches": micro_batches, "prompt_len": prompt_len, "gen_len": gen_len,
         "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
         "decode_step_median_s": statistics.median(decode), "decode_tok_per_s": batch / statistics.mean(decode),
+        "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
     }
 

@@ -10,6 +10,7 @@ never idle while a later block still has to cross PCIe.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,9 @@ class GpuWeights:
             for _ in range(lookahead + 1 if streamed else 0)
         ]
         self.bytes_copied = 0
+        self._next_slot = 0
+        self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
+        self._primed_for: list[str] | None = None
 
     @property
     def hbm_bytes(self) -> int:
@@ -83,32 +87,44 @@ class GpuWeights:
         yield self._iterate(list(names))
 
     def _iterate(self, names: list[str]) -> Iterator[tuple[str, dict]]:
+        """Yield blocks in order; at most lookahead + 1 streamed copies are outstanding at any time.
+
+        Copies run ahead over resident and host-only blocks (the window counts streamed blocks
+        only), and the end of a pass primes the first copies of the next pass with the same names,
+        so that PCIe stays busy across step boundaries (sampling, host syncs, resident layers).
+        """
         compute = torch.cuda.current_stream(self.device)
-        slot_of: dict[int, _Slot] = {}
-        next_slot = 0
-        issued = 0
-        for j, name in enumerate(names):
-            while issued < len(names) and issued <= j + self.lookahead:
-                if self._is_streamed(names[issued]):
-                    slot_of[issued] = self._issue_copy(names[issued], self.slots[next_slot])
-                    next_slot = (next_slot + 1) % len(self.slots)
+        streamed = [j for j, name in enumerate(names) if self._is_streamed(name)]
+        pending = self._primed if names == self._primed_for else deque()
+        self._primed, self._primed_for = deque(), None
+        issued = len(pending)
+        consumed = 0
+        for name in names:
+            while issued < min(len(streamed), consumed + len(self.slots)):
+                pending.append(self._issue_copy(names[streamed[issued]]))
                 issued += 1
             if name in self.host_only:
                 yield name, self.decode(name, self.host_blocks[name])
             elif name in self.resident:
                 yield name, self.decode(name, self.resident[name])
             else:
-                slot = slot_of.pop(j)
+                slot = pending.popleft()
                 compute.wait_event(slot.ready)
                 yield name, self.decode(name, slot.buffer[: self.host_blocks[name].numel()])
                 slot.free.record(compute)
+                consumed += 1
+        self._primed = deque(self._issue_copy(names[j]) for j in streamed[: len(self.slots)])
+        self._primed_for = names
 
     def _is_streamed(self, name: str) -> bool:
         if name not in self.host_blocks and name not in self.resident:
             raise ConfigError(f"block {name!r} is in neither the GPU nor the host tier")
         return name not in self.resident and name not in self.host_only
 
-    def _issue_copy(self, name: str, slot: _Slot) -> _Slot:
+    def _issue_copy(self, name: str) -> _Slot:
+        """Copy block `name` into the next slot of the ring once the slot's last reader is done."""
+        slot = self.slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self.slots)
         src = self.host_blocks[name]
         self.copy_stream.wait_event(slot.free)
         with torch.cuda.stream(self.copy_stream):
@@ -119,6 +135,7 @@ class GpuWeights:
 
     def close(self) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self._primed.clear()
         self.resident.clear()
         self.slots.clear()
 
