@@ -74,7 +74,7 @@ class Attention:
             k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
         b, H, T, Dh = q.shape
         gqa = k.shape[1] != H
-        with sdpa_kernel(SDPA_BACKENDS):
+        with sdpa_kernel(list(SDPA_BACKENDS)):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self.mask(window), scale=Dh**-0.5, enable_gqa=gqa
             )  # [b, H, T, Dh]
