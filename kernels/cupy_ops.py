@@ -41,7 +41,9 @@ class GemvConfig:
 
 
 GEMV_VARIANTS = (GemvConfig(1, 1), GemvConfig(2, 1), GemvConfig(4, 1), GemvConfig(2, 2))
-DEFAULT_GEMV = GemvConfig(2, 1, 8)
+# Best for int4 fp16 and for most int8 cases at 28672x8192 and 8192x28672 on an H200 (bench_kernels.py,
+# benchmarks/results/kernels_h200.json).
+DEFAULT_GEMV = GemvConfig(2, 2, 8)
 
 
 @functools.cache
