@@ -8,6 +8,7 @@ generation stops early (fewer than max_new_tokens columns) once every row has fi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -56,6 +57,123 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen and when a row stops.
+
+    eos_token_id: the ids that finish a row (empty: rows never finish); pad_token_id: what a finished
+    row emits after that (`Sampling.make` resolves None to the first EOS id, as transformers does).
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @classmethod
+    def make(cls, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> Sampling:
+        """Normalized settings: eos as a tuple of ints, pad defaulting to the first EOS id."""
+        eos = tuple(_eos_set(eos_token_id))
+        if eos and pad_token_id is None:
+            pad_token_id = eos[0]
+        return cls(bool(do_sample), float(temperature), int(top_k), float(top_p), eos,
+                   None if pad_token_id is None else int(pad_token_id))
+
+    def check(self) -> None:
+        """ConfigError for settings that cannot sample (checked before any state changes)."""
+        if self.do_sample:
+            process_logits(torch.zeros(1, 2), self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class DecodeState:
+    """Where a generation stands: everything the decode loop needs to take the next step.
+
+    tokens[:, cache.length:] are the tokens not yet run through the model: the whole prompt before
+    the first step, afterwards the last token chosen. mask marks real tokens (False = left padding);
+    the cache's key_mask holds mask[:, :cache.length].
+    """
+
+    tokens: torch.Tensor  # long [B, T + n]: prompt, then the n tokens chosen so far
+    mask: torch.Tensor  # bool [B, T + n]
+    cache: KVCache
+    unfinished: torch.Tensor  # bool [B]: the row has not emitted EOS yet
+    generator: torch.Generator | None = None
+    new_tokens: int = 0  # n
+
+    @classmethod
+    def start(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache,
+              generator: torch.Generator | None = None) -> DecodeState:
+        """The state before the first step: input_ids [B, T] (left-padded) and an empty cache."""
+        device = cache.key_mask.device
+        tokens = input_ids.to(device=device, dtype=torch.long)
+        B, T = tokens.shape
+        if cache.length or cache.batch != B:
+            raise ConfigError(f"the KV cache (batch {cache.batch}, {cache.length} used) cannot start a "
+                              f"generation of batch {B}: pass an empty cache of that batch")
+        if attention_mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        elif tuple(attention_mask.shape) != (B, T):
+            raise ConfigError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match "
+                              f"input_ids [{B}, {T}]")
+        else:
+            mask = attention_mask.to(device=device, dtype=torch.bool)
+        return cls(tokens, mask, cache, torch.ones(B, dtype=torch.bool, device=device), generator)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the tensors (not the generator) to `device`, in place."""
+        self.tokens, self.mask = self.tokens.to(device), self.mask.to(device)
+        self.unfinished = self.unfinished.to(device)
+        self.cache = self.cache.to(device)
+
+
+@torch.no_grad()
+def decode(
+    executor: Executor, state: DecodeState, sampling: Sampling, max_new_tokens: int, micro_batches: int = 1,
+    on_step: Callable[[int], None] | None = None,
+) -> int:
+    """Choose up to `max_new_tokens` more tokens, advancing `state` in place; returns how many were chosen.
+
+    Stops early once every row has finished (with EOS ids set). The cache needs room for
+    tokens.shape[1] + max_new_tokens - 1 slots. A step that fails leaves the state as it was before
+    that step (the cache length is rolled back; the generator may have advanced if sampling ran).
+    on_step(k) is called after the k-th token of this call (k = 1 .. n) has been chosen.
+    """
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens:
+        sampling.check()
+    eos = sampling.eos_token_id
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=state.tokens.device)
+    cache = state.cache
+    for k in range(1, max_new_tokens + 1):
+        if eos and not bool(state.unfinished.any()):
+            return k - 1
+        past = cache.length
+        try:
+            logits = executor.forward(state.tokens[:, past:], state.mask[:, past:], cache,
+                                      micro_batches=micro_batches, last_only=True)
+            token = next_tokens(logits[:, -1], sampling.do_sample, sampling.temperature, sampling.top_k,
+                                sampling.top_p, state.generator)  # [B]
+        except BaseException:
+            cache.length = past
+            raise
+        unfinished = state.unfinished
+        if eos:
+            token = torch.where(unfinished, token, torch.full_like(token, sampling.pad_token_id))
+            unfinished = unfinished & ~torch.isin(token, eos_ids)
+        state.tokens = torch.cat([state.tokens, token[:, None]], dim=1)
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], dim=1)
+        state.unfinished = unfinished
+        state.new_tokens += 1
+        if on_step is not None:
+            on_step(k)
+    return max_new_tokens
+
+
 @torch.no_grad()
 def generate(
     executor: Executor, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
@@ -71,33 +189,15 @@ def generate(
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    eos = _eos_set(eos_token_id)
-    if eos and pad_token_id is None:
-        pad_token_id = eos[0]
     B, T = input_ids.shape
-    device = executor.device
-    out = input_ids.to(device=device, dtype=torch.long)
     if max_new_tokens == 0:
-        return out
-    mask = torch.ones_like(out) if attention_mask is None else attention_mask.to(device)
+        return input_ids.to(device=executor.device, dtype=torch.long)
     if cache is None:
-        cache = KVCache.allocate(executor.cfg, B, T + max_new_tokens, executor.dtype, device)
+        cache = KVCache.allocate(executor.cfg, B, T + max_new_tokens, executor.dtype, executor.device)
     elif cache.batch != B or cache.max_len < T + max_new_tokens or cache.length:
         raise ConfigError(f"the KV cache (batch {cache.batch}, max_len {cache.max_len}, {cache.length} used) "
                           f"cannot hold batch {B} x {T + max_new_tokens} tokens: pass an empty, larger cache")
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    step_ids, step_mask = out, mask
-    for k in range(1, max_new_tokens + 1):
-        logits = executor.forward(step_ids, step_mask, cache, micro_batches=micro_batches, last_only=True)
-        token = next_tokens(logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # [B]
-        if eos:
-            token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
-            unfinished = unfinished & ~torch.isin(token, eos_ids)
-        out = torch.cat([out, token[:, None]], dim=1)
-        if on_step is not None:
-            on_step(k)
-        if eos and not bool(unfinished.any()):
-            break
-        step_ids, step_mask = token[:, None], torch.ones_like(token[:, None])
-    return out
+    state = DecodeState.start(input_ids, attention_mask, cache, generator)
+    sampling = Sampling.make(do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id)
+    decode(executor, state, sampling, max_new_tokens, micro_batches, on_step)
+    return state.tokens

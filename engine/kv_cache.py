@@ -72,3 +72,25 @@ class KVCache:
     def end_step(self, num_tokens: int) -> None:
         """Every layer and micro-batch has written its `num_tokens` new slots."""
         self.length += num_tokens
+
+    def grow(self, max_len: int) -> None:
+        """Make room for `max_len` tokens in place, keeping the filled slots (no-op if there is room).
+
+        Layer by layer, so that the extra memory at any moment is one layer's K or V.
+        """
+        if max_len <= self.max_len:
+            return
+        L = self.length
+        for tensors in (self.keys, self.values):
+            for i, old in enumerate(tensors):
+                new = old.new_zeros((old.shape[0], old.shape[1], max_len, old.shape[3]))
+                new[:, :, :L] = old[:, :, :L]
+                tensors[i] = new
+        mask = self.key_mask.new_zeros((self.batch, max_len))
+        mask[:, :L] = self.key_mask[:, :L]
+        self.key_mask = mask
+
+    def to(self, device: torch.device | str) -> KVCache:
+        """This cache with its tensors on `device` (tensors already there are shared, not copied)."""
+        return KVCache([k.to(device) for k in self.keys], [v.to(device) for v in self.values],
+                       self.key_mask.to(device), self.length)

@@ -33,6 +33,7 @@ _LAZY = {
     "pack": ("tiermem.api", "pack"),
     "load": ("tiermem.api", "load"),
     "Model": ("tiermem.api", "Model"),
+    "GenerationSession": ("tiermem.session", "GenerationSession"),
     "checkpoint": ("tiermem.checkpoint", None),
 }
 

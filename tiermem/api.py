@@ -11,11 +11,12 @@ import torch
 from tiermem.config import PrefetchConfig, format_size, parse_size
 from tiermem.engine.config import ModelConfig, check_weights, family_module, model_config_from_hf
 from tiermem.engine.executor import Executor
-from tiermem.engine.generate import generate as generate_tokens
+from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
 from tiermem.kernels.quant import QuantScheme
 from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
+from tiermem.session import GenerationSession
 from tiermem.storage.format import StoreReader
 from tiermem.storage.hf import HFCheckpoint
 from tiermem.storage.pack import pack_checkpoint
@@ -142,34 +143,78 @@ class Model:
         return logits.to(input_ids.device, torch.float32)
 
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-        attention_mask: torch.Tensor | None = None, *, temperature: float = 1.0, top_k: int = 0,
-        top_p: float = 1.0, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+        self, input_ids: torch.Tensor | None, max_new_tokens: int = 32, do_sample: bool | None = None,
+        attention_mask: torch.Tensor | None = None, *, temperature: float | None = None, top_k: int | None = None,
+        top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
         seed: int | None = None, generator: torch.Generator | None = None, micro_batches: int = 1,
-        on_step: Callable[[int], None] | None = None,
+        on_step: Callable[[int], None] | None = None, session: GenerationSession | None = None,
     ) -> torch.Tensor:
-        """Batched greedy or sampled decoding with a KV cache: LongTensor [B, T] -> [B, T + n].
+        """Batched greedy or sampled decoding with a KV cache: LongTensor [B, T] -> [B, T + n] (on the CPU).
 
-        Left-pad batches and pass attention_mask (0 = padding). eos_token_id defaults to the
-        config's; rows that finished are padded; n < max_new_tokens only when every row hit EOS.
+        Left-pad batches and pass attention_mask (0 = padding). Sampling: do_sample (default False),
+        temperature (1.0), top_k (0 = off), top_p (1.0 = off); seed or generator make it reproducible.
+        eos_token_id defaults to the config's ([] = never stop); rows that finished emit pad_token_id
+        (default: the config's, else the first EOS id); n < max_new_tokens only when every row hit EOS.
+        on_step(k) is called after the k-th new token of this call.
+
+        session: a `tiermem.GenerationSession` to keep the state in, so that generation can continue
+        later, also after `tiermem.checkpoint.save_async(session.state_dict(), path)` and a restore
+        into a freshly loaded model. An empty session is filled from input_ids and the sampling
+        arguments (sampling without seed or generator draws the session's seed from torch's global
+        RNG). A filled session continues for max_new_tokens more tokens, exactly as one longer call
+        would have gone on; input_ids may be None (or the session's tokens), attention_mask must be
+        None, the sampling arguments must be left out or equal the session's, and seed / generator
+        must be left out (ConfigError otherwise). Returns every token so far: prompt + all generated.
         """
         self._check_open()
-        _check_ids(input_ids, self.config)
-        B, T = input_ids.shape
-        self._check_fits(B, T + max_new_tokens)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos)
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        cache = KVCache.allocate(self.config, B, T + max_new_tokens, self.dtype, self.device)
-        try:
-            out = generate_tokens(
-                self.executor, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
-                attention_mask, eos or None, pad, generator, micro_batches, cache, on_step)
-        finally:
-            del cache
-        return out.cpu()
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        if session is not None and session.started:
+            state, sampling = self._continue_session(session, input_ids, attention_mask, max_new_tokens,
+                                                     requested, seed, generator)
+        else:
+            _check_ids(input_ids, self.config)
+            B, T = input_ids.shape
+            self._check_fits(B, T + max_new_tokens)
+            defaults = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                            eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id)
+            sampling = Sampling.make(**{k: defaults[k] if v is None else v for k, v in requested.items()})
+            if generator is None and seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+            if session is not None:
+                sampling.check()  # before the session is filled: it keeps these settings
+                if generator is None and sampling.do_sample:
+                    seed = int(torch.randint(0, 2**62, (1,)))
+                    generator = torch.Generator(device=self.device).manual_seed(seed)
+            cache = KVCache.allocate(self.config, B, T + max_new_tokens, self.dtype, self.device)
+            state = DecodeState.start(input_ids, attention_mask, cache, generator)
+            if session is not None:
+                session._start(self.config, state, sampling)
+        decode(self.executor, state, sampling, max_new_tokens, micro_batches, on_step)
+        return state.tokens.to("cpu", copy=session is not None)
+
+    def _continue_session(
+        self, session: GenerationSession, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+        max_new_tokens: int, requested: dict, seed: int | None, generator: torch.Generator | None,
+    ) -> tuple[DecodeState, Sampling]:
+        """Check a continuation request against a filled session; bind it here, with room for the tokens."""
+        session._check_request(requested, generator, seed)
+        if attention_mask is not None:
+            raise ConfigError("attention_mask applies to the first generate call of a session only; "
+                              "pass None to continue it")
+        tokens = session.tokens
+        if input_ids is not None and not (isinstance(input_ids, torch.Tensor)
+                                          and torch.equal(input_ids.to(tokens.device), tokens)):
+            raise ConfigError("input_ids differ from the tokens the GenerationSession holds: pass None to "
+                              "continue the session, or start a new GenerationSession for a new prompt")
+        B, width = tokens.shape
+        self._check_fits(B, width + max_new_tokens)
+        state = session._bind(self.config, self.dtype, self.device)
+        if state.cache.max_len < width + max_new_tokens:  # grow (doubling: fewer copies over many calls)
+            state.cache.grow(min(self.max_seq_len, max(width + max_new_tokens, 2 * state.cache.max_len)))
+        return state, session.sampling
 
     @property
     def tokenizer(self):

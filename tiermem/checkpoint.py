@@ -80,8 +80,10 @@ class AsyncCheckpointer:
     pin: page-lock the staging buffer (needed for fast, asynchronous GPU copies); default: when
       CUDA is available.
     shard_bytes: target size of each data file. io_threads: concurrent writes per save.
-    backend: "posix" (buffered pwrites), "direct" (O_DIRECT pwrites of the aligned staging
-      regions, buffered where refused) or "kvikio" (needs kvikio and CUDA); see WriterOptions.
+    backend: "direct" (default: O_DIRECT pwrites of the aligned staging regions, buffered where the
+      filesystem refuses O_DIRECT), "posix" (buffered pwrites) or "kvikio" (needs kvikio and CUDA);
+      see WriterOptions. On the H200 machine "direct" blocked the caller 1.03x the D2H floor against
+      1.36x for "posix" (benchmarks/results/checkpoint_h200.json).
 
     The writer thread runs only while saves are pending, and is not a daemon: a save in flight
     finishes before the interpreter exits. `close()` (or leaving the `with` block) waits for
@@ -90,7 +92,7 @@ class AsyncCheckpointer:
 
     def __init__(self, staging_bytes: int | str | None = None, *, pin: bool | None = None,
                  shard_bytes: int | str = "1GiB", io_threads: int = 4, zstd_level: int = 3,
-                 backend: str = "posix") -> None:
+                 backend: str = "direct") -> None:
         limit = parse_size(staging_bytes)
         self.shard_bytes = parse_size(shard_bytes)
         if limit is not None and limit < PAGE:

@@ -58,7 +58,7 @@ class WriterOptions:
 
     io_threads: int = 4
     zstd_level: int = 3
-    backend: str = "posix"
+    backend: str = "direct"
 
 
 class _Sink:

@@ -1,0 +1,250 @@
+"""Generation sessions: the state of a `Model.generate` call, kept so that generation can go on later.
+
+    s = tiermem.GenerationSession()
+    out = m.generate(ids, 10, attention_mask=mask, do_sample=True, seed=0, session=s)   # [B, T + 10]
+    tiermem.checkpoint.save_async(s.state_dict(), "ckpt/gen").result()
+    m.close()
+    ...
+    m = tiermem.load(store)
+    s = tiermem.GenerationSession.from_state_dict(tiermem.checkpoint.load("ckpt/gen"))
+    out = m.generate(None, 14, session=s)   # [B, T + 24]: the tokens one uninterrupted call would give
+
+A session holds the tokens so far, the attention mask, the KV cache, which rows have not finished,
+the sampling settings and the sampler's torch.Generator. Its state dict keeps only the filled part
+of the KV cache; the cache grows again when generation continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from tiermem.engine.config import ModelConfig
+from tiermem.engine.generate import DecodeState, Sampling
+from tiermem.engine.kv_cache import KVCache
+from tiermem.errors import ConfigError
+
+FORMAT = "tiermem-generation-session"
+VERSION = 1
+# ModelConfig fields that are generation defaults, not the model's math: not compared on restore.
+_NOT_ARCHITECTURE = ("dtype", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
+    """The architecture fields of `cfg` as plain values (what a restored session must match)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in _NOT_ARCHITECTURE:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+class GenerationSession:
+    """The resumable state of one batched generation; pass it to `Model.generate(..., session=s)`.
+
+    A new session is empty; the first `generate` call fills it from input_ids and the sampling
+    arguments, later calls continue from where it stands. `state_dict()` / `from_state_dict()` turn
+    it into a nested dict of tensors and plain values for `tiermem.checkpoint` and back.
+    """
+
+    def __init__(self) -> None:
+        self._state: DecodeState | None = None
+        self._sampling: Sampling | None = None
+        self._model: dict[str, Any] | None = None  # model_fingerprint of the model it was started on
+        self._rng: tuple[str, torch.Tensor] | None = None  # restored generator (device type, state), not yet bound
+
+    # ------------------------------------------------------------------ what it holds
+
+    @property
+    def started(self) -> bool:
+        """True once a generate call has filled the session (even with 0 new tokens)."""
+        return self._state is not None
+
+    def _require_started(self) -> DecodeState:
+        if self._state is None:
+            raise ConfigError("this GenerationSession is empty: pass it to Model.generate(input_ids, ..., "
+                              "session=s) first")
+        return self._state
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """LongTensor [B, T + n]: the prompt (left-padded) and every token generated so far."""
+        return self._require_started().tokens
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Bool [B, T + n]: False where tokens holds left padding."""
+        return self._require_started().mask
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV cache; it holds all tokens but the last one chosen (the next step's input)."""
+        return self._require_started().cache
+
+    @property
+    def unfinished(self) -> torch.Tensor:
+        """Bool [B]: rows that have not emitted an EOS token (finished rows emit the pad token)."""
+        return self._require_started().unfinished
+
+    @property
+    def new_tokens(self) -> int:
+        """How many tokens have been generated so far (n)."""
+        return self._require_started().new_tokens
+
+    @property
+    def prompt_length(self) -> int:
+        """T: the prompt's width (tokens[:, prompt_length:] are the generated ones)."""
+        state = self._require_started()
+        return state.tokens.shape[1] - state.new_tokens
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampling settings fixed by the first generate call."""
+        self._require_started()
+        return self._sampling
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The sampler's RNG (None for greedy); a restored one exists once the session is used again."""
+        return self._require_started().generator
+
+    # ------------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """A nested dict of tensors, ints, floats, bools, strings and None for tiermem.checkpoint.
+
+        Tensors are shared with the session, not copied (checkpoint.save_async copies what it saves);
+        the KV cache is cut to its filled slots.
+        """
+        state = self._require_started()
+        cache, s = state.cache, self._sampling
+        L = cache.length
+        if state.generator is not None:
+            rng = {"device": state.generator.device.type, "state": state.generator.get_state()}
+        elif self._rng is not None:
+            rng = {"device": self._rng[0], "state": self._rng[1]}
+        else:
+            rng = None
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self._model,
+            "tokens": state.tokens,
+            "attention_mask": state.mask,
+            "unfinished": state.unfinished,
+            "new_tokens": state.new_tokens,
+            "sampling": {"do_sample": s.do_sample, "temperature": s.temperature, "top_k": s.top_k,
+                         "top_p": s.top_p, "eos_token_id": list(s.eos_token_id), "pad_token_id": s.pad_token_id},
+            "rng": rng,
+            "kv": {"length": L, "keys": [k[:, :, :L] for k in cache.keys],
+                   "values": [v[:, :, :L] for v in cache.values]},
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any], device: torch.device | str | None = None) -> GenerationSession:
+        """Rebuild a session from `state_dict()` (e.g. as `tiermem.checkpoint.load` returns it).
+
+        device: where to put its tensors (None: leave them where they are); Model.generate moves them
+        to the model's device anyway. The KV cache holds exactly the saved slots until generation
+        continues and grows it.
+        """
+        if not isinstance(sd, dict) or sd.get("format") != FORMAT:
+            raise ConfigError("not a GenerationSession state dict (no 'format': "
+                              f"{FORMAT!r}); pass what GenerationSession.state_dict() returned")
+        if sd.get("version") != VERSION:
+            raise ConfigError(f"GenerationSession state dict version {sd.get('version')} is not supported "
+                              f"(this tiermem reads version {VERSION})")
+        try:
+            tokens, mask, unfinished = sd["tokens"], sd["attention_mask"], sd["unfinished"]
+            kv, sampling, rng = sd["kv"], sd["sampling"], sd["rng"]
+            length, keys, values = int(kv["length"]), list(kv["keys"]), list(kv["values"])
+            new_tokens = int(sd["new_tokens"])
+            sampling = Sampling(bool(sampling["do_sample"]), float(sampling["temperature"]),
+                                int(sampling["top_k"]), float(sampling["top_p"]),
+                                tuple(int(e) for e in sampling["eos_token_id"]), sampling["pad_token_id"])
+            model = dict(sd["model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"GenerationSession state dict is incomplete or malformed ({exc!r}); "
+                              "pass what GenerationSession.state_dict() returned") from None
+        B, width = tokens.shape
+        if (tuple(mask.shape) != (B, width) or tuple(unfinished.shape) != (B,) or not 0 <= length < width
+                or not 0 <= new_tokens < width or len(keys) != len(values)
+                or any(k.shape[0] != B or k.shape[2] != length or k.shape != v.shape
+                       for k, v in zip(keys, values, strict=True))):
+            raise ConfigError("GenerationSession state dict is inconsistent: tokens, attention_mask, "
+                              "unfinished and the KV cache disagree in batch or length")
+        mask = mask.to(torch.bool)
+        cache = KVCache(keys, values, mask[:, :length].clone(), length)
+        session = cls()
+        session._state = DecodeState(tokens.to(torch.long), mask, cache, unfinished.to(torch.bool), None,
+                                     new_tokens)
+        session._sampling, session._model = sampling, model
+        if rng is not None:
+            session._rng = (str(rng["device"]), rng["state"].to("cpu", torch.uint8))
+        if device is not None:
+            session._state.to(device)
+        return session
+
+    # ------------------------------------------------------------------ used by Model.generate
+
+    def _start(self, cfg: ModelConfig, state: DecodeState, sampling: Sampling) -> None:
+        self._state, self._sampling, self._model, self._rng = state, sampling, model_fingerprint(cfg), None
+
+    def _check_request(self, requested: dict[str, Any], generator: torch.Generator | None,
+                       seed: int | None) -> None:
+        """ConfigError if a continuation asks for sampling settings other than the session's."""
+        current = self._sampling
+        resolved = Sampling.make(**{name: getattr(current, name) if value is None else value
+                                    for name, value in requested.items()})
+        diffs = [f"{f.name}={getattr(resolved, f.name)!r} (session: {getattr(current, f.name)!r})"
+                 for f in dataclasses.fields(Sampling) if getattr(resolved, f.name) != getattr(current, f.name)]
+        if diffs:
+            raise ConfigError("a GenerationSession keeps the sampling settings of its first generate call; "
+                              f"this call asks for {', '.join(diffs)}: leave them out or start a new session")
+        if seed is not None or (generator is not None and generator is not self._state.generator):
+            raise ConfigError("a GenerationSession carries its own sampler RNG: pass seed= / generator= only "
+                              "on the first generate call of the session")
+
+    def _bind(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> DecodeState:
+        """Check the session fits this model and move it onto `device`; returns its state."""
+        state = self._require_started()
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        mine = model_fingerprint(cfg)
+        diffs = [f"{k}: session {self._model.get(k)!r}, model {v!r}" for k, v in mine.items()
+                 if self._model.get(k) != v]
+        if diffs:
+            raise ConfigError("this GenerationSession was started on a model with a different config ("
+                              + "; ".join(diffs) + "): continue it on the model it was started on")
+        kv_dtype = state.cache.keys[0].dtype if state.cache.keys else dtype
+        if kv_dtype != dtype:
+            raise ConfigError(f"this GenerationSession's KV cache is {kv_dtype}, the model computes in {dtype}: "
+                              f"load the model with dtype={kv_dtype}")
+        if state.tokens.device != device:
+            state.to(device)
+        if self._rng is not None:
+            rng_device, rng_state = self._rng
+            if rng_device != device.type:
+                raise ConfigError(f"this GenerationSession's sampler RNG is a {rng_device} generator and the "
+                                  f"model runs on {device.type}: the random stream cannot continue there; "
+                                  f"load the model with device={rng_device!r}")
+            generator = torch.Generator(device=device)
+            generator.set_state(rng_state)
+            state.generator, self._rng = generator, None
+        elif state.generator is not None and state.generator.device != device:
+            if state.generator.device.type != device.type:
+                raise ConfigError(f"this GenerationSession's sampler RNG is a {state.generator.device.type} "
+                                  f"generator and the model runs on {device.type}: continue it on "
+                                  f"{state.generator.device.type}")
+            generator = torch.Generator(device=device)
+            generator.set_state(state.generator.get_state())
+            state.generator = generator
+        return state
