@@ -226,3 +226,28 @@ def test_empty_session_and_bad_state_dicts_are_refused(stores, batch):
         GenerationSession.from_state_dict(dict(sd, unfinished=torch.ones(2, dtype=torch.bool)))
     with pytest.raises(tiermem.ConfigError, match="malformed"):
         GenerationSession.from_state_dict({k: v for k, v in sd.items() if k != "kv"})
+
+
+def test_a_step_interrupted_midway_leaves_a_consistent_session(stores, batch, tmp_path, monkeypatch):
+    """Ctrl-C during a forward pass (after the cache was written): save, restore, continue exactly."""
+    ids, mask = batch
+    ref = uninterrupted(stores["llama3"], batch, {}, eos_token_id=[])
+    s = GenerationSession()
+    with load(stores["llama3"]) as m:
+        real, calls = m.executor.forward, []
+
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(m.executor, "forward", forward)
+        with pytest.raises(KeyboardInterrupt):
+            m.generate(ids, TOTAL, attention_mask=mask, eos_token_id=[], session=s)
+    assert s.new_tokens == 5 and s.cache.length == 7 + 4
+    restored = save_and_restore(s, tmp_path / "interrupted")
+    with load(stores["llama3"]) as m:
+        out = m.generate(None, TOTAL - 5, session=restored)
+    assert torch.equal(out, ref)
