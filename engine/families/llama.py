@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from tiermem.engine.families import output
 from tiermem.kernels import ops
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 Weights = Mapping[str, object]
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
+LM_HEAD = output.LM_HEAD
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -90,15 +91,9 @@ def final(cfg: ModelConfig, w_head: Weights, h: torch.Tensor) -> torch.Tensor:
 
 def lm_head_weight_name(cfg: ModelConfig) -> tuple[str, str]:
     """(block, HF name) of the output projection: the embedding table when tied."""
-    return ("embed", EMBED) if cfg.tie_word_embeddings else ("head", LM_HEAD)
+    return output.lm_head_weight_name(cfg, EMBED)
 
 
 def logits(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
-    """h [B, T, D] -> logits [B, T, V]; `w` holds lm_head.weight (a tied store may carry a copy in
-    "head") or else is the block named by lm_head_weight_name."""
-    return ops.linear(h, w[LM_HEAD] if LM_HEAD in w else w[lm_head_weight_name(cfg)[1]])
-
-
-def head(cfg: ModelConfig, w_head: Weights, w_embed: Weights, h: torch.Tensor) -> torch.Tensor:
-    """Final norm then output projection (tied to the embedding if cfg says so)."""
-    return logits(cfg, w_embed if cfg.tie_word_embeddings else w_head, final(cfg, w_head, h))
+    """h [B, T, D] -> logits [B, T, V] (see families.output.logits)."""
+    return output.logits(cfg, w, h, EMBED)
