@@ -60,7 +60,7 @@ def test_cupy_ops_imports_without_cupy():
 
 
 def test_gemv_kernel_choice():
-    def choose(bits, group, dtype=torch.float16, config=cupy_ops.DEFAULT_GEMV, in_features=384):
+    def choose(bits, group, dtype=torch.float16, config=cupy_ops.GemvConfig(2, 1, 8), in_features=384):
         qw = quantize(torch.randn(32, in_features), QuantScheme(bits, group))
         return cupy_ops.gemv_launch_plan(qw, dtype, config)
 
