@@ -104,3 +104,23 @@ def test_gpu_memory_is_a_hard_limit(quant):
 def test_budget_error_when_the_ring_does_not_fit(stores):
     with pytest.raises(tiermem.BudgetError, match="gpu_memory"):
         tiermem.load(stores[None], device="cuda", gpu_memory="1MiB", max_batch_size=1, max_seq_len=16)
+
+
+def test_disk_tier_streams_blocks_that_fit_neither_budget(stores):
+    ids, mask = prompts()
+    with tiermem.load(stores["int4"], device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
+                      resident_weights=None) as m:
+        ref = m.forward(ids, mask)
+        ref_tokens = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+    reader = tiermem.storage.format.StoreReader(stores["int4"])
+    sizes = [reader.block_nbytes(b) for b in reader.block_names]
+    cpu_memory = reader.block_nbytes("embed") + 3 * max(sizes[1:]) + min(sizes[1:])  # ring + about one block
+    with tiermem.load(stores["int4"], device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
+                      resident_weights=0, cpu_memory=cpu_memory) as m:
+        info = m.info()
+        assert info["disk_blocks"] > 0 and info["pinned_host_bytes"] <= cpu_memory
+        out = m.forward(ids, mask)
+        tokens = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+        stager = m.source.weights.disk
+        assert stager.bytes_read >= 13 * info["disk_bytes_per_step"]  # every step re-reads the disk blocks
+    assert torch.equal(out, ref) and torch.equal(tokens, ref_tokens)

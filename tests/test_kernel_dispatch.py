@@ -59,8 +59,11 @@ def test_cupy_ops_imports_without_cupy():
     assert done.stdout.strip() == "ok"
 
 
+PLAN_CONFIG = cupy_ops.GemvConfig(2, 1, 8)
+
+
 def test_gemv_kernel_choice():
-    def choose(bits, group, dtype=torch.float16, config=cupy_ops.GemvConfig(2, 1, 8), in_features=384):
+    def choose(bits, group, dtype=torch.float16, config=PLAN_CONFIG, in_features=384):
         qw = quantize(torch.randn(32, in_features), QuantScheme(bits, group))
         return cupy_ops.gemv_launch_plan(qw, dtype, config)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tiermem.errors import BudgetError, ConfigError
+from tiermem.disk_tier import DiskStager
+from tiermem.errors import BudgetError, ConfigError, TiermemError
 
 Decoder = Callable[[str, torch.Tensor], dict]
 
@@ -38,6 +39,8 @@ class GpuWeights:
     host_only: host blocks whose tensors are used where they are (e.g. the token embedding, gathered
     on the host so that only [B, T, D] activations cross PCIe instead of the whole table); the
     rest of host_blocks stream through the ring of HBM slots.
+    disk: a DiskStager for the blocks that live only on disk; they are read into pinned staging
+    buffers ahead of use and then stream through the same ring.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class GpuWeights:
         device: torch.device | str = "cuda",
         host_only: Sequence[str] = (),
         lookahead: int = 2,
+        disk: DiskStager | None = None,
     ) -> None:
         if lookahead < 1:
             raise ConfigError(f"lookahead must be >= 1, got {lookahead}")
@@ -60,8 +64,13 @@ class GpuWeights:
         if self.host_only - set(self.host_blocks):
             raise ConfigError(f"host-only blocks {sorted(self.host_only - set(self.host_blocks))} are not "
                               "in the host tier")
-        streamed = [n for n in self.host_blocks if n not in self.host_only]
-        slot_bytes = max((self.host_blocks[n].numel() for n in streamed), default=0)
+        self.disk = disk
+        self.disk_names = disk.names if disk is not None else frozenset()
+        self._disk_copied = torch.cuda.Event()  # after the newest copy out of a disk staging buffer
+        sizes = [self.host_blocks[n].numel() for n in self.host_blocks if n not in self.host_only]
+        sizes += [disk.reader.block_nbytes(n) for n in self.disk_names] if disk is not None else []
+        streamed = bool(sizes)
+        slot_bytes = max(sizes, default=0)
         self.copy_stream = torch.cuda.Stream(self.device)
         self.slots = [
             _Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device),
@@ -80,13 +89,26 @@ class GpuWeights:
 
     def streamed_bytes_per_pass(self, names: Sequence[str]) -> int:
         """Bytes that cross PCIe when `names` are streamed once."""
-        return sum(self.host_blocks[n].numel() for n in names if self._is_streamed(n))
+        return sum(self._nbytes(n) for n in names if self._is_streamed(n))
+
+    def _nbytes(self, name: str) -> int:
+        return self.disk.reader.block_nbytes(name) if name in self.disk_names else self.host_blocks[name].numel()
 
     @contextmanager
     def stream(self, names: Sequence[str]) -> Iterator[Iterator[tuple[str, dict]]]:
-        yield self._iterate(list(names))
+        names = list(names)
+        disk_names = [n for n in names if n in self.disk_names]
+        if not disk_names:
+            yield self._iterate(names, iter(()))
+            return
+        with self.disk.stream(disk_names) as disk_blocks:
+            try:
+                yield self._iterate(names, disk_blocks)
+            finally:
+                self._disk_copied.synchronize()  # staging buffers go back to the ring on exit
 
-    def _iterate(self, names: list[str]) -> Iterator[tuple[str, dict]]:
+    def _iterate(self, names: list[str], disk_blocks: Iterator[tuple[str, torch.Tensor]]
+                 ) -> Iterator[tuple[str, dict]]:
         """Yield blocks in order; at most lookahead + 1 streamed copies are outstanding at any time.
 
         Copies run ahead over resident and host-only blocks (the window counts streamed blocks
@@ -101,7 +123,7 @@ class GpuWeights:
         consumed = 0
         for name in names:
             while issued < min(len(streamed), consumed + len(self.slots)):
-                pending.append(self._issue_copy(names[streamed[issued]]))
+                pending.append(self._issue_copy(names[streamed[issued]], disk_blocks))
                 issued += 1
             if name in self.host_only:
                 yield name, self.decode(name, self.host_blocks[name])
@@ -110,31 +132,48 @@ class GpuWeights:
             else:
                 slot = pending.popleft()
                 compute.wait_event(slot.ready)
-                yield name, self.decode(name, slot.buffer[: self.host_blocks[name].numel()])
+                yield name, self.decode(name, slot.buffer[: self._nbytes(name)])
                 slot.free.record(compute)
                 consumed += 1
-        self._primed = deque(self._issue_copy(names[j]) for j in streamed[: len(self.slots)])
+        # Prime the next pass up to its first disk block (disk reads start with the next pass's stream).
+        head = streamed[: len(self.slots)]
+        head = head[: next((k for k, j in enumerate(head) if names[j] in self.disk_names), len(head))]
+        self._primed = deque(self._issue_copy(names[j], disk_blocks) for j in head)
         self._primed_for = names
 
     def _is_streamed(self, name: str) -> bool:
-        if name not in self.host_blocks and name not in self.resident:
-            raise ConfigError(f"block {name!r} is in neither the GPU nor the host tier")
+        if name not in self.host_blocks and name not in self.resident and name not in self.disk_names:
+            raise ConfigError(f"block {name!r} is in no tier (GPU, host or disk)")
         return name not in self.resident and name not in self.host_only
 
-    def _issue_copy(self, name: str) -> _Slot:
-        """Copy block `name` into the next slot of the ring once the slot's last reader is done."""
+    def _issue_copy(self, name: str, disk_blocks: Iterator[tuple[str, torch.Tensor]]) -> _Slot:
+        """Copy block `name` into the next slot of the ring once the slot's last reader is done.
+
+        A disk block is taken from the stager; the previous disk block's copy must have finished
+        first, because advancing the stager hands that block's staging buffer to the next read.
+        """
+        if name in self.disk_names:
+            self._disk_copied.synchronize()
+            staged, src = next(disk_blocks)
+            if staged != name:
+                raise TiermemError(f"disk tier yielded block {staged!r}, expected {name!r}")
+        else:
+            src = self.host_blocks[name]
         slot = self.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self.slots)
-        src = self.host_blocks[name]
         self.copy_stream.wait_event(slot.free)
         with torch.cuda.stream(self.copy_stream):
             slot.buffer[: src.numel()].copy_(src, non_blocking=True)
             slot.ready.record(self.copy_stream)
+            if name in self.disk_names:
+                self._disk_copied.record(self.copy_stream)
         self.bytes_copied += src.numel()
         return slot
 
     def close(self) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if self.disk is not None:
+            self.disk.close()
         self._primed.clear()
         self.resident.clear()
         self.slots.clear()

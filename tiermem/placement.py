@@ -2,8 +2,9 @@
 
 CPU: TieredWeights keeps what fits cpu_memory (after the KV reservation) in RAM and re-reads the
 rest from the store every step. CUDA: the blocks that fit gpu_memory (after KV and workspace
-reservations and the ring of slots) stay in HBM; the others live in one pinned host arena and
-stream through the ring; the token embedding is gathered on the host.
+reservations and the ring of slots) stay in HBM; of the others, those that fit cpu_memory live in
+one pinned host arena and the rest are read from disk every step into pinned staging buffers;
+both stream through the ring of HBM slots. The token embedding is gathered on the host.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 from tiermem.config import PrefetchConfig, format_size
+from tiermem.disk_tier import DiskStager
 from tiermem.engine.config import ModelConfig
 from tiermem.errors import BudgetError
 from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
-from tiermem.pinned import ALIGN, PinnedArena
-from tiermem.residency import TieredWeights
+from tiermem.pinned import PinnedArena
+from tiermem.residency import TieredWeights, plan_residency
 from tiermem.storage.backends.posix import PosixBackend
 from tiermem.storage.format import StoreReader
 
@@ -81,11 +83,12 @@ def build_cpu_source(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, 
 
 
 class GpuSource:
-    """GpuWeights plus the pinned arena behind it; describe() for Model.info()."""
+    """GpuWeights plus the pinned arena and disk backend behind it; describe() for Model.info()."""
 
-    def __init__(self, weights: GpuWeights, arena: PinnedArena, plan: dict) -> None:
+    def __init__(self, weights: GpuWeights, arena: PinnedArena, backend: PosixBackend, plan: dict) -> None:
         self.weights = weights
         self.arena = arena
+        self.backend = backend
         self.plan = plan
 
     def stream(self, names):
@@ -96,6 +99,7 @@ class GpuSource:
 
     def close(self) -> None:
         self.weights.close()
+        self.backend.close()
         self.arena.close()
 
 
@@ -116,30 +120,51 @@ def build_gpu_source(
                           "gpu_memory or lower max_batch_size / max_seq_len / raise micro_batches")
     resident, weight_bytes = plan_gpu_residency(sizes, reader.block_names, HOST_ONLY, weights_budget,
                                                 prefetch.lookahead, resident_cap)
-    host_names = [b for b in reader.block_names if b not in resident]
-    host_bytes = sum(-(-sizes[b] // ALIGN) * ALIGN for b in host_names)
-    if cpu_memory is not None and host_bytes > cpu_memory:
-        raise BudgetError(f"{format_size(host_bytes)} of weights must stay in pinned host memory but "
-                          f"cpu_memory is {format_size(cpu_memory)}: raise cpu_memory or gpu_memory (streaming "
-                          "from disk to the GPU is not implemented yet)")
-    arena = PinnedArena(host_bytes)
+    host_names, disk_names, staging = plan_host_tier(sizes, reader.block_names, resident, cpu_memory,
+                                                     prefetch.lookahead)
+    host_bytes = sum(sizes[b] for b in host_names)
+    arena = PinnedArena(host_bytes + staging)
+    backend = PosixBackend(threads=prefetch.io_threads, direct=True)
     try:
         host, gpu = {}, {}
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="load", disable=not progress) as bar:
             for name in reader.block_names:
                 if name in resident:
-                    gpu[name] = reader.read_block(name).to(device)
-                else:
-                    host[name] = reader.read_block(name, out=arena.take(sizes[name], name))
+                    gpu[name] = reader.read_block(name, backend=backend).to(device)
+                elif name in host_names:
+                    host[name] = reader.read_block(name, out=arena.take(sizes[name], name), backend=backend)
                 bar.update(sizes[name])
-        weights = GpuWeights(gpu, host, reader.decode_block, device, HOST_ONLY, prefetch.lookahead)
+        disk = (DiskStager(reader, disk_names, arena, prefetch.lookahead, prefetch.io_threads, backend)
+                if disk_names else None)
+        weights = GpuWeights(gpu, host, reader.decode_block, device, HOST_ONLY, prefetch.lookahead, disk)
     except BaseException:
         arena.close()
+        backend.close()
         raise
-    streamed = [b for b in host_names if b not in HOST_ONLY]
+    streamed = [b for b in reader.block_names if b not in resident and b not in HOST_ONLY]
     plan = {"gpu_resident_blocks": len(resident), "streamed_blocks": len(streamed),
-            "host_only_blocks": list(HOST_ONLY), "gpu_weight_bytes": weight_bytes,
+            "disk_blocks": len(disk_names), "host_only_blocks": list(HOST_ONLY), "gpu_weight_bytes": weight_bytes,
             "gpu_kv_reserved_bytes": kv, "gpu_workspace_reserved_bytes": work,
-            "pinned_host_bytes": host_bytes, "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
-            "gpu_budget_bytes": budget}
-    return GpuSource(weights, arena, plan)
+            "pinned_host_bytes": host_bytes + staging, "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
+            "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget}
+    return GpuSource(weights, arena, backend, plan)
+
+
+def plan_host_tier(sizes: dict[str, int], order: list[str], gpu_resident: list[str], cpu_memory: int | None,
+                   lookahead: int) -> tuple[list[str], list[str], int]:
+    """Pure: which non-GPU blocks live in pinned RAM and which are read from disk every step.
+
+    The host-only blocks (the embedding) must be in RAM; the rest follow plan_residency (a staging
+    ring of lookahead + 1 buffers for disk blocks, then first-fit in execution order).
+    Returns (host blocks, disk blocks, staging bytes).
+    """
+    rest = {b: sizes[b] for b in order if b not in gpu_resident and b not in HOST_ONLY}
+    fixed = sum(sizes[b] for b in order if b in HOST_ONLY)
+    if cpu_memory is not None and fixed > cpu_memory:
+        raise BudgetError(f"cpu_memory {format_size(cpu_memory)} cannot even hold the embedding table "
+                          f"({format_size(fixed)}), which is gathered on the host: raise cpu_memory")
+    if not rest:
+        return [b for b in order if b in HOST_ONLY], [], 0
+    tier = plan_residency(rest, None if cpu_memory is None else cpu_memory - fixed, lookahead)
+    host = [b for b in order if b in HOST_ONLY or b in tier.resident]
+    return host, list(tier.streamed), tier.ring_nbytes
