@@ -133,3 +133,24 @@ def test_generate_rejects_bad_input(packed):
             m.generate(torch.tensor([[5, 6, 7]]), 16)
     with pytest.raises(tiermem.TiermemError, match="closed"):
         m.forward(torch.tensor([[5]]))
+
+
+def test_synthetic_store_written_to_disk_loads_and_generates(tmp_path):
+    from tiermem.kernels.quant import QuantScheme
+    from tiermem.presets import preset
+    from tiermem.synthetic import SyntheticStore, write_synthetic_store
+
+    config = preset("tiny-llama")
+    store = write_synthetic_store(config, tmp_path / "s", QuantScheme(4, 64), torch.float32, progress=False)
+    reader = StoreReader(store)
+    reader.verify()
+    in_memory = SyntheticStore(config, QuantScheme(4, 64), torch.float32)
+    assert [reader.block_nbytes(b) for b in reader.block_names] == [in_memory.block_nbytes(b)
+                                                                      for b in in_memory.block_names]
+    ids = torch.randint(3, 500, (2, 6))
+    with tiermem.load(store, max_batch_size=2, max_seq_len=16, cpu_memory=smallest_budget(store, 2, 16),
+                      lookahead=1) as m:
+        assert m.source.weights.streamed_blocks
+        streamed = m.generate(ids, 6, eos_token_id=[])
+    with tiermem.load(store, max_batch_size=2, max_seq_len=16) as m:
+        assert torch.equal(m.generate(ids, 6, eos_token_id=[]), streamed)

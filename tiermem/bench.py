@@ -27,6 +27,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", help="a block store; or use --synthetic")
     p.add_argument("--synthetic", metavar="SHAPE", help="random weights of a named shape (e.g. opt-30b, llama-13b)")
     p.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="for --synthetic")
+    p.add_argument("--write-store", metavar="DIR", default=None,
+                   help="with --synthetic: write the random model to a store on disk (once) and bench that store")
     p.add_argument("--group-size", type=int, default=64, help="for --synthetic quantization")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--batch", default="1", help="comma-separated effective batch sizes, e.g. 1,8,32")
@@ -67,24 +69,33 @@ def _batches(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int):
     from tiermem.api import load_from_reader
+    from tiermem.storage.format import StoreReader
+
+    reader = StoreReader(args.store) if args.store else _synthetic_source(args)
+    return load_from_reader(
+        reader, args.device, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
+        lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights), progress=True)
+
+
+def _synthetic_source(args: argparse.Namespace):
+    """A SyntheticStore in memory, or (with --write-store) a StoreReader over one written to disk once."""
     from tiermem.kernels.quant import QuantScheme
     from tiermem.presets import preset
     from tiermem.storage.format import StoreReader
-    from tiermem.synthetic import SyntheticStore
+    from tiermem.synthetic import SyntheticStore, write_synthetic_store
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.synthetic:
-        config = preset(args.synthetic)
-        quant = QuantScheme.from_name(None if args.quant == "none" else args.quant, args.group_size)
-        store_dtype = dtype or (torch.float16 if config.get("torch_dtype") == "float16" else torch.bfloat16)
-        gen_device = args.device if torch.cuda.is_available() else "cpu"
-        reader = SyntheticStore(config, quant, store_dtype, device=gen_device)
-    else:
-        reader = StoreReader(args.store)
-    return load_from_reader(
-        reader, args.device, parse_size(args.gpu_memory), parse_size(args.cpu_memory), dtype=dtype,
-        max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
-        lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights), progress=True)
+    config = preset(args.synthetic)
+    quant = QuantScheme.from_name(None if args.quant == "none" else args.quant, args.group_size)
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.float16 if config.get("torch_dtype") == "float16" else torch.bfloat16)
+    gen_device = args.device if torch.cuda.is_available() else "cpu"
+    if args.write_store is None:
+        return SyntheticStore(config, quant, dtype, device=gen_device)
+    if not (Path(args.write_store) / "manifest.json").is_file():
+        write_synthetic_store(config, args.write_store, quant, dtype, device=gen_device)
+    return StoreReader(args.write_store)
 
 
 def _sync(device: torch.device) -> None:
@@ -119,7 +130,7 @@ def time_generation(model, batch: int, micro_batches: int, prompt_len: int, gen_
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from tiermem.ceilings import measure_ceilings
+    from tiermem.ceilings import measure_ceilings, measure_disk_read
 
     device = torch.device(args.device)
     plan = _batches(args)
@@ -128,6 +139,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     model = _open_model(args, max(b for b, _ in plan), max(m for _, m in plan))
     load_s = time.perf_counter() - load_start
     info = model.info()
+    if info.get("disk_blocks"):
+        ceilings.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
     runs = []
     try:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
@@ -152,11 +165,13 @@ def roofline(info: dict, ceilings: dict, step_s: float) -> dict:
         return {}
     streamed = info.get("streamed_bytes_per_step", 0)
     weights = streamed + info.get("gpu_weight_bytes", 0)
-    pcie_s = streamed / ceilings["h2d_pinned_Bps"]
-    hbm_s = weights / ceilings["hbm_Bps"]
-    bound = max(pcie_s, hbm_s)
-    return {"roofline_step_s": bound, "roofline_link": "pcie" if pcie_s >= hbm_s else "hbm",
-            "fraction_of_roofline": bound / step_s, "streamed_bytes_per_step": streamed}
+    links = {"pcie": streamed / ceilings["h2d_pinned_Bps"], "hbm": weights / ceilings["hbm_Bps"]}
+    if info.get("disk_bytes_per_step"):
+        best_disk = max(ceilings["disk_read_posix_direct_Bps"], ceilings["disk_read_dd_direct_Bps"])
+        links["disk"] = info["disk_bytes_per_step"] / best_disk
+    link = max(links, key=links.__getitem__)
+    return {"roofline_step_s": links[link], "roofline_link": link, "link_seconds": links,
+            "fraction_of_roofline": links[link] / step_s, "streamed_bytes_per_step": streamed}
 
 
 def format_table(result: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -51,3 +52,32 @@ def measure_ceilings(device: str = "cuda") -> dict[str, float]:
     torch.cuda.empty_cache()
     result["probe_seconds"] = time.perf_counter() - start
     return result
+
+
+def measure_disk_read(files: list, nbytes_cap: int = 4 << 30, threads: int = 4) -> dict[str, float]:
+    """Cold read bandwidth of the store's own files: O_DIRECT preadv through PosixBackend (tiermem's
+    reader) and `dd iflag=direct bs=16M` on the largest file, in bytes/s."""
+    import subprocess
+
+    from tiermem.pinned import PinnedArena
+    from tiermem.storage.backends.posix import PosixBackend
+
+    files = sorted(files, key=lambda f: -f.stat().st_size)
+    chosen, total = [], 0
+    for f in files:
+        if total >= nbytes_cap:
+            break
+        chosen.append(f)
+        total += f.stat().st_size
+    largest = chosen[0].stat().st_size
+    with PinnedArena(largest) as arena, PosixBackend(threads=threads, direct=True) as backend:
+        buf = arena.take(largest)
+        start = time.perf_counter()
+        for f in chosen:
+            backend.read_into(f, 0, buf[: f.stat().st_size])
+        posix = total / (time.perf_counter() - start)
+    dd = subprocess.run(["dd", f"if={chosen[0]}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                        capture_output=True, text=True)
+    seconds = re.findall(r"copied, ([0-9.e+-]+) s", dd.stderr)
+    dd_Bps = largest / float(seconds[-1]) if seconds else float("nan")
+    return {"disk_read_posix_direct_Bps": posix, "disk_read_dd_direct_Bps": dd_Bps, "disk_probe_bytes": total}

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from tiermem.engine.config import expected_weights, family_module, model_config_from_hf
 from tiermem.kernels.quant import QuantScheme, quantize
-from tiermem.storage.format import TensorSpec, decode_entry, encode_block, planned_block_nbytes
+from tiermem.storage.durable import atomic_directory
+from tiermem.storage.format import StoreWriter, TensorSpec, decode_entry, encode_block, planned_block_nbytes
 from tiermem.storage.pack import default_should_quantize
 
 
@@ -99,7 +101,12 @@ class SyntheticStore:
         return {n: (tuple(s), self._spec(n, s)[1] if self.quant is None or not default_should_quantize(n, s)
                     else self.quant.name) for n, s in self._shapes[name].items()}
 
-    def _tensors(self, block: str) -> dict:
+    def specs(self, block: str) -> dict[str, TensorSpec]:
+        """Stored spec (shape, dtype or quant scheme) of every tensor of `block`."""
+        return {n: self._spec(n, s) for n, s in self._shapes[block].items()}
+
+    def tensors(self, block: str) -> dict:
+        """The random tensors of `block` (quantized where the store quantizes), on this store's device."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.block_names.index(block))
         out = {}
@@ -115,9 +122,37 @@ class SyntheticStore:
         def allocate(nbytes: int) -> torch.Tensor:
             return out[:nbytes] if out is not None else torch.empty(nbytes, dtype=torch.uint8)
 
-        buf, self._layouts[name] = encode_block(name, self._tensors(name), allocate)
+        buf, self._layouts[name] = encode_block(name, self.tensors(name), allocate)
         return buf
 
     def decode_block(self, name: str, buf: torch.Tensor) -> dict:
         """Views into `buf` of a block generated earlier by read_block."""
         return decode_entry(self._layouts[name], buf, self.quant)
+
+
+def write_synthetic_store(hf_config: dict, dst: str | Path, quant: QuantScheme | None = None,
+                          dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu", seed: int = 0,
+                          progress: bool = True) -> Path:
+    """Write a random-weight block store of any size straight to disk, one block at a time.
+
+    Only one block is ever in memory (on `device`), so a 111B-parameter int4 store is written with
+    a few GB of RAM. Published atomically, like tiermem.pack.
+    """
+    source = SyntheticStore(hf_config, quant, dtype, device, seed)
+    dst = Path(dst)
+    total = sum(source.block_nbytes(b) for b in source.block_names)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {dst.name}", disable=not progress) as bar, \
+            atomic_directory(dst) as tmp:
+        writer = StoreWriter(tmp)
+        for block in source.block_names:
+            block_writer = writer.open_block(block, source.specs(block))
+            try:
+                for name, value in source.tensors(block).items():
+                    block_writer.write(name, value)
+            except BaseException:
+                block_writer.abort()
+                raise
+            writer.close_block(block_writer)
+            bar.update(source.block_nbytes(block))
+        writer.finish(hf_config, quant)
+    return dst
