@@ -5,7 +5,8 @@ from hf_models import build_tiny
 
 from tiermem.cli import build_parser, main
 
-SUBCOMMANDS = [[], ["demo"], ["pack"], ["generate"], ["info"], ["bench"], ["checkpoint"], ["checkpoint", "verify"]]
+SUBCOMMANDS = [[], ["demo"], ["pack"], ["generate"], ["info"], ["bench"], ["plan"], ["checkpoint"],
+               ["checkpoint", "verify"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS)

@@ -1,4 +1,4 @@
-"""The `tiermem` command line: demo, pack, generate, info, bench, checkpoint verify."""
+"""The `tiermem` command line: demo, pack, generate, info, bench, plan, checkpoint verify."""
 
 from __future__ import annotations
 
@@ -61,6 +61,52 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     run_bench_cli(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from tiermem.config import parse_size
+    from tiermem.engine.config import model_config_from_hf
+    from tiermem.errors import ConfigError
+    from tiermem.planner import Hardware, Workload, plan
+    from tiermem.probe import cached_hardware, read_cache
+
+    if (args.store is None) == (args.synthetic is None):
+        raise ConfigError("give either a STORE or --synthetic SHAPE")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.synthetic:
+        from tiermem.kernels.quant import QuantScheme
+        from tiermem.presets import preset
+        from tiermem.synthetic import SyntheticStore
+
+        config = preset(args.synthetic)
+        quant = QuantScheme.from_name(None if args.quant == "none" else args.quant, args.group_size)
+        store_dtype = dtype or (torch.float16 if config.get("torch_dtype") == "float16" else torch.bfloat16)
+        reader = SyntheticStore(config, quant, store_dtype)  # sizes only: no block is generated
+    else:
+        from tiermem.storage.format import StoreReader
+
+        reader = StoreReader(args.store)
+    cfg = model_config_from_hf(reader.model_config)
+    workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, args.batch,
+                                    args.prompt_len, args.gen_len, dtype)
+    if args.hardware:
+        hardware: Hardware = read_cache(args.hardware)[0]
+    else:
+        hardware = cached_hardware(store_dir=args.store)
+    chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
+                  micro_batches=args.micro_batches, lookahead=args.lookahead)
+    print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
+          f"{f' on {hardware.name}' if hardware.name else ''}")
+    print("\n".join(chosen.describe()))
+    print(f"predicted: {chosen.predicted_step_s:.4f} s per decode step, {chosen.predicted_tok_per_s:.2f} tok/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": json.loads(hardware.to_json()), "plan": {
+            k: v for k, v in vars(chosen).items()}, "batch": args.batch, "prompt_len": args.prompt_len,
+            "gen_len": args.gen_len}, indent=1))
+
+
 def _cmd_checkpoint_verify(args: argparse.Namespace) -> None:
     from tiermem.checkpoint import format_report, verify
 
@@ -116,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("plan", help="choose the fastest placement for budgets and print its predicted speed")
+    p.add_argument("store", nargs="?", help="a block store; or use --synthetic")
+    p.add_argument("--synthetic", metavar="SHAPE", help="a named model shape (e.g. opt-30b, llama-111b)")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="for --synthetic")
+    p.add_argument("--group-size", type=int, default=64, help="for --synthetic quantization")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="compute dtype")
+    p.add_argument("--gpu-memory", required=True, help="GPU budget, e.g. 24GiB")
+    p.add_argument("--cpu-memory", required=True, help="pinned host memory budget, e.g. 48GiB")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--hardware", default=None, help="Hardware JSON (default: the cached probe of this machine)")
+    p.add_argument("--kv", choices=["gpu", "cpu"], default=None, help="fix the KV cache placement")
+    p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")
+    p.add_argument("--lookahead", type=int, default=None, help="fix the prefetch lookahead")
+    p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")
     csub = p.add_subparsers(dest="checkpoint_command", required=True)

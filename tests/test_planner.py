@@ -1,0 +1,314 @@
+"""The planner: fixed H200 figures, known shapes, overrides, exactness against brute force, and
+predictions of recorded benchmark placements against their measured step times."""
+
+import functools
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiermem.cli import main
+from tiermem.cost_model import KV_MODES, divisors
+from tiermem.engine.config import model_config_from_hf
+from tiermem.errors import BudgetError, ConfigError
+from tiermem.kernels.quant import QuantScheme
+from tiermem.planner import Hardware, Plan, Workload, plan, predict
+from tiermem.presets import preset
+from tiermem.synthetic import SyntheticStore
+
+GiB = 2**30
+H200 = Hardware(disk_read_Bps=1.3e9, h2d_Bps=55.5e9, hbm_Bps=4.2e12, matmul_flops=6e14, cpu_memcpy_Bps=10e9)
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+@functools.cache
+def _block_bytes(shape: str, quant: str | None, group: int, dtype: torch.dtype) -> tuple[tuple[str, int], ...]:
+    store = SyntheticStore(preset(shape), QuantScheme.from_name(quant, group) if quant else None, dtype)
+    return tuple((b, store.block_nbytes(b)) for b in store.block_names)
+
+
+def workload(shape: str, quant: str | None = None, group: int = 64, dtype: torch.dtype = torch.float16,
+             **kw) -> Workload:
+    cfg = model_config_from_hf(preset(shape))
+    return Workload.from_config(cfg, dict(_block_bytes(shape, quant, group, dtype)), dtype=dtype, **kw)
+
+
+def weights(w: Workload, names) -> int:
+    return sum(w.block_bytes[b] for b in names)
+
+
+def fits(p: Plan, gpu: int, cpu: int) -> bool:
+    return p.memory["gpu"] <= gpu and p.memory["host"] <= cpu
+
+
+def test_everything_fits_in_hbm_is_all_resident_and_hbm_bound():
+    w = workload("llama-7b", batch=1, prompt_len=128, gen_len=32)
+    p = plan(w, H200, 80 * GiB, 64 * GiB)
+    assert p.gpu_blocks == w.streamable and not p.host_blocks and not p.disk_blocks
+    assert p.kv == "gpu" and p.micro_batches == 1 and p.bound == "hbm"
+    kv = w.num_layers * (w.mean_context + 1) * w.kv_bytes_per_token_layer
+    expected = (weights(w, w.streamable) + kv) / H200.hbm_Bps + 50e-6 * w.num_layers
+    assert p.predicted_step_s == pytest.approx(expected, rel=1e-9)
+    assert p.predicted_tok_per_s == pytest.approx(1 / expected, rel=1e-9)
+
+
+def test_opt30b_in_24gib_streams_the_rest_from_host_at_pcie_speed():
+    w = workload("opt-30b", batch=1, prompt_len=512, gen_len=32)
+    p = plan(w, H200, 24 * GiB, 200 * GiB)
+    assert 0 < len(p.gpu_blocks) < len(w.streamable) and p.host_blocks and not p.disk_blocks
+    assert p.bound == "pcie" and p.memory["gpu"] <= 24 * GiB
+    streamed = weights(w, p.host_blocks)
+    assert p.predicted_step_s == pytest.approx(streamed / H200.h2d_Bps + 50e-6 * w.num_layers, rel=1e-3)
+    # the resident prefix is as long as the budget allows: one more layer would not fit
+    more = Plan.build(w, len(p.gpu_blocks) + 1, kv=p.kv, cpu_cache_compute=p.cpu_cache_compute, lookahead=1)
+    assert predict(more, w, H200).memory["gpu"] > 24 * GiB
+
+
+def test_small_cpu_memory_streams_from_disk_and_disk_dominates():
+    w = workload("opt-30b", batch=1, prompt_len=512, gen_len=32)
+    p = plan(w, H200, 24 * GiB, 24 * GiB)
+    assert p.disk_blocks and p.host_blocks and p.bound == "disk"
+    assert p.memory["host"] <= 24 * GiB and p.memory["host_staging"] > 0
+    expected = weights(w, p.disk_blocks) / H200.disk_read_Bps + 50e-6 * w.num_layers
+    assert p.predicted_step_s == pytest.approx(expected, rel=1e-9)
+    assert p.breakdown["disk"] > 5 * p.breakdown["pcie"]
+
+
+def _int4_block(rows: int, cols: int, group: int) -> int:
+    return rows * cols // 2 + 2 * 2 * rows * (cols // group)  # packed nibbles + fp16 scale and zero per group
+
+
+def test_llama111b_int4_in_24gib_gpu_32gib_host_streams_from_disk():
+    D, F, V, L, Dkv, g = 12288, 28672, 32768, 80, 8 * 128, 128
+    layer = (_int4_block(D, D, g) * 2 + _int4_block(Dkv, D, g) * 2 + _int4_block(F, D, g) * 2
+             + _int4_block(D, F, g) + 2 * D * 2)
+    stored = lambda n: 4096 + -(-n // 4096) * 4096  # noqa: E731  (a 4 KiB safetensors header, 4 KiB multiples)
+    sizes = {"embed": stored(V * D * 2), **{f"layers.{i}": stored(layer) for i in range(L)},
+             "head": stored(D * 2 + _int4_block(V, D, g))}
+    assert sizes == dict(_block_bytes("llama-111b", "int4", 128, torch.bfloat16))  # same as the store layout
+    w = workload("llama-111b", "int4", 128, torch.bfloat16, batch=1, prompt_len=512, gen_len=32)
+    p = plan(w, H200, 24 * GiB, 32 * GiB)
+    assert p.gpu_blocks and p.host_blocks and p.disk_blocks and p.bound == "disk"
+    assert fits(p, 24 * GiB, 32 * GiB)
+    assert weights(w, p.disk_blocks) + weights(w, p.host_blocks) + weights(w, p.gpu_blocks) == sum(
+        sizes[b] for b in w.streamable)
+
+
+def test_kv_moves_to_the_cpu_when_it_no_longer_fits_the_gpu():
+    small = plan(workload("llama-13b", dtype=torch.bfloat16, batch=1, prompt_len=512, gen_len=32),
+                 H200, 24 * GiB, 256 * GiB)
+    big_w = workload("llama-13b", dtype=torch.bfloat16, batch=64, prompt_len=512, gen_len=32)
+    assert big_w.kv_reserved_bytes > 24 * GiB
+    big = plan(big_w, H200, 24 * GiB, 256 * GiB)
+    assert small.kv == "gpu" and big.kv == "cpu"
+    assert big.memory["host_kv"] == big_w.kv_reserved_bytes and big.memory["gpu_kv"] < big_w.kv_reserved_bytes
+    with pytest.raises(BudgetError):
+        plan(big_w, H200, 24 * GiB, 256 * GiB, kv="gpu")
+
+
+def test_overrides_are_respected():
+    w = workload("opt-30b", batch=8, prompt_len=256, gen_len=32)
+    free = plan(w, H200, 24 * GiB, 200 * GiB)
+    p = plan(w, H200, 24 * GiB, 200 * GiB, gpu_blocks=5, kv="cpu", cpu_cache_compute=False, micro_batches=2,
+             lookahead=3)
+    assert (len(p.gpu_blocks), p.kv, p.cpu_cache_compute, p.micro_batches, p.lookahead) == (5, "cpu", False, 2, 3)
+    assert p.predicted_step_s >= free.predicted_step_s
+    named = plan(w, H200, 24 * GiB, 200 * GiB, gpu_blocks=["head", "layers.3"], host_blocks=10)
+    assert named.gpu_blocks == ("layers.3", "head") and len(named.host_blocks) == 10
+    assert len(named.disk_blocks) == len(w.streamable) - 12
+    none_resident = plan(w, H200, 24 * GiB, 200 * GiB, gpu_blocks=0)
+    assert not none_resident.gpu_blocks
+    with pytest.raises(ConfigError):
+        plan(w, H200, 24 * GiB, 200 * GiB, micro_batches=3)
+    with pytest.raises(ConfigError):
+        plan(w, H200, 24 * GiB, 200 * GiB, kv="gpu", cpu_cache_compute=True)
+    with pytest.raises(ConfigError):
+        plan(w, H200, 24 * GiB, 200 * GiB, gpu_blocks=["embed"])  # host-only, not placeable
+
+
+def test_nothing_fits_raises_budget_error():
+    w = workload("opt-30b", batch=1, prompt_len=512, gen_len=32)
+    with pytest.raises(BudgetError, match="gpu_memory 1.00 GiB"):
+        plan(w, H200, 1 * GiB, 200 * GiB)
+    with pytest.raises(BudgetError, match="choices fixed by the caller"):
+        plan(w, H200, 24 * GiB, 200 * GiB, gpu_blocks=len(w.streamable))
+
+
+@pytest.mark.parametrize("case", [("opt-30b", None, 1, 24, 200), ("opt-30b", None, 32, 24, 200),
+                                  ("opt-30b", None, 1, 24, 24), ("llama-111b", "int4", 1, 24, 32),
+                                  ("llama-13b", None, 16, 24, 128)])
+def test_plan_beats_hand_written_alternatives(case):
+    shape, quant, batch, gpu, cpu = case
+    w = workload(shape, quant, 128, torch.bfloat16, batch=batch, prompt_len=512, gen_len=32)
+    best = plan(w, H200, gpu * GiB, cpu * GiB)
+    n = len(w.streamable)
+    tried = 0
+    for resident, host, (kv, ccc), micro, la in itertools.product(
+            [0, 1, n // 4, n // 3, n // 2, n - 1], [None, 0, n // 4, n // 2], KV_MODES, [1, 2, batch], [1, 2, 3]):
+        if batch % micro or (host or 0) > n - resident:
+            continue
+        alt = predict(Plan.build(w, resident, host, kv=kv, cpu_cache_compute=ccc, micro_batches=micro,
+                                 lookahead=la), w, H200)
+        if fits(alt, gpu * GiB, cpu * GiB):
+            tried += 1
+            assert best.predicted_step_s <= alt.predicted_step_s * (1 + 1e-9), alt.describe()
+    assert tried > 0
+
+
+def _tiny() -> Workload:
+    sizes = {"embed": 400, "layers.0": 1000, "layers.1": 1000, "layers.2": 1300, "layers.3": 1000, "head": 1500}
+    return Workload(block_bytes=sizes, num_layers=4, kv_bytes_per_token_layer=20, flops_per_token_layer=2000.0,
+                    batch=4, prompt_len=6, gen_len=4, head_flops_per_token=3000.0, attn_flops_per_token_ctx_layer=80.0,
+                    act_bytes_per_token_layer=20, workspace_bytes={1: 900, 2: 500, 4: 300})
+
+
+TINY_HW = Hardware(disk_read_Bps=800.0, h2d_Bps=4000.0, hbm_Bps=30000.0, matmul_flops=3e5, cpu_memcpy_Bps=2000.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _every_tiny_plan() -> list[Plan]:
+    """Every placement of the tiny model (3^5 tier assignments x KV modes x micro-batches x lookaheads)."""
+    w = _tiny()
+    order = w.streamable
+    every = []
+    for tiers in itertools.product("ghd", repeat=len(order)):
+        placed = {t: tuple(b for b, x in zip(order, tiers, strict=True) if x == t) for t in "ghd"}
+        for (kv, ccc), micro, la in itertools.product(KV_MODES, divisors(w.batch), (1, 2, 3)):
+            p = Plan(placed["g"], placed["h"], placed["d"], kv, ccc, micro, la)
+            every.append(predict(p, w, TINY_HW, per_layer_overhead_s=0.01))
+    return every
+
+
+def _matches(p: Plan, fixed: dict) -> bool:
+    for key, value in fixed.items():
+        attr = {"gpu_blocks": p.gpu_blocks, "host_blocks": p.host_blocks}.get(key, getattr(p, key, None))
+        if isinstance(value, int) and key in ("gpu_blocks", "host_blocks"):
+            if len(attr) != value:
+                return False
+        elif isinstance(value, list):
+            if set(attr) != set(value):
+                return False
+        elif attr != value:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("fixed", [{}, {"lookahead": 2}, {"kv": "cpu"}, {"cpu_cache_compute": False},
+                                   {"micro_batches": 2}, {"gpu_blocks": 2}, {"host_blocks": 1},
+                                   {"gpu_blocks": ["head"]}, {"host_blocks": ["layers.2", "layers.3"]},
+                                   {"gpu_blocks": []}, {"host_blocks": [], "lookahead": 3},
+                                   {"gpu_blocks": 1, "host_blocks": ["layers.0"], "kv": "gpu"}])
+def test_search_is_exact_against_brute_force(fixed):
+    w = _tiny()
+    candidates = [p for p in _every_tiny_plan() if _matches(p, fixed)]
+    gpu_mem = np.array([p.memory["gpu"] for p in candidates])
+    host_mem = np.array([p.memory["host"] for p in candidates])
+    steps = np.array([p.predicted_step_s for p in candidates])
+    kinds, checked = set(), 0
+    grid = 500 if not fixed else 1000
+    for gpu, cpu in itertools.product(range(2500, 11001, grid), range(1000, 8001, grid)):
+        feasible = steps[(gpu_mem <= gpu) & (host_mem <= cpu)]
+        if not feasible.size:
+            with pytest.raises(BudgetError):
+                plan(w, TINY_HW, gpu, cpu, per_layer_overhead_s=0.01, **fixed)
+            continue
+        got = plan(w, TINY_HW, gpu, cpu, per_layer_overhead_s=0.01, **fixed)
+        assert fits(got, gpu, cpu) and _matches(got, fixed)
+        assert got.predicted_step_s == pytest.approx(feasible.min(), rel=1e-9), (gpu, cpu, got.describe())
+        kinds.add((bool(got.host_blocks), bool(got.disk_blocks), got.kv, got.cpu_cache_compute, got.micro_batches > 1,
+                   got.bound))
+        checked += 1
+    assert checked >= 10
+    if not fixed:  # the budgets exercise disk, host, KV and micro-batch choices
+        assert checked >= 100 and len(kinds) >= 10, kinds
+
+
+def test_search_is_fast_for_80_layers():
+    for batch in (1, 64):
+        w = workload("llama-111b", "int4", 128, torch.bfloat16, batch=batch, prompt_len=512, gen_len=32)
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            plan(w, H200, 24 * GiB, 256 * GiB)
+            seconds.append(time.perf_counter() - start)
+        assert min(seconds) < 0.1
+
+
+RECORDED = [("opt30b_fp16_vs_flexgen_h200.json", "opt-30b"), ("llama13b_bf16_vs_accelerate_h200.json", "llama-13b")]
+
+
+@pytest.mark.parametrize("name,shape", RECORDED)
+def test_prediction_of_recorded_placements_within_15_percent(name, shape):
+    result = json.loads((RESULTS / name).read_text())
+    placement = result["placement"]
+    dtype = getattr(torch, placement["dtype"])
+    hw = Hardware.from_ceilings(result["ceilings"], matmul_flops=6e14)
+    runs = [c["tiermem"] for c in result["comparisons"]] + result.get("tiermem_runs_without_peer", [])
+    assert runs
+    for run in runs:
+        w = workload(shape, dtype=dtype, batch=run["batch"], prompt_len=run["prompt_len"], gen_len=run["gen_len"])
+        used = Plan.build(w, placement["gpu_resident_blocks"], kv="gpu", micro_batches=run["micro_batches"],
+                          lookahead=2)
+        assert weights(w, used.host_blocks) == placement["streamed_bytes_per_step"]  # the same placement
+        predicted = predict(used, w, hw).predicted_step_s
+        measured = run["decode_step_s"]
+        assert abs(predicted - measured) / measured <= 0.15, (run["batch"], predicted, measured)
+
+
+def test_hardware_json_round_trip_and_errors():
+    assert Hardware.from_json(H200.to_json()) == H200
+    assert Hardware.from_json({**json.loads(H200.to_json()), "extra": 1}) == H200
+    with pytest.raises(ConfigError, match="lacks"):
+        Hardware.from_json('{"h2d_Bps": 1}')
+    with pytest.raises(ConfigError, match="positive"):
+        Hardware(disk_read_Bps=0, h2d_Bps=1, hbm_Bps=1, matmul_flops=1, cpu_memcpy_Bps=1)
+    with pytest.raises(ConfigError):
+        predict(Plan(("layers.0",), (), ()), _tiny(), TINY_HW)  # not every block placed
+
+
+def test_describe_names_tiers_memory_and_time():
+    w = workload("opt-30b", batch=1, prompt_len=512, gen_len=32)
+    text = "\n".join(plan(w, H200, 24 * GiB, 24 * GiB).describe())
+    for word in ("GPU-resident", "pinned host", "from disk", "KV cache", "GPU memory", "host memory",
+                 "predicted decode step", "bound: disk", "layers.0-"):
+        assert word in text
+    assert math.isnan(Plan((), (), ()).predicted_step_s) and "predicted" not in "\n".join(Plan((), (), ()).describe())
+
+
+def test_cli_plan_prints_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hw = tmp_path / "hw.json"
+    hw.write_text(H200.to_json())
+    out_json = tmp_path / "plan.json"
+    assert main(["plan", "--synthetic", "llama-111b", "--quant", "int4", "--group-size", "128",
+                 "--gpu-memory", "24GiB", "--cpu-memory", "32GiB", "--hardware", str(hw), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "from disk" in out and "tok/s" in out and "predicted:" in out
+    assert json.loads(out_json.read_text())["plan"]["disk_blocks"]
+    if not torch.cuda.is_available():
+        assert main(["plan", "--synthetic", "opt-30b", "--gpu-memory", "24GiB", "--cpu-memory", "48GiB"]) == 2
+        assert "--hardware" in capsys.readouterr().err
+    assert main(["plan", "--gpu-memory", "24GiB", "--cpu-memory", "48GiB", "--hardware", str(hw)]) == 2
+    assert "STORE or --synthetic" in capsys.readouterr().err
+
+
+def test_cli_plan_reads_a_store(tmp_path, capsys):
+    from hf_models import build_tiny
+
+    src = build_tiny("llama2", tmp_path / "hf")
+    store = tmp_path / "store"
+    assert main(["pack", str(src), str(store), "--quant", "int4", "--group-size", "32"]) == 0
+    hw = tmp_path / "hw.json"
+    hw.write_text(H200.to_json())
+    assert main(["plan", str(store), "--gpu-memory", "1GiB", "--cpu-memory", "1GiB", "--batch", "4",
+                 "--prompt-len", "8", "--gen-len", "4", "--hardware", str(hw)]) == 0
+    out = capsys.readouterr().out
+    assert "bound: hbm" in out and "from disk         0 blocks" in out
+    assert main(["plan", str(store), "--gpu-memory", "1GiB", "--cpu-memory", "1GiB", "--micro-batches", "3",
+                 "--hardware", str(hw)]) == 2
+    assert "micro_batches must divide" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""tiermem.probe: the hardware cache (CPU), the CPU-side measurements, and the GPU probe (gpu marker)."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from tiermem import probe
+from tiermem.errors import ConfigError, TiermemError
+from tiermem.planner import Hardware
+
+FIGURES = Hardware(disk_read_Bps=1.3e9, h2d_Bps=55.5e9, hbm_Bps=4.2e12, matmul_flops=6e14, cpu_memcpy_Bps=1e10,
+                   name="NVIDIA H200")
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+
+
+class Counter:
+    def __init__(self, hw: Hardware = FIGURES) -> None:
+        self.calls, self.hw = 0, hw
+
+    def __call__(self) -> Hardware:
+        self.calls += 1
+        return self.hw
+
+
+def test_cache_path_is_per_host_and_gpu(tmp_path):
+    path = probe.cache_path("NVIDIA H200 NVL", host="vm 1", cache_dir=tmp_path)
+    assert path == tmp_path / "hardware-vm_1-NVIDIA_H200_NVL.json"
+    assert probe.cache_path("x").parent.parts[-2:] == (".cache", "tiermem")
+
+
+def test_measures_once_then_reads_the_fresh_cache(tmp_path):
+    measure = Counter()
+    path = tmp_path / "sub" / "hw.json"
+    assert probe.cached_hardware(path, measure=measure) == FIGURES
+    assert probe.cached_hardware(path, measure=measure) == FIGURES
+    assert measure.calls == 1
+    body = json.loads(path.read_text())
+    assert body["host"] == socket.gethostname() and body["hardware"]["h2d_Bps"] == 55.5e9
+    assert probe.read_cache(path)[0] == FIGURES
+
+
+def test_stale_or_refresh_measures_again(tmp_path):
+    measure = Counter()
+    path = tmp_path / "hw.json"
+    probe.cached_hardware(path, measure=measure)
+    probe.cached_hardware(path, measure=measure, refresh=True)
+    assert measure.calls == 2
+    body = json.loads(path.read_text())
+    body["measured_at"] -= 8 * 24 * 3600
+    path.write_text(json.dumps(body))
+    probe.cached_hardware(path, measure=measure)
+    assert measure.calls == 3
+    assert probe.cached_hardware(path, measure=measure, max_age_s=3600) == FIGURES and measure.calls == 3
+
+
+@no_cuda
+def test_without_cuda_uses_any_cache_of_this_host_or_asks_for_a_file(tmp_path):
+    with pytest.raises(TiermemError, match="--hardware"):
+        probe.cached_hardware(cache_dir=tmp_path)
+    path = probe.cache_path("NVIDIA H200", cache_dir=tmp_path)
+    probe.write_cache(path, FIGURES)
+    assert probe.cached_hardware(cache_dir=tmp_path) == FIGURES
+    body = json.loads(path.read_text())
+    body["measured_at"] = 0  # stale, but nothing here can measure: still used
+    path.write_text(json.dumps(body))
+    assert probe.cached_hardware(cache_dir=tmp_path) == FIGURES
+
+
+def test_a_plain_hardware_file_reads_too(tmp_path):
+    path = tmp_path / "hw.json"
+    path.write_text(FIGURES.to_json())
+    assert probe.read_cache(path)[0] == FIGURES
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="bad.json"):
+        probe.read_cache(tmp_path / "bad.json")
+
+
+def test_cpu_measurements(tmp_path):
+    assert probe.measure_cpu_memcpy(nbytes=16 << 20, reps=2) > 1e7
+    assert probe.measure_disk_read(tmp_path, nbytes=32 << 20) > 1e6
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tiermem-probe-")]  # the file is removed
+
+
+@no_cuda
+def test_measure_hardware_needs_cuda():
+    with pytest.raises(ConfigError, match="CUDA"):
+        probe.measure_hardware()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measure_hardware_on_the_gpu(tmp_path):
+    hw = probe.measure_hardware("cuda", store_dir=tmp_path)
+    assert 1e9 < hw.h2d_Bps < 1e12 and 1e11 < hw.hbm_Bps < 1e14 and 1e12 < hw.matmul_flops < 1e16
+    assert 1e7 < hw.disk_read_Bps and 1e8 < hw.cpu_memcpy_Bps and hw.name
+    assert probe.cached_hardware(tmp_path / "hw.json", measure=lambda: hw) == hw

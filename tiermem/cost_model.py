@@ -1,0 +1,224 @@
+"""The cost of one decode step for a given placement: pure arithmetic over byte counts and link rates.
+
+A decode step produces one token for each of `batch` sequences. Per step, with L layers, B = batch,
+m micro-batches, c = prompt_len + gen_len / 2 (the mean context over the generation) and
+kv = KV bytes per token per layer (K and V, compute dtype):
+
+  disk    = bytes of the blocks streamed from disk / disk_read_Bps
+  pcie    = (bytes of every streamed block, from host or disk
+             + KV on CPU with GPU attention: L*B*c*kv read over PCIe each step
+             + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
+  hbm     = (m * bytes of all GPU-side weights (every micro-batch reads every weight once)
+             + streamed bytes (written into the ring slots)
+             + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv) / hbm_Bps
+  compute = B * (L * matmul FLOPs per token per layer + head FLOPs + L*c*attention FLOPs) / matmul_flops
+  cpu_att = L*B*c*kv / cpu_memcpy_Bps  (KV on CPU and attention computed there: FlexGen's cpu_cache_compute)
+  overhead = per_layer_overhead_s * L * m (launches, syncs, Python: absurd micro-batch counts lose)
+
+  step = max(disk, pcie, max(hbm, compute) + cpu_att) + overhead;  tok/s = B / step
+
+Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
+boundaries), so the step costs its slowest stage; CPU attention sits inside a layer's compute, so it
+adds to the GPU time. In this steady state lookahead buys no speed (it absorbs jitter, which the
+model does not see) and costs ring memory. FlexGen's model (per layer,
+prefill and decode, fitted constants) has the same shape; ours has only the decode step, measured
+link rates and no fitted constants.
+
+Memory (hard limits; a plan must fit both):
+  GPU    = resident blocks + (lookahead + 1) slots of the largest streamed block
+           + KV (all of it when on GPU; two layers' worth when on CPU with GPU attention) + workspace(m)
+  pinned = host-resident blocks + host-only blocks (embed) + (lookahead + 1) staging buffers of the
+           largest disk block (when any block streams from disk) + KV (all of it when on CPU)
+KV is reserved for batch x (prompt_len + gen_len) tokens, as tiermem.placement.kv_cache_bytes does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from tiermem.errors import ConfigError
+
+DEFAULT_LAYER_OVERHEAD_S = 50e-6
+KV_MODES = (("gpu", False), ("cpu", False), ("cpu", True))  # (kv placement, cpu_cache_compute)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Link and compute rates of one machine, in bytes/s and FLOP/s."""
+
+    disk_read_Bps: float
+    h2d_Bps: float  # pinned host -> HBM
+    hbm_Bps: float  # device copy, bytes read + written
+    matmul_flops: float  # dense fp16/bf16 FLOP/s achievable
+    cpu_memcpy_Bps: float  # host memory read rate (CPU-side attention over the KV cache)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "name" and not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigError(f"Hardware.{f.name} must be a positive number, got {value!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, data: str | Mapping[str, Any]) -> Hardware:
+        """From JSON text or a dict; unknown keys are ignored, missing ones are an error."""
+        d = json.loads(data) if isinstance(data, str) else dict(data)
+        d = d.get("hardware", d)  # a probe cache file wraps the figures
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - {"name"} - set(d))
+        if missing:
+            raise ConfigError(f"hardware JSON lacks {missing}; it needs {sorted(names - {'name'})} "
+                              "(write it with `Hardware.to_json` or let tiermem.probe measure it)")
+        return cls(**{k: (str(v) if k == "name" else float(v)) for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_ceilings(cls, ceilings: Mapping[str, Any], *, matmul_flops: float = 6e14,
+                      disk_read_Bps: float = 1.3e9, cpu_memcpy_Bps: float = 10e9) -> Hardware:
+        """From tiermem.ceilings.measure_ceilings() output (as recorded in benchmark JSON)."""
+        return cls(disk_read_Bps=disk_read_Bps, h2d_Bps=float(ceilings["h2d_pinned_Bps"]),
+                   hbm_Bps=float(ceilings["hbm_Bps"]), matmul_flops=matmul_flops,
+                   cpu_memcpy_Bps=cpu_memcpy_Bps, name=str(ceilings.get("gpu_name", "")))
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model's block sizes as stored (int4/int8 included) and what one decode step of it costs.
+
+    block_bytes: block name -> bytes as stored, in execution order. host_only: blocks used where
+    they are in host memory (the token embedding: only gathered rows move). workspace_bytes:
+    micro-batch count -> HBM bytes of transient activations (tiermem.placement.workspace_bytes).
+    """
+
+    block_bytes: Mapping[str, int]
+    num_layers: int
+    kv_bytes_per_token_layer: int
+    flops_per_token_layer: float
+    batch: int = 1
+    prompt_len: int = 512
+    gen_len: int = 32
+    head_flops_per_token: float = 0.0
+    attn_flops_per_token_ctx_layer: float = 0.0
+    act_bytes_per_token_layer: int = 0
+    host_only: tuple[str, ...] = ("embed",)
+    workspace_bytes: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if min(self.batch, self.num_layers) < 1 or self.prompt_len < 0 or self.gen_len < 1:
+            raise ConfigError(f"workload needs batch, layers and gen_len >= 1 and prompt_len >= 0: {self.batch}, "
+                              f"{self.num_layers}, {self.gen_len}, {self.prompt_len}")
+        unknown = set(self.host_only) - set(self.block_bytes)
+        if unknown:
+            raise ConfigError(f"host-only blocks {sorted(unknown)} are not blocks of the model")
+
+    @property
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(self.block_bytes)
+
+    @property
+    def streamable(self) -> tuple[str, ...]:
+        """Blocks the planner places (every block but the host-only ones), in execution order."""
+        return tuple(b for b in self.block_bytes if b not in self.host_only)
+
+    @property
+    def mean_context(self) -> float:
+        return self.prompt_len + self.gen_len / 2
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        return self.num_layers * self.batch * (self.prompt_len + self.gen_len) * self.kv_bytes_per_token_layer
+
+    def workspace(self, micro_batches: int) -> int:
+        return self.workspace_bytes.get(micro_batches, 0)
+
+    @classmethod
+    def from_config(cls, cfg, block_bytes: Mapping[str, int], batch: int = 1, prompt_len: int = 512,
+                    gen_len: int = 32, dtype=None) -> Workload:
+        """From an engine ModelConfig and the block sizes of its store; dtype: the compute dtype."""
+        import torch
+
+        from tiermem.engine.config import expected_weights
+        from tiermem.placement import kv_cache_bytes, workspace_bytes
+
+        dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        shapes = expected_weights(cfg)
+        matmul = sum(s[0] * s[1] for s in shapes["layers.0"].values() if len(s) == 2)
+        q_dim, e = cfg.num_heads * cfg.head_dim, dtype.itemsize
+        return cls(
+            block_bytes=dict(block_bytes), num_layers=cfg.num_layers,
+            kv_bytes_per_token_layer=kv_cache_bytes(cfg, 1, 1, dtype) // cfg.num_layers,
+            flops_per_token_layer=2.0 * matmul, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+            head_flops_per_token=2.0 * cfg.vocab_size * cfg.embed_dim,
+            attn_flops_per_token_ctx_layer=4.0 * q_dim,
+            act_bytes_per_token_layer=(2 * q_dim + 2 * cfg.num_kv_heads * cfg.head_dim) * e,
+            workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype)
+                             for m in divisors(batch)},
+        )
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int, kv: str,
+              cpu_cache_compute: bool, micro_batches: int,
+              per_layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S) -> dict[str, float]:
+    """Seconds per link of one decode step (see the module doc); "step" is the predicted step time.
+
+    resident / host / disk: bytes of the blocks in HBM, streamed from pinned host, streamed from disk.
+    """
+    L, B, m = w.num_layers, w.batch, micro_batches
+    kv_read = L * B * w.mean_context * w.kv_bytes_per_token_layer
+    streamed = host + disk
+    pcie_bytes, hbm_bytes = streamed, m * (resident + streamed) + streamed
+    flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)
+    cpu_att = 0.0
+    if kv == "gpu":
+        hbm_bytes += kv_read + L * B * w.kv_bytes_per_token_layer
+        flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
+    elif cpu_cache_compute:
+        pcie_bytes += L * B * w.act_bytes_per_token_layer
+        cpu_att = kv_read / hw.cpu_memcpy_Bps
+    else:
+        pcie_bytes += kv_read
+        hbm_bytes += 2 * kv_read
+        flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
+    c = {"disk": disk / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
+         "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
+         "overhead": per_layer_overhead_s * L * m}
+    c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"]) + cpu_att) + c["overhead"]
+    return c
+
+
+def bound_of(cost: Mapping[str, float]) -> str:
+    """Name of the stage that sets the step time: disk, pcie, hbm, compute or cpu_attention."""
+    gpu = "hbm" if cost["hbm"] >= cost["compute"] else "compute"
+    if cost["cpu_attention"] > cost[gpu]:
+        gpu = "cpu_attention"
+    stages = {"disk": cost["disk"], "pcie": cost["pcie"],
+              gpu: max(cost["hbm"], cost["compute"]) + cost["cpu_attention"]}
+    return max(stages, key=stages.__getitem__)
+
+
+def memory(w: Workload, *, resident: int, host: int, slot: int, staging: int, kv: str, cpu_cache_compute: bool,
+           micro_batches: int, lookahead: int) -> dict[str, int]:
+    """Bytes each tier holds (see the module doc): gpu_* parts, host_* parts, and the totals "gpu", "host".
+
+    resident: bytes of HBM-resident blocks; host: bytes of host-resident streamed blocks; slot: the
+    largest streamed block (0: none); staging: the largest disk block (0: none).
+    """
+    ring = lookahead + 1
+    layer_kv = w.kv_reserved_bytes // w.num_layers
+    gpu_kv = w.kv_reserved_bytes if kv == "gpu" else (0 if cpu_cache_compute else 2 * layer_kv)
+    m = {"gpu_weights": resident, "gpu_ring": ring * slot, "gpu_kv": gpu_kv,
+         "gpu_workspace": w.workspace(micro_batches),
+         "host_weights": host + sum(w.block_bytes[b] for b in w.host_only), "host_staging": ring * staging,
+         "host_kv": w.kv_reserved_bytes if kv == "cpu" else 0}
+    m["gpu"] = sum(v for k, v in m.items() if k.startswith("gpu_"))
+    m["host"] = sum(v for k, v in m.items() if k.startswith("host_"))
+    return m

@@ -1,0 +1,193 @@
+"""Measure the Hardware figures the planner needs, once per machine, and cache them as JSON.
+
+measure_hardware() needs a GPU (pinned H2D and HBM through tiermem.ceilings, a bf16 matmul rate);
+the host memcpy and cold disk read rates are measured on the CPU. cached_hardware() reads
+~/.cache/tiermem/hardware-<hostname>-<gpu>.json when it is fresh and measures (and writes it) otherwise.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import re
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from tiermem.cost_model import Hardware
+from tiermem.errors import ConfigError, TiermemError
+
+DEFAULT_MAX_AGE_S = 7 * 24 * 3600
+CHUNK = 16 << 20  # one read; 4 KiB aligned as O_DIRECT wants
+
+
+def measure_matmul(n: int = 8192, reps: int = 10, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matmul FLOP/s of an n x n x n product (median of reps)."""
+    from tiermem.ceilings import _median_seconds
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    seconds = _median_seconds(lambda: torch.matmul(a, b, out=out), reps)
+    return 2 * n**3 / seconds
+
+
+def measure_cpu_memcpy(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Host memory copy rate in bytes copied per second (median of reps, after one warm-up)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times[1:])
+
+
+def measure_disk_read(directory: str | os.PathLike | None = None, nbytes: int = 1 << 30) -> float:
+    """Cold sequential read rate (bytes/s) of a file written, synced and evicted in `directory`.
+
+    Reads are CHUNK bytes with O_DIRECT where the filesystem allows it, else buffered after
+    POSIX_FADV_DONTNEED (cold unless the kernel ignores the advice). The file is removed afterwards.
+    """
+    nbytes = max(CHUNK, nbytes // CHUNK * CHUNK)
+    block = os.urandom(CHUNK)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tiermem-probe-", delete=False) as f:
+        path = f.name
+    try:
+        with open(path, "wb") as f:
+            for _ in range(nbytes // CHUNK):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = _open_cold(path)
+        buf = mmap.mmap(-1, CHUNK)  # page aligned
+        try:
+            start = time.perf_counter()
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [buf], done)
+                if n <= 0:
+                    raise TiermemError(f"short read of the probe file {path} at {done}")
+                done += n
+            seconds = time.perf_counter() - start
+        finally:
+            os.close(fd)
+            buf.close()
+    finally:
+        os.unlink(path)
+    return nbytes / seconds
+
+
+def _open_cold(path: str) -> int:
+    if hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            probe = mmap.mmap(-1, 4096)
+            try:
+                os.preadv(fd, [probe], 0)
+                return fd
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno != errno.EINVAL:
+                    raise
+            finally:
+                probe.close()
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this filesystem refuses O_DIRECT
+                raise
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd
+
+
+def measure_hardware(device: str = "cuda", store_dir: str | os.PathLike | None = None) -> Hardware:
+    """Every Hardware figure, measured now (about 10 s; needs CUDA). store_dir: where the disk probe
+    writes its temporary file (the filesystem the block store lives on); default the temp dir."""
+    from tiermem.ceilings import measure_h2d, measure_hbm
+
+    if not torch.cuda.is_available():
+        raise ConfigError("measuring hardware needs CUDA; on this machine pass a Hardware JSON file instead")
+    hw = Hardware(
+        disk_read_Bps=measure_disk_read(store_dir), h2d_Bps=measure_h2d(device=device),
+        hbm_Bps=measure_hbm(device=device), matmul_flops=measure_matmul(device=device),
+        cpu_memcpy_Bps=measure_cpu_memcpy(), name=torch.cuda.get_device_name(device))
+    torch.cuda.empty_cache()
+    return hw
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unknown"
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir) if cache_dir else Path.home() / ".cache" / "tiermem"
+
+
+def cache_path(gpu_name: str, host: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """~/.cache/tiermem/hardware-<hostname>-<gpu>.json (names made filename-safe)."""
+    return _cache_root(cache_dir) / f"hardware-{_safe(host or socket.gethostname())}-{_safe(gpu_name)}.json"
+
+
+def read_cache(path: str | os.PathLike) -> tuple[Hardware, float]:
+    """(figures, measured_at as a Unix time) of a cache file or of a plain Hardware JSON file (its mtime)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read hardware figures from {path}: {exc}") from exc
+    return Hardware.from_json(data), float(data.get("measured_at", path.stat().st_mtime))
+
+
+def write_cache(path: str | os.PathLike, hw: Hardware) -> Path:
+    """Write figures with their time and host (temp file + rename, so readers never see half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"hardware": asdict(hw), "measured_at": time.time(), "host": socket.gethostname()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cuda",
+                    store_dir: str | os.PathLike | None = None, max_age_s: float = DEFAULT_MAX_AGE_S,
+                    refresh: bool = False, measure: Callable[[], Hardware] | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Hardware:
+    """Cached figures when fresh (younger than max_age_s), else measured now and written to the cache.
+
+    path: the cache file (default cache_path() of this host and GPU; without CUDA, the only cache
+    file of this host if there is exactly one). measure: what measures (default measure_hardware).
+    Without CUDA and without a measure function a stale cache is still used; no cache is a
+    TiermemError telling the user to pass a Hardware JSON file.
+    """
+    gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+    if path is None:
+        if gpu is not None:
+            path = cache_path(gpu, cache_dir=cache_dir)
+        else:
+            found = sorted(_cache_root(cache_dir).glob(f"hardware-{_safe(socket.gethostname())}-*.json"))
+            path = found[0] if len(found) == 1 else None
+    can_measure = measure is not None or gpu is not None
+    if path is not None and Path(path).is_file() and not refresh:
+        hw, measured_at = read_cache(path)
+        if time.time() - measured_at <= max_age_s or not can_measure:
+            return hw
+    if not can_measure:
+        raise TiermemError("no cached hardware figures for this machine and no CUDA to measure them: pass "
+                           "--hardware FILE.json (tiermem.planner.Hardware.to_json: disk_read_Bps, h2d_Bps, "
+                           "hbm_Bps, matmul_flops, cpu_memcpy_Bps)")
+    hw = measure() if measure is not None else measure_hardware(device, store_dir)
+    if path is None:
+        path = cache_path(hw.name or gpu or "unknown", cache_dir=cache_dir)
+    write_cache(path, hw)
+    return hw
