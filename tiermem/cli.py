@@ -90,7 +90,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         reader = StoreReader(args.store)
     cfg = model_config_from_hf(reader.model_config)
     workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, args.batch,
-                                    args.prompt_len, args.gen_len, dtype)
+                                    args.prompt_len, args.gen_len, dtype, quantized=reader.quant is not None)
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]
     else:

@@ -138,8 +138,9 @@ class Workload:
 
     @classmethod
     def from_config(cls, cfg, block_bytes: Mapping[str, int], batch: int = 1, prompt_len: int = 512,
-                    gen_len: int = 32, dtype=None) -> Workload:
-        """From an engine ModelConfig and the block sizes of its store; dtype: the compute dtype."""
+                    gen_len: int = 32, dtype=None, quantized: bool = False) -> Workload:
+        """From an engine ModelConfig and the block sizes of its store; dtype: the compute dtype;
+        quantized: the store holds int4/int8 weights (see placement.workspace_bytes)."""
         import torch
 
         from tiermem.engine.config import expected_weights
@@ -156,7 +157,7 @@ class Workload:
             head_flops_per_token=2.0 * cfg.vocab_size * cfg.embed_dim,
             attn_flops_per_token_ctx_layer=4.0 * q_dim,
             act_bytes_per_token_layer=(2 * q_dim + 2 * cfg.num_kv_heads * cfg.head_dim) * e,
-            workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype)
+            workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized)
                              for m in divisors(batch)},
         )
 

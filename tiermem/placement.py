@@ -33,15 +33,21 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype) -
     return cfg.num_layers * 2 * batch * cfg.num_kv_heads * seq * cfg.head_dim * dtype.itemsize
 
 
-def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype) -> int:
-    """Upper estimate of transient activations of a prefill of batch x seq tokens (HBM reservation)."""
+def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype,
+                    quantized: bool = False) -> int:
+    """Upper estimate of transient activations of a prefill of batch x seq tokens (HBM reservation).
+
+    quantized: the weights are int4/int8; a matmul of more rows than the fused GEMV takes dequantizes
+    one whole weight first, so the largest weight in the compute dtype is reserved too.
+    """
     rows = math.ceil(batch / micro_batches)
     e = dtype.itemsize
+    dequant = max(cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.embed_dim) * e if quantized else 0
     hidden = 2 * batch * seq * cfg.hidden_size * e  # every micro-batch's hidden state, plus one new
     layer = rows * seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
     scores = rows * cfg.num_heads * seq * seq * 4  # attention probabilities if materialised (fp32)
     logits = 2 * batch * cfg.vocab_size * 4  # last-position logits and their fp32 copy
-    return hidden + layer + scores + logits + WORKSPACE_MARGIN
+    return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
 
 
 class CpuSource:
@@ -111,7 +117,7 @@ def build_gpu_source(
     """Place blocks in HBM / pinned host memory within the budgets and load them (see module doc)."""
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype)
-    work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype)
+    work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, quantized=reader.quant is not None)
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
     weights_budget = budget - kv - work
     if weights_budget <= 0:
