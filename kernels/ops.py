@@ -39,6 +39,11 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return reference.dequantize(qw, dtype)
 
 
+# Up to this many rows, reading the packed weight once per 8 rows (fused GEMV) moves fewer bytes than
+# dequantizing it whole (write + read of the dense weight): 4 x 1/4 against 2 + 1/4 weight sizes for int4.
+GEMV_SPLIT_ROWS = 32
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -53,11 +58,15 @@ def linear(
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (
             x.dtype in cupy_ops.HALF_DTYPES
-            and 1 <= rows <= cupy_ops.GEMV_MAX_BATCH
+            and 1 <= rows <= GEMV_SPLIT_ROWS
             and cupy_ops.gemv_supported(weight)
             and (bias is None or bias.device == x.device)
         ):
-            return cupy_ops.quant_linear(x, weight, bias)
+            if rows <= cupy_ops.GEMV_MAX_BATCH:
+                return cupy_ops.quant_linear(x, weight, bias)
+            x2 = x.reshape(rows, x.shape[-1])  # x2: [rows, I], fed to the GEMV 8 rows at a time
+            y = torch.cat([cupy_ops.quant_linear(chunk, weight, bias) for chunk in x2.split(cupy_ops.GEMV_MAX_BATCH)])
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return reference.linear(x, dequantize(weight, x.dtype), bias)
     return reference.linear(x, weight, bias)
 
