@@ -43,3 +43,21 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     src = build_tiny("opt", tmp_path / "hf")
     assert main(["pack", str(src), str(tmp_path / "s"), "--quant", "int4", "--group-size", "48"]) == 2
     assert "group" in capsys.readouterr().err
+
+
+def test_checkpoint_verify_command(tmp_path, capsys):
+    import torch
+
+    import tiermem
+
+    path = tmp_path / "ckpt"
+    tiermem.checkpoint.save_async({"w": torch.randn(64, 64), "step": 3}, path).result()
+    assert main(["checkpoint", "verify", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    data = next(p for p in path.iterdir() if p.suffix == ".safetensors")
+    raw = bytearray(data.read_bytes())
+    raw[-100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["checkpoint", "verify", str(path)])
+    assert exit_info.value.code == 1 and "FAILED" in capsys.readouterr().out
