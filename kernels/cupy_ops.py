@@ -95,16 +95,23 @@ def _function(device_index: int, source: str, kernel: str):
         return _module(device_index, source).get_function(kernel)
 
 
+@functools.cache
+def _external_stream(device_index: int, handle: int):
+    """CuPy's view of a torch stream, made once per stream (creating one per launch costs host time)."""
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.cuda.ExternalStream(handle)
+
+
 def _launch(device: torch.device, source: str, kernel: str, grid: int, block: int, args: tuple,
             shared_mem: int = 0) -> None:
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _function(index, source, kernel)
-    with cupy.cuda.Device(index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream)
-        with stream:
-            fn((grid,), (block,), args, shared_mem=shared_mem)
+    with cupy.cuda.Device(index), _external_stream(index, torch.cuda.current_stream(index).cuda_stream):
+        fn((grid,), (block,), args, shared_mem=shared_mem)
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
