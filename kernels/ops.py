@@ -39,9 +39,10 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return reference.dequantize(qw, dtype)
 
 
-# Up to this many rows, reading the packed weight once per 8 rows (fused GEMV) moves fewer bytes than
-# dequantizing it whole (write + read of the dense weight): 4 x 1/4 against 2 + 1/4 weight sizes for int4.
-GEMV_SPLIT_ROWS = 32
+# Up to this many rows, the fused GEMV on 8-row chunks beats dequantize + matmul on every measured shape
+# (benchmarks/results/linear_rows_h200.json: at 16 rows 0.11-0.18 ms against 0.13-0.35 ms; at 24 rows the
+# 13824x5120 weight is already faster dequantized).
+GEMV_SPLIT_ROWS = 16
 
 
 def linear(
