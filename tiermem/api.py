@@ -53,7 +53,7 @@ def load(
     cpu_memory: int | str | None = None, offload_dir: str | os.PathLike | None = None, *,
     dtype: torch.dtype | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
     micro_batches: int = 1, lookahead: int = 2, io_threads: int = 4, resident_weights: int | str | None = None,
-    progress: bool = False,
+    read_backend: str = "auto", progress: bool = False,
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
@@ -63,20 +63,23 @@ def load(
     The KV cache is sized for max_batch_size sequences of max_seq_len tokens (default: the model's
     max positions, capped at 4096) and counts against the budget of the device it lives on.
     resident_weights caps the HBM bytes of resident weights (0 streams every block, as FlexGen's
-    all-offloaded placement does). offload_dir is reserved for the disk KV tier (not used yet).
+    all-offloaded placement does). read_backend picks how the GPU path reads blocks that stay on disk:
+    "posix" (O_DIRECT preadv pool), "kvikio", or "auto" (the faster by a cached probe of this
+    machine). offload_dir is reserved for the disk KV tier (not used yet).
     """
     if offload_dir is not None:
         raise ConfigError("offload_dir (disk KV tier) is not supported yet; leave it None")
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
-                            resident_weights=parse_size(resident_weights), progress=progress)
+                            resident_weights=parse_size(resident_weights), read_backend=read_backend,
+                            progress=progress)
 
 
 def load_from_reader(
     reader, device: str, gpu_memory: int | None, cpu_memory: int | None, *, dtype: torch.dtype | None,
     max_batch_size: int, max_seq_len: int | None, micro_batches: int, lookahead: int, io_threads: int,
-    resident_weights: int | None, progress: bool,
+    resident_weights: int | None, progress: bool, read_backend: str = "auto",
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     cfg = model_config_from_hf(reader.model_config)
@@ -89,7 +92,7 @@ def load_from_reader(
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
-                                  micro_batches, prefetch, resident_weights, progress)
+                                  micro_batches, prefetch, resident_weights, progress, read_backend)
     elif dev.type == "cpu":
         dtype = dtype or torch.float32
         source = build_cpu_source(reader, cfg, dtype, cpu_memory, max_batch_size, max_seq_len, prefetch)

@@ -40,6 +40,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-memory", default=None, help="hard host budget")
     p.add_argument("--resident-weights", default=None, help="cap on HBM-resident weight bytes (0 = stream all)")
     p.add_argument("--lookahead", type=int, default=2)
+    p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
+                   help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--plot", default=None, help="draw tok/s vs batch (PNG) here")
 
@@ -76,7 +78,8 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int):
         reader, args.device, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
-        lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights), progress=True)
+        lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights),
+        read_backend=args.read_backend, progress=True)
 
 
 def _synthetic_source(args: argparse.Namespace):

@@ -20,6 +20,7 @@ from tiermem.engine.config import ModelConfig
 from tiermem.errors import BudgetError
 from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
 from tiermem.pinned import PinnedArena
+from tiermem.read_backend import choose_backend, make_backend
 from tiermem.residency import TieredWeights, plan_residency
 from tiermem.storage.backends.posix import PosixBackend
 from tiermem.storage.format import StoreReader
@@ -91,7 +92,7 @@ def build_cpu_source(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, 
 class GpuSource:
     """GpuWeights plus the pinned arena and disk backend behind it; describe() for Model.info()."""
 
-    def __init__(self, weights: GpuWeights, arena: PinnedArena, backend: PosixBackend, plan: dict) -> None:
+    def __init__(self, weights: GpuWeights, arena: PinnedArena, backend, plan: dict) -> None:
         self.weights = weights
         self.arena = arena
         self.backend = backend
@@ -112,7 +113,7 @@ class GpuSource:
 def build_gpu_source(
     reader: StoreReader, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_memory: int | None,
     cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int, prefetch: PrefetchConfig,
-    resident_cap: int | None, progress: bool,
+    resident_cap: int | None, progress: bool, read_backend: str = "auto",
 ) -> GpuSource:
     """Place blocks in HBM / pinned host memory within the budgets and load them (see module doc)."""
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
@@ -130,7 +131,9 @@ def build_gpu_source(
                                                      prefetch.lookahead)
     host_bytes = sum(sizes[b] for b in host_names)
     arena = PinnedArena(host_bytes + staging)
-    backend = PosixBackend(threads=prefetch.io_threads, direct=True)
+    store_dir = getattr(reader, "path", None)
+    backend_name = "posix" if store_dir is None else choose_backend(read_backend, store_dir, prefetch.io_threads)
+    backend = make_backend(backend_name, prefetch.io_threads)
     try:
         host, gpu = {}, {}
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="load", disable=not progress) as bar:
@@ -152,7 +155,8 @@ def build_gpu_source(
             "disk_blocks": len(disk_names), "host_only_blocks": list(HOST_ONLY), "gpu_weight_bytes": weight_bytes,
             "gpu_kv_reserved_bytes": kv, "gpu_workspace_reserved_bytes": work,
             "pinned_host_bytes": host_bytes + staging, "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
-            "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget}
+            "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget,
+            "read_backend": backend_name}
     return GpuSource(weights, arena, backend, plan)
 
 

@@ -1,0 +1,55 @@
+"""Choosing the disk tier's read backend; the kvikio backend where kvikio and CUDA exist."""
+
+import json
+
+import pytest
+import torch
+
+from tiermem.errors import ConfigError
+from tiermem.read_backend import choose_backend, make_backend, measure_backends
+from tiermem.storage.backends.kvikio import KvikioBackend, kvikio_available
+from tiermem.storage.backends.posix import PosixBackend
+
+
+@pytest.fixture
+def files(tmp_path):
+    data = torch.randint(0, 256, (3, 1 << 20), dtype=torch.uint8)
+    paths = []
+    for i, row in enumerate(data):
+        path = tmp_path / f"layers.{i}.safetensors"
+        path.write_bytes(row.numpy().tobytes())
+        paths.append(path)
+    return paths, data
+
+
+def test_named_backends_and_errors(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert choose_backend("posix", tmp_path, 2) == "posix"
+    with make_backend("posix", 2) as backend:
+        assert isinstance(backend, PosixBackend) and backend.direct
+    with pytest.raises(ConfigError, match="unknown read backend"):
+        make_backend("nfs", 2)
+    if not kvikio_available():
+        assert choose_backend("auto", tmp_path, 2) == "posix"
+        with pytest.raises(ConfigError, match="kvikio"):
+            KvikioBackend()
+
+
+def test_measure_backends_reads_everything(files):
+    paths, _ = files
+    rates = measure_backends(paths, threads=2)
+    assert set(rates) >= {"posix"} and all(rate > 0 for rate in rates.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not kvikio_available(), reason="needs kvikio and CUDA")
+def test_kvikio_reads_what_posix_reads_and_auto_caches_its_choice(files, tmp_path, monkeypatch):
+    paths, data = files
+    out = torch.empty(1 << 20, dtype=torch.uint8).pin_memory()
+    with KvikioBackend() as backend:
+        backend.read_into(paths[1], 4096, out[: (1 << 20) - 4096])
+    assert torch.equal(out[: (1 << 20) - 4096], data[1, 4096:])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    best = choose_backend("auto", tmp_path, 4)
+    cached = json.loads((tmp_path / ".cache" / "tiermem").glob("read-backend-*.json").__next__().read_text())
+    assert best == cached["best"] and set(cached["Bps"]) == {"posix", "kvikio"}
