@@ -130,10 +130,14 @@ def build_gpu_source(
     host_names, disk_names, staging = plan_host_tier(sizes, reader.block_names, resident, cpu_memory,
                                                      prefetch.lookahead)
     host_bytes = sum(sizes[b] for b in host_names)
-    arena = PinnedArena(host_bytes + staging)
     store_dir = getattr(reader, "path", None)
     backend_name = "posix" if store_dir is None else choose_backend(read_backend, store_dir, prefetch.io_threads)
     backend = make_backend(backend_name, prefetch.io_threads)
+    try:
+        arena = PinnedArena(host_bytes + staging)
+    except BaseException:
+        backend.close()
+        raise
     try:
         host, gpu = {}, {}
         with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="load", disable=not progress) as bar:

@@ -35,7 +35,6 @@ class KvikioBackend:
             kvikio.defaults.set("num_threads", threads)
         except (AttributeError, TypeError):  # kvikio before 25.02 had a per-setting reset function
             kvikio.defaults.num_threads_reset(threads)
-        self.compat_mode = str(kvikio.defaults.compat_mode())
         self._closed = False
 
     def read_into(self, path: str | os.PathLike, offset: int, out: torch.Tensor) -> None:
