@@ -16,6 +16,7 @@ from tiermem.storage.backends.posix import PosixBackend
 from tiermem.storage.durable import write_file_atomic
 
 BACKENDS = ("auto", "posix", "kvikio")
+MIN_PROBE_BYTES = 1 << 30  # a probe over less data than this is not cached: too small to be representative
 
 
 def make_backend(name: str, threads: int):
@@ -37,7 +38,8 @@ def _drop_page_cache() -> bool:
 
 
 def measure_backends(files: list[Path], threads: int, nbytes_cap: int = 2 << 30) -> dict[str, float]:
-    """Cold read bandwidth (bytes/s) of each available backend over up to nbytes_cap of `files`."""
+    """Cold read bandwidth (bytes/s) of each available backend over up to nbytes_cap of `files`
+    (the "bytes" entry says how much was read)."""
     chosen, total = [], 0
     for f in sorted(files, key=lambda p: -p.stat().st_size):
         if total >= nbytes_cap:
@@ -55,6 +57,7 @@ def measure_backends(files: list[Path], threads: int, nbytes_cap: int = 2 << 30)
                 for f in chosen:
                     backend.read_into(f, 0, buf[: f.stat().st_size])
                 result[name] = total / (time.perf_counter() - start)
+    result["bytes"] = total
     return result
 
 
@@ -72,8 +75,10 @@ def choose_backend(name: str, store_dir: Path, threads: int) -> str:
     if path.is_file():
         return json.loads(path.read_text())["best"]
     rates = measure_backends(list(store_dir.glob("*.safetensors")), threads)
+    probed = rates.pop("bytes")
     best = max(rates, key=rates.__getitem__)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, json.dumps({"best": best, "Bps": rates, "measured_at": time.time(),
-                                        "store": os.fspath(store_dir)}).encode())
+    if probed >= MIN_PROBE_BYTES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(path, json.dumps({"best": best, "Bps": rates, "probe_bytes": probed,
+                                            "measured_at": time.time(), "store": os.fspath(store_dir)}).encode())
     return best
