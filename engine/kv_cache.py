@@ -3,37 +3,108 @@
 All rows share one length (left padding keeps the batch rectangular); `key_mask` marks the slots
 holding padding so attention skips them. Micro-batches write and read row slices of the same
 tensors.
+
+Optionally (`kv_quant`, an int8/int4 QuantScheme) K and V are stored quantized per (row, kv head,
+token) along head_dim (see tiermem.kernels.kv_quant): each layer's K and V is then a `QuantizedKV`
+holding codes + fp16 scales + zeros; `update` quantizes the new tokens on write and returns the
+dequantized filled prefix in the compute dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tiermem.engine.config import ModelConfig
 from tiermem.errors import ConfigError
+from tiermem.kernels.kv_quant import check_kv_scheme, dequantize_kv, quantize_kv
+from tiermem.kernels.quant import QuantScheme
+
+
+@dataclass
+class QuantizedKV:
+    """One layer's K or V, quantized: three tensors sharing the leading dims [B, Hkv, S_max]."""
+
+    codes: torch.Tensor  # uint8 [B, Hkv, S_max, Dh * bits / 8]
+    scale: torch.Tensor  # fp16 [B, Hkv, S_max, Dh / group_size]
+    zero: torch.Tensor  # fp16 [B, Hkv, S_max, Dh / group_size]
+    scheme: QuantScheme
+    dtype: torch.dtype  # compute dtype that dequantize returns
+
+    @classmethod
+    def zeros(cls, batch: int, kv_heads: int, max_len: int, head_dim: int, scheme: QuantScheme,
+              dtype: torch.dtype, device: torch.device | str) -> QuantizedKV:
+        check_kv_scheme(scheme, head_dim)
+        lead = (batch, kv_heads, max_len)
+        groups = head_dim // scheme.group_size
+        return cls(torch.zeros(*lead, head_dim * scheme.bits // 8, dtype=torch.uint8, device=device),
+                   torch.zeros(*lead, groups, dtype=torch.float16, device=device),
+                   torch.zeros(*lead, groups, dtype=torch.float16, device=device), scheme, dtype)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.codes, self.scale, self.zero
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """[B, Hkv, S_max, Dh] of the tensor it stands for."""
+        B, H, S, nbytes = self.codes.shape
+        return B, H, S, nbytes * 8 // self.scheme.bits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedKV:
+        """fn applied to codes, scale and zero (slicing, moving, growing along the leading dims)."""
+        return QuantizedKV(fn(self.codes), fn(self.scale), fn(self.zero), self.scheme, self.dtype)
+
+    def write(self, rows: slice, start: int, x: torch.Tensor) -> None:
+        """Quantize x [b, Hkv, T, Dh] into slots start..start+T-1 of `rows`."""
+        end = start + x.shape[2]
+        for dst, src in zip(self.tensors, quantize_kv(x, self.scheme), strict=True):
+            dst[rows, :, start:end] = src
+
+    def dequantize(self, rows: slice = slice(None), end: int | None = None) -> torch.Tensor:
+        """Slots 0..end-1 of `rows` as [b, Hkv, end, Dh] in the compute dtype."""
+        part = self.map(lambda t: t[rows, :, :end])
+        return dequantize_kv(part.codes, part.scale, part.zero, self.scheme, self.dtype)
+
+
+Stored = torch.Tensor | QuantizedKV
 
 
 @dataclass
 class KVCache:
     """Keys/values of every layer for a batch; `length` slots of `max_len` are filled."""
 
-    keys: list[torch.Tensor]  # per layer [B, Hkv, S_max, Dh]
-    values: list[torch.Tensor]  # per layer [B, Hkv, S_max, Dh]
+    keys: list[Stored]  # per layer [B, Hkv, S_max, Dh] (QuantizedKV when kv_quant is set)
+    values: list[Stored]  # per layer [B, Hkv, S_max, Dh]
     key_mask: torch.Tensor  # bool [B, S_max]: slot holds a real token
     length: int = 0
 
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", kv_quant: QuantScheme | None = None,
     ) -> KVCache:
-        """Zeroed cache for `batch` sequences of up to `max_len` tokens."""
+        """Zeroed cache for `batch` sequences of up to `max_len` tokens.
+
+        kv_quant: store K and V as int8/int4 codes + fp16 scale/zero per group of head_dim
+        (the group size must divide head_dim); attention still sees K, V in `dtype`.
+        """
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        if kv_quant is None:
+            def make() -> Stored:
+                return torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            def make() -> Stored:
+                return QuantizedKV.zeros(*shape, kv_quant, dtype, device)
         return cls(
-            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
-            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+            keys=[make() for _ in range(cfg.num_layers)],
+            values=[make() for _ in range(cfg.num_layers)],
             key_mask=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
         )
 
@@ -46,9 +117,21 @@ class KVCache:
         return self.key_mask.shape[1]
 
     @property
+    def kv_quant(self) -> QuantScheme | None:
+        """The scheme K and V are stored in (None: dense, in the compute dtype)."""
+        first = self.keys[0] if self.keys else None
+        return first.scheme if isinstance(first, QuantizedKV) else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype update() returns K and V in (None for a cache of no layers)."""
+        return self.keys[0].dtype if self.keys else None
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by K and V of all layers (the mask excluded)."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes held by K and V of all layers (codes, scales and zeros if quantized; the mask excluded)."""
+        return sum(t.nbytes if isinstance(t, QuantizedKV) else t.numel() * t.element_size()
+                   for t in (*self.keys, *self.values))
 
     def begin_step(self, new_mask: torch.Tensor) -> torch.Tensor:
         """Record the mask [B, T] of the T tokens about to be added; returns key_mask [B, length + T]."""
@@ -63,11 +146,20 @@ class KVCache:
     def update(
         self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [b, Hkv, T, Dh] of `rows` after the filled slots; return K, V [b, Hkv, S, Dh]."""
+        """Write k, v [b, Hkv, T, Dh] of `rows` after the filled slots; return K, V [b, Hkv, S, Dh].
+
+        Quantized: the new tokens are quantized on write and the whole filled prefix (new tokens
+        included) is returned dequantized.
+        """
         end = self.length + k.shape[2]
-        self.keys[layer][rows, :, self.length:end] = k
-        self.values[layer][rows, :, self.length:end] = v
-        return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        if isinstance(keys, QuantizedKV):
+            keys.write(rows, self.length, k)
+            values.write(rows, self.length, v)
+            return keys.dequantize(rows, end), values.dequantize(rows, end)
+        keys[rows, :, self.length:end] = k
+        values[rows, :, self.length:end] = v
+        return keys[rows, :, :end], values[rows, :, :end]
 
     def end_step(self, num_tokens: int) -> None:
         """Every layer and micro-batch has written its `num_tokens` new slots."""
@@ -81,16 +173,23 @@ class KVCache:
         if max_len <= self.max_len:
             return
         L = self.length
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = old.new_zeros((old.shape[0], old.shape[1], max_len, old.shape[3]))
+            new[:, :, :L] = old[:, :, :L]
+            return new
+
         for tensors in (self.keys, self.values):
             for i, old in enumerate(tensors):
-                new = old.new_zeros((old.shape[0], old.shape[1], max_len, old.shape[3]))
-                new[:, :, :L] = old[:, :, :L]
-                tensors[i] = new
+                tensors[i] = old.map(grown) if isinstance(old, QuantizedKV) else grown(old)
         mask = self.key_mask.new_zeros((self.batch, max_len))
         mask[:, :L] = self.key_mask[:, :L]
         self.key_mask = mask
 
     def to(self, device: torch.device | str) -> KVCache:
         """This cache with its tensors on `device` (tensors already there are shared, not copied)."""
-        return KVCache([k.to(device) for k in self.keys], [v.to(device) for v in self.values],
+        def move(t: Stored) -> Stored:
+            return t.map(lambda x: x.to(device)) if isinstance(t, QuantizedKV) else t.to(device)
+
+        return KVCache([move(k) for k in self.keys], [move(v) for v in self.values],
                        self.key_mask.to(device), self.length)

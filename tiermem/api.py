@@ -14,6 +14,7 @@ from tiermem.engine.executor import Executor
 from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
+from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kernels.quant import QuantScheme
 from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
 from tiermem.session import GenerationSession
@@ -53,7 +54,8 @@ def load(
     cpu_memory: int | str | None = None, offload_dir: str | os.PathLike | None = None, *,
     dtype: torch.dtype | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
     micro_batches: int = 1, lookahead: int = 2, io_threads: int = 4, resident_weights: int | str | None = None,
-    read_backend: str = "auto", progress: bool = False,
+    read_backend: str = "auto", progress: bool = False, kv_quant: str | None = None,
+    kv_group_size: int | None = None,
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
@@ -66,6 +68,10 @@ def load(
     all-offloaded placement does). read_backend picks how the GPU path reads blocks that stay on disk:
     "posix" (O_DIRECT preadv pool), "kvikio", or "auto" (the faster by a cached probe of this
     machine). offload_dir is reserved for the disk KV tier (not used yet).
+    kv_quant: None (K and V in the compute dtype), "int8" or "int4": the KV cache stores K and V
+    quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
+    zero per kv_group_size values (None = one group per head, else a divisor of head_dim); attention
+    sees them dequantized. The KV budget reservation counts the quantized footprint.
     """
     if offload_dir is not None:
         raise ConfigError("offload_dir (disk KV tier) is not supported yet; leave it None")
@@ -73,16 +79,18 @@ def load(
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
                             resident_weights=parse_size(resident_weights), read_backend=read_backend,
-                            progress=progress)
+                            progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size)
 
 
 def load_from_reader(
     reader, device: str, gpu_memory: int | None, cpu_memory: int | None, *, dtype: torch.dtype | None,
     max_batch_size: int, max_seq_len: int | None, micro_batches: int, lookahead: int, io_threads: int,
-    resident_weights: int | None, progress: bool, read_backend: str = "auto",
+    resident_weights: int | None, progress: bool, read_backend: str = "auto", kv_quant: str | None = None,
+    kv_group_size: int | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     cfg = model_config_from_hf(reader.model_config)
+    kv_q = kv_scheme(kv_quant, cfg.head_dim, kv_group_size)
     check_weights(cfg, {b: reader.tensor_specs(b) for b in reader.block_names})
     max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
     prefetch = PrefetchConfig(lookahead=lookahead, io_threads=io_threads)
@@ -92,28 +100,31 @@ def load_from_reader(
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
-                                  micro_batches, prefetch, resident_weights, progress, read_backend)
+                                  micro_batches, prefetch, resident_weights, progress, read_backend,
+                                  kv_quant=kv_q)
     elif dev.type == "cpu":
         dtype = dtype or torch.float32
-        source = build_cpu_source(reader, cfg, dtype, cpu_memory, max_batch_size, max_seq_len, prefetch)
+        source = build_cpu_source(reader, cfg, dtype, cpu_memory, max_batch_size, max_seq_len, prefetch,
+                                  kv_quant=kv_q)
     else:
         raise ConfigError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
     head_has_lm_head = LM_HEAD in reader.tensor_specs("head")
     executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
-    return Model(cfg, executor, source, reader, max_batch_size, max_seq_len)
+    return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q)
 
 
 class Model:
     """A loaded model: forward(), generate(), generate_text(); close() or use as a context manager."""
 
     def __init__(self, cfg: ModelConfig, executor: Executor, source, reader,
-                 max_batch_size: int, max_seq_len: int) -> None:
+                 max_batch_size: int, max_seq_len: int, kv_quant: QuantScheme | None = None) -> None:
         self.config = cfg
         self.executor = executor
         self.source = source
         self.reader = reader
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.kv_quant = kv_quant  # scheme of the KV caches generate() allocates (None: dense)
         self._tokenizer = None
         self._closed = False
 
@@ -191,7 +202,8 @@ class Model:
                 if generator is None and sampling.do_sample:
                     seed = int(torch.randint(0, 2**62, (1,)))
                     generator = torch.Generator(device=self.device).manual_seed(seed)
-            cache = KVCache.allocate(self.config, B, T + max_new_tokens, self.dtype, self.device)
+            cache = KVCache.allocate(self.config, B, T + max_new_tokens, self.dtype, self.device,
+                                     kv_quant=self.kv_quant)
             state = DecodeState.start(input_ids, attention_mask, cache, generator)
             if session is not None:
                 session._start(self.config, state, sampling)
@@ -254,7 +266,8 @@ class Model:
 
     def info(self) -> dict:
         """Placement and sizes: where each block lives, budgets, KV reservation."""
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        kv = "none" if self.kv_quant is None else f"{self.kv_quant.name} (group {self.kv_quant.group_size})"
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "kv_quant": kv,
                 **self.source.describe()}
 
     def close(self) -> None:

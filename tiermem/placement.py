@@ -19,6 +19,8 @@ from tiermem.disk_tier import DiskStager
 from tiermem.engine.config import ModelConfig
 from tiermem.errors import BudgetError
 from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
+from tiermem.kernels.kv_quant import kv_bytes_per_vector
+from tiermem.kernels.quant import QuantScheme
 from tiermem.pinned import PinnedArena
 from tiermem.read_backend import choose_backend, make_backend
 from tiermem.residency import TieredWeights, plan_residency
@@ -29,9 +31,15 @@ HOST_ONLY = ("embed",)
 WORKSPACE_MARGIN = 256 << 20
 
 
-def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype) -> int:
-    """Bytes of a KV cache: layers x (K and V) x [batch, kv heads, seq, head dim]."""
-    return cfg.num_layers * 2 * batch * cfg.num_kv_heads * seq * cfg.head_dim * dtype.itemsize
+def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype,
+                   kv_quant: QuantScheme | None = None) -> int:
+    """Bytes of a KV cache: layers x (K and V) x [batch, kv heads, seq, head dim].
+
+    kv_quant: K and V stored as int8/int4 codes plus fp16 scale and zero per group of head_dim
+    (tiermem.kernels.kv_quant); `dtype` is then only what attention computes in.
+    """
+    per_vector = cfg.head_dim * dtype.itemsize if kv_quant is None else kv_bytes_per_vector(cfg.head_dim, kv_quant)
+    return cfg.num_layers * 2 * batch * cfg.num_kv_heads * seq * per_vector
 
 
 def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype,
@@ -73,8 +81,9 @@ class CpuSource:
 
 
 def build_cpu_source(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, cpu_memory: int | None,
-                     max_batch: int, max_seq: int, prefetch: PrefetchConfig) -> CpuSource:
-    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype)
+                     max_batch: int, max_seq: int, prefetch: PrefetchConfig,
+                     kv_quant: QuantScheme | None = None) -> CpuSource:
+    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
     budget = None if cpu_memory is None else cpu_memory - kv
     if budget is not None and budget <= 0:
         raise BudgetError(f"cpu_memory {format_size(cpu_memory)} does not even hold the KV cache "
@@ -113,11 +122,11 @@ class GpuSource:
 def build_gpu_source(
     reader: StoreReader, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_memory: int | None,
     cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int, prefetch: PrefetchConfig,
-    resident_cap: int | None, progress: bool, read_backend: str = "auto",
+    resident_cap: int | None, progress: bool, read_backend: str = "auto", kv_quant: QuantScheme | None = None,
 ) -> GpuSource:
     """Place blocks in HBM / pinned host memory within the budgets and load them (see module doc)."""
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
-    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype)
+    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
     work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, quantized=reader.quant is not None)
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
     weights_budget = budget - kv - work

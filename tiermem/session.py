@@ -11,7 +11,8 @@
 
 A session holds the tokens so far, the attention mask, the KV cache, which rows have not finished,
 the sampling settings and the sampler's torch.Generator. Its state dict keeps only the filled part
-of the KV cache; the cache grows again when generation continues.
+of the KV cache (for a quantized cache: its codes, scales and zeros, and the scheme); the cache
+grows again when generation continues.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 
 from tiermem.engine.config import ModelConfig
 from tiermem.engine.generate import DecodeState, Sampling
-from tiermem.engine.kv_cache import KVCache
+from tiermem.engine.kv_cache import KVCache, QuantizedKV
 from tiermem.errors import ConfigError
+from tiermem.kernels.quant import QuantScheme
 
 FORMAT = "tiermem-generation-session"
 VERSION = 1
@@ -126,7 +128,6 @@ class GenerationSession:
         """
         state = self._require_started()
         cache, s = state.cache, self._sampling
-        L = cache.length
         if state.generator is not None:
             rng = {"device": state.generator.device.type, "state": state.generator.get_state()}
         elif self._rng is not None:
@@ -144,8 +145,7 @@ class GenerationSession:
             "sampling": {"do_sample": s.do_sample, "temperature": s.temperature, "top_k": s.top_k,
                          "top_p": s.top_p, "eos_token_id": list(s.eos_token_id), "pad_token_id": s.pad_token_id},
             "rng": rng,
-            "kv": {"length": L, "keys": [k[:, :, :L] for k in cache.keys],
-                   "values": [v[:, :, :L] for v in cache.values]},
+            "kv": _kv_state(cache),
         }
 
     @classmethod
@@ -165,19 +165,19 @@ class GenerationSession:
         try:
             tokens, mask, unfinished = sd["tokens"], sd["attention_mask"], sd["unfinished"]
             kv, sampling, rng = sd["kv"], sd["sampling"], sd["rng"]
-            length, keys, values = int(kv["length"]), list(kv["keys"]), list(kv["values"])
+            length, keys, values = int(kv["length"]), _kv_layers(kv, "keys"), _kv_layers(kv, "values")
             new_tokens = int(sd["new_tokens"])
             sampling = Sampling(bool(sampling["do_sample"]), float(sampling["temperature"]),
                                 int(sampling["top_k"]), float(sampling["top_p"]),
                                 tuple(int(e) for e in sampling["eos_token_id"]), sampling["pad_token_id"])
             model = dict(sd["model"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
             raise ConfigError(f"GenerationSession state dict is incomplete or malformed ({exc!r}); "
                               "pass what GenerationSession.state_dict() returned") from None
         B, width = tokens.shape
         if (tuple(mask.shape) != (B, width) or tuple(unfinished.shape) != (B,) or not 0 <= length < width
                 or not 0 <= new_tokens < width or len(keys) != len(values)
-                or any(k.shape[0] != B or k.shape[2] != length or k.shape != v.shape
+                or any(k.shape[0] != B or k.shape[2] != length or tuple(k.shape) != tuple(v.shape)
                        for k, v in zip(keys, values, strict=True))):
             raise ConfigError("GenerationSession state dict is inconsistent: tokens, attention_mask, "
                               "unfinished and the KV cache disagree in batch or length")
@@ -224,7 +224,7 @@ class GenerationSession:
         if diffs:
             raise ConfigError("this GenerationSession was started on a model with a different config ("
                               + "; ".join(diffs) + "): continue it on the model it was started on")
-        kv_dtype = state.cache.keys[0].dtype if state.cache.keys else dtype
+        kv_dtype = state.cache.dtype or dtype
         if kv_dtype != dtype:
             raise ConfigError(f"this GenerationSession's KV cache is {kv_dtype}, the model computes in {dtype}: "
                               f"load the model with dtype={kv_dtype}")
@@ -248,3 +248,33 @@ class GenerationSession:
             generator.set_state(state.generator.get_state())
             state.generator = generator
         return state
+
+
+def _kv_state(cache: KVCache) -> dict[str, Any]:
+    """The filled slots of the cache: dense K/V tensors, or codes/scale/zero per layer plus the scheme."""
+    L = cache.length
+    scheme = cache.kv_quant
+    if scheme is None:
+        return {"length": L, "quant": None, "keys": [k[:, :, :L] for k in cache.keys],
+                "values": [v[:, :, :L] for v in cache.values]}
+
+    def part(t: QuantizedKV) -> dict[str, torch.Tensor]:
+        return {"codes": t.codes[:, :, :L], "scale": t.scale[:, :, :L], "zero": t.zero[:, :, :L]}
+
+    return {"length": L,
+            "quant": {"bits": scheme.bits, "group_size": scheme.group_size,
+                      "dtype": str(cache.dtype).removeprefix("torch.")},
+            "keys": [part(k) for k in cache.keys], "values": [part(v) for v in cache.values]}
+
+
+def _kv_layers(kv: dict[str, Any], which: str) -> list[torch.Tensor | QuantizedKV]:
+    """The saved K or V of every layer, as the cache holds them (a state dict without "quant" is dense)."""
+    quant = kv.get("quant")
+    if quant is None:
+        return list(kv[which])
+    scheme = QuantScheme(bits=int(quant["bits"]), group_size=int(quant["group_size"]))
+    dtype = getattr(torch, str(quant["dtype"]))
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown KV dtype {quant['dtype']!r}")
+    return [QuantizedKV(p["codes"].to(torch.uint8), p["scale"].to(torch.float16), p["zero"].to(torch.float16),
+                        scheme, dtype) for p in kv[which]]
