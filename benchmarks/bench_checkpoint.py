@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from tiermem.ceilings import drop_page_cache
 from tiermem.checkpoint import AsyncCheckpointer, verify
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -55,16 +56,6 @@ def nbytes_of(sd: dict[str, torch.Tensor]) -> int:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def release_pinned() -> None:
@@ -97,7 +88,7 @@ def measure_disk(root: Path, nbytes: int) -> dict:
     """Write `nbytes` with 64 MiB writes, then fsync (dd bs=64M conv=fsync), from random bytes."""
     buf = torch.randint(0, 256, (WRITE,), dtype=torch.uint8).numpy()
     path = root / "raw.bin"
-    drop_caches()
+    drop_page_cache()
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -118,7 +109,7 @@ def measure_tiermem(sd: dict[str, torch.Tensor], root: Path, device: str, backen
     result = {"backend": backend, "staging_alloc_s": time.perf_counter() - t0}
     path = root / f"tiermem-{backend}"
     try:
-        drop_caches()
+        drop_page_cache()
         sync(device)
         t0 = time.perf_counter()
         handle = ckpt.save(sd, path)
@@ -140,7 +131,7 @@ def measure_tiermem(sd: dict[str, torch.Tensor], root: Path, device: str, backen
 
 
 def measure_torch_save(sd: dict[str, torch.Tensor], root: Path, device: str) -> dict:
-    drop_caches()
+    drop_page_cache()
     sync(device)
     t0 = time.perf_counter()
     torch.save(sd, root / "torch_save.pt")
@@ -153,7 +144,7 @@ def measure_torch_save(sd: dict[str, torch.Tensor], root: Path, device: str) -> 
 def measure_dcp(sd: dict[str, torch.Tensor], root: Path, device: str) -> dict:
     import torch.distributed.checkpoint as dcp
 
-    drop_caches()
+    drop_page_cache()
     try:
         sync(device)
         t0 = time.perf_counter()
@@ -218,7 +209,7 @@ def main() -> None:
     sync(args.device)
     nbytes = nbytes_of(sd)
     result["state"] = {"bytes": nbytes, "GB": nbytes / 1e9, "tensors": len(sd), "dtype": "bfloat16",
-                       "device": args.device, "drop_caches": drop_caches()}
+                       "device": args.device, "drop_caches": drop_page_cache()}
     result["d2h"] = measure_d2h(sd, args.device)
     release_pinned()
     result["disk"] = measure_disk(root, nbytes)

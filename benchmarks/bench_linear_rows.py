@@ -10,32 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from tiermem.ceilings import median_seconds
 from tiermem.kernels import cupy_ops, ops
 from tiermem.kernels.quant import QuantScheme, quantize
 from tiermem.kernels.reference import linear as dense_linear
 
 SHAPES = [(13824, 5120), (28672, 8192), (8192, 28672)]
 ROWS = [8, 16, 24, 32, 48, 64]
-
-
-def median_ms(fn, reps: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def chunked(x: torch.Tensor, w) -> torch.Tensor:
@@ -64,8 +50,8 @@ def main() -> None:
         for rows in ROWS:
             x = torch.randn(rows, in_f, device="cuda", dtype=torch.float16)
             results.append({"out": out_f, "in": in_f, "rows": rows,
-                            "gemv_chunks_ms": median_ms(rotating(chunked, x, weights)),
-                            "dequant_matmul_ms": median_ms(rotating(dequant_matmul, x, weights))})
+                            "gemv_chunks_ms": 1e3 * median_seconds(rotating(chunked, x, weights), 30),
+                            "dequant_matmul_ms": 1e3 * median_seconds(rotating(dequant_matmul, x, weights), 30)})
     report = {"command": "python3 " + " ".join(shlex.quote(a) for a in sys.argv),
               "gpu": torch.cuda.get_device_name(), "split_rows_in_use": ops.GEMV_SPLIT_ROWS, "results": results}
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 
-def _median_seconds(fn: Callable[[], None], reps: int) -> float:
+def median_seconds(fn: Callable[[], None], reps: int) -> float:
     """Median wall time of fn() measured with CUDA events (one warm-up call first)."""
     fn()
     torch.cuda.synchronize()
@@ -29,7 +30,7 @@ def measure_h2d(nbytes: int = 1 << 30, reps: int = 10, device: str = "cuda") -> 
     """Pinned host -> HBM copy bandwidth in bytes/s (one large copy, median of reps)."""
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).random_(0, 255)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    seconds = _median_seconds(lambda: dev.copy_(host, non_blocking=True), reps)
+    seconds = median_seconds(lambda: dev.copy_(host, non_blocking=True), reps)
     return nbytes / seconds
 
 
@@ -37,8 +38,19 @@ def measure_hbm(nbytes: int = 2 << 30, reps: int = 10, device: str = "cuda") -> 
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), reps)
+    seconds = median_seconds(lambda: dst.copy_(src), reps)
     return 2 * nbytes / seconds
+
+
+def drop_page_cache() -> bool:
+    """Write back and drop the page cache (root only); False where not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def measure_ceilings(device: str = "cuda") -> dict[str, float]:

@@ -9,6 +9,7 @@ import platform
 import time
 from pathlib import Path
 
+from tiermem.ceilings import drop_page_cache
 from tiermem.errors import ConfigError
 from tiermem.pinned import PinnedArena
 from tiermem.storage.backends.kvikio import KvikioBackend, kvikio_available
@@ -28,15 +29,6 @@ def make_backend(name: str, threads: int):
     raise ConfigError(f"unknown read backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def _drop_page_cache() -> bool:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
-
 def measure_backends(files: list[Path], threads: int, nbytes_cap: int = 2 << 30) -> dict[str, float]:
     """Cold read bandwidth (bytes/s) of each available backend over up to nbytes_cap of `files`
     (the "bytes" entry says how much was read)."""
@@ -51,7 +43,7 @@ def measure_backends(files: list[Path], threads: int, nbytes_cap: int = 2 << 30)
     with PinnedArena(max(f.stat().st_size for f in chosen)) as arena:
         buf = arena.take(arena.capacity)
         for name in names:
-            _drop_page_cache()
+            drop_page_cache()
             with make_backend(name, threads) as backend:
                 start = time.perf_counter()
                 for f in chosen:
