@@ -124,3 +124,25 @@ def test_disk_tier_streams_blocks_that_fit_neither_budget(stores):
         stager = m.source.weights.disk
         assert stager.bytes_read >= 13 * info["disk_bytes_per_step"]  # every step re-reads the disk blocks
     assert torch.equal(out, ref) and torch.equal(tokens, ref_tokens)
+
+
+def test_load_follows_a_planner_placement(stores):
+    """Written at the end of session 1 and not yet run on a GPU: run it first."""
+    from tiermem.planner import Hardware, Workload, plan
+    from tiermem.storage.format import StoreReader
+
+    reader = StoreReader(stores["int4"])
+    cfg = model_config_from_hf(reader.model_config)
+    sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
+    hw = Hardware(disk_read_Bps=1.3e9, h2d_Bps=55e9, hbm_Bps=4e12, matmul_flops=6e14, cpu_memcpy_Bps=1e10)
+    workload = Workload.from_config(cfg, sizes, batch=2, prompt_len=12, gen_len=12, dtype=torch.float16,
+                                    quantized=True)
+    gpu_memory = 512 << 20
+    chosen = plan(workload, hw, gpu_memory, 1 << 30, kv="gpu", gpu_blocks=2, lookahead=2)
+    ids, mask = prompts()
+    with tiermem.load(stores["int4"], device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=24,
+                      gpu_memory=gpu_memory, plan=chosen) as m:
+        assert m.info()["gpu_resident_blocks"] == 2
+        out = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+    with tiermem.load(stores["int4"], device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=24) as m:
+        assert torch.equal(out, m.generate(ids, 12, attention_mask=mask, eos_token_id=[]))

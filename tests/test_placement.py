@@ -39,3 +39,26 @@ def test_host_tier_keeps_embedding_then_fills_ram_and_sends_the_rest_to_disk():
         plan_host_tier(SIZES, ORDER, [], cpu_memory=39, lookahead=2)
     with pytest.raises(BudgetError, match="cpu_memory"):
         plan_host_tier(SIZES, ORDER, [], cpu_memory=40 + 250, lookahead=2)
+
+
+def test_follow_plan_checks_the_store_and_the_budgets():
+    from tiermem.errors import ConfigError
+    from tiermem.placement import follow_plan
+    from tiermem.planner import Plan
+
+    chosen = Plan(("layers.0",), ("layers.1", "head"), ("layers.2", "layers.3"), lookahead=1)
+    assert Plan.from_dict(vars(chosen)) == chosen
+    resident, host, disk, weight_bytes, staging = follow_plan(chosen, SIZES, ORDER, weights_budget=300,
+                                                              cpu_memory=40 + 160 + 200)
+    assert (resident, host, disk) == (["layers.0"], ["embed", "layers.1", "head"], ["layers.2", "layers.3"])
+    assert weight_bytes == 100 + 2 * 100 and staging == 2 * 100
+    with pytest.raises(BudgetError, match="GPU memory"):
+        follow_plan(chosen, SIZES, ORDER, weights_budget=299, cpu_memory=None)
+    with pytest.raises(BudgetError, match="pinned host"):
+        follow_plan(chosen, SIZES, ORDER, weights_budget=300, cpu_memory=399)
+    with pytest.raises(ConfigError, match="store has blocks"):
+        follow_plan(Plan(("layers.0",), (), ()), SIZES, ORDER, weights_budget=10**6, cpu_memory=None)
+    with pytest.raises(ConfigError, match="KV cache on the CPU"):
+        follow_plan(Plan(ORDER[1:], (), (), kv="cpu"), SIZES, ORDER, weights_budget=10**6, cpu_memory=None)
+    with pytest.raises(ConfigError, match="unknown fields"):
+        Plan.from_dict({"gpu_blocks": [], "colour": "red"})

@@ -17,6 +17,7 @@ from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
 from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kernels.quant import QuantScheme
 from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
+from tiermem.planner import Plan
 from tiermem.session import GenerationSession
 from tiermem.storage.format import StoreReader
 from tiermem.storage.hf import HFCheckpoint
@@ -55,7 +56,7 @@ def load(
     dtype: torch.dtype | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
     micro_batches: int = 1, lookahead: int = 2, io_threads: int = 4, resident_weights: int | str | None = None,
     read_backend: str = "auto", progress: bool = False, kv_quant: str | None = None,
-    kv_group_size: int | None = None,
+    kv_group_size: int | None = None, plan: Plan | None = None,
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
@@ -72,6 +73,8 @@ def load(
     quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
     zero per kv_group_size values (None = one group per head, else a divisor of head_dim); attention
     sees them dequantized. The KV budget reservation counts the quantized footprint.
+    plan: on CUDA, follow a tiermem.planner.Plan (from `tiermem plan --json`, Plan.from_dict) for the
+    block placement and lookahead instead of the greedy placement; it is checked against the budgets.
     """
     if offload_dir is not None:
         raise ConfigError("offload_dir (disk KV tier) is not supported yet; leave it None")
@@ -79,14 +82,14 @@ def load(
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
                             resident_weights=parse_size(resident_weights), read_backend=read_backend,
-                            progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size)
+                            progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size, plan=plan)
 
 
 def load_from_reader(
     reader, device: str, gpu_memory: int | None, cpu_memory: int | None, *, dtype: torch.dtype | None,
     max_batch_size: int, max_seq_len: int | None, micro_batches: int, lookahead: int, io_threads: int,
     resident_weights: int | None, progress: bool, read_backend: str = "auto", kv_quant: str | None = None,
-    kv_group_size: int | None = None,
+    kv_group_size: int | None = None, plan: Plan | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     cfg = model_config_from_hf(reader.model_config)
@@ -101,8 +104,10 @@ def load_from_reader(
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, prefetch, resident_weights, progress, read_backend,
-                                  kv_quant=kv_q)
+                                  kv_quant=kv_q, plan=plan)
     elif dev.type == "cpu":
+        if plan is not None:
+            raise ConfigError("a plan places blocks for the GPU path; on the CPU pass cpu_memory instead")
         dtype = dtype or torch.float32
         source = build_cpu_source(reader, cfg, dtype, cpu_memory, max_batch_size, max_seq_len, prefetch,
                                   kv_quant=kv_q)

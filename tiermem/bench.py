@@ -42,6 +42,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=2)
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="follow a placement written by `tiermem plan --json FILE` (records its prediction)")
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--plot", default=None, help="draw tok/s vs batch (PNG) here")
 
@@ -79,7 +81,14 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int):
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
         lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights),
-        read_backend=args.read_backend, progress=True)
+        read_backend=args.read_backend, progress=True, plan=_plan(args))
+
+
+def _plan(args: argparse.Namespace):
+    """The Plan of --plan FILE, or None (greedy placement)."""
+    from tiermem.planner import Plan
+
+    return Plan.from_dict(json.loads(Path(args.plan).read_text())["plan"]) if args.plan else None
 
 
 def _synthetic_source(args: argparse.Namespace):
@@ -159,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                     "cuda": torch.version.cuda},
         "ceilings": ceilings, "model": args.synthetic or args.store, "quant": args.quant,
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
+        "plan": json.loads(Path(args.plan).read_text()) if args.plan else None,
     }
 
 

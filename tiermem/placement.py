@@ -17,11 +17,12 @@ from tqdm import tqdm
 from tiermem.config import PrefetchConfig, format_size
 from tiermem.disk_tier import DiskStager
 from tiermem.engine.config import ModelConfig
-from tiermem.errors import BudgetError
+from tiermem.errors import BudgetError, ConfigError
 from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
 from tiermem.kernels.kv_quant import kv_bytes_per_vector
 from tiermem.kernels.quant import QuantScheme
 from tiermem.pinned import PinnedArena
+from tiermem.planner import Plan
 from tiermem.read_backend import choose_backend, make_backend
 from tiermem.residency import TieredWeights, plan_residency
 from tiermem.storage.backends.posix import PosixBackend
@@ -123,8 +124,12 @@ def build_gpu_source(
     reader: StoreReader, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_memory: int | None,
     cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int, prefetch: PrefetchConfig,
     resident_cap: int | None, progress: bool, read_backend: str = "auto", kv_quant: QuantScheme | None = None,
+    plan: Plan | None = None,
 ) -> GpuSource:
-    """Place blocks in HBM / pinned host memory within the budgets and load them (see module doc)."""
+    """Place blocks in HBM / pinned host memory / disk within the budgets and load them (see module doc).
+
+    plan: a tiermem.planner.Plan to follow instead of the greedy placement (its lookahead too).
+    """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
     work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, quantized=reader.quant is not None)
@@ -134,10 +139,15 @@ def build_gpu_source(
         raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(kv)}) "
                           f"and activations ({format_size(work)}) of {max_batch} x {max_seq} tokens: raise "
                           "gpu_memory or lower max_batch_size / max_seq_len / raise micro_batches")
-    resident, weight_bytes = plan_gpu_residency(sizes, reader.block_names, HOST_ONLY, weights_budget,
-                                                prefetch.lookahead, resident_cap)
-    host_names, disk_names, staging = plan_host_tier(sizes, reader.block_names, resident, cpu_memory,
-                                                     prefetch.lookahead)
+    if plan is not None:
+        prefetch = PrefetchConfig(lookahead=plan.lookahead, io_threads=prefetch.io_threads)
+        resident, host_names, disk_names, weight_bytes, staging = follow_plan(
+            plan, sizes, reader.block_names, weights_budget, cpu_memory)
+    else:
+        resident, weight_bytes = plan_gpu_residency(sizes, reader.block_names, HOST_ONLY, weights_budget,
+                                                    prefetch.lookahead, resident_cap)
+        host_names, disk_names, staging = plan_host_tier(sizes, reader.block_names, resident, cpu_memory,
+                                                         prefetch.lookahead)
     host_bytes = sum(sizes[b] for b in host_names)
     store_dir = getattr(reader, "path", None)
     backend_name = "posix" if store_dir is None else choose_backend(read_backend, store_dir, prefetch.io_threads)
@@ -171,6 +181,37 @@ def build_gpu_source(
             "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget,
             "read_backend": backend_name}
     return GpuSource(weights, arena, backend, plan)
+
+
+def follow_plan(plan: Plan, sizes: dict[str, int], order: list[str], weights_budget: int,
+                cpu_memory: int | None) -> tuple[list[str], list[str], list[str], int, int]:
+    """Pure: a planner's placement checked against this store and the budgets as tiermem accounts them.
+
+    Returns (GPU-resident, host, disk blocks, HBM weight bytes, pinned staging bytes); ConfigError when
+    the plan does not place every block exactly once or asks for what the runtime lacks (KV off the GPU),
+    BudgetError when it does not fit.
+    """
+    if plan.kv != "gpu":
+        raise ConfigError("this plan keeps the KV cache on the CPU, which the runtime cannot do yet: plan "
+                          "again with kv='gpu' (tiermem plan ... --kv gpu)")
+    placed = [*plan.gpu_blocks, *plan.host_blocks, *plan.disk_blocks, *HOST_ONLY]
+    if sorted(placed) != sorted(order):
+        raise ConfigError(f"the plan places {sorted(placed)} but the store has blocks {sorted(order)}: "
+                          "make the plan for this store")
+    ring = plan.lookahead + 1
+    streamed = [*plan.host_blocks, *plan.disk_blocks]
+    weight_bytes = sum(sizes[b] for b in plan.gpu_blocks) + ring * max((sizes[b] for b in streamed), default=0)
+    staging = ring * max((sizes[b] for b in plan.disk_blocks), default=0)
+    host_bytes = sum(sizes[b] for b in [*plan.host_blocks, *HOST_ONLY]) + staging
+    if weight_bytes > weights_budget:
+        raise BudgetError(f"the plan needs {format_size(weight_bytes)} of GPU memory for weights but "
+                          f"{format_size(weights_budget)} are left after KV and activations: plan again for "
+                          "these budgets")
+    if cpu_memory is not None and host_bytes > cpu_memory:
+        raise BudgetError(f"the plan needs {format_size(host_bytes)} of pinned host memory but cpu_memory is "
+                          f"{format_size(cpu_memory)}: plan again for these budgets")
+    host = [b for b in order if b in HOST_ONLY or b in plan.host_blocks]
+    return list(plan.gpu_blocks), host, list(plan.disk_blocks), weight_bytes, staging
 
 
 def plan_host_tier(sizes: dict[str, int], order: list[str], gpu_resident: list[str], cpu_memory: int | None,

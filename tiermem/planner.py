@@ -33,7 +33,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from tiermem.config import format_size
 from tiermem.cost_model import (
@@ -72,6 +72,16 @@ class Plan:
     breakdown: Mapping[str, float] = field(default_factory=dict)  # seconds per stage (cost_model.step_cost)
     memory: Mapping[str, int] = field(default_factory=dict)  # bytes per tier and part (cost_model.memory)
     bound: str = ""  # the stage that sets the step time
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Plan:
+        """The inverse of vars(plan), as `tiermem plan --json` writes it under "plan"."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"not a tiermem plan: unknown fields {sorted(unknown)}")
+        tuples = ("gpu_blocks", "host_blocks", "disk_blocks", "host_only")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
     @classmethod
     def build(cls, workload: Workload, gpu: Choice = 0, host: Choice = None, **options) -> Plan:
