@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tiermem.engine.families import llama, opt
+from tiermem.engine.families import llama, opt, output
 from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
 from tiermem.kernels.quant import QuantizedWeight
 
@@ -232,6 +232,16 @@ def _shape_and_dtype(spec: Any) -> tuple[tuple[int, ...], Any]:
     if len(spec) == 2 and isinstance(spec[0], (tuple, list, torch.Size)):
         return tuple(spec[0]), spec[1]
     return tuple(spec), None
+
+
+def tied_head_alias(cfg: ModelConfig) -> dict[str, str]:
+    """{"lm_head.weight": embedding name} when the output projection is tied to the embedding, else {}.
+
+    tiermem stores that copy in the "head" block (pack, synthetic stores), so that the head never needs
+    the embedding table on the GPU.
+    """
+    block, name = family_module(cfg).lm_head_weight_name(cfg)
+    return {output.LM_HEAD: name} if block == "embed" else {}
 
 
 def check_weights(cfg: ModelConfig, specs: Mapping[str, Any]) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from tiermem.config import PrefetchConfig, format_size, parse_size
-from tiermem.engine.config import ModelConfig, check_weights, family_module, model_config_from_hf
+from tiermem.engine.config import ModelConfig, check_weights, model_config_from_hf, tied_head_alias
 from tiermem.engine.executor import Executor
+from tiermem.engine.families import output
 from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
@@ -22,8 +23,6 @@ from tiermem.session import GenerationSession
 from tiermem.storage.format import StoreReader
 from tiermem.storage.hf import HFCheckpoint
 from tiermem.storage.pack import pack_checkpoint
-
-LM_HEAD = "lm_head.weight"
 
 
 def pack(
@@ -44,8 +43,7 @@ def pack(
         scheme = QuantScheme.from_name(quant, group_size)
     except ConfigError as exc:
         raise PackError(str(exc)) from exc
-    block, embed_name = family_module(cfg).lm_head_weight_name(cfg)
-    aliases = {LM_HEAD: embed_name} if block == "embed" and LM_HEAD not in ckpt.tensor_names else {}
+    aliases = {k: v for k, v in tied_head_alias(cfg).items() if k not in ckpt.tensor_names}
     return pack_checkpoint(src_hf_dir, dst_store, scheme, progress=progress, dtype=dtype,
                            overwrite=overwrite, aliases=aliases)
 
@@ -113,7 +111,7 @@ def load_from_reader(
                                   kv_quant=kv_q)
     else:
         raise ConfigError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
-    head_has_lm_head = LM_HEAD in reader.tensor_specs("head")
+    head_has_lm_head = output.LM_HEAD in reader.tensor_specs("head")
     executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q)
 

@@ -77,19 +77,9 @@ class GpuWeights:
                   torch.cuda.Event(), torch.cuda.Event())
             for _ in range(lookahead + 1 if streamed else 0)
         ]
-        self.bytes_copied = 0
         self._next_slot = 0
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
-
-    @property
-    def hbm_bytes(self) -> int:
-        tensors = [*self.resident.values(), *(s.buffer for s in self.slots)]
-        return sum(t.numel() for t in tensors)
-
-    def streamed_bytes_per_pass(self, names: Sequence[str]) -> int:
-        """Bytes that cross PCIe when `names` are streamed once."""
-        return sum(self._nbytes(n) for n in names if self._is_streamed(n))
 
     def _nbytes(self, name: str) -> int:
         return self.disk.reader.block_nbytes(name) if name in self.disk_names else self.host_blocks[name].numel()
@@ -167,7 +157,6 @@ class GpuWeights:
             slot.ready.record(self.copy_stream)
             if name in self.disk_names:
                 self._disk_copied.record(self.copy_stream)
-        self.bytes_copied += src.numel()
         return slot
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tiermem.engine.config import expected_weights, family_module, model_config_from_hf
+from tiermem.engine.config import expected_weights, model_config_from_hf, tied_head_alias
 from tiermem.kernels.quant import QuantScheme, quantize
 from tiermem.storage.durable import atomic_directory
 from tiermem.storage.format import StoreWriter, TensorSpec, decode_entry, encode_block, planned_block_nbytes
@@ -77,9 +77,8 @@ class SyntheticStore:
         self.path = None
         cfg = model_config_from_hf(hf_config)
         shapes = expected_weights(cfg)
-        if family_module(cfg).lm_head_weight_name(cfg)[0] == "embed":  # tied: a copy in "head", as pack does
-            embed_name = family_module(cfg).lm_head_weight_name(cfg)[1]
-            shapes["head"]["lm_head.weight"] = shapes["embed"][embed_name]
+        for name, source in tied_head_alias(cfg).items():  # a copy in "head", as tiermem.pack stores it
+            shapes["head"][name] = shapes["embed"][source]
         self._shapes = shapes
         self.block_names = cfg.block_names
         self._nbytes = {b: self._plan(b) for b in self.block_names}
