@@ -30,18 +30,9 @@ from tiermem.engine.kv_cache import KVCache  # noqa: E402
 SCHEMES = (("int8", None), ("int4", None), ("int4", 8))
 
 
-def cached_logits(model, ids, mask, prompt, kv_quant):
-    """Teacher-forced logits [B, N, V] through a KV cache: prefill `prompt` tokens, then one token a step."""
-    B, N = ids.shape
-    cache = KVCache.allocate(model.config, B, N, model.dtype, model.device, kv_quant=kv_quant)
-    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache)]
-    for t in range(prompt, N):
-        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache))
-    return torch.cat(out, dim=1).float()
-
 
 def measure(variant: str, root: Path, batch: int, prompt: int, new: int) -> dict:
-    from hf_models import build_tiny
+    from hf_models import build_tiny, cached_logits
 
     store = tiermem.pack(build_tiny(variant, root / variant / "hf"), root / variant / "store", progress=False)
     ids = torch.randint(3, 256, (batch, prompt), generator=torch.Generator().manual_seed(0))

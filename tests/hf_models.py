@@ -90,3 +90,29 @@ def load_tiny(directory: str | Path):
 
     return AutoModelForCausalLM.from_pretrained(
         Path(directory), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: the logits comparison used throughout the tests."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """2 rows of 10 tokens (ids in [3, 256)), the second left-padded by 4: (ids, attention_mask)."""
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :4] = 0
+    mask[1, :4] = 0
+    return ids, mask
+
+
+def cached_logits(model, ids: torch.Tensor, mask: torch.Tensor, prompt: int, kv_quant) -> torch.Tensor:
+    """Teacher-forced logits [B, N, V] through a KV cache: prefill `prompt` tokens, then one token a step."""
+    from tiermem.engine.kv_cache import KVCache
+
+    B, N = ids.shape
+    cache = KVCache.allocate(model.config, B, N, model.dtype, model.device, kv_quant=kv_quant)
+    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache)]
+    for t in range(prompt, N):
+        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache))
+    return torch.cat(out, dim=1).float()

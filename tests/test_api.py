@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from hf_models import VARIANTS, build_tiny, load_tiny
+from hf_models import VARIANTS, build_tiny, left_padded_batch, load_tiny, rel_err
 
 import tiermem
 from tiermem.engine.config import model_config_from_hf
@@ -14,18 +14,9 @@ from tiermem.storage.format import StoreReader
 pytest.importorskip("transformers")
 
 
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.fixture(scope="module")
 def batch():
-    """2 rows of 10 tokens, the second left-padded by 4."""
-    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    ids[1, :4] = 0
-    mask[1, :4] = 0
-    return ids, mask
+    return left_padded_batch()
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from hf_models import VARIANTS, build_tiny, load_tiny
+from hf_models import VARIANTS, build_tiny, load_tiny, rel_err
 from safetensors.torch import load_file
 
 from tiermem.engine.config import check_weights, model_config_from_hf
@@ -15,10 +15,6 @@ from tiermem.engine.weights import DictWeightSource, split_state_dict
 from tiermem.kernels.quant import QuantScheme, quantize
 
 pytest.importorskip("transformers")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 class Tiny:

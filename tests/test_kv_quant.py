@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import build_tiny
+from hf_models import build_tiny, cached_logits, left_padded_batch, rel_err
 
 import tiermem
 from tiermem import GenerationSession
@@ -20,8 +20,6 @@ from tiermem.storage.format import StoreReader
 SCHEMES = [QuantScheme(8, 64), QuantScheme(8, 16), QuantScheme(4, 64), QuantScheme(4, 32), QuantScheme(4, 8)]
 
 
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -147,22 +145,7 @@ def stores(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch():
-    """2 rows of 10 tokens, the second left-padded by 4."""
-    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    ids[1, :4] = 0
-    mask[1, :4] = 0
-    return ids, mask
-
-
-def cached_logits(model, ids, mask, prompt, kv_quant):
-    """Teacher-forced logits [B, N, V] through a KV cache: prefill `prompt` tokens, then one token a step."""
-    B, N = ids.shape
-    cache = KVCache.allocate(model.config, B, N, model.dtype, model.device, kv_quant=kv_quant)
-    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache)]
-    for t in range(prompt, N):
-        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache))
-    return torch.cat(out, dim=1).float()
+    return left_padded_batch()
 
 
 NEW = 24
