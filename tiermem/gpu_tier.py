@@ -78,6 +78,7 @@ class GpuWeights:
             for _ in range(lookahead + 1 if streamed else 0)
         ]
         self._next_slot = 0
+        self._decoded: dict[tuple[str, int], dict] = {}  # (block, buffer address) -> views, see _views
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
 
@@ -116,13 +117,13 @@ class GpuWeights:
                 pending.append(self._issue_copy(names[streamed[issued]], disk_blocks))
                 issued += 1
             if name in self.host_only:
-                yield name, self.decode(name, self.host_blocks[name])
+                yield name, self._views(name, self.host_blocks[name])
             elif name in self.resident:
-                yield name, self.decode(name, self.resident[name])
+                yield name, self._views(name, self.resident[name])
             else:
                 slot = pending.popleft()
                 compute.wait_event(slot.ready)
-                yield name, self.decode(name, slot.buffer[: self._nbytes(name)])
+                yield name, self._views(name, slot.buffer[: self._nbytes(name)])
                 slot.free.record(compute)
                 consumed += 1
         # Prime the next pass up to its first disk block (disk reads start with the next pass's stream).
@@ -130,6 +131,14 @@ class GpuWeights:
         head = head[: next((k for k, j in enumerate(head) if names[j] in self.disk_names), len(head))]
         self._primed = deque(self._issue_copy(names[j], disk_blocks) for j in head)
         self._primed_for = names
+
+    def _views(self, name: str, buffer: torch.Tensor) -> dict:
+        """The block's tensors as views into `buffer`, decoded once per (block, buffer) and then reused:
+        every buffer lives as long as this tier, and decoding each pass cost host time on every layer."""
+        key = (name, buffer.data_ptr())
+        if key not in self._decoded:
+            self._decoded[key] = self.decode(name, buffer)
+        return self._decoded[key]
 
     def _is_streamed(self, name: str) -> bool:
         if name not in self.host_blocks and name not in self.resident and name not in self.disk_names:
@@ -164,6 +173,7 @@ class GpuWeights:
         if self.disk is not None:
             self.disk.close()
         self._primed.clear()
+        self._decoded.clear()
         self.resident.clear()
         self.slots.clear()
 
