@@ -31,12 +31,12 @@ CHUNK = 16 << 20  # one read; 4 KiB aligned as O_DIRECT wants
 
 def measure_matmul(n: int = 8192, reps: int = 10, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> float:
     """Dense matmul FLOP/s of an n x n x n product (median of reps)."""
-    from tiermem.ceilings import _median_seconds
+    from tiermem.ceilings import median_seconds
 
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    seconds = _median_seconds(lambda: torch.matmul(a, b, out=out), reps)
+    seconds = median_seconds(lambda: torch.matmul(a, b, out=out), reps)
     return 2 * n**3 / seconds
 
 
