@@ -19,7 +19,7 @@ from tiermem.engine.config import model_config_from_hf
 from tiermem.errors import BudgetError, ConfigError
 from tiermem.kernels.quant import QuantScheme
 from tiermem.placement import plan_host_tier
-from tiermem.planner import Hardware, Plan, Workload, plan, predict
+from tiermem.planner import Hardware, Plan, Workload, plan, predict, spread
 from tiermem.presets import preset
 from tiermem.synthetic import SyntheticStore
 
@@ -273,11 +273,31 @@ def test_hardware_json_round_trip_and_errors():
         predict(Plan(("layers.0",), (), ()), _tiny(), TINY_HW)  # not every block placed
 
 
+def test_spread_spaces_blocks_evenly():
+    names = [f"layers.{i}" for i in range(10)]
+    assert spread(names, 0) == [] and spread(names, 10) == names and spread(names, 12) == names
+    assert spread(names, 2) == ["layers.2", "layers.7"]
+    assert spread(names, 5) == ["layers.1", "layers.3", "layers.5", "layers.7", "layers.9"]
+
+
+def test_plan_interleaves_resident_and_streamed_layers():
+    """A resident prefix would leave PCIe idle while the GPU computes it; the plan spreads the tiers."""
+    w = workload("opt-30b", batch=16, prompt_len=512, gen_len=32)
+    p = plan(w, H200, 24 * GiB, 24 * GiB)
+    layers = [b for b in w.streamable if b.startswith("layers.")]
+    for tier in (p.gpu_blocks, p.host_blocks, p.disk_blocks):
+        index = [layers.index(b) for b in tier if b in layers]
+        assert len(index) > 2
+        gaps = [b - a for a, b in zip(index, index[1:], strict=False)]
+        assert max(gaps) <= 2 * len(layers) / len(index) + 1  # spaced out, not one contiguous run
+        assert index[0] < len(layers) // 2 < index[-1]
+
+
 def test_describe_names_tiers_memory_and_time():
     w = workload("opt-30b", batch=1, prompt_len=512, gen_len=32)
     text = "\n".join(plan(w, H200, 24 * GiB, 24 * GiB).describe())
     for word in ("GPU-resident", "pinned host", "from disk", "KV cache", "GPU memory", "host memory",
-                 "predicted decode step", "bound: disk", "layers.0-"):
+                 "predicted decode step", "bound: disk", "more ..."):
         assert word in text
     assert math.isnan(Plan((), (), ()).predicted_step_s) and "predicted" not in "\n".join(Plan((), (), ()).describe())
 

@@ -11,9 +11,12 @@ staging size Z (each one of the distinct block sizes, or 0 for none; blocks larg
 GPU-resident, blocks larger than Z must not be on disk, so memory is linear in the counts below):
 
 - Blocks of equal size are interchangeable in the cost model (it sees byte sums and the largest
-  streamed / disk block only), so a placement is a count per size class; within a class the GPU
-  takes the first blocks in execution order, the host the next ones, disk the rest (as
-  tiermem.gpu_tier.plan_gpu_residency keeps an execution-order prefix resident).
+  streamed / disk block only), so a placement is a count per size class. Within a class the GPU
+  takes blocks spread evenly over execution order, the host spreads its blocks evenly over the
+  rest, disk takes what is left (`spread`). The model assumes the links stay busy all step; a
+  resident prefix breaks that: while the GPU computes 30 resident layers, the copy ring holds only
+  lookahead + 1 streamed blocks and PCIe idles (the 111B batch-16 run reached 0.84 of PCIe so).
+  Interleaved, every resident layer's compute overlaps the copies of the streamed ones after it.
 - Every term of the step is non-increasing in the resident bytes R (PCIe and HBM ring writes fall,
   and for a fixed R the disk bytes are total - R - H), and moving a block from HBM back to the pool
   lets the host bytes H grow by at most that block. So, with S and Z fixed, for each count vector of
@@ -51,6 +54,7 @@ from tiermem.errors import BudgetError, ConfigError
 __all__ = ["Hardware", "Workload", "Plan", "plan", "predict"]
 
 LOOKAHEADS = (1, 2, 3)
+MAX_SPAN_PARTS = 8  # describe() lists at most this many runs of blocks per tier
 MAX_MINOR_VECTORS = 4096  # beyond this the minor classes are tried all-or-nothing only (not exact)
 Choice = int | Sequence[str] | None
 
@@ -85,7 +89,7 @@ class Plan:
 
     @classmethod
     def build(cls, workload: Workload, gpu: Choice = 0, host: Choice = None, **options) -> Plan:
-        """A placement from counts (an execution-order prefix, as tiermem places today) or names.
+        """A placement from counts (an execution-order prefix, as the greedy placement makes) or names.
 
         gpu: blocks resident in HBM; host: blocks resident in pinned memory among the others
         (None: all of them); the rest stream from disk. options: kv, cpu_cache_compute, micro_batches,
@@ -121,6 +125,14 @@ class Plan:
         return lines
 
 
+def spread(names: Sequence[str], count: int) -> list[str]:
+    """`count` of `names`, spaced as evenly as possible over the sequence (all of them if count >= len)."""
+    n = len(names)
+    if count >= n:
+        return list(names)
+    return [names[(2 * j + 1) * n // (2 * count)] for j in range(count)]
+
+
 def _pick(order: Sequence[str], choice: Choice) -> set[str]:
     if isinstance(choice, int):
         if not 0 <= choice <= len(order):
@@ -154,6 +166,8 @@ def _span(names: Sequence[str]) -> str:
         else:
             out.append(name)
     flush()
+    if len(out) > MAX_SPAN_PARTS:  # an interleaved placement: the ends and how many between
+        out = [*out[:3], f"... {len(out) - 5} more ...", *out[-2:]]
     return ", ".join(out) if out else "-"
 
 
@@ -280,8 +294,9 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
     g, h, kv_, ccc, m, la = best[2]
     gpu_names, host_names = set(fixed_gpu), set(fixed_host)
     for names, ng, nh in zip(classes.values(), g, h, strict=False):
-        gpu_names.update(names[:ng])
-        host_names.update(names[ng:ng + nh])
+        on_gpu = spread(names, ng)
+        gpu_names.update(on_gpu)
+        host_names.update(spread([b for b in names if b not in on_gpu], nh))
     chosen = Plan(tuple(b for b in order if b in gpu_names), tuple(b for b in order if b in host_names),
                   tuple(b for b in order if b not in gpu_names | host_names), kv_, ccc, m, la, w.host_only)
     chosen = predict(chosen, w, hardware, per_layer_overhead_s)
