@@ -161,6 +161,9 @@ class KVCache:
         values[rows, :, self.length:end] = v
         return keys[rows, :, :end], values[rows, :, :end]
 
+    def flush(self) -> None:
+        """Make keys / values current where they are held (a no-op here: writes land at once)."""
+
     def end_step(self, num_tokens: int) -> None:
         """Every layer and micro-batch has written its `num_tokens` new slots."""
         self.length += num_tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
 from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kernels.quant import QuantScheme
+from tiermem.kv_offload import HostKVCache
 from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
 from tiermem.planner import Plan
 from tiermem.session import GenerationSession
@@ -52,27 +54,36 @@ def load(
     store: str | os.PathLike, device: str = "cpu", gpu_memory: int | str | None = None,
     cpu_memory: int | str | None = None, offload_dir: str | os.PathLike | None = None, *,
     dtype: torch.dtype | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
-    micro_batches: int = 1, lookahead: int = 2, io_threads: int = 4, resident_weights: int | str | None = None,
-    read_backend: str = "auto", progress: bool = False, kv_quant: str | None = None,
-    kv_group_size: int | None = None, plan: Plan | None = None,
+    micro_batches: int | None = None, lookahead: int | None = None, io_threads: int = 4,
+    resident_weights: int | str | None = None, read_backend: str = "auto", progress: bool = False,
+    kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
+    kv_placement: str | None = None,
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
     gpu_memory / cpu_memory are hard limits on what tiermem allocates ("24GiB", bytes, or None = no
     limit). On CPU, blocks that do not fit cpu_memory are re-read from the store every step. On CUDA,
-    blocks that fit gpu_memory stay in HBM and the rest stream from pinned host memory each step.
-    The KV cache is sized for max_batch_size sequences of max_seq_len tokens (default: the model's
-    max positions, capped at 4096) and counts against the budget of the device it lives on.
-    resident_weights caps the HBM bytes of resident weights (0 streams every block, as FlexGen's
-    all-offloaded placement does). read_backend picks how the GPU path reads blocks that stay on disk:
-    "posix" (O_DIRECT preadv pool), "kvikio", or "auto" (the faster by a cached probe of this
-    machine). offload_dir is reserved for the disk KV tier (not used yet).
+    blocks live in HBM, in pinned host memory (streamed to the GPU every step) or on disk (read every
+    step, staged in pinned memory, streamed), and the KV cache on the GPU or in pinned host memory;
+    the KV cache is sized for max_batch_size sequences of max_seq_len tokens (default: the model's
+    max positions, capped at 4096) and counts against the budget of the tier it lives in.
+
+    plan (CUDA): "auto" (default) places blocks and KV by tiermem's planner: the fastest placement
+    its cost model finds for these budgets, using this machine's bandwidths (probed once, ~10 s,
+    then cached in ~/.cache/tiermem). A tiermem.planner.Plan (`tiermem plan --json`, Plan.from_dict)
+    is followed as given; None takes the greedy placement (blocks in HBM in execution order as far
+    as they fit, KV on the GPU). Every choice can be fixed: kv_placement ("gpu" or "cpu"),
+    micro_batches (generate()'s default split of a batch), lookahead (streamed blocks in flight);
+    the planner then optimises the rest. resident_weights caps the HBM bytes of resident weights and
+    implies the greedy placement (0 streams every block, as FlexGen's all-offloaded placement does).
+
+    read_backend picks how the GPU path reads blocks that stay on disk: "posix" (O_DIRECT preadv
+    pool), "kvikio", or "auto" (the faster by a cached probe of this machine). offload_dir is
+    reserved for a disk KV tier (not supported yet).
     kv_quant: None (K and V in the compute dtype), "int8" or "int4": the KV cache stores K and V
     quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
     zero per kv_group_size values (None = one group per head, else a divisor of head_dim); attention
     sees them dequantized. The KV budget reservation counts the quantized footprint.
-    plan: on CUDA, follow a tiermem.planner.Plan (from `tiermem plan --json`, Plan.from_dict) for the
-    block placement and lookahead instead of the greedy placement; it is checked against the budgets.
     """
     if offload_dir is not None:
         raise ConfigError("offload_dir (disk KV tier) is not supported yet; leave it None")
@@ -80,33 +91,36 @@ def load(
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
                             resident_weights=parse_size(resident_weights), read_backend=read_backend,
-                            progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size, plan=plan)
+                            progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size, plan=plan,
+                            kv_placement=kv_placement)
 
 
 def load_from_reader(
     reader, device: str, gpu_memory: int | None, cpu_memory: int | None, *, dtype: torch.dtype | None,
-    max_batch_size: int, max_seq_len: int | None, micro_batches: int, lookahead: int, io_threads: int,
-    resident_weights: int | None, progress: bool, read_backend: str = "auto", kv_quant: str | None = None,
-    kv_group_size: int | None = None, plan: Plan | None = None,
+    max_batch_size: int, max_seq_len: int | None, micro_batches: int | None = None, lookahead: int | None = None,
+    io_threads: int = 4, resident_weights: int | None = None, progress: bool = False, read_backend: str = "auto",
+    kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
+    kv_placement: str | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     cfg = model_config_from_hf(reader.model_config)
     kv_q = kv_scheme(kv_quant, cfg.head_dim, kv_group_size)
     check_weights(cfg, {b: reader.tensor_specs(b) for b in reader.block_names})
     max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
-    prefetch = PrefetchConfig(lookahead=lookahead, io_threads=io_threads)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
-                                  micro_batches, prefetch, resident_weights, progress, read_backend,
-                                  kv_quant=kv_q, plan=plan)
+                                  micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
+                                  kv_quant=kv_q, plan=plan, kv_placement=kv_placement)
     elif dev.type == "cpu":
-        if plan is not None:
-            raise ConfigError("a plan places blocks for the GPU path; on the CPU pass cpu_memory instead")
+        if not (plan is None or plan == "auto") or kv_placement not in (None, "cpu"):
+            raise ConfigError("plans and kv_placement place blocks and KV for the GPU path; on the CPU pass "
+                              "cpu_memory instead")
         dtype = dtype or torch.float32
+        prefetch = PrefetchConfig(lookahead=lookahead or 2, io_threads=io_threads)
         source = build_cpu_source(reader, cfg, dtype, cpu_memory, max_batch_size, max_seq_len, prefetch,
                                   kv_quant=kv_q)
     else:
@@ -128,6 +142,9 @@ class Model:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.kv_quant = kv_quant  # scheme of the KV caches generate() allocates (None: dense)
+        self.kv_placement = getattr(source, "kv_placement", "cpu" if self.device.type == "cpu" else "gpu")
+        self.micro_batches = getattr(source, "micro_batches", 1)  # default split of a batch (the plan's)
+        self._host_caches: weakref.WeakSet[HostKVCache] = weakref.WeakSet()  # offloaded KV caches alive
         self._tokenizer = None
         self._closed = False
 
@@ -150,20 +167,42 @@ class Model:
                 f"({self.max_batch_size} x {self.max_seq_len}): pass larger max_batch_size / max_seq_len "
                 "to tiermem.load")
 
+    def _offloads_kv(self) -> bool:
+        return self.device.type == "cuda" and self.kv_placement == "cpu"
+
+    def _new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache where this model keeps KV: on the device, or pinned host memory (HostKVCache)."""
+        if not self._offloads_kv():
+            return KVCache.allocate(self.config, batch, max_len, self.dtype, self.device, kv_quant=self.kv_quant)
+        reserved = kv_cache_bytes(self.config, self.max_batch_size, self.max_seq_len, self.dtype, self.kv_quant)
+        live = sum(c.nbytes for c in self._host_caches if c.arena is not None)
+        wanted = kv_cache_bytes(self.config, batch, self.max_seq_len, self.dtype, self.kv_quant)
+        if live + wanted > reserved:
+            raise BudgetError(f"the host KV cache reserved at load ({format_size(reserved)}) is held by "
+                              f"{format_size(live)} of live GenerationSessions; {format_size(wanted)} more are "
+                              "needed: drop or finish those sessions (del session) first")
+        # Room for max_seq_len tokens (within the reservation), so that a session never has to grow it.
+        cache = HostKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
+                                     kv_quant=self.kv_quant)
+        self._host_caches.add(cache)
+        return cache
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                micro_batches: int = 1) -> torch.Tensor:
-        """LongTensor [B, T] -> float32 logits [B, T, V] on input_ids' device (no cache)."""
+                micro_batches: int | None = None) -> torch.Tensor:
+        """LongTensor [B, T] -> float32 logits [B, T, V] on input_ids' device (no cache).
+
+        micro_batches: split the batch so (None: the load's choice, the plan's by default)."""
         self._check_open()
         _check_ids(input_ids, self.config)
         self._check_fits(*input_ids.shape)
-        logits = self.executor.forward(input_ids, attention_mask, micro_batches=micro_batches)
+        logits = self.executor.forward(input_ids, attention_mask, micro_batches=micro_batches or self.micro_batches)
         return logits.to(input_ids.device, torch.float32)
 
     def generate(
         self, input_ids: torch.Tensor | None, max_new_tokens: int = 32, do_sample: bool | None = None,
         attention_mask: torch.Tensor | None = None, *, temperature: float | None = None, top_k: int | None = None,
         top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-        seed: int | None = None, generator: torch.Generator | None = None, micro_batches: int = 1,
+        seed: int | None = None, generator: torch.Generator | None = None, micro_batches: int | None = None,
         on_step: Callable[[int], None] | None = None, session: GenerationSession | None = None,
     ) -> torch.Tensor:
         """Batched greedy or sampled decoding with a KV cache: LongTensor [B, T] -> [B, T + n] (on the CPU).
@@ -172,7 +211,8 @@ class Model:
         temperature (1.0), top_k (0 = off), top_p (1.0 = off); seed or generator make it reproducible.
         eos_token_id defaults to the config's ([] = never stop); rows that finished emit pad_token_id
         (default: the config's, else the first EOS id); n < max_new_tokens only when every row hit EOS.
-        on_step(k) is called after the k-th new token of this call.
+        on_step(k) is called after the k-th new token of this call. micro_batches: run the batch as
+        that many slices through each streamed block (None: the load's choice, the plan's by default).
 
         session: a `tiermem.GenerationSession` to keep the state in, so that generation can continue
         later, also after `tiermem.checkpoint.save_async(session.state_dict(), path)` and a restore
@@ -205,12 +245,15 @@ class Model:
                 if generator is None and sampling.do_sample:
                     seed = int(torch.randint(0, 2**62, (1,)))
                     generator = torch.Generator(device=self.device).manual_seed(seed)
-            cache = KVCache.allocate(self.config, B, T + max_new_tokens, self.dtype, self.device,
-                                     kv_quant=self.kv_quant)
+            cache = self._new_cache(B, T + max_new_tokens)
             state = DecodeState.start(input_ids, attention_mask, cache, generator)
             if session is not None:
                 session._start(self.config, state, sampling)
-        decode(self.executor, state, sampling, max_new_tokens, micro_batches, on_step)
+        try:
+            decode(self.executor, state, sampling, max_new_tokens, micro_batches or self.micro_batches, on_step)
+        finally:
+            if session is None and isinstance(state.cache, HostKVCache):
+                state.cache.close()  # pinned memory back now, not whenever the cache is collected
         return state.tokens.to("cpu", copy=session is not None)
 
     def _continue_session(
@@ -229,6 +272,10 @@ class Model:
                               "continue the session, or start a new GenerationSession for a new prompt")
         B, width = tokens.shape
         self._check_fits(B, width + max_new_tokens)
+        if self._offloads_kv() and not isinstance(session.cache, HostKVCache):  # e.g. restored from a state dict
+            host = self._new_cache(B, self.max_seq_len)
+            host.copy_from(session.cache)
+            session._state.cache = host
         state = session._bind(self.config, self.dtype, self.device)
         if state.cache.max_len < width + max_new_tokens:  # grow (doubling: fewer copies over many calls)
             state.cache.grow(min(self.max_seq_len, max(width + max_new_tokens, 2 * state.cache.max_len)))

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from tiermem.ceilings import best_disk_read
 from tiermem.config import parse_size
 from tiermem.errors import ConfigError
+from tiermem.placement import kv_cache_bytes
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,18 +34,23 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=64, help="for --synthetic quantization")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--batch", default="1", help="comma-separated effective batch sizes, e.g. 1,8,32")
-    p.add_argument("--micro-batches", default="1", help="micro-batches per batch (one value or one per batch)")
+    p.add_argument("--micro-batches", default=None,
+                   help="micro-batches per batch (one value or one per batch; default: the plan's)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--device", default="cuda")
     p.add_argument("--gpu-memory", default=None, help="hard GPU budget, e.g. 6GiB")
     p.add_argument("--cpu-memory", default=None, help="hard host budget")
     p.add_argument("--resident-weights", default=None, help="cap on HBM-resident weight bytes (0 = stream all)")
-    p.add_argument("--lookahead", type=int, default=2)
+    p.add_argument("--lookahead", type=int, default=None, help="streamed blocks in flight (default: the plan's)")
+    p.add_argument("--kv-placement", choices=["gpu", "cpu"], default=None,
+                   help="fix where the KV cache lives (default: the plan's)")
+    p.add_argument("--kv-quant", choices=["int8", "int4"], default=None, help="store the KV cache quantized")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
-    p.add_argument("--plan", default=None, metavar="FILE",
-                   help="follow a placement written by `tiermem plan --json FILE` (records its prediction)")
+    p.add_argument("--plan", default="auto", metavar="auto|greedy|FILE",
+                   help="auto: the planner's placement (default); greedy: HBM in execution order as far as it "
+                   "fits; FILE: a placement written by `tiermem plan --json FILE`")
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--plot", default=None, help="draw tok/s vs batch (PNG) here")
 
@@ -63,6 +70,8 @@ def run_bench_cli(args: argparse.Namespace) -> dict:
 
 def _batches(args: argparse.Namespace) -> list[tuple[int, int]]:
     batches = [int(b) for b in args.batch.split(",")]
+    if args.micro_batches is None:
+        return [(b, None) for b in batches]
     micro = [int(m) for m in args.micro_batches.split(",")]
     if len(micro) == 1:
         micro = micro * len(batches)
@@ -71,7 +80,7 @@ def _batches(args: argparse.Namespace) -> list[tuple[int, int]]:
     return list(zip(batches, micro, strict=True))
 
 
-def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int):
+def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None):
     from tiermem.api import load_from_reader
     from tiermem.storage.format import StoreReader
 
@@ -81,14 +90,17 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int):
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
         lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights),
-        read_backend=args.read_backend, progress=True, plan=_plan(args))
+        read_backend=args.read_backend, progress=True, plan=_plan(args), kv_placement=args.kv_placement,
+        kv_quant=args.kv_quant)
 
 
 def _plan(args: argparse.Namespace):
-    """The Plan of --plan FILE, or None (greedy placement)."""
+    """--plan as load() takes it: "auto", None (greedy) or the Plan of a file."""
     from tiermem.planner import Plan
 
-    return Plan.from_dict(json.loads(Path(args.plan).read_text())["plan"]) if args.plan else None
+    if args.plan in ("auto", "greedy"):
+        return None if args.plan == "greedy" else "auto"
+    return Plan.from_dict(json.loads(Path(args.plan).read_text())["plan"])
 
 
 def _synthetic_source(args: argparse.Namespace):
@@ -115,7 +127,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generation(model, batch: int, micro_batches: int, prompt_len: int, gen_len: int) -> dict:
+def time_generation(model, batch: int, micro_batches: int | None, prompt_len: int, gen_len: int) -> dict:
     """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
@@ -133,7 +145,8 @@ def time_generation(model, batch: int, micro_batches: int, prompt_len: int, gen_
     steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     decode = steps[1:]
     return {
-        "batch": batch, "micro_batches": micro_batches, "prompt_len": prompt_len, "gen_len": gen_len,
+        "batch": batch, "micro_batches": micro_batches or model.micro_batches, "prompt_len": prompt_len,
+        "gen_len": gen_len,
         "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
         "decode_step_median_s": statistics.median(decode), "decode_tok_per_s": batch / statistics.mean(decode),
         "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
@@ -148,17 +161,19 @@ def run_bench(args: argparse.Namespace) -> dict:
     plan = _batches(args)
     ceilings = measure_ceilings(str(device)) if device.type == "cuda" else {}
     load_start = time.perf_counter()
-    model = _open_model(args, max(b for b, _ in plan), max(m for _, m in plan))
+    model = _open_model(args, max(b for b, _ in plan), max((m for _, m in plan if m), default=None))
     load_s = time.perf_counter() - load_start
     info = model.info()
     if info.get("disk_blocks"):
         ceilings.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
+    kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
     try:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         for batch, micro in plan:
             run = time_generation(model, batch, micro, args.prompt_len, args.gen_len)
-            run.update(roofline(info, ceilings, run["decode_step_s"]))
+            kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if model._offloads_kv() else 0
+            run.update(roofline(info, ceilings, run["decode_step_s"], kv_read))
             runs.append(run)
     finally:
         model.close()
@@ -168,23 +183,26 @@ def run_bench(args: argparse.Namespace) -> dict:
                     "cuda": torch.version.cuda},
         "ceilings": ceilings, "model": args.synthetic or args.store, "quant": args.quant,
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
-        "plan": json.loads(Path(args.plan).read_text()) if args.plan else None,
+        "plan": json.loads(Path(args.plan).read_text()) if args.plan not in ("auto", "greedy") else args.plan,
     }
 
 
-def roofline(info: dict, ceilings: dict, step_s: float) -> dict:
-    """Roofline step time of the placement and the achieved fraction of it."""
+def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0) -> dict:
+    """Roofline step time of the placement and the achieved fraction of it.
+
+    kv_read_bytes: KV bytes a decode step reads over PCIe (KV in host memory, attention on the GPU).
+    """
     if not ceilings:
         return {}
     streamed = info.get("streamed_bytes_per_step", 0)
     weights = streamed + info.get("gpu_weight_bytes", 0)
-    links = {"pcie": streamed / ceilings["h2d_pinned_Bps"], "hbm": weights / ceilings["hbm_Bps"]}
+    links = {"pcie": (streamed + kv_read_bytes) / ceilings["h2d_pinned_Bps"], "hbm": weights / ceilings["hbm_Bps"]}
     if info.get("disk_bytes_per_step"):
-        best_disk = max(ceilings["disk_read_posix_direct_Bps"], ceilings["disk_read_dd_direct_Bps"])
-        links["disk"] = info["disk_bytes_per_step"] / best_disk
+        links["disk"] = info["disk_bytes_per_step"] / best_disk_read(ceilings)
     link = max(links, key=links.__getitem__)
     return {"roofline_step_s": links[link], "roofline_link": link, "link_seconds": links,
-            "fraction_of_roofline": links[link] / step_s, "streamed_bytes_per_step": streamed}
+            "fraction_of_roofline": links[link] / step_s, "streamed_bytes_per_step": streamed,
+            "kv_read_bytes_per_step": kv_read_bytes}
 
 
 def format_table(result: dict) -> str:
@@ -192,6 +210,10 @@ def format_table(result: dict) -> str:
     c = result["ceilings"]
     if c:
         lines.append(f"ceilings: pinned H2D {c['h2d_pinned_Bps'] / 1e9:.1f} GB/s, HBM {c['hbm_Bps'] / 1e9:.0f} GB/s")
+    placement = result.get("placement", {})
+    if placement.get("predicted_step_s"):
+        lines.append(f"placement: planner's, predicted {placement['predicted_step_s']:.4f} s per step at the largest "
+                     f"batch; KV on {placement.get('kv_placement')}, lookahead {placement.get('lookahead')}")
     lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'tok/s':>9} {'roofline s':>11} "
                  f"{'fraction':>8}")
     for r in result["runs"]:

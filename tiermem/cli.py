@@ -69,6 +69,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from tiermem.config import parse_size
     from tiermem.engine.config import model_config_from_hf
     from tiermem.errors import ConfigError
+    from tiermem.kernels.kv_quant import kv_scheme
     from tiermem.planner import Hardware, Workload, plan
     from tiermem.probe import cached_hardware, read_cache
 
@@ -89,14 +90,16 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
         reader = StoreReader(args.store)
     cfg = model_config_from_hf(reader.model_config)
+    kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
     workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, args.batch,
-                                    args.prompt_len, args.gen_len, dtype, quantized=reader.quant is not None)
+                                    args.prompt_len, args.gen_len, dtype, quantized=reader.quant is not None,
+                                    kv_quant=kv_quant)
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]
     else:
         hardware = cached_hardware(store_dir=args.store)
     chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
-                  micro_batches=args.micro_batches, lookahead=args.lookahead)
+                  cpu_cache_compute=False, micro_batches=args.micro_batches, lookahead=args.lookahead)
     print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
           f"{f' on {hardware.name}' if hardware.name else ''}")
     print("\n".join(chosen.describe()))
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--hardware", default=None, help="Hardware JSON (default: the cached probe of this machine)")
     p.add_argument("--kv", choices=["gpu", "cpu"], default=None, help="fix the KV cache placement")
+    p.add_argument("--kv-quant", choices=["int8", "int4"], default=None,
+                   help="the KV cache is stored quantized (one group per head); pass the same to load / bench")
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")
     p.add_argument("--lookahead", type=int, default=None, help="fix the prefetch lookahead")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")

@@ -138,9 +138,10 @@ class Workload:
 
     @classmethod
     def from_config(cls, cfg, block_bytes: Mapping[str, int], batch: int = 1, prompt_len: int = 512,
-                    gen_len: int = 32, dtype=None, quantized: bool = False) -> Workload:
+                    gen_len: int = 32, dtype=None, quantized: bool = False, kv_quant=None) -> Workload:
         """From an engine ModelConfig and the block sizes of its store; dtype: the compute dtype;
-        quantized: the store holds int4/int8 weights (see placement.workspace_bytes)."""
+        quantized: the store holds int4/int8 weights (see placement.workspace_bytes); kv_quant: the
+        QuantScheme the KV cache is stored in (None: the compute dtype)."""
         import torch
 
         from tiermem.engine.config import expected_weights
@@ -152,12 +153,13 @@ class Workload:
         q_dim, e = cfg.num_heads * cfg.head_dim, dtype.itemsize
         return cls(
             block_bytes=dict(block_bytes), num_layers=cfg.num_layers,
-            kv_bytes_per_token_layer=kv_cache_bytes(cfg, 1, 1, dtype) // cfg.num_layers,
+            kv_bytes_per_token_layer=kv_cache_bytes(cfg, 1, 1, dtype, kv_quant) // cfg.num_layers,
             flops_per_token_layer=2.0 * matmul, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
             head_flops_per_token=2.0 * cfg.vocab_size * cfg.embed_dim,
             attn_flops_per_token_ctx_layer=4.0 * q_dim,
             act_bytes_per_token_layer=(2 * q_dim + 2 * cfg.num_kv_heads * cfg.head_dim) * e,
-            workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized)
+            workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
+                                                kv_quant is not None)
                              for m in divisors(batch)},
         )
 

@@ -44,15 +44,18 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype,
 
 
 def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype,
-                    quantized: bool = False) -> int:
+                    quantized: bool = False, kv_quantized: bool = False) -> int:
     """Upper estimate of transient activations of a prefill of batch x seq tokens (HBM reservation).
 
     quantized: the weights are int4/int8; a matmul of more rows than the fused GEMV takes dequantizes
     one whole weight first, so the largest weight in the compute dtype is reserved too.
+    kv_quantized: attention reads K and V dequantized: one micro-batch's K and V of one layer.
     """
     rows = math.ceil(batch / micro_batches)
     e = dtype.itemsize
     dequant = max(cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.embed_dim) * e if quantized else 0
+    if kv_quantized:
+        dequant += 2 * rows * cfg.num_kv_heads * seq * cfg.head_dim * e
     hidden = 2 * batch * seq * cfg.hidden_size * e  # every micro-batch's hidden state, plus one new
     layer = rows * seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
     scores = rows * cfg.num_heads * seq * seq * 4  # attention probabilities if materialised (fp32)
@@ -102,11 +105,14 @@ def build_cpu_source(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, 
 class GpuSource:
     """GpuWeights plus the pinned arena and disk backend behind it; describe() for Model.info()."""
 
-    def __init__(self, weights: GpuWeights, arena: PinnedArena, backend, plan: dict) -> None:
+    def __init__(self, weights: GpuWeights, arena: PinnedArena, backend, plan: dict, kv_placement: str = "gpu",
+                 micro_batches: int = 1) -> None:
         self.weights = weights
         self.arena = arena
         self.backend = backend
         self.plan = plan
+        self.kv_placement = kv_placement  # "gpu", or "cpu": generate() allocates a kv_offload.HostKVCache
+        self.micro_batches = micro_batches  # generate()'s default split of a batch
 
     def stream(self, names):
         return self.weights.stream(names)
@@ -122,36 +128,63 @@ class GpuSource:
 
 def build_gpu_source(
     reader: StoreReader, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_memory: int | None,
-    cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int, prefetch: PrefetchConfig,
-    resident_cap: int | None, progress: bool, read_backend: str = "auto", kv_quant: QuantScheme | None = None,
-    plan: Plan | None = None,
+    cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int | None, lookahead: int | None,
+    io_threads: int, resident_cap: int | None, progress: bool, read_backend: str = "auto",
+    kv_quant: QuantScheme | None = None, plan: Plan | str | None = "auto", kv_placement: str | None = None,
 ) -> GpuSource:
-    """Place blocks in HBM / pinned host memory / disk within the budgets and load them (see module doc).
+    """Place blocks and the KV cache in HBM / pinned host memory / disk within the budgets, and load them.
 
-    plan: a tiermem.planner.Plan to follow instead of the greedy placement (its lookahead too).
+    plan: "auto" (the planner's placement for these budgets, with this machine's cached probe), a
+    tiermem.planner.Plan to follow, or None (greedy: an execution-order prefix of blocks in HBM as
+    far as it fits, KV on the GPU unless kv_placement says "cpu"). micro_batches, lookahead and
+    kv_placement fix those choices (None: the plan's, or 1 / 2 / "gpu" for the greedy placement);
+    resident_cap (bytes of HBM-resident weights) implies the greedy placement.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
-    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
-    work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, quantized=reader.quant is not None)
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
-    weights_budget = budget - kv - work
-    if weights_budget <= 0:
-        raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(kv)}) "
-                          f"and activations ({format_size(work)}) of {max_batch} x {max_seq} tokens: raise "
-                          "gpu_memory or lower max_batch_size / max_seq_len / raise micro_batches")
+    if isinstance(plan, str):
+        if plan != "auto":
+            raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
+        plan = None if resident_cap is not None else auto_plan(
+            reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
+            lookahead)
     if plan is not None:
-        prefetch = PrefetchConfig(lookahead=plan.lookahead, io_threads=prefetch.io_threads)
+        for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
+                                    plan.micro_batches), ("lookahead", lookahead, plan.lookahead)):
+            if mine is not None and mine != planned:
+                raise ConfigError(f"{name}={mine!r} but the plan chose {planned!r}: leave {name} out to follow "
+                                  "the plan, or plan again with that choice fixed")
+        kv_placement, micro_batches, lookahead = plan.kv, plan.micro_batches, plan.lookahead
+    kv_placement, micro_batches, lookahead = kv_placement or "gpu", micro_batches or 1, lookahead or 2
+    if kv_placement not in ("gpu", "cpu"):
+        raise ConfigError(f"kv_placement must be 'gpu' or 'cpu', got {kv_placement!r}")
+    kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
+    gpu_kv = kv if kv_placement == "gpu" else 2 * (kv // cfg.num_layers)  # all of it, or two layers' buffers
+    host_kv = kv if kv_placement == "cpu" else 0
+    work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, quantized=reader.quant is not None,
+                           kv_quantized=kv_quant is not None)
+    weights_budget = budget - gpu_kv - work
+    if weights_budget <= 0:
+        raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(gpu_kv)}) "
+                          f"and activations ({format_size(work)}) of {max_batch} x {max_seq} tokens: raise "
+                          "gpu_memory, lower max_batch_size / max_seq_len, raise micro_batches or keep the KV "
+                          "cache on the CPU (kv_placement='cpu')")
+    host_budget = None if cpu_memory is None else cpu_memory - host_kv
+    if host_budget is not None and host_budget <= 0:
+        raise BudgetError(f"cpu_memory {format_size(cpu_memory)} does not hold the KV cache ({format_size(kv)} "
+                          f"for {max_batch} x {max_seq} tokens): raise cpu_memory or keep the KV on the GPU")
+    if plan is not None:
         resident, host_names, disk_names, weight_bytes, staging = follow_plan(
-            plan, sizes, reader.block_names, weights_budget, cpu_memory)
+            plan, sizes, reader.block_names, weights_budget, host_budget)
     else:
         resident, weight_bytes = plan_gpu_residency(sizes, reader.block_names, HOST_ONLY, weights_budget,
-                                                    prefetch.lookahead, resident_cap)
-        host_names, disk_names, staging = plan_host_tier(sizes, reader.block_names, resident, cpu_memory,
-                                                         prefetch.lookahead)
+                                                    lookahead, resident_cap)
+        host_names, disk_names, staging = plan_host_tier(sizes, reader.block_names, resident, host_budget,
+                                                         lookahead)
     host_bytes = sum(sizes[b] for b in host_names)
     store_dir = getattr(reader, "path", None)
-    backend_name = "posix" if store_dir is None else choose_backend(read_backend, store_dir, prefetch.io_threads)
-    backend = make_backend(backend_name, prefetch.io_threads)
+    backend_name = "posix" if store_dir is None else choose_backend(read_backend, store_dir, io_threads)
+    backend = make_backend(backend_name, io_threads)
     try:
         arena = PinnedArena(host_bytes + staging)
     except BaseException:
@@ -166,34 +199,71 @@ def build_gpu_source(
                 elif name in host_names:
                     host[name] = reader.read_block(name, out=arena.take(sizes[name], name), backend=backend)
                 bar.update(sizes[name])
-        disk = (DiskStager(reader, disk_names, arena, prefetch.lookahead, prefetch.io_threads, backend)
-                if disk_names else None)
-        weights = GpuWeights(gpu, host, reader.decode_block, device, HOST_ONLY, prefetch.lookahead, disk)
+        disk = DiskStager(reader, disk_names, arena, lookahead, io_threads, backend) if disk_names else None
+        weights = GpuWeights(gpu, host, reader.decode_block, device, HOST_ONLY, lookahead, disk)
     except BaseException:
         arena.close()
         backend.close()
         raise
     streamed = [b for b in reader.block_names if b not in resident and b not in HOST_ONLY]
-    plan = {"gpu_resident_blocks": len(resident), "streamed_blocks": len(streamed),
-            "disk_blocks": len(disk_names), "host_only_blocks": list(HOST_ONLY), "gpu_weight_bytes": weight_bytes,
-            "gpu_kv_reserved_bytes": kv, "gpu_workspace_reserved_bytes": work,
-            "pinned_host_bytes": host_bytes + staging, "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
-            "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget,
-            "read_backend": backend_name}
-    return GpuSource(weights, arena, backend, plan)
+    described = {
+        "placement": "greedy" if plan is None else "plan", "gpu_resident_blocks": len(resident),
+        "streamed_blocks": len(streamed), "disk_blocks": len(disk_names), "host_only_blocks": list(HOST_ONLY),
+        "gpu_weight_bytes": weight_bytes, "kv_placement": kv_placement, "micro_batches": micro_batches,
+        "lookahead": lookahead, "gpu_kv_reserved_bytes": gpu_kv, "host_kv_reserved_bytes": host_kv,
+        "gpu_workspace_reserved_bytes": work, "pinned_host_bytes": host_bytes + staging + host_kv,
+        "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
+        "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget,
+        "read_backend": backend_name}
+    if plan is not None:
+        described["predicted_step_s"] = plan.predicted_step_s
+    return GpuSource(weights, arena, backend, described, kv_placement, micro_batches)
+
+
+def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
+              max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
+              micro_batches: int | None, lookahead: int | None) -> Plan:
+    """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures,
+    decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
+    Without cpu_memory the budget is the host memory available now. CPU attention is not offered
+    (the runtime computes attention on the GPU)."""
+    from tiermem.planner import Workload
+    from tiermem.planner import plan as make_plan
+    from tiermem.probe import cached_hardware
+
+    store_dir = getattr(reader, "path", None)
+    hardware = cached_hardware(store_dir=store_dir)
+    gen_len = max(1, max_seq // 16)
+    workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, max_batch,
+                                    max_seq - gen_len, gen_len, dtype, quantized=reader.quant is not None,
+                                    kv_quant=kv_quant)
+    cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
+    return make_plan(workload, hardware, gpu_budget, cpu_budget, kv=kv_placement, cpu_cache_compute=False,
+                     micro_batches=micro_batches, lookahead=lookahead)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo, less a tenth for everything else on the machine."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError) as exc:
+        raise ConfigError(f"cannot read the available host memory ({exc}): pass cpu_memory") from exc
+    return kib * 1024 * 9 // 10
 
 
 def follow_plan(plan: Plan, sizes: dict[str, int], order: list[str], weights_budget: int,
                 cpu_memory: int | None) -> tuple[list[str], list[str], list[str], int, int]:
     """Pure: a planner's placement checked against this store and the budgets as tiermem accounts them.
 
-    Returns (GPU-resident, host, disk blocks, HBM weight bytes, pinned staging bytes); ConfigError when
-    the plan does not place every block exactly once or asks for what the runtime lacks (KV off the GPU),
-    BudgetError when it does not fit.
+    weights_budget: HBM bytes left for weights; cpu_memory: pinned bytes left for weights (the KV
+    cache's share already taken out). Returns (GPU-resident, host, disk blocks, HBM weight bytes,
+    pinned staging bytes); ConfigError when the plan does not place every block exactly once or asks
+    for what the runtime lacks (attention on the CPU), BudgetError when it does not fit.
     """
-    if plan.kv != "gpu":
-        raise ConfigError("this plan keeps the KV cache on the CPU, which the runtime cannot do yet: plan "
-                          "again with kv='gpu' (tiermem plan ... --kv gpu)")
+    if plan.cpu_cache_compute:
+        raise ConfigError("this plan computes attention on the CPU, which the runtime cannot do yet: plan again "
+                          "with cpu_cache_compute=False")
     placed = [*plan.gpu_blocks, *plan.host_blocks, *plan.disk_blocks, *HOST_ONLY]
     if sorted(placed) != sorted(order):
         raise ConfigError(f"the plan places {sorted(placed)} but the store has blocks {sorted(order)}: "
@@ -208,8 +278,9 @@ def follow_plan(plan: Plan, sizes: dict[str, int], order: list[str], weights_bud
                           f"{format_size(weights_budget)} are left after KV and activations: plan again for "
                           "these budgets")
     if cpu_memory is not None and host_bytes > cpu_memory:
-        raise BudgetError(f"the plan needs {format_size(host_bytes)} of pinned host memory but cpu_memory is "
-                          f"{format_size(cpu_memory)}: plan again for these budgets")
+        raise BudgetError(f"the plan needs {format_size(host_bytes)} of pinned host memory for weights but "
+                          f"{format_size(cpu_memory)} are left of cpu_memory after the KV cache: plan again for "
+                          "these budgets")
     host = [b for b in order if b in HOST_ONLY or b in plan.host_blocks]
     return list(plan.gpu_blocks), host, list(plan.disk_blocks), weight_bytes, staging
 

@@ -252,6 +252,7 @@ class GenerationSession:
 
 def _kv_state(cache: KVCache) -> dict[str, Any]:
     """The filled slots of the cache: dense K/V tensors, or codes/scale/zero per layer plus the scheme."""
+    cache.flush()
     L = cache.length
     scheme = cache.kv_quant
     if scheme is None:

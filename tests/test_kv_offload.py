@@ -1,0 +1,214 @@
+"""HostKVCache: the KV cache in host memory with two layers of compute-side buffers (tiermem.kv_offload).
+
+On the CPU the copies are plain tensor copies (SyncMover), so these tests check the bookkeeping:
+which layer's prefix is in which buffer, prefetch order, new slots written back, roll-backs,
+micro-batches, quantized storage, sessions. The CUDA copies (stream, events, 2-D memcpy) are
+checked by the GPU tests at the end.
+"""
+
+import pytest
+import torch
+from hf_models import build_tiny, left_padded_batch
+
+import tiermem
+from tiermem import GenerationSession
+from tiermem.engine.kv_cache import KVCache
+from tiermem.errors import BudgetError, ConfigError
+from tiermem.kernels.kv_quant import kv_scheme
+from tiermem.kv_offload import HostKVCache, SyncMover
+from tiermem.placement import kv_cache_bytes
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kv-offload")
+    return {v: tiermem.pack(build_tiny(v, root / v / "hf"), root / v / "store", progress=False)
+            for v in ("llama3", "opt")}
+
+
+def teacher_forced(model, cache: KVCache, ids, mask, prompt: int, micro_batches: int) -> torch.Tensor:
+    """Logits [B, N, V]: prefill `prompt` tokens, then one token per step, through `cache`."""
+    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache, micro_batches=micro_batches)]
+    for t in range(prompt, ids.shape[1]):
+        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache, micro_batches=micro_batches))
+    return torch.cat(out, dim=1)
+
+
+class CountingMover(SyncMover):
+    """SyncMover that records what is copied: (direction, layer tensor id, rows, start, end)."""
+
+    def __init__(self, host_ids: set[int]):
+        self.host_ids = host_ids
+        self.log: list[tuple[str, int, int, int]] = []
+
+    def copy_slots(self, dst, src, rows, start, end):
+        direction = "to_host" if id(dst) in self.host_ids else "to_device"
+        self.log.append((direction, rows.stop - rows.start, start, end))
+        super().copy_slots(dst, src, rows, start, end)
+
+
+@pytest.mark.parametrize("variant", ["llama3", "opt"])
+@pytest.mark.parametrize("kv_quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_host_cache_gives_the_logits_of_the_device_cache(stores, variant, kv_quant, micro_batches):
+    ids, mask = left_padded_batch()
+    ids = torch.cat([ids, torch.randint(3, 256, (2, NEW), generator=torch.Generator().manual_seed(5))], dim=1)
+    mask = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], dim=1)
+    with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
+        scheme = kv_scheme(kv_quant, m.config.head_dim)
+        ref = teacher_forced(m, KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme), ids, mask, 10,
+                             micro_batches)
+        host = HostKVCache.allocate(m.config, 2, 40, m.dtype, "cpu", kv_quant=scheme)
+        out = teacher_forced(m, host, ids, mask, 10, micro_batches)
+    assert torch.equal(out, ref)
+    assert host.length == ids.shape[1] and host.nbytes == kv_cache_bytes(m.config, 2, 40, m.dtype, scheme)
+
+
+def test_each_layer_prefix_is_fetched_once_per_step_and_only_new_slots_go_back(stores):
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        cache = HostKVCache.allocate(m.config, 2, 32, m.dtype, "cpu")
+        host_ids = {id(t) for t in (*cache.keys, *cache.values)}
+        cache.mover = mover = CountingMover(host_ids)
+        L = m.config.num_layers
+        m.executor.forward(ids, mask, cache, micro_batches=2)  # prefill 10
+        prefill = list(mover.log)
+        mover.log.clear()
+        m.executor.forward(ids[:, :1], mask[:, :1], cache, micro_batches=2)  # one decode step
+    fetched = [e for e in prefill if e[0] == "to_device"]
+    # prefill: an empty prefix (K and V) of each layer, then layer 0 primed for the next step (slots 0..9)
+    assert [e[1:] for e in fetched] == [(2, 0, 0)] * 2 * L + [(2, 0, 10)] * 2
+    back = [e for e in prefill if e[0] == "to_host"]
+    assert len(back) == 2 * 2 * L and all((rows, s, e) == (1, 0, 10) for _, rows, s, e in back)
+    step = mover.log
+    fetched = [e for e in step if e[0] == "to_device"]
+    # layer 0 was primed by the prefill's last layer; this step fetches layers 1..L-1 and primes layer 0
+    assert len(fetched) == 2 * L and all((rows, s, e) == (2, 0, 10) for _, rows, s, e in fetched[:-2])
+    assert fetched[-1][2:] == (0, 11)
+    back = [e for e in step if e[0] == "to_host"]
+    assert len(back) == 2 * 2 * L and all((rows, s, e) == (1, 10, 11) for _, rows, s, e in back)
+
+
+def test_a_rolled_back_step_is_fetched_again(stores):
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
+        ref_cache = KVCache.allocate(m.config, 2, 32, m.dtype)
+        cache = HostKVCache.allocate(m.config, 2, 32, m.dtype, "cpu")
+        for c in (ref_cache, cache):
+            m.executor.forward(ids, mask, c)
+        ref = m.executor.forward(ids[:, 3:5], mask[:, 3:5], ref_cache)
+        m.executor.forward(ids[:, 5:6], mask[:, 5:6], cache)  # a step that is then rolled back ...
+        cache.length = 10
+        out = m.executor.forward(ids[:, 3:5], mask[:, 3:5], cache)  # ... the primed layer 0 is stale now
+    assert torch.equal(out, ref)
+
+
+def test_micro_batches_must_start_at_row_zero(stores):
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        cache = HostKVCache.allocate(m.config, 2, 16, m.dtype, "cpu")
+        k = torch.zeros(1, m.config.num_kv_heads, 1, m.config.head_dim)
+        cache.begin_step(torch.ones(2, 1))
+        with pytest.raises(ConfigError, match="row 0"):
+            cache.update(0, slice(1, 2), k, k)
+
+
+def test_grow_copy_from_and_to_keep_the_filled_slots(stores):
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        scheme = kv_scheme("int8", m.config.head_dim)
+        ref = KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme)
+        m.executor.forward(ids, mask, ref)
+        host = HostKVCache.allocate(m.config, 2, 12, m.dtype, "cpu", kv_quant=scheme)
+        host.copy_from(ref)
+        host.grow(40)
+        assert host.max_len == 40 and host.length == 10
+        a = m.executor.forward(ids[:, :3], mask[:, :3], ref)
+        b = m.executor.forward(ids[:, :3], mask[:, :3], host)
+        assert torch.equal(a, b)
+        assert host.to("cpu") is host and host.to("meta").key_mask.device.type == "meta"
+        with pytest.raises(ConfigError, match="does not fit"):
+            HostKVCache.allocate(m.config, 1, 40, m.dtype, "cpu", kv_quant=scheme).copy_from(ref)
+
+
+def test_session_state_of_a_host_cache_matches_the_device_cache(stores):
+    """A session whose cache is a HostKVCache saves the same state as one on the device."""
+    ids, mask = left_padded_batch()
+    states = []
+    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
+        for offload in (False, True):
+            session = GenerationSession()
+            if offload:  # what Model.generate does on CUDA with kv_placement="cpu", here on the CPU
+                m._new_cache = lambda b, n: HostKVCache.allocate(m.config, b, n, m.dtype, "cpu")
+            m.generate(ids, 6, attention_mask=mask, eos_token_id=[], session=session)
+            assert isinstance(session.cache, HostKVCache) == offload
+            states.append(session.state_dict())
+    dense, host = states
+    assert torch.equal(dense["tokens"], host["tokens"])
+    for a, b in zip(dense["kv"]["keys"] + dense["kv"]["values"], host["kv"]["keys"] + host["kv"]["values"],
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.parametrize("kv_quant", [None, "int8"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kv_offload_generates_what_kv_on_the_gpu_does(stores, kv_quant, micro_batches):
+    ids, mask = left_padded_batch()
+    kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64, plan=None, kv_quant=kv_quant,
+              micro_batches=micro_batches)
+    with tiermem.load(stores["llama3"], kv_placement="gpu", **kw) as m:
+        ref = m.generate(ids, 24, attention_mask=mask, eos_token_id=[])
+        ref_logits = teacher_forced(m, m._new_cache(2, 64), ref, torch.cat(
+            [mask, torch.ones(2, 24, dtype=mask.dtype)], 1), 10, micro_batches)
+    with tiermem.load(stores["llama3"], kv_placement="cpu", **kw) as m:
+        assert m.info()["kv_placement"] == "cpu" and m.info()["host_kv_reserved_bytes"] > 0
+        out = m.generate(ids, 24, attention_mask=mask, eos_token_id=[])
+        cache = m._new_cache(2, 64)
+        assert isinstance(cache, HostKVCache) and cache.keys[0].device.type == "cpu"
+        logits = teacher_forced(m, cache, ref, torch.cat([mask, torch.ones(2, 24, dtype=mask.dtype)], 1), 10,
+                                micro_batches)
+        cache.close()
+    assert torch.equal(out, ref)
+    assert torch.equal(logits, ref_logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kv_offload_keeps_kv_off_the_gpu_and_within_the_reservation():
+    from tiermem.api import load_from_reader
+    from tiermem.presets import preset
+    from tiermem.synthetic import SyntheticStore
+
+    config = dict(preset("llama-1b"), hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8, vocab_size=1024, torch_dtype="float16")
+    store = SyntheticStore(config, None, torch.float16, device="cuda")
+    ids = torch.randint(3, 1024, (8, 200), generator=torch.Generator().manual_seed(2))
+    kw = dict(dtype=torch.float16, max_batch_size=8, max_seq_len=256, plan=None, resident_weights=None)
+    torch.cuda.empty_cache()
+    peaks = {}
+    for where in ("gpu", "cpu"):
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        m = load_from_reader(store, "cuda", None, None, kv_placement=where, **kw)
+        try:
+            kv = kv_cache_bytes(m.config, 8, 256, torch.float16)
+            m.generate(ids, 16, eos_token_id=[])
+            peaks[where] = torch.cuda.max_memory_allocated() - base
+            info = m.info()
+            if where == "cpu":
+                assert info["host_kv_reserved_bytes"] == kv and info["gpu_kv_reserved_bytes"] == 2 * kv // 8
+                session = GenerationSession()
+                m.generate(ids, 4, eos_token_id=[], session=session)
+                with pytest.raises(BudgetError, match="sessions"):
+                    m.generate(ids, 4, eos_token_id=[])  # the session holds the whole reservation
+                del session
+                m.generate(ids, 4, eos_token_id=[])
+        finally:
+            m.close()
+    assert peaks["gpu"] - peaks["cpu"] > 0.6 * kv, {k: v / 2**20 for k, v in peaks.items()}
