@@ -151,6 +151,25 @@ def test_session_state_of_a_host_cache_matches_the_device_cache(stores):
         assert torch.equal(a, b)
 
 
+def test_model_tracks_live_host_caches_against_the_reservation(stores, monkeypatch):
+    """Model.generate with offloaded KV (forced here on the CPU): a session holding the reserved host KV
+    makes another generate a BudgetError until it is dropped; a plain generate frees its cache."""
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=32) as m:
+        ref = m.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+        monkeypatch.setattr(m, "_offloads_kv", lambda: True)
+        assert torch.equal(m.generate(ids, 6, attention_mask=mask, eos_token_id=[]), ref)
+        assert all(c.closed for c in m._host_caches)
+        session = GenerationSession()
+        m.generate(ids, 3, attention_mask=mask, eos_token_id=[], session=session)
+        assert isinstance(session.cache, HostKVCache) and session.cache.max_len == 32
+        with pytest.raises(BudgetError, match="sessions"):
+            m.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+        assert torch.equal(m.generate(None, 3, session=session), ref[:, :16])
+        del session
+        assert torch.equal(m.generate(ids, 6, attention_mask=mask, eos_token_id=[]), ref)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 

@@ -175,7 +175,7 @@ class Model:
         if not self._offloads_kv():
             return KVCache.allocate(self.config, batch, max_len, self.dtype, self.device, kv_quant=self.kv_quant)
         reserved = kv_cache_bytes(self.config, self.max_batch_size, self.max_seq_len, self.dtype, self.kv_quant)
-        live = sum(c.nbytes for c in self._host_caches if c.arena is not None)
+        live = sum(c.nbytes for c in self._host_caches if not c.closed)
         wanted = kv_cache_bytes(self.config, batch, self.max_seq_len, self.dtype, self.kv_quant)
         if live + wanted > reserved:
             raise BudgetError(f"the host KV cache reserved at load ({format_size(reserved)}) is held by "

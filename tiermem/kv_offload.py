@@ -105,7 +105,11 @@ class HostKVCache(KVCache):
 
     keys / values / length / key_mask behave as in KVCache (key_mask lives on the compute device);
     the host tensors are current only after flush(). close() releases the pinned memory early.
+    Compared and hashed by identity (a Model tracks its live host caches in a WeakSet).
     """
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __init__(self, keys: list[Stored], values: list[Stored], key_mask: torch.Tensor,
                  buffers: list[tuple[Stored, Stored]], mover, arena: PinnedArena | None = None,
@@ -114,6 +118,7 @@ class HostKVCache(KVCache):
         self.buffers = buffers  # two (K, V) on the compute device, each shaped like one layer
         self.mover = mover
         self.arena = arena
+        self.closed = False
         self._pending: deque[_Fetch] = deque()
         self._next_buffer = 0
         self._current: tuple[int, int] | None = None  # (layer, buffer) whose prefix is on the GPU
@@ -242,6 +247,7 @@ class HostKVCache(KVCache):
                     b[:, :, :L] = a[:, :, :L]
         bigger.key_mask[:, :L] = self.key_mask[:, :L]
         self.close()
+        self.closed = False
         self.keys, self.values, self.key_mask = bigger.keys, bigger.values, bigger.key_mask
         self.buffers, self.mover, self.arena = bigger.buffers, bigger.mover, bigger.arena
         self._pending.clear()
@@ -280,6 +286,7 @@ class HostKVCache(KVCache):
         """Release the pinned host memory (the cache is unusable afterwards)."""
         self.flush()
         self._pending.clear()
+        self.closed = True
         if self.arena is not None:
             self.arena.close()
             self.arena = None
