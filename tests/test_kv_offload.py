@@ -231,3 +231,16 @@ def test_gpu_kv_offload_keeps_kv_off_the_gpu_and_within_the_reservation():
         finally:
             m.close()
     assert peaks["gpu"] - peaks["cpu"] > 0.6 * kv, {k: v / 2**20 for k, v in peaks.items()}
+
+
+def test_aligned_size_is_what_takes_of_those_sizes_need():
+    """The host KV arena holds many tensors, each 4 KiB aligned: sized by their sum it overflowed (int4 KV)."""
+    from tiermem.pinned import PinnedArena, aligned_size
+
+    sizes = [265216, 4100, 1, 8192, 12345]
+    with PinnedArena(aligned_size(sizes)) as arena:
+        for n in sizes:
+            assert arena.take(n).numel() == n
+    with PinnedArena(sum(sizes)) as arena, pytest.raises(BudgetError):
+        for n in sizes:
+            arena.take(n)

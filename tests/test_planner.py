@@ -19,7 +19,7 @@ from tiermem.engine.config import model_config_from_hf
 from tiermem.errors import BudgetError, ConfigError
 from tiermem.kernels.quant import QuantScheme
 from tiermem.placement import plan_host_tier
-from tiermem.planner import Hardware, Plan, Workload, plan, predict, spread
+from tiermem.planner import MIN_DISK_LOOKAHEAD, Hardware, Plan, Workload, plan, predict, spread
 from tiermem.presets import preset
 from tiermem.synthetic import SyntheticStore
 
@@ -181,6 +181,8 @@ def _every_tiny_plan() -> list[Plan]:
     for tiers in itertools.product("ghd", repeat=len(order)):
         placed = {t: tuple(b for b, x in zip(order, tiers, strict=True) if x == t) for t in "ghd"}
         for (kv, ccc), micro, la in itertools.product(KV_MODES, divisors(w.batch), (1, 2, 3)):
+            if placed["d"] and la < MIN_DISK_LOOKAHEAD:
+                continue  # the planner never reads from disk with fewer reads in flight
             p = Plan(placed["g"], placed["h"], placed["d"], kv, ccc, micro, la)
             every.append(predict(p, w, TINY_HW, per_layer_overhead_s=0.01))
     return every
@@ -212,7 +214,7 @@ def test_search_is_exact_against_brute_force(fixed):
     host_mem = np.array([p.memory["host"] for p in candidates])
     steps = np.array([p.predicted_step_s for p in candidates])
     kinds, checked = set(), 0
-    grid = 500 if not fixed else 1000
+    grid = 500
     for gpu, cpu in itertools.product(range(2500, 11001, grid), range(1000, 8001, grid)):
         feasible = steps[(gpu_mem <= gpu) & (host_mem <= cpu)]
         if not feasible.size:

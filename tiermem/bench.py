@@ -46,6 +46,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-placement", choices=["gpu", "cpu"], default=None,
                    help="fix where the KV cache lives (default: the plan's)")
     p.add_argument("--kv-quant", choices=["int8", "int4"], default=None, help="store the KV cache quantized")
+    p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
     p.add_argument("--plan", default="auto", metavar="auto|greedy|FILE",
@@ -89,7 +90,7 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         reader, args.device, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
-        lookahead=args.lookahead, io_threads=4, resident_weights=parse_size(args.resident_weights),
+        lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
         read_backend=args.read_backend, progress=True, plan=_plan(args), kv_placement=args.kv_placement,
         kv_quant=args.kv_quant)
 

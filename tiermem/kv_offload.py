@@ -29,7 +29,7 @@ from tiermem.engine.config import ModelConfig
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
 from tiermem.errors import ConfigError
 from tiermem.kernels.quant import QuantScheme
-from tiermem.pinned import PinnedArena
+from tiermem.pinned import PinnedArena, aligned_size
 
 CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the (unified) addresses
 
@@ -135,9 +135,9 @@ class HostKVCache(KVCache):
         device = torch.device(device)
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         template = KVCache.allocate(cfg, batch, max_len, dtype, "meta", kv_quant)
-        per_layer = [_parts(template.keys[0]), _parts(template.values[0])]
-        layer_bytes = sum(t.numel() * t.element_size() for parts in per_layer for t in parts)
-        arena = PinnedArena(cfg.num_layers * layer_bytes) if device.type == "cuda" else None
+        parts = [t for stored in (*template.keys, *template.values) for t in _parts(stored)]
+        arena = PinnedArena(aligned_size([t.numel() * t.element_size() for t in parts])) \
+            if device.type == "cuda" else None
 
         def host(t: torch.Tensor) -> torch.Tensor:
             if arena is None:

@@ -7,6 +7,8 @@ with cudaHostRegister, and hands out 4 KiB-aligned slices; close() unregisters i
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from tiermem.errors import BudgetError, TierIOError
@@ -18,6 +20,15 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def aligned_size(sizes: list[int]) -> int:
+    """Arena bytes that `take` calls of these sizes need, each starting on a 4 KiB boundary."""
+    return sum(_round_up(n, ALIGN) for n in sizes)
+
+
+def _unregister(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 class PinnedArena:
     """One page-locked host allocation of `nbytes` (rounded to 4 KiB), carved into aligned slices."""
 
@@ -27,13 +38,15 @@ class PinnedArena:
         start = -raw.data_ptr() % ALIGN
         self._buffer = raw[start:start + self.capacity]
         self._used = 0
-        self._registered = False
+        self._unregister = None
         if torch.cuda.is_available():
             status = torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), self.capacity, 0)
             if int(status) != 0:
                 raise TierIOError(f"cudaHostRegister of {self.capacity} bytes failed ({status}): lower "
                                   "cpu_memory or free host memory")
-            self._registered = True
+            # Unregistered on close() or, at the latest, when the arena is collected: memory freed while still
+            # registered would make a later cudaHostRegister of the same addresses fail.
+            self._unregister = weakref.finalize(self, _unregister, self._buffer)
 
     @property
     def used(self) -> int:
@@ -49,9 +62,9 @@ class PinnedArena:
         return self._buffer[start:start + nbytes]
 
     def close(self) -> None:
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self._buffer.data_ptr())
-            self._registered = False
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> PinnedArena:
