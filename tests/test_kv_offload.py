@@ -208,7 +208,7 @@ def test_gpu_kv_offload_keeps_kv_off_the_gpu_and_within_the_reservation():
                   num_attention_heads=8, num_key_value_heads=8, vocab_size=1024, torch_dtype="float16")
     store = SyntheticStore(config, None, torch.float16, device="cuda")
     ids = torch.randint(3, 1024, (8, 200), generator=torch.Generator().manual_seed(2))
-    kw = dict(dtype=torch.float16, max_batch_size=8, max_seq_len=256, plan=None, resident_weights=None)
+    kw = dict(dtype=torch.float16, max_batch_size=8, max_seq_len=1024, plan=None, resident_weights=None)
     torch.cuda.empty_cache()
     peaks = {}
     for where in ("gpu", "cpu"):
@@ -216,7 +216,7 @@ def test_gpu_kv_offload_keeps_kv_off_the_gpu_and_within_the_reservation():
         torch.cuda.reset_peak_memory_stats()
         m = load_from_reader(store, "cuda", None, None, kv_placement=where, **kw)
         try:
-            kv = kv_cache_bytes(m.config, 8, 256, torch.float16)
+            kv = kv_cache_bytes(m.config, 8, 1024, torch.float16)  # 8 layers: the GPU keeps 2 of them
             m.generate(ids, 16, eos_token_id=[])
             peaks[where] = torch.cuda.max_memory_allocated() - base
             info = m.info()
