@@ -55,3 +55,27 @@ def test_stager_reports_a_truncated_block_file(reader, tmp_path):
         finally:
             path.write_bytes(original)
             stager.close()
+
+
+def test_disk_ceilings_read_each_file_once(tmp_path, monkeypatch):
+    """measure_disk_read deals the files out: no reader re-reads a file another one has read (a second read
+    came back faster on the GPU machine's disk)."""
+    from tiermem import ceilings
+
+    files = []
+    for k in range(7):
+        path = tmp_path / f"f{k}.bin"
+        path.write_bytes(bytes([k]) * ((k + 1) << 16))
+        files.append(path)
+    read: list[str] = []
+    real = PosixBackend.read_into
+
+    def spy(self, path, offset, out):
+        read.append(str(path))
+        real(self, path, offset, out)
+
+    monkeypatch.setattr(PosixBackend, "read_into", spy)
+    result = ceilings.measure_disk_read(files, nbytes_cap=1 << 30, threads=2)
+    assert result["disk_read_posix_direct_Bps"] > 0 and result["disk_probe_files_disjoint"]
+    assert len(read) == len(set(read)) >= 2
+    assert result["disk_probe_bytes"] == sum(f.stat().st_size for f in files)
