@@ -190,7 +190,7 @@ def test_gpu_kv_offload_generates_what_kv_on_the_gpu_does(stores, kv_quant, micr
         out = m.generate(ids, 24, attention_mask=mask, eos_token_id=[])
         cache = m._new_cache(2, 64)
         host_part = cache.keys[0].codes if kv_quant else cache.keys[0]
-        assert isinstance(cache, HostKVCache) and host_part.device.type == "cpu" and host_part.is_pinned()
+        assert isinstance(cache, HostKVCache) and host_part.device.type == "cpu" and cache.arena.registered
         logits = teacher_forced(m, cache, ref, torch.cat([mask, torch.ones(2, 24, dtype=mask.dtype)], 1), 10,
                                 micro_batches)
         cache.close()
@@ -208,8 +208,8 @@ def test_gpu_kv_offload_keeps_kv_off_the_gpu_and_within_the_reservation():
     config = dict(preset("llama-1b"), hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=8, vocab_size=1024, torch_dtype="float16")
     store = SyntheticStore(config, None, torch.float16, device="cuda")
-    ids = torch.randint(3, 1024, (8, 200), generator=torch.Generator().manual_seed(2))
-    kw = dict(dtype=torch.float16, max_batch_size=8, max_seq_len=1024, plan=None, resident_weights=None)
+    ids = torch.randint(3, 1024, (8, 200), generator=torch.Generator().manual_seed(2))  # 200 + 16 = max_seq_len
+    kw = dict(dtype=torch.float16, max_batch_size=8, max_seq_len=216, plan=None, resident_weights=None)
     torch.cuda.empty_cache()
     peaks = {}
     for where in ("gpu", "cpu"):
@@ -217,7 +217,9 @@ def test_gpu_kv_offload_keeps_kv_off_the_gpu_and_within_the_reservation():
         torch.cuda.reset_peak_memory_stats()
         m = load_from_reader(store, "cuda", None, None, kv_placement=where, **kw)
         try:
-            kv = kv_cache_bytes(m.config, 8, 1024, torch.float16)  # 8 layers: the GPU keeps 2 of them
+            # 8 layers: the GPU keeps 2 of them (generate's KV on the GPU is T + new = max_seq_len long here too;
+            # the host cache and its GPU buffers always span max_seq_len)
+            kv = kv_cache_bytes(m.config, 8, 216, torch.float16)
             m.generate(ids, 16, eos_token_id=[])
             peaks[where] = torch.cuda.max_memory_allocated() - base
             info = m.info()
@@ -240,6 +242,7 @@ def test_aligned_size_is_what_takes_of_those_sizes_need():
 
     sizes = [265216, 4100, 1, 8192, 12345]
     with PinnedArena(aligned_size(sizes)) as arena:
+        assert arena.registered == torch.cuda.is_available()
         for n in sizes:
             assert arena.take(n).numel() == n
     with PinnedArena(sum(sizes)) as arena, pytest.raises(BudgetError):

@@ -370,3 +370,63 @@ def test_prediction_of_recorded_disk_and_host_placements_within_15_percent(name,
     predicted = predict(used, w, hw).predicted_step_s
     measured = run["decode_step_s"]
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def _placement_of(w: Workload, placement: dict) -> Plan:
+    """A plan with the recorded tier counts and byte totals (the cost model sees nothing else): layers by
+    count, the head in whichever tier makes the recorded streamed and disk bytes come out."""
+    g, d = placement["gpu_resident_blocks"], placement["disk_blocks"]
+    h = placement["streamed_blocks"] - d
+    layers = [b for b in w.streamable if b != "head"]
+    for head in "ghd":
+        n = {"g": g, "h": h, "d": d}
+        n[head] -= 1
+        if min(n.values()) < 0:
+            continue
+        gpu = layers[:n["g"]] + (["head"] if head == "g" else [])
+        host = layers[n["g"]:n["g"] + n["h"]] + (["head"] if head == "h" else [])
+        p = Plan.build(w, gpu, host, kv=placement["kv_placement"], lookahead=placement["lookahead"])
+        if (weights(w, p.disk_blocks) == placement["disk_bytes_per_step"]
+                and weights(w, [*p.host_blocks, *p.disk_blocks]) == placement["streamed_bytes_per_step"]):
+            return p
+    raise AssertionError(f"no placement of {g} / {h} / {d} blocks has the recorded byte counts")
+
+
+PLANNED_RECORDED = [
+    ("llama111b_int4_gpu24_host_plan_h200.json", 1), ("llama111b_int4_gpu24_host_plan_h200.json", 32),
+    ("llama111b_int4_gpu24_host_greedy_h200.json", 1), ("llama111b_int4_gpu24_host_greedy_h200.json", 32),
+    ("llama111b_int4_gpu24_cpu32_plan_h200.json", 64), ("llama111b_int4_gpu24_cpu32_kvcpu_bf16_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_int4_call4_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_bf16_call4_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_bf16_lookahead1_h200.json", 64),
+    pytest.param("llama111b_int4_gpu24_cpu32_kvcpu_int4_h200.json", 64, marks=pytest.mark.xfail(strict=True, reason=(
+        "measured 7.79 s against 6.32 predicted: the disk tier read 1.42 GB/s while the POSIX probe of the same "
+        "run read 1.78; the same configuration in call 4 read at 0.92 of its probe (disk drift or an "
+        "int4-KV-specific stall: not resolved, see the closing note)"))),
+]
+
+
+@pytest.mark.parametrize("name,batch", PLANNED_RECORDED)
+def test_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
+    """Session 2's 111B runs (planner, greedy, KV in host RAM), predicted from the link rates measured in the
+    same run. Disk: the best reader when each read its own files, else the POSIX reader's rate (before that fix
+    dd re-read files the other readers had just read and came back too fast)."""
+    from dataclasses import replace
+
+    from tiermem.kernels.kv_quant import kv_scheme
+
+    result = json.loads((RESULTS / name).read_text())
+    placement, ceilings = result["placement"], result["ceilings"]
+    disjoint = ceilings.get("disk_probe_files_disjoint", False)
+    rates = [ceilings.get("disk_read_posix_direct_Bps", 0)] + ([ceilings["disk_read_dd_direct_Bps"],
+                                                                ceilings["disk_read_kvikio_Bps"]] if disjoint else [])
+    hw = Hardware.from_ceilings(ceilings, matmul_flops=6e14, disk_read_Bps=max(rates) or 1.3e9)
+    (run,) = [r for r in result["runs"] if r["batch"] == batch]
+    kv_quant = None if placement["kv_quant"] == "none" else kv_scheme(placement["kv_quant"].split()[0], 128)
+    cfg = model_config_from_hf(preset("llama-111b"))
+    w = Workload.from_config(cfg, dict(_block_bytes("llama-111b", "int4", 128, torch.bfloat16)), batch,
+                             run["prompt_len"], run["gen_len"], torch.bfloat16, quantized=True, kv_quant=kv_quant)
+    used = replace(_placement_of(w, placement), micro_batches=min(run["micro_batches"], batch))
+    predicted = predict(used, w, hw).predicted_step_s
+    measured = run["decode_step_s"]
+    assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)

@@ -84,6 +84,22 @@ def test_cpu_measurements(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tiermem-probe-")]  # the file is removed
 
 
+def test_disk_probe_reads_a_stores_own_block_files(tmp_path, monkeypatch):
+    from tiermem import ceilings
+
+    for k in range(4):
+        (tmp_path / f"layers.{k}.safetensors").write_bytes(bytes(8 << 20))
+    calls = []
+    real = ceilings.measure_disk_read
+    monkeypatch.setattr(ceilings, "measure_disk_read", lambda files, **kw: calls.append(files) or real(files, **kw))
+    assert probe.measure_disk_read(tmp_path, nbytes=16 << 20) > 1e6
+    assert calls and all(f.suffix == ".safetensors" for f in calls[0])
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tiermem-probe-")]  # no probe file written
+    calls.clear()
+    assert probe.measure_disk_read(tmp_path, nbytes=64 << 20) > 1e6  # too few block bytes: a probe file
+    assert not calls
+
+
 @no_cuda
 def test_measure_hardware_needs_cuda():
     with pytest.raises(ConfigError, match="CUDA"):

@@ -49,6 +49,11 @@ class PinnedArena:
             self._unregister = weakref.finalize(self, _unregister, self._buffer)
 
     @property
+    def registered(self) -> bool:
+        """Page-locked with CUDA (torch's Tensor.is_pinned() does not see cudaHostRegister'd memory)."""
+        return self._unregister is not None and self._unregister.alive
+
+    @property
     def used(self) -> int:
         return self._used
 
