@@ -69,10 +69,21 @@ class Attention:
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
     ) -> torch.Tensor:
-        """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh]."""
+        """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh].
+
+        A decode step (T = 1) over a quantized cache on the GPU reads K and V quantized, dequantizing them
+        inside the attention kernel (ops.kv_decode_attention); otherwise K and V come dequantized.
+        """
+        b, H, T, Dh = q.shape
+        scheme = self.cache.kv_quant if self.cache is not None else None
+        length = self.cache.length + T if self.cache is not None else 0
+        if scheme is not None and T == 1 and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, length):
+            keys, values = self.cache.append(layer, self.rows, k, v)  # QuantizedKV [b, Hkv, S_max, *]
+            out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
+                                          self.key_mask, length, window, Dh**-0.5)  # [b, H, 1, Dh]
+            return out.transpose(1, 2).reshape(b, T, H * Dh)
         if self.cache is not None:
             k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
-        b, H, T, Dh = q.shape
         gqa = k.shape[1] != H
         with sdpa_kernel(list(SDPA_BACKENDS)):
             out = F.scaled_dot_product_attention(

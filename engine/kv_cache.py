@@ -143,6 +143,19 @@ class KVCache:
         self.key_mask[:, self.length:end] = new_mask.to(torch.bool)
         return self.key_mask[:, :end]
 
+    def append(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> tuple[Stored, Stored]:
+        """Write k, v [b, Hkv, T, Dh] of `rows` after the filled slots (quantized on write if kv_quant);
+        return this layer's stored K, V of `rows` over all max_len slots ([b, Hkv, S_max, ...] views)."""
+        end = self.length + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        if isinstance(keys, QuantizedKV):
+            keys.write(rows, self.length, k)
+            values.write(rows, self.length, v)
+            return keys.map(lambda t: t[rows]), values.map(lambda t: t[rows])
+        keys[rows, :, self.length:end] = k
+        values[rows, :, self.length:end] = v
+        return keys[rows], values[rows]
+
     def update(
         self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,14 +165,10 @@ class KVCache:
         included) is returned dequantized.
         """
         end = self.length + k.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
+        keys, values = self.append(layer, rows, k, v)
         if isinstance(keys, QuantizedKV):
-            keys.write(rows, self.length, k)
-            values.write(rows, self.length, v)
-            return keys.dequantize(rows, end), values.dequantize(rows, end)
-        keys[rows, :, self.length:end] = k
-        values[rows, :, self.length:end] = v
-        return keys[rows, :, :end], values[rows, :, :end]
+            return keys.dequantize(slice(None), end), values.dequantize(slice(None), end)
+        return keys[:, :, :end], values[:, :, :end]
 
     def flush(self) -> None:
         """Make keys / values current where they are held (a no-op here: writes land at once)."""

@@ -308,3 +308,41 @@ def silu_mul_cuda(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None
     args = (_ptr(gate), _ptr(up), _ptr(out), np.uint64(n))
     _launch(gate.device, "elementwise.cu", kernel, _grid_for(n // vec if vec == 8 else n, 256), 256, args)
     return out
+
+
+# ---------------------------------------------------------------- attention over a quantized KV cache
+
+KV_ATTENTION_THREADS = 128  # kv_attention.cu's block size
+KV_ATTENTION_MAX_HEAD_DIM = 256  # its shared query buffer
+KV_ATTENTION_MAX_LEN = 12288  # scores of one (row, head) in 48 KiB of shared memory
+
+
+def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                      v: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group: int,
+                      key_mask: torch.Tensor, length: int, window: int | None, softmax_scale: float) -> torch.Tensor:
+    """Decode attention of q [b, H, Dh] over slots 0..length-1 of a quantized K / V, dequantized in the kernel.
+
+    k, v: (codes uint8 [b, Hkv, S_max, Dh*bits/8], scale, zero fp16 [b, Hkv, S_max, Dh/group]), contiguous;
+    key_mask: bool [b, >= length] (row stride free); the query is slot length-1 (see kv_attention.cu).
+    Returns [b, H, Dh] in q's dtype.
+    """
+    b, heads, head_dim = q.shape
+    codes = k[0]
+    _, kv_heads, s_max, code_bytes = codes.shape
+    if (bits not in (4, 8) or code_bytes * 8 != head_dim * bits or head_dim > KV_ATTENTION_MAX_HEAD_DIM
+            or heads % kv_heads or not 1 <= length <= min(s_max, KV_ATTENTION_MAX_LEN) or q.dtype not in _DTYPE_NAMES):
+        raise TiermemError(f"kv_attention_cuda: unsupported q {tuple(q.shape)} {q.dtype}, KV {tuple(codes.shape)} "
+                           f"int{bits}, length {length}")
+    parts = (*k, *v)
+    if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] for t in parts):
+        raise TiermemError("kv_attention_cuda: K and V codes, scales and zeros must be contiguous [b, Hkv, S_max, *]")
+    q = q.contiguous()
+    mask = key_mask.view(torch.uint8)
+    _check_cuda("kv_attention_cuda", q, mask, *parts)
+    out = torch.empty_like(q)
+    args = (_ptr(q), *(_ptr(t) for t in parts), _ptr(mask), _ptr(out), _i32(heads), _i32(kv_heads), _i32(s_max),
+            _i32(length), _i32(head_dim), _i32(group), _i32(mask.stride(0)), _i32(window or 0),
+            np.float32(softmax_scale))
+    _launch(q.device, "kv_attention.cu", f"kv_attention_int{bits}_{_DTYPE_NAMES[q.dtype]}", b * heads,
+            KV_ATTENTION_THREADS, args, shared_mem=4 * length)
+    return out

@@ -5,6 +5,8 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - linear: quantized weight, x with at most 8 rows -> fused dequant-GEMV; more rows -> dequantize
   on the GPU, then torch's matmul; unquantized weight -> F.linear (the reference).
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
+- kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
+  (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from tiermem.kernels import cupy_ops, reference
 from tiermem.kernels.quant import QuantizedWeight
 
-__all__ = ["apply_rope", "dequantize", "linear", "rms_norm", "silu_mul"]
+__all__ = ["apply_rope", "dequantize", "kv_decode_attention", "kv_decode_attention_supported", "linear", "rms_norm",
+           "silu_mul"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -107,3 +110,27 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if _fused(gate, up) and up.dtype == gate.dtype and up.shape == gate.shape:
         return cupy_ops.silu_mul_cuda(gate, up)
     return reference.silu_mul(gate, up)
+
+
+def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, length: int) -> bool:
+    """Whether kv_decode_attention takes q [b, H, 1, Dh] over `kv_heads` K/V heads of `bits` up to `length`."""
+    return (
+        q.is_cuda
+        and q.dim() == 4
+        and q.shape[2] == 1
+        and q.dtype in _FLOAT_DTYPES
+        and bits in (4, 8)
+        and q.shape[-1] <= cupy_ops.KV_ATTENTION_MAX_HEAD_DIM
+        and q.shape[1] % kv_heads == 0
+        and 1 <= length <= cupy_ops.KV_ATTENTION_MAX_LEN
+        and cupy_ops.cuda_kernels_available()
+    )
+
+
+def kv_decode_attention(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], bits: int,
+                        group: int, key_mask: torch.Tensor, length: int, window: int | None,
+                        softmax_scale: float) -> torch.Tensor:
+    """q [b, H, 1, Dh] -> [b, H, 1, Dh]: attention over slots 0..length-1 of K, V given as (codes, scale, zero)
+    (tiermem.kernels.kv_quant layout), the query being slot length-1 (engine.attention.causal_mask's rule)."""
+    out = cupy_ops.kv_attention_cuda(q[:, :, 0], k, v, bits, group, key_mask, length, window, softmax_scale)
+    return out[:, :, None]

@@ -235,3 +235,46 @@ def test_silu_mul(shape, dtype):
     flat = _randn((2, n + 1), gen, dtype)
     g2, u2 = flat[0, 1:].view(shape), flat[1, 1:].view(shape)  # 2-byte offsets: the scalar path
     _close_to_torch(ops.silu_mul(g2, u2), reference.silu_mul(g2, u2))
+
+
+# ------------------------------------------------------------------------------- quantized KV attention
+
+KV_ATTENTION_CASES = [
+    # batch, heads, kv heads, head dim, slots filled, max slots, bits, group, window
+    (2, 8, 2, 64, 37, 48, 8, 64, None),
+    (3, 4, 4, 128, 129, 130, 4, 128, None),
+    (1, 12, 4, 128, 300, 512, 4, 32, None),
+    (2, 8, 1, 64, 50, 64, 8, 16, 16),  # sliding window
+    (4, 96 // 8, 1, 128, 518, 520, 4, 128, None),  # 111B-like GQA ratio
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", KV_ATTENTION_CASES)
+def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
+    """The fused kernel against the path it replaces: dequantize_kv + SDPA under engine.attention.causal_mask,
+    with left padding in the key mask; written in session 2 and not yet run on a GPU."""
+    import torch.nn.functional as F
+
+    from tiermem.engine.attention import causal_mask
+    from tiermem.kernels.kv_quant import dequantize_kv, quantize_kv
+
+    b, heads, kv_heads, dh, length, s_max, bits, group, window = case
+    gen = _gen("kv-attention", case, dtype)
+    scheme = QuantScheme(bits, group)
+    k = quantize_kv(_randn((b, kv_heads, s_max, dh), gen), scheme)  # (codes, scale, zero) [b, Hkv, S_max, *]
+    v = quantize_kv(_randn((b, kv_heads, s_max, dh), gen), scheme)
+    q = _randn((b, heads, 1, dh), gen, dtype)
+    key_mask = torch.ones(b, s_max, dtype=torch.bool, device="cuda")
+    key_mask[0, : length // 3] = False  # row 0 left-padded
+    assert ops.kv_decode_attention_supported(q, kv_heads, bits, length)
+    out = ops.kv_decode_attention(q, k, v, bits, group, key_mask[:, :length], length, window, dh**-0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    kd = dequantize_kv(*(t[:, :, :length] for t in k), scheme, torch.float32)
+    vd = dequantize_kv(*(t[:, :, :length] for t in v), scheme, torch.float32)
+    mask = causal_mask(key_mask[:, :length], length - 1, window)
+    ref = F.scaled_dot_product_attention(q.float(), kd, vd, attn_mask=mask, scale=dh**-0.5,
+                                         enable_gqa=heads != kv_heads)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 6e-3}[dtype]
+    err = _rel_err(out, ref)
+    assert err < tol, f"rel err {err:.2e}"

@@ -189,10 +189,8 @@ class HostKVCache(KVCache):
         self.mover.wait(fetch.done)
         return fetch.buffer
 
-    def update(
-        self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As KVCache.update: append k, v [b, Hkv, T, Dh] of `rows`; return K, V [b, Hkv, S, Dh] on the GPU."""
+    def append(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> tuple[Stored, Stored]:
+        """As KVCache.append, in the GPU buffer holding `layer`'s prefix; the new slots also go back to the host."""
         start, stop, _ = rows.indices(self.batch)
         rows = slice(start, stop)
         end = self.length + k.shape[2]
@@ -217,8 +215,8 @@ class HostKVCache(KVCache):
             for d, h in zip(_parts(dev), _parts(host), strict=True):
                 self.mover.copy_slots(h, d, rows, self.length, end)
         if isinstance(keys, QuantizedKV):
-            return keys.dequantize(rows, end), values.dequantize(rows, end)
-        return keys[rows, :, :end], values[rows, :, :end]
+            return keys.map(lambda t: t[rows]), values.map(lambda t: t[rows])
+        return keys[rows], values[rows]
 
     def begin_step(self, new_mask: torch.Tensor) -> torch.Tensor:
         self._current = None  # also after a step that failed half-way
