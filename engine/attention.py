@@ -71,13 +71,15 @@ class Attention:
     ) -> torch.Tensor:
         """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh].
 
-        A decode step (T = 1) over a quantized cache on the GPU reads K and V quantized, dequantizing them
-        inside the attention kernel (ops.kv_decode_attention); otherwise K and V come dequantized.
+        A decode step (T = 1) over a quantized cache on the GPU can read K and V quantized, dequantizing them
+        inside the attention kernel (ops.kv_decode_attention, behind ops.FUSED_KV_ATTENTION until it has run
+        on a GPU); otherwise K and V come dequantized.
         """
         b, H, T, Dh = q.shape
         scheme = self.cache.kv_quant if self.cache is not None else None
         length = self.cache.length + T if self.cache is not None else 0
-        if scheme is not None and T == 1 and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, length):
+        if (ops.FUSED_KV_ATTENTION and scheme is not None and T == 1
+                and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, length)):
             keys, values = self.cache.append(layer, self.rows, k, v)  # QuantizedKV [b, Hkv, S_max, *]
             out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
                                           self.key_mask, length, window, Dh**-0.5)  # [b, H, 1, Dh]

@@ -112,6 +112,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate, up)
 
 
+# The engine calls kv_decode_attention only when this is True. The kernel was written and compiled (nvcc sm_90,
+# no spills) in session 2 without a GPU to run it on: switch this on once the GPU tests of
+# tests/test_kernels_gpu.py (test_kv_decode_attention_*) and tests/test_kv_offload.py pass on a GPU.
+FUSED_KV_ATTENTION = False
+
+
 def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, length: int) -> bool:
     """Whether kv_decode_attention takes q [b, H, 1, Dh] over `kv_heads` K/V heads of `bits` up to `length`."""
     return (

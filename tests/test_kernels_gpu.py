@@ -278,3 +278,30 @@ def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 6e-3}[dtype]
     err = _rel_err(out, ref)
     assert err < tol, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_generation_with_the_fused_kv_attention_follows_the_dequantize_path(kv_quant, monkeypatch, tmp_path):
+    """End to end with ops.FUSED_KV_ATTENTION on and off: teacher-forced logits agree closely (run this before
+    switching the flag on by default)."""
+    import tiermem
+    from tiermem.presets import preset
+    from tiermem.synthetic import write_hf_checkpoint
+
+    config = dict(preset("llama-1b"), hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=512, torch_dtype="float32")
+    store = tiermem.pack(write_hf_checkpoint(config, tmp_path / "hf", seed=4), tmp_path / "store", progress=False)
+    ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(ops, "FUSED_KV_ATTENTION", fused)
+        with tiermem.load(store, device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
+                          kv_quant=kv_quant, plan=None) as m:
+            from tiermem.engine.kv_cache import KVCache
+
+            cache = KVCache.allocate(m.config, 2, 40, m.dtype, m.device, kv_quant=m.kv_quant)
+            steps = [m.executor.forward(ids[:, :8], None, cache)]
+            steps += [m.executor.forward(ids[:, t:t + 1], None, cache) for t in range(8, 20)]
+            outs[fused] = torch.cat(steps, dim=1).float()
+    err = _rel_err(outs[True], outs[False])
+    assert err < 5e-3, f"fused vs dequantize path: rel err {err:.2e}"
