@@ -133,14 +133,16 @@ class DecodeState:
 @torch.no_grad()
 def decode(
     executor: Executor, state: DecodeState, sampling: Sampling, max_new_tokens: int, micro_batches: int = 1,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None, prefill_micro_batches: int | None = None,
 ) -> int:
     """Choose up to `max_new_tokens` more tokens, advancing `state` in place; returns how many were chosen.
 
     Stops early once every row has finished (with EOS ids set). The cache needs room for
     tokens.shape[1] + max_new_tokens - 1 slots. A step that fails leaves the state as it was before
     that step (the cache length is rolled back; the generator may have advanced if sampling ran).
-    on_step(k) is called after the k-th token of this call (k = 1 .. n) has been chosen.
+    on_step(k) is called after the k-th token of this call (k = 1 .. n) has been chosen. A step over
+    more than one new token (the prompt) splits the batch into prefill_micro_batches (default:
+    micro_batches), a one-token step into micro_batches.
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -153,9 +155,10 @@ def decode(
         if eos and not bool(state.unfinished.any()):
             return k - 1
         past = cache.length
+        split = prefill_micro_batches if prefill_micro_batches and state.tokens.shape[1] - past > 1 else micro_batches
         try:
             logits = executor.forward(state.tokens[:, past:], state.mask[:, past:], cache,
-                                      micro_batches=micro_batches, last_only=True)
+                                      micro_batches=split, last_only=True)
             token = next_tokens(logits[:, -1], sampling.do_sample, sampling.temperature, sampling.top_k,
                                 sampling.top_p, state.generator)  # [B]
         except BaseException:

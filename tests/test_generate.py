@@ -94,3 +94,25 @@ def test_generation_stops_when_every_row_has_finished(executor, prompt):
     out = generate(executor, ids, 4, attention_mask=mask, eos_token_id=eos)
     assert torch.equal(out, greedy[:, :6])
     assert generate(executor, ids, 0, attention_mask=mask).shape == ids.shape
+
+
+def test_the_prompt_and_the_decode_steps_split_the_batch_separately(executor, prompt, monkeypatch):
+    """decode(prefill_micro_batches=2, micro_batches=1): the prompt step runs as 2 micro-batches, every
+    later step as 1, and the tokens are those of an unsplit run."""
+    from tiermem.engine.generate import DecodeState, Sampling, decode
+    from tiermem.engine.kv_cache import KVCache
+
+    ids, mask = prompt
+    splits = []
+    forward = executor.forward
+
+    def spy(input_ids, attention_mask=None, cache=None, micro_batches=1, last_only=False):
+        splits.append((input_ids.shape[1], micro_batches))
+        return forward(input_ids, attention_mask, cache, micro_batches=micro_batches, last_only=last_only)
+
+    ref = generate(executor, ids, 6, attention_mask=mask, eos_token_id=[])
+    monkeypatch.setattr(executor, "forward", spy)
+    state = DecodeState.start(ids, mask, KVCache.allocate(executor.cfg, 2, 11))
+    decode(executor, state, Sampling.make(eos_token_id=[]), 6, micro_batches=1, prefill_micro_batches=2)
+    assert splits == [(5, 2)] + [(1, 1)] * 5
+    assert torch.equal(state.tokens, ref)

@@ -183,8 +183,10 @@ def _every_tiny_plan() -> list[Plan]:
         for (kv, ccc), micro, la in itertools.product(KV_MODES, divisors(w.batch), (1, 2, 3)):
             if placed["d"] and la < MIN_DISK_LOOKAHEAD:
                 continue  # the planner never reads from disk with fewer reads in flight
-            p = Plan(placed["g"], placed["h"], placed["d"], kv, ccc, micro, la)
-            every.append(predict(p, w, TINY_HW, per_layer_overhead_s=0.01))
+            for prefill in (d for d in divisors(w.batch) if d >= micro):
+                p = Plan(placed["g"], placed["h"], placed["d"], kv, ccc, micro, la,
+                         prefill_micro_batches=None if prefill == micro else prefill)
+                every.append(predict(p, w, TINY_HW, per_layer_overhead_s=0.01))
     return every
 
 
@@ -224,11 +226,11 @@ def test_search_is_exact_against_brute_force(fixed):
         got = plan(w, TINY_HW, gpu, cpu, per_layer_overhead_s=0.01, **fixed)
         assert fits(got, gpu, cpu) and _matches(got, fixed)
         assert got.predicted_step_s == pytest.approx(feasible.min(), rel=1e-9), (gpu, cpu, got.describe())
-        kinds.add((bool(got.host_blocks), bool(got.disk_blocks), got.kv, got.cpu_cache_compute, got.micro_batches > 1,
-                   got.bound))
+        split = got.prefill_micro_batches or got.micro_batches
+        kinds.add((bool(got.host_blocks), bool(got.disk_blocks), got.kv, got.cpu_cache_compute, split > 1, got.bound))
         checked += 1
     assert checked >= 10
-    if not fixed:  # the budgets exercise disk, host, KV and micro-batch choices
+    if not fixed:  # the budgets exercise host, KV and micro-batch choices
         assert checked >= 100 and len(kinds) >= 10, kinds
 
 
@@ -430,3 +432,18 @@ def test_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
     predicted = predict(used, w, hw).predicted_step_s
     measured = run["decode_step_s"]
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_a_large_batch_splits_the_prompt_not_the_decode_steps():
+    """111B int4, batch 64 x 518 tokens in 24 GiB: the prompt's activations need the batch split; decode steps
+    (one token per row) do not, and each extra decode micro-batch costs launches on every layer. The plan
+    splits only the prompt, and its workspace is the larger of the two."""
+    cfg = model_config_from_hf(preset("llama-111b"))
+    w = Workload.from_config(cfg, dict(_block_bytes("llama-111b", "int4", 128, torch.bfloat16)), 64, 512, 6,
+                             torch.bfloat16, quantized=True)
+    p = plan(w, H200, 24 * GiB, 32 * GiB)
+    assert p.micro_batches == 1 and p.prefill_micro_batches is not None and p.prefill_micro_batches > 1
+    assert p.memory["gpu_workspace"] == max(w.workspace_bytes[p.prefill_micro_batches], w.decode_workspace_bytes[1])
+    whole = predict(Plan(p.gpu_blocks, p.host_blocks, p.disk_blocks, p.kv, micro_batches=1, lookahead=p.lookahead),
+                    w, H200)
+    assert whole.memory["gpu"] > 24 * GiB  # the same placement without the prompt split does not fit

@@ -73,8 +73,9 @@ def load(
     then cached in ~/.cache/tiermem). A tiermem.planner.Plan (`tiermem plan --json`, Plan.from_dict)
     is followed as given; None takes the greedy placement (blocks in HBM in execution order as far
     as they fit, KV on the GPU). Every choice can be fixed: kv_placement ("gpu" or "cpu"),
-    micro_batches (generate()'s default split of a batch), lookahead (streamed blocks in flight);
-    the planner then optimises the rest. resident_weights caps the HBM bytes of resident weights and
+    micro_batches (how many slices of a batch decode steps run through each block; the plan may
+    split the prompt finer, which only changes memory), lookahead (streamed blocks in flight); the
+    planner then optimises the rest. resident_weights caps the HBM bytes of resident weights and
     implies the greedy placement (0 streams every block, as FlexGen's all-offloaded placement does).
 
     read_backend picks how the GPU path reads blocks that stay on disk: "posix" (O_DIRECT preadv
@@ -143,7 +144,8 @@ class Model:
         self.max_seq_len = max_seq_len
         self.kv_quant = kv_quant  # scheme of the KV caches generate() allocates (None: dense)
         self.kv_placement = getattr(source, "kv_placement", "cpu" if self.device.type == "cpu" else "gpu")
-        self.micro_batches = getattr(source, "micro_batches", 1)  # default split of a batch (the plan's)
+        self.micro_batches = getattr(source, "micro_batches", 1)  # decode steps' default split (the plan's)
+        self.prefill_micro_batches = getattr(source, "prefill_micro_batches", self.micro_batches)  # the prompt's
         self._host_caches: weakref.WeakSet[HostKVCache] = weakref.WeakSet()  # offloaded KV caches alive
         self._tokenizer = None
         self._closed = False
@@ -191,11 +193,12 @@ class Model:
                 micro_batches: int | None = None) -> torch.Tensor:
         """LongTensor [B, T] -> float32 logits [B, T, V] on input_ids' device (no cache).
 
-        micro_batches: split the batch so (None: the load's choice, the plan's by default)."""
+        micro_batches: split the batch so (None: the load's prefill split, the plan's by default)."""
         self._check_open()
         _check_ids(input_ids, self.config)
         self._check_fits(*input_ids.shape)
-        logits = self.executor.forward(input_ids, attention_mask, micro_batches=micro_batches or self.micro_batches)
+        logits = self.executor.forward(input_ids, attention_mask,
+                                       micro_batches=micro_batches or self.prefill_micro_batches)
         return logits.to(input_ids.device, torch.float32)
 
     def generate(
@@ -212,7 +215,8 @@ class Model:
         eos_token_id defaults to the config's ([] = never stop); rows that finished emit pad_token_id
         (default: the config's, else the first EOS id); n < max_new_tokens only when every row hit EOS.
         on_step(k) is called after the k-th new token of this call. micro_batches: run the batch as
-        that many slices through each streamed block (None: the load's choice, the plan's by default).
+        that many slices through each streamed block, prompt and decode steps alike (None: the load's
+        choices, the plan's by default: the prompt may be split finer than decode steps, to fit memory).
 
         session: a `tiermem.GenerationSession` to keep the state in, so that generation can continue
         later, also after `tiermem.checkpoint.save_async(session.state_dict(), path)` and a restore
@@ -250,7 +254,8 @@ class Model:
             if session is not None:
                 session._start(self.config, state, sampling)
         try:
-            decode(self.executor, state, sampling, max_new_tokens, micro_batches or self.micro_batches, on_step)
+            decode(self.executor, state, sampling, max_new_tokens, micro_batches or self.micro_batches, on_step,
+                   prefill_micro_batches=micro_batches or self.prefill_micro_batches)
         finally:
             if session is None and isinstance(state.cache, HostKVCache):
                 state.cache.close()  # pinned memory back now, not whenever the cache is collected

@@ -146,7 +146,8 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
     steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     decode = steps[1:]
     return {
-        "batch": batch, "micro_batches": micro_batches or model.micro_batches, "prompt_len": prompt_len,
+        "batch": batch, "micro_batches": micro_batches or model.micro_batches,
+        "prefill_micro_batches": micro_batches or model.prefill_micro_batches, "prompt_len": prompt_len,
         "gen_len": gen_len,
         "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
         "decode_step_median_s": statistics.median(decode), "decode_tok_per_s": batch / statistics.mean(decode),

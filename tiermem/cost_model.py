@@ -26,7 +26,9 @@ link rates and no fitted constants.
 
 Memory (hard limits; a plan must fit both):
   GPU    = resident blocks + (lookahead + 1) slots of the largest streamed block
-           + KV (all of it when on GPU; two layers' worth when on CPU with GPU attention) + workspace(m)
+           + KV (all of it when on GPU; two layers' worth when on CPU with GPU attention)
+           + workspace: the larger of the prefill's activations split into m_p micro-batches and a decode
+             step's split into m (prefill and decode may split a batch differently: only m costs time)
   pinned = host-resident blocks + host-only blocks (embed) + (lookahead + 1) staging buffers of the
            largest disk block (when any block streams from disk) + KV (all of it when on CPU)
 KV is reserved for batch x (prompt_len + gen_len) tokens, as tiermem.placement.kv_cache_bytes does.
@@ -92,7 +94,8 @@ class Workload:
 
     block_bytes: block name -> bytes as stored, in execution order. host_only: blocks used where
     they are in host memory (the token embedding: only gathered rows move). workspace_bytes:
-    micro-batch count -> HBM bytes of transient activations (tiermem.placement.workspace_bytes).
+    micro-batch count -> HBM bytes of a prefill's transient activations (tiermem.placement.workspace_bytes);
+    decode_workspace_bytes: the same for a decode step (empty: the prefill's figures stand for both).
     """
 
     block_bytes: Mapping[str, int]
@@ -107,6 +110,7 @@ class Workload:
     act_bytes_per_token_layer: int = 0
     host_only: tuple[str, ...] = ("embed",)
     workspace_bytes: Mapping[int, int] = field(default_factory=dict)
+    decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if min(self.batch, self.num_layers) < 1 or self.prompt_len < 0 or self.gen_len < 1:
@@ -133,8 +137,11 @@ class Workload:
     def kv_reserved_bytes(self) -> int:
         return self.num_layers * self.batch * (self.prompt_len + self.gen_len) * self.kv_bytes_per_token_layer
 
-    def workspace(self, micro_batches: int) -> int:
-        return self.workspace_bytes.get(micro_batches, 0)
+    def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
+        """HBM activations of decode steps split into micro_batches and a prefill split into
+        prefill_micro_batches (None: the same)."""
+        prefill = self.workspace_bytes.get(prefill_micro_batches or micro_batches, 0)
+        return max(prefill, self.decode_workspace_bytes.get(micro_batches, 0))
 
     @classmethod
     def from_config(cls, cfg, block_bytes: Mapping[str, int], batch: int = 1, prompt_len: int = 512,
@@ -145,7 +152,7 @@ class Workload:
         import torch
 
         from tiermem.engine.config import expected_weights
-        from tiermem.placement import kv_cache_bytes, workspace_bytes
+        from tiermem.placement import decode_workspace_bytes, kv_cache_bytes, workspace_bytes
 
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         shapes = expected_weights(cfg)
@@ -161,6 +168,8 @@ class Workload:
             workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
                                                 kv_quant is not None)
                              for m in divisors(batch)},
+            decode_workspace_bytes={m: decode_workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
+                                                              kv_quant is not None) for m in divisors(batch)},
         )
 
 
@@ -209,7 +218,7 @@ def bound_of(cost: Mapping[str, float]) -> str:
 
 
 def memory(w: Workload, *, resident: int, host: int, slot: int, staging: int, kv: str, cpu_cache_compute: bool,
-           micro_batches: int, lookahead: int) -> dict[str, int]:
+           micro_batches: int, lookahead: int, prefill_micro_batches: int | None = None) -> dict[str, int]:
     """Bytes each tier holds (see the module doc): gpu_* parts, host_* parts, and the totals "gpu", "host".
 
     resident: bytes of HBM-resident blocks; host: bytes of host-resident streamed blocks; slot: the
@@ -219,7 +228,7 @@ def memory(w: Workload, *, resident: int, host: int, slot: int, staging: int, kv
     layer_kv = w.kv_reserved_bytes // w.num_layers
     gpu_kv = w.kv_reserved_bytes if kv == "gpu" else (0 if cpu_cache_compute else 2 * layer_kv)
     m = {"gpu_weights": resident, "gpu_ring": ring * slot, "gpu_kv": gpu_kv,
-         "gpu_workspace": w.workspace(micro_batches),
+         "gpu_workspace": w.workspace(micro_batches, prefill_micro_batches),
          "host_weights": host + sum(w.block_bytes[b] for b in w.host_only), "host_staging": ring * staging,
          "host_kv": w.kv_reserved_bytes if kv == "cpu" else 0}
     m["gpu"] = sum(v for k, v in m.items() if k.startswith("gpu_"))

@@ -63,6 +63,21 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, 
     return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
 
 
+def decode_workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype,
+                           quantized: bool = False, kv_quantized: bool = False) -> int:
+    """Upper estimate of a decode step's transient activations (one new token per row, `seq` cached slots)."""
+    rows = math.ceil(batch / micro_batches)
+    e = dtype.itemsize
+    dequant = max(cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.embed_dim) * e if quantized else 0
+    if kv_quantized:
+        dequant += 2 * rows * cfg.num_kv_heads * seq * cfg.head_dim * e
+    hidden = 2 * batch * cfg.hidden_size * e
+    layer = rows * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e
+    scores = rows * cfg.num_heads * seq * 4
+    logits = 2 * batch * cfg.vocab_size * 4
+    return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
+
+
 class CpuSource:
     """TieredWeights plus the backend it reads with; describe() for Model.info()."""
 
@@ -106,13 +121,14 @@ class GpuSource:
     """GpuWeights plus the pinned arena and disk backend behind it; describe() for Model.info()."""
 
     def __init__(self, weights: GpuWeights, arena: PinnedArena, backend, plan: dict, kv_placement: str = "gpu",
-                 micro_batches: int = 1) -> None:
+                 micro_batches: int = 1, prefill_micro_batches: int | None = None) -> None:
         self.weights = weights
         self.arena = arena
         self.backend = backend
         self.plan = plan
         self.kv_placement = kv_placement  # "gpu", or "cpu": generate() allocates a kv_offload.HostKVCache
-        self.micro_batches = micro_batches  # generate()'s default split of a batch
+        self.micro_batches = micro_batches  # generate()'s default split of a batch in decode steps
+        self.prefill_micro_batches = prefill_micro_batches or micro_batches  # ... and of the prompt
 
     def stream(self, names):
         return self.weights.stream(names)
@@ -156,13 +172,15 @@ def build_gpu_source(
                                   "the plan, or plan again with that choice fixed")
         kv_placement, micro_batches, lookahead = plan.kv, plan.micro_batches, plan.lookahead
     kv_placement, micro_batches, lookahead = kv_placement or "gpu", micro_batches or 1, lookahead or 2
+    prefill_micro_batches = (plan.prefill_micro_batches if plan is not None else None) or micro_batches
     if kv_placement not in ("gpu", "cpu"):
         raise ConfigError(f"kv_placement must be 'gpu' or 'cpu', got {kv_placement!r}")
     kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
     gpu_kv = kv if kv_placement == "gpu" else 2 * (kv // cfg.num_layers)  # all of it, or two layers' buffers
     host_kv = kv if kv_placement == "cpu" else 0
-    work = workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, quantized=reader.quant is not None,
-                           kv_quantized=kv_quant is not None)
+    quantized = dict(quantized=reader.quant is not None, kv_quantized=kv_quant is not None)
+    work = max(workspace_bytes(cfg, max_batch, max_seq, prefill_micro_batches, dtype, **quantized),
+               decode_workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, **quantized))
     weights_budget = budget - gpu_kv - work
     if weights_budget <= 0:
         raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(gpu_kv)}) "
@@ -210,6 +228,7 @@ def build_gpu_source(
         "placement": "greedy" if plan is None else "plan", "gpu_resident_blocks": len(resident),
         "streamed_blocks": len(streamed), "disk_blocks": len(disk_names), "host_only_blocks": list(HOST_ONLY),
         "gpu_weight_bytes": weight_bytes, "kv_placement": kv_placement, "micro_batches": micro_batches,
+        "prefill_micro_batches": prefill_micro_batches,
         "lookahead": lookahead, "gpu_kv_reserved_bytes": gpu_kv, "host_kv_reserved_bytes": host_kv,
         "gpu_workspace_reserved_bytes": work, "pinned_host_bytes": host_bytes + staging + host_kv,
         "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
@@ -217,7 +236,7 @@ def build_gpu_source(
         "read_backend": backend_name}
     if plan is not None:
         described["predicted_step_s"] = plan.predicted_step_s
-    return GpuSource(weights, arena, backend, described, kv_placement, micro_batches)
+    return GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches)
 
 
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,

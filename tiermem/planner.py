@@ -72,9 +72,10 @@ class Plan:
     disk_blocks: tuple[str, ...]  # read from the store every step, staged in pinned memory, streamed
     kv: str = "gpu"  # "gpu" | "cpu"
     cpu_cache_compute: bool = False  # KV on CPU: attention computed there (FlexGen's cpu_cache_compute)
-    micro_batches: int = 1
+    micro_batches: int = 1  # decode steps split the batch so
     lookahead: int = 2
     host_only: tuple[str, ...] = ("embed",)  # used in host memory where they are (only gathered rows move)
+    prefill_micro_batches: int | None = None  # the prefill's split (None: micro_batches)
     predicted_step_s: float = math.nan
     predicted_tok_per_s: float = math.nan
     breakdown: Mapping[str, float] = field(default_factory=dict)  # seconds per stage (cost_model.step_cost)
@@ -115,7 +116,9 @@ class Plan:
                  f"from disk      {len(self.disk_blocks):>4} blocks {_span(self.disk_blocks)}"]
         kv = "GPU" if self.kv == "gpu" else ("CPU, attention on the CPU" if self.cpu_cache_compute
                                              else "CPU, read over PCIe by GPU attention")
-        lines.append(f"KV cache on {kv}; micro-batches {self.micro_batches}, lookahead {self.lookahead}")
+        prefill = self.prefill_micro_batches or self.micro_batches
+        lines.append(f"KV cache on {kv}; micro-batches {self.micro_batches} (prefill {prefill}), "
+                     f"lookahead {self.lookahead}")
         if mem:
             lines.append(f"GPU memory  {gib(mem['gpu'])}: weights {gib(mem['gpu_weights'])}, ring "
                          f"{gib(mem['gpu_ring'])}, KV {gib(mem['gpu_kv'])}, workspace {gib(mem['gpu_workspace'])}")
@@ -201,12 +204,16 @@ def predict(plan_: Plan, workload: Workload, hardware: Hardware,
     size = workload.block_bytes.__getitem__
     streamed = [*plan_.host_blocks, *plan_.disk_blocks]
     opts = dict(kv=plan_.kv, cpu_cache_compute=plan_.cpu_cache_compute, micro_batches=plan_.micro_batches)
+    if plan_.prefill_micro_batches is not None and (plan_.prefill_micro_batches < 1
+                                                    or workload.batch % plan_.prefill_micro_batches):
+        raise ConfigError(f"prefill_micro_batches must divide the batch {workload.batch}, "
+                          f"got {plan_.prefill_micro_batches}")
     cost = step_cost(workload, hardware, resident=sum(map(size, plan_.gpu_blocks)),
                      host=sum(map(size, plan_.host_blocks)), disk=sum(map(size, plan_.disk_blocks)),
                      per_layer_overhead_s=per_layer_overhead_s, **opts)
     mem = memory(workload, resident=sum(map(size, plan_.gpu_blocks)), host=sum(map(size, plan_.host_blocks)),
                  slot=max(map(size, streamed), default=0), staging=max(map(size, plan_.disk_blocks), default=0),
-                 lookahead=plan_.lookahead, **opts)
+                 lookahead=plan_.lookahead, prefill_micro_batches=plan_.prefill_micro_batches, **opts)
     return replace(plan_, predicted_step_s=cost["step"], predicted_tok_per_s=workload.batch / cost["step"],
                    breakdown=cost, memory=mem, bound=bound_of(cost))
 
@@ -230,8 +237,23 @@ def _vectors(counts: Sequence[int], sizes: Sequence[int], main: int, limit: int,
             yield (*x[:main], room, *x[main + 1:])
 
 
+def _splits(w: Workload, modes: list[tuple[str, bool]], micro_batches: int | None,
+            lookahead: int | None) -> Iterator[tuple[tuple[str, bool], int, int, int]]:
+    """(KV mode, decode split m, prefill split m_p, lookahead) to search. Only m costs time; m_p >= m buys
+    memory, so only the m_p whose workspace is smaller than that of every smaller m_p are tried."""
+    for mode, m, la in itertools.product(modes, [micro_batches] if micro_batches else divisors(w.batch),
+                                         [lookahead] if lookahead else LOOKAHEADS):
+        least = None
+        for mp in (d for d in divisors(w.batch) if d >= m):
+            ws = w.workspace(m, mp)
+            if least is None or ws < least:
+                least = ws
+                yield mode, m, mp, la
+
+
 def _score(w: Workload, hw: Hardware, sizes: list[int], rest: list[int], g: tuple[int, ...], h: tuple[int, ...],
-           fixed: tuple[int, int, int], lookahead: int, overhead_s: float, opts: dict) -> tuple[float, int]:
+           fixed: tuple[int, int, int], lookahead: int, overhead_s: float, opts: dict,
+           prefill_micro_batches: int) -> tuple[float, int]:
     """(step seconds, GPU + host bytes) with g / h blocks of each size class on GPU / host and the rest
     (rest: counts left after g) on disk; fixed: (bytes fixed on GPU, on host, largest fixed host block)."""
     resident = fixed[0] + sum(x * s for x, s in zip(g, sizes, strict=True))
@@ -240,7 +262,8 @@ def _score(w: Workload, hw: Hardware, sizes: list[int], rest: list[int], g: tupl
     step = step_cost(w, hw, resident=resident, host=host, disk=disk, per_layer_overhead_s=overhead_s, **opts)["step"]
     slot = max([fixed[2], *(s for s, n in zip(sizes, rest, strict=True) if n)])
     staging = max((s for s, n, x in zip(sizes, rest, h, strict=True) if n - x), default=0)
-    mem = memory(w, resident=resident, host=host, slot=slot, staging=staging, lookahead=lookahead, **opts)
+    mem = memory(w, resident=resident, host=host, slot=slot, staging=staging, lookahead=lookahead,
+                 prefill_micro_batches=prefill_micro_batches, **opts)
     return step, mem["gpu"] + mem["host"]
 
 
@@ -275,11 +298,10 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
     fixed_r, fixed_h = sum(size[b] for b in fixed_gpu), sum(size[b] for b in fixed_host)
     fixed_slot = max((size[b] for b in fixed_host), default=0)
     modes = [(k, c) for k, c in KV_MODES if kv in (None, k) and cpu_cache_compute in (None, c)]
-    best: tuple[float, int, tuple] | None = None
-    for (kv_, ccc), m, la in itertools.product(modes, [micro_batches] if micro_batches else divisors(w.batch),
-                                               [lookahead] if lookahead else LOOKAHEADS):
+    best: tuple[float, int, int, tuple] | None = None  # (step, prefill split, memory, choices)
+    for (kv_, ccc), m, mp, la in _splits(w, modes, micro_batches, lookahead):
         opts = dict(kv=kv_, cpu_cache_compute=ccc, micro_batches=m)
-        base = memory(w, resident=0, host=0, slot=0, staging=0, lookahead=la, **opts)
+        base = memory(w, resident=0, host=0, slot=0, staging=0, lookahead=la, prefill_micro_batches=mp, **opts)
         for slot in sorted({0, *sizes}):
             cap_g = gpu_memory - base["gpu"] - fixed_r - (la + 1) * max(slot, fixed_slot)
             for g in _vectors(counts, sizes, main, slot, cap_g, gpu_target):
@@ -290,21 +312,22 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
                         if la < MIN_DISK_LOOKAHEAD and sum(rest) > sum(h):
                             continue  # blocks on disk
                         step, used = _score(w, hardware, sizes, rest, g, h, (fixed_r, fixed_h, fixed_slot), la,
-                                            per_layer_overhead_s, opts)
+                                            per_layer_overhead_s, opts, mp)
                         if best is None or step < best[0] * (1 - 1e-9) or (step <= best[0] * (1 + 1e-9)
-                                                                           and used < best[1]):
-                            best = (step, used, (g, h, kv_, ccc, m, la))
+                                                                           and (mp, used) < best[1:3]):
+                            best = (step, mp, used, (g, h, kv_, ccc, m, la))
     if best is None:
         raise BudgetError(_nothing_fits(w, gpu_memory, cpu_memory, any(
             v is not None for v in (gpu_blocks, host_blocks, kv, cpu_cache_compute, micro_batches, lookahead))))
-    g, h, kv_, ccc, m, la = best[2]
+    mp, (g, h, kv_, ccc, m, la) = best[1], best[3]
     gpu_names, host_names = set(fixed_gpu), set(fixed_host)
     for names, ng, nh in zip(classes.values(), g, h, strict=False):
         on_gpu = spread(names, ng)
         gpu_names.update(on_gpu)
         host_names.update(spread([b for b in names if b not in on_gpu], nh))
     chosen = Plan(tuple(b for b in order if b in gpu_names), tuple(b for b in order if b in host_names),
-                  tuple(b for b in order if b not in gpu_names | host_names), kv_, ccc, m, la, w.host_only)
+                  tuple(b for b in order if b not in gpu_names | host_names), kv_, ccc, m, la, w.host_only,
+                  None if mp == m else mp)
     chosen = predict(chosen, w, hardware, per_layer_overhead_s)
     assert chosen.memory["gpu"] <= gpu_memory and chosen.memory["host"] <= cpu_memory, chosen.memory
     return chosen
@@ -313,7 +336,8 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
 def _nothing_fits(w: Workload, gpu_memory: int, cpu_memory: int, overridden: bool) -> str:
     largest = max((w.block_bytes[b] for b in w.streamable), default=0)
     least = min(memory(w, resident=0, host=0, slot=largest, staging=largest, kv=k, cpu_cache_compute=c,
-                       micro_batches=m, lookahead=1)["gpu"] for k, c in KV_MODES for m in divisors(w.batch))
+                       micro_batches=m, lookahead=1, prefill_micro_batches=w.batch)["gpu"]
+                for k, c in KV_MODES for m in divisors(w.batch))
     host = memory(w, resident=0, host=0, slot=0, staging=largest, kv="gpu", cpu_cache_compute=False,
                   micro_batches=1, lookahead=1)["host"]
     return (f"no placement fits gpu_memory {format_size(gpu_memory)} and cpu_memory {format_size(cpu_memory)}"
