@@ -76,6 +76,9 @@ class Attention:
         on a GPU); otherwise K and V come dequantized.
         """
         b, H, T, Dh = q.shape
+        if self.cache is not None and self.cache.cpu_attention:
+            out = self.cache.attend(layer, self.rows, q, k, v, self.mask(window), Dh**-0.5)  # [b, H, T, Dh]
+            return out.transpose(1, 2).reshape(b, T, H * Dh)
         scheme = self.cache.kv_quant if self.cache is not None else None
         length = self.cache.length + T if self.cache is not None else 0
         if (ops.FUSED_KV_ATTENTION and scheme is not None and T == 1

@@ -84,6 +84,7 @@ class KVCache:
     values: list[Stored]  # per layer [B, Hkv, S_max, Dh]
     key_mask: torch.Tensor  # bool [B, S_max]: slot holds a real token
     length: int = 0
+    cpu_attention = False  # attention runs where the cache is (tiermem.kv_offload.HostKVCache.attend)
 
     @classmethod
     def allocate(

@@ -66,6 +66,25 @@ def test_host_cache_gives_the_logits_of_the_device_cache(stores, variant, kv_qua
     assert host.length == ids.shape[1] and host.nbytes == kv_cache_bytes(m.config, 2, 40, m.dtype, scheme)
 
 
+@pytest.mark.parametrize("variant", ["llama3", "opt"])
+@pytest.mark.parametrize("kv_quant", [None, "int4"])
+def test_cpu_attention_gives_the_logits_of_the_device_cache(stores, variant, kv_quant):
+    """cpu_attention: attention computed on the host over the host K/V (FlexGen's cpu_cache_compute)."""
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
+        scheme = kv_scheme(kv_quant, m.config.head_dim)
+        ref = teacher_forced(m, KVCache.allocate(m.config, 2, 20, m.dtype, kv_quant=scheme), ids, mask, 6, 2)
+        host = HostKVCache.allocate(m.config, 2, 20, m.dtype, "cpu", kv_quant=scheme, cpu_attention=True)
+        assert host.buffers == [] and host.cpu_attention
+        out = teacher_forced(m, host, ids, mask, 6, 2)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), float((out - ref).abs().max())
+
+
+def test_cpu_attention_is_a_gpu_path_option(stores):
+    with pytest.raises(ConfigError, match="GPU path"):
+        tiermem.load(stores["opt"], cpu_attention=True)
+
+
 def test_each_layer_prefix_is_fetched_once_per_step_and_only_new_slots_go_back(stores):
     ids, mask = left_padded_batch()
     with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
@@ -248,3 +267,20 @@ def test_aligned_size_is_what_takes_of_those_sizes_need():
     with PinnedArena(sum(sizes)) as arena, pytest.raises(BudgetError):
         for n in sizes:
             arena.take(n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_quant", [None, "int8"])
+def test_gpu_cpu_attention_generates_what_kv_on_the_gpu_does(stores, kv_quant):
+    """cpu_attention on the GPU path: K/V stay in host memory, attention runs there in fp32, no GPU KV buffers.
+    Written in session 2 and not yet run on a GPU."""
+    ids, mask = left_padded_batch()
+    kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64, plan=None, kv_quant=kv_quant)
+    with tiermem.load(stores["llama3"], kv_placement="gpu", **kw) as m:
+        ref = m.generate(ids, 16, attention_mask=mask, eos_token_id=[])
+    with tiermem.load(stores["llama3"], kv_placement="cpu", cpu_attention=True, **kw) as m:
+        info = m.info()
+        assert info["cpu_attention"] and info["gpu_kv_reserved_bytes"] == 0
+        out = m.generate(ids, 16, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(out, ref)

@@ -57,7 +57,7 @@ def load(
     micro_batches: int | None = None, lookahead: int | None = None, io_threads: int = 4,
     resident_weights: int | str | None = None, read_backend: str = "auto", progress: bool = False,
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
-    kv_placement: str | None = None,
+    kv_placement: str | None = None, cpu_attention: bool | None = None,
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
@@ -75,8 +75,11 @@ def load(
     as they fit, KV on the GPU). Every choice can be fixed: kv_placement ("gpu" or "cpu"),
     micro_batches (how many slices of a batch decode steps run through each block; the plan may
     split the prompt finer, which only changes memory), lookahead (streamed blocks in flight); the
-    planner then optimises the rest. resident_weights caps the HBM bytes of resident weights and
-    implies the greedy placement (0 streams every block, as FlexGen's all-offloaded placement does).
+    planner then optimises the rest. cpu_attention=True (with the KV cache on the CPU) computes
+    attention on the host over the KV there, FlexGen's cpu_cache_compute: only activations cross PCIe
+    (written in session 2, not yet run on a GPU; the planner offers it only when asked).
+    resident_weights caps the HBM bytes of resident weights and implies the greedy placement (0
+    streams every block, as FlexGen's all-offloaded placement does).
 
     read_backend picks how the GPU path reads blocks that stay on disk: "posix" (O_DIRECT preadv
     pool), "kvikio", or "auto" (the faster by a cached probe of this machine). offload_dir is
@@ -93,7 +96,7 @@ def load(
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
                             resident_weights=parse_size(resident_weights), read_backend=read_backend,
                             progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size, plan=plan,
-                            kv_placement=kv_placement)
+                            kv_placement=kv_placement, cpu_attention=cpu_attention)
 
 
 def load_from_reader(
@@ -101,7 +104,7 @@ def load_from_reader(
     max_batch_size: int, max_seq_len: int | None, micro_batches: int | None = None, lookahead: int | None = None,
     io_threads: int = 4, resident_weights: int | None = None, progress: bool = False, read_backend: str = "auto",
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
-    kv_placement: str | None = None,
+    kv_placement: str | None = None, cpu_attention: bool | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     cfg = model_config_from_hf(reader.model_config)
@@ -115,9 +118,9 @@ def load_from_reader(
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
-                                  kv_quant=kv_q, plan=plan, kv_placement=kv_placement)
+                                  kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention)
     elif dev.type == "cpu":
-        if not (plan is None or plan == "auto") or kv_placement not in (None, "cpu"):
+        if not (plan is None or plan == "auto") or kv_placement not in (None, "cpu") or cpu_attention:
             raise ConfigError("plans and kv_placement place blocks and KV for the GPU path; on the CPU pass "
                               "cpu_memory instead")
         dtype = dtype or torch.float32
@@ -146,6 +149,7 @@ class Model:
         self.kv_placement = getattr(source, "kv_placement", "cpu" if self.device.type == "cpu" else "gpu")
         self.micro_batches = getattr(source, "micro_batches", 1)  # decode steps' default split (the plan's)
         self.prefill_micro_batches = getattr(source, "prefill_micro_batches", self.micro_batches)  # the prompt's
+        self.cpu_attention = getattr(source, "cpu_attention", False)  # offloaded KV: attention on the host too
         self._host_caches: weakref.WeakSet[HostKVCache] = weakref.WeakSet()  # offloaded KV caches alive
         self._tokenizer = None
         self._closed = False
@@ -185,7 +189,7 @@ class Model:
                               "needed: drop or finish those sessions (del session) first")
         # Room for max_seq_len tokens (within the reservation), so that a session never has to grow it.
         cache = HostKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
-                                     kv_quant=self.kv_quant)
+                                     kv_quant=self.kv_quant, cpu_attention=self.cpu_attention)
         self._host_caches.add(cache)
         return cache
 

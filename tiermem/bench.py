@@ -46,6 +46,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-placement", choices=["gpu", "cpu"], default=None,
                    help="fix where the KV cache lives (default: the plan's)")
     p.add_argument("--kv-quant", choices=["int8", "int4"], default=None, help="store the KV cache quantized")
+    p.add_argument("--cpu-attention", action="store_true", default=None,
+                   help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
     p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
@@ -91,8 +93,9 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
         lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
-        read_backend=args.read_backend, progress=True, plan=_plan(args), kv_placement=args.kv_placement,
-        kv_quant=args.kv_quant)
+        read_backend=args.read_backend, progress=True, plan=_plan(args),
+        kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=args.kv_quant,
+        cpu_attention=args.cpu_attention)
 
 
 def _plan(args: argparse.Namespace):
@@ -174,7 +177,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         for batch, micro in plan:
             run = time_generation(model, batch, micro, args.prompt_len, args.gen_len)
-            kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if model._offloads_kv() else 0
+            offloaded = model._offloads_kv() and not model.cpu_attention  # attention on the GPU reads KV over PCIe
+            kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
             run.update(roofline(info, ceilings, run["decode_step_s"], kv_read))
             runs.append(run)
     finally:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from tiermem.engine.config import ModelConfig
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
@@ -113,9 +114,10 @@ class HostKVCache(KVCache):
 
     def __init__(self, keys: list[Stored], values: list[Stored], key_mask: torch.Tensor,
                  buffers: list[tuple[Stored, Stored]], mover, arena: PinnedArena | None = None,
-                 length: int = 0) -> None:
+                 length: int = 0, cpu_attention: bool = False) -> None:
         super().__init__(keys, values, key_mask, length)
-        self.buffers = buffers  # two (K, V) on the compute device, each shaped like one layer
+        self.buffers = buffers  # two (K, V) on the compute device, each shaped like one layer (none: CPU attention)
+        self.cpu_attention = cpu_attention
         self.mover = mover
         self.arena = arena
         self.closed = False
@@ -126,9 +128,11 @@ class HostKVCache(KVCache):
     @classmethod
     def allocate(
         cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu", kv_quant: QuantScheme | None = None,
+        device: torch.device | str = "cpu", kv_quant: QuantScheme | None = None, cpu_attention: bool = False,
     ) -> HostKVCache:
         """Host cache (pinned when on CUDA) for `batch` x `max_len`; zeroed buffers on `device`.
+
+        cpu_attention: attention runs on the host over the host K/V (attend), so no GPU buffers.
 
         Pinned host slots are not zeroed (slots past `length` are never read: copies and the session
         state take slots 0..length-1 only)."""
@@ -156,14 +160,14 @@ class HostKVCache(KVCache):
         try:
             keys = [make(host) for _ in range(cfg.num_layers)]
             values = [make(host) for _ in range(cfg.num_layers)]
-            buffers = [(make(gpu), make(gpu)) for _ in range(2)]
+            buffers = [] if cpu_attention else [(make(gpu), make(gpu)) for _ in range(2)]
         except BaseException:
             if arena is not None:
                 arena.close()
             raise
         mover = CudaMover(device) if device.type == "cuda" else SyncMover()
         mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        return cls(keys, values, mask, buffers, mover, arena)
+        return cls(keys, values, mask, buffers, mover, arena, cpu_attention=cpu_attention)
 
     @property
     def num_layers(self) -> int:
@@ -218,6 +222,28 @@ class HostKVCache(KVCache):
             return keys.map(lambda t: t[rows]), values.map(lambda t: t[rows])
         return keys[rows], values[rows]
 
+    def attend(self, layer: int, rows: slice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               softmax_scale: float) -> torch.Tensor:
+        """Attention on the host (FlexGen's cpu_cache_compute): q [b, H, T, Dh] and the new k, v [b, Hkv, T, Dh]
+        come to the host, k and v are appended there, attention runs in fp32 over the layer's host K, V under
+        mask [b, 1, T, S]; returns [b, H, T, Dh] on q's device in q's dtype. Only the activations cross PCIe."""
+        start, stop, _ = rows.indices(self.batch)
+        rows = slice(start, stop)
+        end = self.length + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        new_k, new_v = k.to("cpu", torch.float32), v.to("cpu", torch.float32)
+        if isinstance(keys, QuantizedKV):
+            keys.write(rows, self.length, new_k)
+            values.write(rows, self.length, new_v)
+            K, V = (t.dequantize(rows, end).float() for t in (keys, values))
+        else:
+            keys[rows, :, self.length:end] = new_k.to(keys.dtype)
+            values[rows, :, self.length:end] = new_v.to(values.dtype)
+            K, V = (t[rows, :, :end].float() for t in (keys, values))
+        out = F.scaled_dot_product_attention(q.to("cpu", torch.float32), K, V, attn_mask=mask.to("cpu"),
+                                             scale=softmax_scale, enable_gqa=K.shape[1] != q.shape[1])
+        return out.to(q.device, q.dtype)
+
     def begin_step(self, new_mask: torch.Tensor) -> torch.Tensor:
         self._current = None  # also after a step that failed half-way
         return super().begin_step(new_mask)
@@ -235,9 +261,10 @@ class HostKVCache(KVCache):
         if max_len <= self.max_len:
             return
         self.flush()
-        _, heads, _, head_dim = self.buffers[0][0].shape
+        _, heads, _, head_dim = self.keys[0].shape
         shape = SimpleNamespace(num_layers=self.num_layers, num_kv_heads=heads, head_dim=head_dim)
-        bigger = HostKVCache.allocate(shape, self.batch, max_len, self.dtype, self.key_mask.device, self.kv_quant)
+        bigger = HostKVCache.allocate(shape, self.batch, max_len, self.dtype, self.key_mask.device, self.kv_quant,
+                                      self.cpu_attention)
         L = self.length
         for old, new in ((self.keys, bigger.keys), (self.values, bigger.values)):
             for o, n in zip(old, new, strict=True):

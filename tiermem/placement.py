@@ -121,7 +121,7 @@ class GpuSource:
     """GpuWeights plus the pinned arena and disk backend behind it; describe() for Model.info()."""
 
     def __init__(self, weights: GpuWeights, arena: PinnedArena, backend, plan: dict, kv_placement: str = "gpu",
-                 micro_batches: int = 1, prefill_micro_batches: int | None = None) -> None:
+                 micro_batches: int = 1, prefill_micro_batches: int | None = None, cpu_attention: bool = False) -> None:
         self.weights = weights
         self.arena = arena
         self.backend = backend
@@ -129,6 +129,7 @@ class GpuSource:
         self.kv_placement = kv_placement  # "gpu", or "cpu": generate() allocates a kv_offload.HostKVCache
         self.micro_batches = micro_batches  # generate()'s default split of a batch in decode steps
         self.prefill_micro_batches = prefill_micro_batches or micro_batches  # ... and of the prompt
+        self.cpu_attention = cpu_attention  # KV in host memory and attention computed there
 
     def stream(self, names):
         return self.weights.stream(names)
@@ -147,6 +148,7 @@ def build_gpu_source(
     cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int | None, lookahead: int | None,
     io_threads: int, resident_cap: int | None, progress: bool, read_backend: str = "auto",
     kv_quant: QuantScheme | None = None, plan: Plan | str | None = "auto", kv_placement: str | None = None,
+    cpu_attention: bool | None = None,
 ) -> GpuSource:
     """Place blocks and the KV cache in HBM / pinned host memory / disk within the budgets, and load them.
 
@@ -154,6 +156,8 @@ def build_gpu_source(
     tiermem.planner.Plan to follow, or None (greedy: an execution-order prefix of blocks in HBM as
     far as it fits, KV on the GPU unless kv_placement says "cpu"). micro_batches, lookahead and
     kv_placement fix those choices (None: the plan's, or 1 / 2 / "gpu" for the greedy placement);
+    cpu_attention (KV on the CPU and attention computed there, FlexGen's cpu_cache_compute) is used
+    only when asked for or when a given Plan says so;
     resident_cap (bytes of HBM-resident weights) implies the greedy placement.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
@@ -163,20 +167,25 @@ def build_gpu_source(
             raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead)
+            lookahead, bool(cpu_attention))
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
-                                    plan.micro_batches), ("lookahead", lookahead, plan.lookahead)):
+                                    plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
+                                   ("cpu_attention", cpu_attention, plan.cpu_cache_compute)):
             if mine is not None and mine != planned:
                 raise ConfigError(f"{name}={mine!r} but the plan chose {planned!r}: leave {name} out to follow "
                                   "the plan, or plan again with that choice fixed")
         kv_placement, micro_batches, lookahead = plan.kv, plan.micro_batches, plan.lookahead
     kv_placement, micro_batches, lookahead = kv_placement or "gpu", micro_batches or 1, lookahead or 2
     prefill_micro_batches = (plan.prefill_micro_batches if plan is not None else None) or micro_batches
+    cpu_attention = plan.cpu_cache_compute if plan is not None else bool(cpu_attention)
+    if cpu_attention and kv_placement != "cpu":
+        raise ConfigError("cpu_attention computes attention where the KV cache is: it needs kv_placement='cpu'")
     if kv_placement not in ("gpu", "cpu"):
         raise ConfigError(f"kv_placement must be 'gpu' or 'cpu', got {kv_placement!r}")
     kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
-    gpu_kv = kv if kv_placement == "gpu" else 2 * (kv // cfg.num_layers)  # all of it, or two layers' buffers
+    # all of it, two layers' buffers, or none (attention on the host)
+    gpu_kv = kv if kv_placement == "gpu" else (0 if cpu_attention else 2 * (kv // cfg.num_layers))
     host_kv = kv if kv_placement == "cpu" else 0
     quantized = dict(quantized=reader.quant is not None, kv_quantized=kv_quant is not None)
     work = max(workspace_bytes(cfg, max_batch, max_seq, prefill_micro_batches, dtype, **quantized),
@@ -228,7 +237,7 @@ def build_gpu_source(
         "placement": "greedy" if plan is None else "plan", "gpu_resident_blocks": len(resident),
         "streamed_blocks": len(streamed), "disk_blocks": len(disk_names), "host_only_blocks": list(HOST_ONLY),
         "gpu_weight_bytes": weight_bytes, "kv_placement": kv_placement, "micro_batches": micro_batches,
-        "prefill_micro_batches": prefill_micro_batches,
+        "prefill_micro_batches": prefill_micro_batches, "cpu_attention": cpu_attention,
         "lookahead": lookahead, "gpu_kv_reserved_bytes": gpu_kv, "host_kv_reserved_bytes": host_kv,
         "gpu_workspace_reserved_bytes": work, "pinned_host_bytes": host_bytes + staging + host_kv,
         "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
@@ -236,16 +245,17 @@ def build_gpu_source(
         "read_backend": backend_name}
     if plan is not None:
         described["predicted_step_s"] = plan.predicted_step_s
-    return GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches)
+    return GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches,
+                     cpu_attention)
 
 
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
-              micro_batches: int | None, lookahead: int | None) -> Plan:
+              micro_batches: int | None, lookahead: int | None, cpu_attention: bool = False) -> Plan:
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures,
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
-    Without cpu_memory the budget is the host memory available now. CPU attention is not offered
-    (the runtime computes attention on the GPU)."""
+    Without cpu_memory the budget is the host memory available now. CPU attention is planned only when
+    asked for (cpu_attention=True fixes it; it has not run on a GPU yet)."""
     from tiermem.planner import Workload
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
@@ -257,7 +267,8 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
                                     max_seq - gen_len, gen_len, dtype, quantized=reader.quant is not None,
                                     kv_quant=kv_quant)
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
-    return make_plan(workload, hardware, gpu_budget, cpu_budget, kv=kv_placement, cpu_cache_compute=False,
+    return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
+                     cpu_cache_compute=cpu_attention,
                      micro_batches=micro_batches, lookahead=lookahead)
 
 
@@ -277,12 +288,9 @@ def follow_plan(plan: Plan, sizes: dict[str, int], order: list[str], weights_bud
 
     weights_budget: HBM bytes left for weights; cpu_memory: pinned bytes left for weights (the KV
     cache's share already taken out). Returns (GPU-resident, host, disk blocks, HBM weight bytes,
-    pinned staging bytes); ConfigError when the plan does not place every block exactly once or asks
-    for what the runtime lacks (attention on the CPU), BudgetError when it does not fit.
+    pinned staging bytes); ConfigError when the plan does not place every block exactly once,
+    BudgetError when it does not fit.
     """
-    if plan.cpu_cache_compute:
-        raise ConfigError("this plan computes attention on the CPU, which the runtime cannot do yet: plan again "
-                          "with cpu_cache_compute=False")
     placed = [*plan.gpu_blocks, *plan.host_blocks, *plan.disk_blocks, *HOST_ONLY]
     if sorted(placed) != sorted(order):
         raise ConfigError(f"the plan places {sorted(placed)} but the store has blocks {sorted(order)}: "
