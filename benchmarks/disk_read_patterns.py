@@ -12,34 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
-import subprocess
-import time
 from pathlib import Path
 
-from tiermem.ceilings import drop_page_cache
+from tiermem.ceilings import backend_read_rate, dd_read_rate, drop_page_cache
 from tiermem.pinned import PinnedArena
 from tiermem.storage.backends.kvikio import KvikioBackend, kvikio_available
 from tiermem.storage.backends.posix import PosixBackend
 
 POSIX = [(1, 16), (4, 8), (8, 8), (4, 32)]  # (threads, chunk MiB)
-
-
-def read_dd(files: list[Path]) -> float:
-    seconds = 0.0
-    for f in files:
-        out = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True,
-                             text=True).stderr
-        seconds += float(re.findall(r"copied, ([0-9.e+-]+) s", out)[-1])
-    return sum(f.stat().st_size for f in files) / seconds
-
-
-def read_backend(backend, files: list[Path], buf) -> float:
-    start = time.perf_counter()
-    for f in files:
-        backend.read_into(f, 0, buf[: f.stat().st_size])
-    return sum(f.stat().st_size for f in files) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -61,14 +42,14 @@ def main() -> None:
                 chunk = [next(fresh) for _ in range(args.files_per_read)]
                 drop_page_cache()
                 if name.startswith("dd"):
-                    rate = read_dd(chunk)
+                    rate = dd_read_rate(chunk)
                 elif name == "kvikio":
                     with KvikioBackend(threads=16) as backend:
-                        rate = read_backend(backend, chunk, buf)
+                        rate = backend_read_rate(backend, chunk, buf)
                 else:
                     threads, mib = POSIX[patterns.index(name) - 1]
                     with PosixBackend(threads=threads, direct=True, chunk_size=mib << 20) as backend:
-                        rate = read_backend(backend, chunk, buf)
+                        rate = backend_read_rate(backend, chunk, buf)
                 rates[name].append(rate)
                 print(f"{name:>28}: {rate / 1e9:.3f} GB/s", flush=True)
     summary = {name: {"median_Bps": statistics.median(r), "runs_Bps": r} for name, r in rates.items()}

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from tiermem.ceilings import drop_page_cache
+from tiermem.ceilings import backend_read_rate, drop_page_cache
 from tiermem.pinned import PinnedArena
 from tiermem.storage.backends.posix import PosixBackend
 
 
 def measure(files: list[Path], threads: int, chunk: int) -> float:
-    total = sum(f.stat().st_size for f in files)
     with PinnedArena(max(f.stat().st_size for f in files)) as arena, \
             PosixBackend(threads=threads, direct=True, chunk_size=chunk) as backend:
-        buf = arena.take(arena.capacity)
         drop_page_cache()
-        start = time.perf_counter()
-        for f in files:
-            backend.read_into(f, 0, buf[: f.stat().st_size])
-        return total / (time.perf_counter() - start)
+        return backend_read_rate(backend, files, arena.take(arena.capacity))
 
 
 def main() -> None:

@@ -67,6 +67,31 @@ def measure_ceilings(device: str = "cuda") -> dict[str, float]:
     return result
 
 
+def backend_read_rate(backend, files: list, buf: torch.Tensor) -> float:
+    """Bytes/s of reading `files` whole, one after the other, into `buf` (at least the largest) with a read
+    backend (tiermem.storage.backends)."""
+    start = time.perf_counter()
+    for f in files:
+        backend.read_into(f, 0, buf[: f.stat().st_size])
+    return sum(f.stat().st_size for f in files) / (time.perf_counter() - start)
+
+
+def dd_read_rate(files: list) -> float:
+    """Bytes/s of `dd iflag=direct bs=16M` over `files`, one after the other, by dd's own timing (NaN if
+    dd fails, e.g. where the filesystem refuses O_DIRECT)."""
+    import subprocess
+
+    seconds = 0.0
+    for f in files:
+        dd = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True,
+                            text=True)
+        found = re.findall(r"copied, ([0-9.e+-]+) s", dd.stderr)
+        if not found:
+            return math.nan
+        seconds += float(found[-1])
+    return sum(f.stat().st_size for f in files) / seconds if seconds else math.nan
+
+
 def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4) -> dict[str, float]:
     """Cold read bandwidth of the store's own files, in bytes/s, by three readers: O_DIRECT preadv through
     PosixBackend (tiermem's reader), kvikio (where it imports) and `dd iflag=direct bs=16M`.
@@ -76,8 +101,6 @@ def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4) 
     a file the other readers had just read: 1.9-2.6 GB/s; dd on fresh files: 1.0-1.3 GB/s, in one run,
     benchmarks/results/disk_read_patterns_h200.json), which made whichever reader went last look best.
     """
-    import subprocess
-
     from tiermem.pinned import PinnedArena
     from tiermem.storage.backends.kvikio import KvikioBackend, kvikio_available
     from tiermem.storage.backends.posix import PosixBackend
@@ -100,18 +123,9 @@ def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4) 
             backend = PosixBackend(threads=threads, direct=True) if name == "posix" else KvikioBackend(
                 threads=max(threads, 16))
             with backend:
-                start = time.perf_counter()
-                for f in dealt[name]:
-                    backend.read_into(f, 0, buf[: f.stat().st_size])
-                rates[name] = sizes[name] / (time.perf_counter() - start)
-    seconds = 0.0
-    for f in dealt["dd"]:
-        dd = subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True,
-                            text=True)
-        found = re.findall(r"copied, ([0-9.e+-]+) s", dd.stderr)
-        seconds = seconds + float(found[-1]) if found else math.nan
-    if dealt["dd"] and seconds:
-        rates["dd"] = sizes["dd"] / seconds
+                rates[name] = backend_read_rate(backend, dealt[name], buf)
+    if dealt["dd"]:
+        rates["dd"] = dd_read_rate(dealt["dd"])
     return {"disk_read_posix_direct_Bps": rates["posix"], "disk_read_dd_direct_Bps": rates["dd"],
             "disk_read_kvikio_Bps": rates.get("kvikio", math.nan), "disk_probe_bytes": sum(sizes.values()),
             "disk_probe_files_disjoint": True}

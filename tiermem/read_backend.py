@@ -9,7 +9,7 @@ import platform
 import time
 from pathlib import Path
 
-from tiermem.ceilings import drop_page_cache
+from tiermem.ceilings import backend_read_rate, drop_page_cache
 from tiermem.errors import ConfigError
 from tiermem.pinned import PinnedArena
 from tiermem.storage.backends.kvikio import KvikioBackend, kvikio_available
@@ -45,10 +45,7 @@ def measure_backends(files: list[Path], threads: int, nbytes_cap: int = 2 << 30)
         for name in names:
             drop_page_cache()
             with make_backend(name, threads) as backend:
-                start = time.perf_counter()
-                for f in chosen:
-                    backend.read_into(f, 0, buf[: f.stat().st_size])
-                result[name] = total / (time.perf_counter() - start)
+                result[name] = backend_read_rate(backend, chosen, buf)
     result["bytes"] = total
     return result
 
