@@ -447,3 +447,26 @@ def test_a_large_batch_splits_the_prompt_not_the_decode_steps():
     whole = predict(Plan(p.gpu_blocks, p.host_blocks, p.disk_blocks, p.kv, micro_batches=1, lookahead=p.lookahead),
                     w, H200)
     assert whole.memory["gpu"] > 24 * GiB  # the same placement without the prompt split does not fit
+
+
+def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
+    """tiermem bench records, per run, the followed plan's step time under the link rates measured in that run."""
+    from types import SimpleNamespace
+
+    from tiermem.bench import same_run_prediction
+    from tiermem.kernels.kv_quant import kv_scheme
+
+    config = preset("opt-1.3b")
+    store = SyntheticStore(config, QuantScheme.from_name("int4", 64), torch.float16)
+    cfg = model_config_from_hf(config)
+    sizes = {b: store.block_nbytes(b) for b in store.block_names}
+    w = Workload.from_config(cfg, sizes, 8, 64, 8, torch.float16, quantized=True, kv_quant=kv_scheme("int8", 64))
+    chosen = plan(w, H200, 1 * GiB, 64 * GiB)
+    ceilings = {"h2d_pinned_Bps": 50e9, "hbm_Bps": 3e12, "disk_read_posix_direct_Bps": 1.5e9,
+                "disk_read_dd_direct_Bps": float("nan"), "disk_read_kvikio_Bps": 1.2e9}
+    model = SimpleNamespace(source=SimpleNamespace(followed_plan=chosen), reader=store, config=cfg,
+                            dtype=torch.float16, kv_quant=kv_scheme("int8", 64))
+    got = same_run_prediction(model, ceilings, 8, 64, 8)["predicted_step_s_same_run_rates"]
+    hw = Hardware.from_ceilings(ceilings, disk_read_Bps=1.5e9)
+    assert got == pytest.approx(predict(chosen, w, hw).predicted_step_s, rel=1e-12)
+    assert same_run_prediction(SimpleNamespace(source=SimpleNamespace(followed_plan=None)), ceilings, 8, 64, 8) == {}

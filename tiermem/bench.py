@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import statistics
@@ -180,6 +181,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             offloaded = model._offloads_kv() and not model.cpu_attention  # attention on the GPU reads KV over PCIe
             kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
             run.update(roofline(info, ceilings, run["decode_step_s"], kv_read))
+            run.update(same_run_prediction(model, ceilings, batch, args.prompt_len, args.gen_len))
             runs.append(run)
     finally:
         model.close()
@@ -191,6 +193,27 @@ def run_bench(args: argparse.Namespace) -> dict:
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
         "plan": json.loads(Path(args.plan).read_text()) if args.plan not in ("auto", "greedy") else args.plan,
     }
+
+
+def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_len: int) -> dict:
+    """The cost model's step time for the followed plan at this batch, from the link rates measured in this run
+    (the plan itself was predicted at load from the cached probe); {} for the greedy placement or the CPU."""
+    from dataclasses import replace
+
+    from tiermem.planner import Hardware, Workload, predict
+
+    plan = getattr(model.source, "followed_plan", None)
+    if plan is None or not ceilings:
+        return {}
+    disk = best_disk_read(ceilings)  # NaN when no block was on disk (no disk ceilings measured)
+    hardware = Hardware.from_ceilings(ceilings, **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
+    reader = model.reader
+    workload = Workload.from_config(model.config, {b: reader.block_nbytes(b) for b in reader.block_names}, batch,
+                                    prompt_len, gen_len, model.dtype, quantized=reader.quant is not None,
+                                    kv_quant=model.kv_quant)
+    split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
+    at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
+    return {"predicted_step_s_same_run_rates": predict(at_batch, workload, hardware).predicted_step_s}
 
 
 def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0) -> dict:

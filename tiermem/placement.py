@@ -130,6 +130,7 @@ class GpuSource:
         self.micro_batches = micro_batches  # generate()'s default split of a batch in decode steps
         self.prefill_micro_batches = prefill_micro_batches or micro_batches  # ... and of the prompt
         self.cpu_attention = cpu_attention  # KV in host memory and attention computed there
+        self.followed_plan: Plan | None = None  # the planner's Plan this placement follows (None: greedy)
 
     def stream(self, names):
         return self.weights.stream(names)
@@ -245,8 +246,10 @@ def build_gpu_source(
         "read_backend": backend_name}
     if plan is not None:
         described["predicted_step_s"] = plan.predicted_step_s
-    return GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches,
-                     cpu_attention)
+    source = GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches,
+                       cpu_attention)
+    source.followed_plan = plan
+    return source
 
 
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
