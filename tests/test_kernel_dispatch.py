@@ -134,3 +134,35 @@ def test_cuda_sources_compile_without_spills(tmp_path):
         assert report, f"no kernels reported for {src.name}"
         for kernel, (_, stack, spill) in report.items():
             assert stack == 0 and spill == 0, f"{kernel} uses {stack} B of stack, spills {spill} B"
+
+
+@pytest.mark.parametrize("case", [
+    # batch, heads, kv heads, head dim, slots filled, max slots, bits, group, window
+    (2, 4, 2, 32, 9, 12, 8, 32, None),
+    (2, 4, 1, 32, 11, 11, 4, 8, None),
+    (1, 6, 3, 16, 13, 20, 4, 16, 5),
+])
+def test_kv_attention_kernel_model_matches_dequantize_then_sdpa(case):
+    """The CPU model of kv_attention.cu (its indexing, replayed) against the path it replaces, with left
+    padding and a key mask that is a row slice of a longer one (as the engine passes it)."""
+    import torch.nn.functional as F
+    from kv_attention_simulation import simulate_kv_attention
+
+    from tiermem.engine.attention import causal_mask
+    from tiermem.kernels.kv_quant import dequantize_kv, quantize_kv
+
+    b, heads, kv_heads, dh, length, s_max, bits, group, window = case
+    gen = torch.Generator().manual_seed(sum(case[:6]))
+    scheme = QuantScheme(bits, group)
+    k = quantize_kv(torch.randn(b, kv_heads, s_max, dh, generator=gen), scheme)
+    v = quantize_kv(torch.randn(b, kv_heads, s_max, dh, generator=gen), scheme)
+    q = torch.randn(b, heads, dh, generator=gen)
+    full_mask = torch.ones(b + 1, s_max + 7, dtype=torch.bool)
+    full_mask[1, :3] = False  # row 0 of the slice below is left-padded
+    key_mask = full_mask[1:, :length]
+    out = simulate_kv_attention(q, k, v, bits, group, key_mask, length, window, dh**-0.5)
+    kd = dequantize_kv(*(t[:, :, :length] for t in k), scheme, torch.float32)
+    vd = dequantize_kv(*(t[:, :, :length] for t in v), scheme, torch.float32)
+    ref = F.scaled_dot_product_attention(q[:, :, None], kd, vd, attn_mask=causal_mask(key_mask, length - 1, window),
+                                         scale=dh**-0.5, enable_gqa=heads != kv_heads)[:, :, 0]
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), float((out - ref).abs().max())
