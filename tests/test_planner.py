@@ -470,3 +470,26 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
     hw = Hardware.from_ceilings(ceilings, disk_read_Bps=1.5e9)
     assert got == pytest.approx(predict(chosen, w, hw).predicted_step_s, rel=1e-12)
     assert same_run_prediction(SimpleNamespace(source=SimpleNamespace(followed_plan=None)), ceilings, 8, 64, 8) == {}
+
+
+def test_alternatives_never_beat_the_plan():
+    from tiermem.planner import ALTERNATIVES, alternatives
+
+    w = workload("opt-30b", batch=8, prompt_len=256, gen_len=32)
+    chosen = plan(w, H200, 24 * GiB, 48 * GiB, cpu_cache_compute=False)
+    alts = alternatives(w, H200, 24 * GiB, 48 * GiB, cpu_cache_compute=False)
+    assert [name for name, _ in alts] == [name for name, _ in ALTERNATIVES]
+    fitted = [p for name, p in alts if p is not None and name != "KV in host RAM, CPU attention"]  # overrides
+    assert len(fitted) >= 5
+    assert all(p.predicted_step_s >= chosen.predicted_step_s * (1 - 1e-9) for p in fitted)
+    assert min(p.predicted_step_s for p in fitted) == pytest.approx(chosen.predicted_step_s, rel=1e-9)
+    assert dict(alts)["no block in HBM"].gpu_blocks == ()
+
+
+def test_cli_plan_lists_alternatives(tmp_path, capsys):
+    hw = tmp_path / "hw.json"
+    hw.write_text(H200.to_json())
+    assert main(["plan", "--synthetic", "opt-1.3b", "--gpu-memory", "1GiB", "--cpu-memory", "8GiB",
+                 "--hardware", str(hw), "--alternatives"]) in (None, 0)
+    out = capsys.readouterr().out
+    assert "the best plan with one choice fixed" in out and "KV in host RAM, CPU attention" in out

@@ -104,6 +104,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
           f"{f' on {hardware.name}' if hardware.name else ''}")
     print("\n".join(chosen.describe()))
     print(f"predicted: {chosen.predicted_step_s:.4f} s per decode step, {chosen.predicted_tok_per_s:.2f} tok/s")
+    if args.alternatives:
+        from tiermem.planner import alternatives
+
+        print("the best plan with one choice fixed (predicted s per step, tok/s):")
+        for name, alt in alternatives(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
+                                      cpu_cache_compute=False):
+            figures = "does not fit" if alt is None else f"{alt.predicted_step_s:.4f} s, {alt.predicted_tok_per_s:.2f}"
+            print(f"  {name:<32} {figures}")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": json.loads(hardware.to_json()), "plan": {
             k: v for k, v in vars(chosen).items()}, "batch": args.batch, "prompt_len": args.prompt_len,
@@ -184,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")
     p.add_argument("--lookahead", type=int, default=None, help="fix the prefetch lookahead")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    p.add_argument("--alternatives", action="store_true",
+                   help="also print the best plan with one choice fixed (KV placement, micro-batches, lookahead)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("checkpoint", help="checkpoint tools")

@@ -52,7 +52,7 @@ from tiermem.cost_model import (
 )
 from tiermem.errors import BudgetError, ConfigError
 
-__all__ = ["Hardware", "Workload", "Plan", "plan", "predict"]
+__all__ = ["Hardware", "Workload", "Plan", "alternatives", "plan", "predict"]
 
 LOOKAHEADS = (1, 2, 3)
 # With one disk read in flight each block's read and its checksum run one after the other (measured: 1.49 GB/s
@@ -331,6 +331,32 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
     chosen = predict(chosen, w, hardware, per_layer_overhead_s)
     assert chosen.memory["gpu"] <= gpu_memory and chosen.memory["host"] <= cpu_memory, chosen.memory
     return chosen
+
+
+ALTERNATIVES = (
+    ("KV on the GPU", {"kv": "gpu"}),
+    ("KV in host RAM, GPU attention", {"kv": "cpu", "cpu_cache_compute": False}),
+    ("KV in host RAM, CPU attention", {"kv": "cpu", "cpu_cache_compute": True}),
+    ("one micro-batch", {"micro_batches": 1}),
+    ("lookahead 1", {"lookahead": 1}),
+    ("lookahead 3", {"lookahead": 3}),
+    ("no block in HBM", {"gpu_blocks": 0}),
+)
+
+
+def alternatives(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: int,
+                 per_layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S, **fixed) -> list[tuple[str, Plan | None]]:
+    """The best plan under each of ALTERNATIVES' choices on top of `fixed` (plan()'s keyword choices), None
+    where nothing fits: what the planner's choice is weighed against. None beats plan(..., **fixed), which
+    searches all of them, unless it overrides one of `fixed` (e.g. CPU attention where `fixed` rules it out)."""
+    out: list[tuple[str, Plan | None]] = []
+    for name, choice in ALTERNATIVES:
+        try:
+            out.append((name, plan(workload, hardware, gpu_memory, cpu_memory,
+                                   per_layer_overhead_s=per_layer_overhead_s, **{**fixed, **choice})))
+        except BudgetError:
+            out.append((name, None))
+    return out
 
 
 def _nothing_fits(w: Workload, gpu_memory: int, cpu_memory: int, overridden: bool) -> str:
