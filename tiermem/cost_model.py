@@ -152,7 +152,7 @@ class Workload:
         import torch
 
         from tiermem.engine.config import expected_weights
-        from tiermem.placement import decode_workspace_bytes, kv_cache_bytes, workspace_bytes
+        from tiermem.placement import kv_cache_bytes, workspace_bytes
 
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         shapes = expected_weights(cfg)
@@ -168,8 +168,8 @@ class Workload:
             workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
                                                 kv_quant is not None)
                              for m in divisors(batch)},
-            decode_workspace_bytes={m: decode_workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
-                                                              kv_quant is not None) for m in divisors(batch)},
+            decode_workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
+                                                       kv_quant is not None, new_tokens=1) for m in divisors(batch)},
         )
 
 

@@ -44,37 +44,24 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, dtype: torch.dtype,
 
 
 def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype,
-                    quantized: bool = False, kv_quantized: bool = False) -> int:
-    """Upper estimate of transient activations of a prefill of batch x seq tokens (HBM reservation).
+                    quantized: bool = False, kv_quantized: bool = False, new_tokens: int | None = None) -> int:
+    """Upper estimate of a step's transient activations (HBM reservation): new_tokens per row (None: a
+    prefill of all `seq`; 1: a decode step) attending over `seq` slots, the batch in micro_batches.
 
     quantized: the weights are int4/int8; a matmul of more rows than the fused GEMV takes dequantizes
     one whole weight first, so the largest weight in the compute dtype is reserved too.
     kv_quantized: attention reads K and V dequantized: one micro-batch's K and V of one layer.
     """
     rows = math.ceil(batch / micro_batches)
+    new = seq if new_tokens is None else new_tokens
     e = dtype.itemsize
     dequant = max(cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.embed_dim) * e if quantized else 0
     if kv_quantized:
         dequant += 2 * rows * cfg.num_kv_heads * seq * cfg.head_dim * e
-    hidden = 2 * batch * seq * cfg.hidden_size * e  # every micro-batch's hidden state, plus one new
-    layer = rows * seq * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
-    scores = rows * cfg.num_heads * seq * seq * 4  # attention probabilities if materialised (fp32)
+    hidden = 2 * batch * new * cfg.hidden_size * e  # every micro-batch's hidden state, plus one new
+    layer = rows * new * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
+    scores = rows * cfg.num_heads * new * seq * 4  # attention probabilities if materialised (fp32)
     logits = 2 * batch * cfg.vocab_size * 4  # last-position logits and their fp32 copy
-    return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
-
-
-def decode_workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, dtype: torch.dtype,
-                           quantized: bool = False, kv_quantized: bool = False) -> int:
-    """Upper estimate of a decode step's transient activations (one new token per row, `seq` cached slots)."""
-    rows = math.ceil(batch / micro_batches)
-    e = dtype.itemsize
-    dequant = max(cfg.intermediate_size * cfg.hidden_size, cfg.vocab_size * cfg.embed_dim) * e if quantized else 0
-    if kv_quantized:
-        dequant += 2 * rows * cfg.num_kv_heads * seq * cfg.head_dim * e
-    hidden = 2 * batch * cfg.hidden_size * e
-    layer = rows * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e
-    scores = rows * cfg.num_heads * seq * 4
-    logits = 2 * batch * cfg.vocab_size * 4
     return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
 
 
@@ -190,7 +177,7 @@ def build_gpu_source(
     host_kv = kv if kv_placement == "cpu" else 0
     quantized = dict(quantized=reader.quant is not None, kv_quantized=kv_quant is not None)
     work = max(workspace_bytes(cfg, max_batch, max_seq, prefill_micro_batches, dtype, **quantized),
-               decode_workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, **quantized))
+               workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, **quantized, new_tokens=1))
     weights_budget = budget - gpu_kv - work
     if weights_budget <= 0:
         raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(gpu_kv)}) "
