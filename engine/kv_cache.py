@@ -76,6 +76,21 @@ class QuantizedKV:
 Stored = torch.Tensor | QuantizedKV
 
 
+def write_tokens(stored: Stored, rows: slice, start: int, x: torch.Tensor) -> Stored:
+    """Write x [b, Hkv, T, Dh] into slots start..start+T-1 of `rows` (quantized on write into a QuantizedKV);
+    return those rows of `stored` over all slots ([b, Hkv, S_max, ...] views)."""
+    if isinstance(stored, QuantizedKV):
+        stored.write(rows, start, x)
+        return stored.map(lambda t: t[rows])
+    stored[rows, :, start:start + x.shape[2]] = x
+    return stored[rows]
+
+
+def filled(stored: Stored, end: int) -> torch.Tensor:
+    """Slots 0..end-1 of `stored` [b, Hkv, S_max, ...] as [b, Hkv, end, Dh] in the compute dtype."""
+    return stored.dequantize(slice(None), end) if isinstance(stored, QuantizedKV) else stored[:, :, :end]
+
+
 @dataclass
 class KVCache:
     """Keys/values of every layer for a batch; `length` slots of `max_len` are filled."""
@@ -147,15 +162,8 @@ class KVCache:
     def append(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> tuple[Stored, Stored]:
         """Write k, v [b, Hkv, T, Dh] of `rows` after the filled slots (quantized on write if kv_quant);
         return this layer's stored K, V of `rows` over all max_len slots ([b, Hkv, S_max, ...] views)."""
-        end = self.length + k.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
-        if isinstance(keys, QuantizedKV):
-            keys.write(rows, self.length, k)
-            values.write(rows, self.length, v)
-            return keys.map(lambda t: t[rows]), values.map(lambda t: t[rows])
-        keys[rows, :, self.length:end] = k
-        values[rows, :, self.length:end] = v
-        return keys[rows], values[rows]
+        return (write_tokens(self.keys[layer], rows, self.length, k),
+                write_tokens(self.values[layer], rows, self.length, v))
 
     def update(
         self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor
@@ -167,9 +175,7 @@ class KVCache:
         """
         end = self.length + k.shape[2]
         keys, values = self.append(layer, rows, k, v)
-        if isinstance(keys, QuantizedKV):
-            return keys.dequantize(slice(None), end), values.dequantize(slice(None), end)
-        return keys[:, :, :end], values[:, :, :end]
+        return filled(keys, end), filled(values, end)
 
     def flush(self) -> None:
         """Make keys / values current where they are held (a no-op here: writes land at once)."""

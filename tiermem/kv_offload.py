@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tiermem.engine.config import ModelConfig
-from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
+from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored, filled, write_tokens
 from tiermem.errors import ConfigError
 from tiermem.kernels.quant import QuantScheme
 from tiermem.pinned import PinnedArena, aligned_size
@@ -208,19 +208,12 @@ class HostKVCache(KVCache):
             elif layer > 0:  # prime the next step: layer 0's new slots went back to the host long ago
                 self._prefetch(0, end)
         keys, values = self.buffers[self._current[1]]
-        if isinstance(keys, QuantizedKV):
-            keys.write(rows, self.length, k)
-            values.write(rows, self.length, v)
-        else:
-            keys[rows, :, self.length:end] = k
-            values[rows, :, self.length:end] = v
+        rows_k, rows_v = write_tokens(keys, rows, self.length, k), write_tokens(values, rows, self.length, v)
         self.mover.after_compute()
         for dev, host in zip((keys, values), (self.keys[layer], self.values[layer]), strict=True):
             for d, h in zip(_parts(dev), _parts(host), strict=True):
                 self.mover.copy_slots(h, d, rows, self.length, end)
-        if isinstance(keys, QuantizedKV):
-            return keys.map(lambda t: t[rows]), values.map(lambda t: t[rows])
-        return keys[rows], values[rows]
+        return rows_k, rows_v
 
     def attend(self, layer: int, rows: slice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                softmax_scale: float) -> torch.Tensor:
@@ -230,16 +223,8 @@ class HostKVCache(KVCache):
         start, stop, _ = rows.indices(self.batch)
         rows = slice(start, stop)
         end = self.length + k.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
-        new_k, new_v = k.to("cpu", torch.float32), v.to("cpu", torch.float32)
-        if isinstance(keys, QuantizedKV):
-            keys.write(rows, self.length, new_k)
-            values.write(rows, self.length, new_v)
-            K, V = (t.dequantize(rows, end).float() for t in (keys, values))
-        else:
-            keys[rows, :, self.length:end] = new_k.to(keys.dtype)
-            values[rows, :, self.length:end] = new_v.to(values.dtype)
-            K, V = (t[rows, :, :end].float() for t in (keys, values))
+        K, V = (filled(write_tokens(stored, rows, self.length, x.to("cpu")), end).float()
+                for stored, x in ((self.keys[layer], k), (self.values[layer], v)))
         out = F.scaled_dot_product_attention(q.to("cpu", torch.float32), K, V, attn_mask=mask.to("cpu"),
                                              scale=softmax_scale, enable_gqa=K.shape[1] != q.shape[1])
         return out.to(q.device, q.dtype)
