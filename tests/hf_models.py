@@ -116,3 +116,10 @@ def cached_logits(model, ids: torch.Tensor, mask: torch.Tensor, prompt: int, kv_
     for t in range(prompt, N):
         out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache))
     return torch.cat(out, dim=1).float()
+
+
+def packed_stores(root: Path, variants: tuple[str, ...]) -> dict[str, Path]:
+    """variant -> a tiermem store packed (dense) from build_tiny(variant), all under root."""
+    import tiermem
+
+    return {v: tiermem.pack(build_tiny(v, root / v / "hf"), root / v / "store", progress=False) for v in variants}

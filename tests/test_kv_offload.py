@@ -8,7 +8,7 @@ checked by the GPU tests at the end.
 
 import pytest
 import torch
-from hf_models import build_tiny, left_padded_batch
+from hf_models import left_padded_batch, packed_stores
 
 import tiermem
 from tiermem import GenerationSession
@@ -23,9 +23,7 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kv-offload")
-    return {v: tiermem.pack(build_tiny(v, root / v / "hf"), root / v / "store", progress=False)
-            for v in ("llama3", "opt")}
+    return packed_stores(tmp_path_factory.mktemp("kv-offload"), ("llama3", "opt"))
 
 
 def teacher_forced(model, cache: KVCache, ids, mask, prompt: int, micro_batches: int) -> torch.Tensor:

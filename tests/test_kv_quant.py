@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_models import build_tiny, cached_logits, left_padded_batch, rel_err
+from hf_models import cached_logits, left_padded_batch, packed_stores, rel_err
 
 import tiermem
 from tiermem import GenerationSession
@@ -138,9 +138,7 @@ def test_nbytes_of_quantized_cache(dtype, head_dim, scheme, limit):
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kvq-stores")
-    return {v: tiermem.pack(build_tiny(v, root / v / "hf"), root / v / "store", progress=False)
-            for v in ("llama3", "opt")}
+    return packed_stores(tmp_path_factory.mktemp("kvq-stores"), ("llama3", "opt"))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ model, continues with exactly the tokens of one uninterrupted call."""
 
 import pytest
 import torch
-from hf_models import build_tiny
+from hf_models import packed_stores
 
 import tiermem
 from tiermem import GenerationSession
@@ -17,9 +17,7 @@ MODES = {"greedy": {}, "sampled": SAMPLED}
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("session-stores")
-    return {v: tiermem.pack(build_tiny(v, root / v / "hf"), root / v / "store", progress=False)
-            for v in ("llama3", "opt", "llama2")}
+    return packed_stores(tmp_path_factory.mktemp("session-stores"), ("llama3", "opt", "llama2"))
 
 
 @pytest.fixture(scope="module")
