@@ -8,6 +8,8 @@
    the dense fp16 GEMV through torch (cuBLAS) as a reference point.
 3. Dequantization to a dense fp16 matrix (bytes read + written / time).
 4. Fused RMSNorm, RoPE and SiLU*mul against the torch reference ops.
+5. Decode attention over an int4/int8 KV cache: the fused kernel (K, V dequantized inside it) against what
+   it replaces, dequantize_kv then SDPA (kv heads folded, engine.attention's way); bytes = quantized K and V.
 
 Timing: CUDA events around each launch, all launches queued behind a GPU sleep so that Python's launch
 overhead stays outside the events; the median over many launches, rotating over enough weight copies
@@ -28,6 +30,7 @@ import torch
 from tiermem.kernels import cupy_ops, reference
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme, quantize
 
+SECTIONS = ("gemv", "dequant", "elementwise", "kv_attention")
 SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: covers the enqueue time of one batch of launches
 
 
@@ -176,11 +179,59 @@ def bench_elementwise(args, hbm: float) -> list[dict]:
     return rows
 
 
+KV_ATTENTION_SHAPES = [  # batch, heads, kv heads, head dim, filled slots
+    (64, 96, 8, 128, 518),  # the 111B (b) run's decode step
+    (64, 96, 8, 128, 2048),
+    (8, 64, 8, 128, 4096),
+    (1, 32, 8, 128, 4096),
+]
+
+
+def bench_kv_attention(args, hbm: float) -> list[dict]:
+    import torch.nn.functional as F
+
+    from tiermem.engine.attention import Attention
+    from tiermem.kernels.kv_quant import dequantize_kv, quantize_kv
+
+    rows = []
+    dtype = torch.bfloat16
+    for b, heads, kv_heads, dh, length in KV_ATTENTION_SHAPES:
+        for bits in (4, 8):
+            scheme = QuantScheme(bits, 128)
+            k = quantize_kv(torch.randn(b, kv_heads, length, dh, device="cuda"), scheme)  # (codes, scale, zero)
+            v = quantize_kv(torch.randn(b, kv_heads, length, dh, device="cuda"), scheme)
+            q = torch.randn(b, heads, 1, dh, device="cuda", dtype=dtype)
+            key_mask = torch.ones(b, length, dtype=torch.bool, device="cuda")
+            attn = Attention(key_mask, length - 1, slice(0, b))
+            group = heads // kv_heads
+
+            def fused(q=q, k=k, v=v, key_mask=key_mask, length=length, dh=dh, bits=bits):
+                return cupy_ops.kv_attention_cuda(q[:, :, 0], k, v, bits, 128, key_mask, length, None, dh**-0.5)
+
+            def unfused(q=q, k=k, v=v, attn=attn, b=b, kv_heads=kv_heads, group=group, dh=dh, scheme=scheme):
+                kd = dequantize_kv(*k, scheme, dtype)  # [b, Hkv, S, Dh]
+                vd = dequantize_kv(*v, scheme, dtype)
+                return F.scaled_dot_product_attention(q.reshape(b, kv_heads, group, dh), kd, vd,
+                                                      attn_mask=attn.grouped_mask(None, group), scale=dh**-0.5)
+
+            t_fused = time_launches([fused], args.reps)
+            t_unfused = time_launches([unfused], args.reps)
+            moved = sum(t.numel() * t.element_size() for t in (*k, *v))
+            rows.append({"kernel": "kv_decode_attention", "bits": bits, "batch": b, "heads": heads,
+                         "kv_heads": kv_heads, "head_dim": dh, "length": length, "us": t_fused * 1e6,
+                         "dequantize_sdpa_us": t_unfused * 1e6, "speedup": t_unfused / t_fused, "bytes": moved,
+                         "gbps": moved / t_fused / 1e9, "fraction_of_hbm": moved / t_fused / hbm})
+            del k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--reps", type=int, default=100, help="timed launches per measurement")
     parser.add_argument("--group", type=int, default=64, help="quantization group size")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
     args = parser.parse_args(argv)
     if not cupy_ops.cuda_kernels_available():
         print("needs a CUDA GPU (sm_80+) and CuPy", file=sys.stderr)
@@ -191,16 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": props.name, "sms": props.multi_processor_count, "l2_bytes": l2_bytes,
         "torch": torch.__version__, "hbm_copy_gbps": hbm / 1e9, "group_size": args.group,
-        "gemv": bench_gemv(args, l2_bytes, hbm),
-        "dequant": bench_dequant(args, l2_bytes, hbm),
-        "elementwise": bench_elementwise(args, hbm),
+        "command": " ".join(["python", *sys.argv]),
     }
+    sections = {"gemv": lambda: bench_gemv(args, l2_bytes, hbm),
+                "dequant": lambda: bench_dequant(args, l2_bytes, hbm),
+                "elementwise": lambda: bench_elementwise(args, hbm),
+                "kv_attention": lambda: bench_kv_attention(args, hbm)}
+    for name in args.only or SECTIONS:
+        result[name] = sections[name]()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
     print(f"{props.name}: HBM copy {hbm / 1e9:.0f} GB/s (read + write)")
     best: dict[tuple, dict] = {}
-    for row in result["gemv"]:
+    for row in result.get("gemv", []):
         key = (row["kernel"], row["bits"], row["dtype"], row["out"], row["in"], row["batch"])
         if key not in best or row["us"] < best[key]["us"]:
             best[key] = row
@@ -210,12 +265,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['kernel']:22s} {row['bits']:4d} {row['dtype']:>8s} {row['out']:>6d}x{row['in']:<5d} "
               f"{row['batch']:2d} {row['variant']:>12s} {row['us']:8.1f} {row['gbps']:7.0f} "
               f"{row['fraction_of_hbm']:7.1%}")
-    for row in result["dequant"]:
+    for row in result.get("dequant", []):
         print(f"dequant int{row['bits']} -> fp16 28672x8192: {row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
               f"{row['fraction_of_hbm']:.1%} of HBM")
-    for row in result["elementwise"]:
+    for row in result.get("elementwise", []):
         print(f"{row['kernel']:9s} {str(tuple(row['shape'])):22s} {row['us']:8.1f} us "
               f"(torch {row['torch_us']:8.1f}), x{row['speedup']:.2f}, {row['fraction_of_hbm']:.1%} of HBM")
+    for row in result.get("kv_attention", []):
+        print(f"kv attention int{row['bits']} b{row['batch']} H{row['heads']}/{row['kv_heads']} S{row['length']}: "
+              f"{row['us']:8.1f} us (dequantize + SDPA {row['dequantize_sdpa_us']:8.1f}), x{row['speedup']:.2f}, "
+              f"{row['fraction_of_hbm']:.1%} of HBM")
     return 0
 
 

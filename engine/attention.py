@@ -56,15 +56,28 @@ class Attention:
     cos: torch.Tensor | None = None  # [b, T, Dh]
     sin: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _grouped: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
 
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         """Rotary embedding of x [b, H, T, Dh] at this step's positions."""
         return ops.apply_rope(x, self.cos, self.sin)
 
     def mask(self, window: int | None) -> torch.Tensor:
+        """causal_mask [b, 1, T, S] of this step."""
         if window not in self._masks:
             self._masks[window] = causal_mask(self.key_mask, self.start, window)
         return self._masks[window]
+
+    def grouped_mask(self, window: int | None, group: int) -> torch.Tensor:
+        """The mask for queries folded by kv head: [b, 1, group * T, S], query j * T + t being token t of the
+        j-th query head sharing a kv head (a view [b, 1, 1, S] for a decode step)."""
+        mask = self.mask(window)
+        b, _, T, S = mask.shape
+        if group == 1 or T == 1:
+            return mask
+        if (window, group) not in self._grouped:
+            self._grouped[(window, group)] = mask.expand(b, group, T, S).reshape(b, 1, group * T, S)
+        return self._grouped[(window, group)]
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
@@ -72,8 +85,9 @@ class Attention:
         """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh].
 
         A decode step (T = 1) over a quantized cache on the GPU can read K and V quantized, dequantizing them
-        inside the attention kernel (ops.kv_decode_attention, behind ops.FUSED_KV_ATTENTION until it has run
-        on a GPU); otherwise K and V come dequantized.
+        inside the attention kernel (ops.kv_decode_attention, while ops.FUSED_KV_ATTENTION); otherwise K and V
+        come dequantized and the query heads sharing a kv head are folded into the query length, so that SDPA
+        never repeats K and V per query head (tests/test_attention_memory.py).
         """
         b, H, T, Dh = q.shape
         if self.cache is not None and self.cache.cpu_attention:
@@ -89,9 +103,11 @@ class Attention:
             return out.transpose(1, 2).reshape(b, T, H * Dh)
         if self.cache is not None:
             k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
-        gqa = k.shape[1] != H
+        kv_heads = k.shape[1]
+        group = H // kv_heads
         with sdpa_kernel(list(SDPA_BACKENDS)):
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self.mask(window), scale=Dh**-0.5, enable_gqa=gqa
-            )  # [b, H, T, Dh]
-        return out.transpose(1, 2).reshape(b, T, H * Dh)
+                q.reshape(b, kv_heads, group * T, Dh), k, v, attn_mask=self.grouped_mask(window, group),
+                scale=Dh**-0.5,
+            )  # [b, Hkv, group * T, Dh]
+        return out.reshape(b, H, T, Dh).transpose(1, 2).reshape(b, T, H * Dh)

@@ -112,10 +112,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate, up)
 
 
-# The engine calls kv_decode_attention only when this is True. The kernel was written and compiled (nvcc sm_90,
-# no spills) in session 2 without a GPU to run it on: switch this on once the GPU tests of
-# tests/test_kernels_gpu.py (test_kv_decode_attention_*) and tests/test_kv_offload.py pass on a GPU.
-FUSED_KV_ATTENTION = False
+# The engine calls kv_decode_attention for decode steps over a quantized KV cache while this is True (tests may
+# switch it off to compare with dequantize + SDPA; benchmarks/bench_kernels.py --only kv_attention times both).
+FUSED_KV_ATTENTION = True
 
 
 def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, length: int) -> bool:

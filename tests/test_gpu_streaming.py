@@ -127,7 +127,7 @@ def test_disk_tier_streams_blocks_that_fit_neither_budget(stores):
 
 
 def test_load_follows_a_planner_placement(stores):
-    """Written at the end of session 1 and not yet run on a GPU: run it first."""
+    """load(plan=Plan) places blocks as the plan says."""
     from tiermem.planner import Hardware, Workload, plan
     from tiermem.storage.format import StoreReader
 

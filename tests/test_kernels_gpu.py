@@ -253,7 +253,7 @@ KV_ATTENTION_CASES = [
 @pytest.mark.parametrize("case", KV_ATTENTION_CASES)
 def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
     """The fused kernel against the path it replaces: dequantize_kv + SDPA under engine.attention.causal_mask,
-    with left padding in the key mask; written in session 2 and not yet run on a GPU."""
+    with left padding in the key mask."""
     import torch.nn.functional as F
 
     from tiermem.engine.attention import causal_mask
@@ -282,8 +282,7 @@ def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
 
 @pytest.mark.parametrize("kv_quant", ["int8", "int4"])
 def test_generation_with_the_fused_kv_attention_follows_the_dequantize_path(kv_quant, monkeypatch, tmp_path):
-    """End to end with ops.FUSED_KV_ATTENTION on and off: teacher-forced logits agree closely (run this before
-    switching the flag on by default)."""
+    """End to end with ops.FUSED_KV_ATTENTION on and off: teacher-forced logits agree closely."""
     import tiermem
     from tiermem.presets import preset
     from tiermem.synthetic import write_hf_checkpoint

@@ -271,8 +271,7 @@ def test_aligned_size_is_what_takes_of_those_sizes_need():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kv_quant", [None, "int8"])
 def test_gpu_cpu_attention_generates_what_kv_on_the_gpu_does(stores, kv_quant):
-    """cpu_attention on the GPU path: K/V stay in host memory, attention runs there in fp32, no GPU KV buffers.
-    Written in session 2 and not yet run on a GPU."""
+    """cpu_attention on the GPU path: K/V stay in host memory, attention runs there in fp32, no GPU KV buffers."""
     ids, mask = left_padded_batch()
     kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64, plan=None, kv_quant=kv_quant)
     with tiermem.load(stores["llama3"], kv_placement="gpu", **kw) as m:

@@ -77,7 +77,7 @@ def load(
     split the prompt finer, which only changes memory), lookahead (streamed blocks in flight); the
     planner then optimises the rest. cpu_attention=True (with the KV cache on the CPU) computes
     attention on the host over the KV there, FlexGen's cpu_cache_compute: only activations cross PCIe
-    (written in session 2, not yet run on a GPU; the planner offers it only when asked).
+    (tested on a GPU; the planner offers it only when asked).
     resident_weights caps the HBM bytes of resident weights and implies the greedy placement (0
     streams every block, as FlexGen's all-offloaded placement does).
 

@@ -213,7 +213,21 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
                                     kv_quant=model.kv_quant)
     split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
     at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
-    return {"predicted_step_s_same_run_rates": predict(at_batch, workload, hardware).predicted_step_s}
+    return {"predicted_step_s_same_run_rates": predict(at_batch, workload, hardware).predicted_step_s,
+            "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware()}
+
+
+def probed_hardware() -> dict | None:
+    """The cached probe figures the planner used at load (tiermem.probe.cache_path), None when there are none."""
+    from dataclasses import asdict
+
+    from tiermem.probe import cache_path, read_cache
+
+    path = cache_path(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    if path is None or not path.is_file():
+        return None
+    hw, measured_at = read_cache(path)
+    return {**asdict(hw), "measured_at": measured_at}
 
 
 def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0) -> dict:

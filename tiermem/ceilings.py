@@ -92,7 +92,8 @@ def dd_read_rate(files: list) -> float:
     return sum(f.stat().st_size for f in files) / seconds if seconds else math.nan
 
 
-def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4) -> dict[str, float]:
+def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4,
+                      readers: tuple[str, ...] = ("posix", "kvikio", "dd")) -> dict[str, float]:
     """Cold read bandwidth of the store's own files, in bytes/s, by three readers: O_DIRECT preadv through
     PosixBackend (tiermem's reader), kvikio (where it imports) and `dd iflag=direct bs=16M`.
 
@@ -100,19 +101,20 @@ def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4) 
     file is read twice. On the GPU machine's disk a file read a second time came back faster (dd re-reading
     a file the other readers had just read: 1.9-2.6 GB/s; dd on fresh files: 1.0-1.3 GB/s, in one run,
     benchmarks/results/disk_read_patterns_h200.json), which made whichever reader went last look best.
+    readers: which of them to run (kvikio only where it imports); the others' rates are NaN.
     """
     from tiermem.pinned import PinnedArena
     from tiermem.storage.backends.kvikio import KvikioBackend, kvikio_available
     from tiermem.storage.backends.posix import PosixBackend
 
-    readers = ["posix", *(["kvikio"] if kvikio_available() else []), "dd"]
-    dealt: dict[str, list] = {r: [] for r in readers}
+    readers = [r for r in ("posix", "kvikio", "dd") if r in readers and (r != "kvikio" or kvikio_available())]
+    dealt: dict[str, list] = {r: [] for r in ("posix", "kvikio", "dd")}
     for k, f in enumerate(sorted(files, key=lambda f: -f.stat().st_size)):
         name = readers[k % len(readers)]
         if sum(x.stat().st_size for x in dealt[name]) < nbytes_cap:
             dealt[name].append(f)
     sizes = {r: sum(f.stat().st_size for f in fs) for r, fs in dealt.items()}
-    rates = {r: math.nan for r in readers}
+    rates = {r: math.nan for r in dealt}
     largest = max((f.stat().st_size for fs in dealt.values() for f in fs), default=0)
     with PinnedArena(max(largest, 1)) as arena:
         buf = arena.take(largest)
@@ -127,7 +129,7 @@ def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4) 
     if dealt["dd"]:
         rates["dd"] = dd_read_rate(dealt["dd"])
     return {"disk_read_posix_direct_Bps": rates["posix"], "disk_read_dd_direct_Bps": rates["dd"],
-            "disk_read_kvikio_Bps": rates.get("kvikio", math.nan), "disk_probe_bytes": sum(sizes.values()),
+            "disk_read_kvikio_Bps": rates["kvikio"], "disk_probe_bytes": sum(sizes.values()),
             "disk_probe_files_disjoint": True}
 
 

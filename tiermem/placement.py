@@ -245,7 +245,7 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures,
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. CPU attention is planned only when
-    asked for (cpu_attention=True fixes it; it has not run on a GPU yet)."""
+    asked for (cpu_attention=True fixes it)."""
     from tiermem.planner import Workload
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
