@@ -57,6 +57,9 @@ class SyncMover:
     def synchronize(self) -> None:
         """The host waits for every copy issued."""
 
+    def host_wait(self, marker: object) -> None:
+        """The calling host thread waits for the copies before `marker` (done already here)."""
+
 
 class CudaMover:
     """Copies on a dedicated CUDA stream; markers are events the compute stream waits on."""
@@ -92,13 +95,17 @@ class CudaMover:
     def synchronize(self) -> None:
         self.stream.synchronize()
 
+    def host_wait(self, marker: torch.cuda.Event | None) -> None:
+        if marker is not None:
+            marker.synchronize()
+
 
 @dataclass
 class _Fetch:
     layer: int
     length: int  # slots 0..length-1 copied
     buffer: int  # index into the GPU buffer pair
-    done: object  # Mover marker after the copy
+    done: object  # what _ready turns into the Mover marker after the copy
 
 
 class HostKVCache(KVCache):
@@ -178,10 +185,24 @@ class HostKVCache(KVCache):
         buffer = self._next_buffer
         self._next_buffer ^= 1
         self.mover.after_compute()  # the buffer's last reader (two layers back) has been issued
+        self._pending.append(_Fetch(layer, length, buffer, self._copy_in(layer, buffer, length)))
+
+    def _copy_in(self, layer: int, buffer: int, length: int) -> object:
+        """Issue the copy of `layer`'s slots 0..length-1 into GPU buffer `buffer`; returns its marker."""
         for host, dev in zip((self.keys[layer], self.values[layer]), self.buffers[buffer], strict=True):
             for h, d in zip(_parts(host), _parts(dev), strict=True):
                 self.mover.copy_slots(d, h, slice(0, self.batch), 0, length)
-        self._pending.append(_Fetch(layer, length, buffer, self.mover.mark()))
+        return self.mover.mark()
+
+    def _ready(self, done: object) -> object:
+        """The Mover marker of a fetch's copy (`done` as _copy_in returned it)."""
+        return done
+
+    def _copy_out(self, layer: int, buffer: int, rows: slice, start: int, end: int) -> None:
+        """Issue the copy of slots start..end-1 of `rows` from GPU buffer `buffer` back to `layer`'s host K/V."""
+        for dev, host in zip(self.buffers[buffer], (self.keys[layer], self.values[layer]), strict=True):
+            for d, h in zip(_parts(dev), _parts(host), strict=True):
+                self.mover.copy_slots(h, d, rows, start, end)
 
     def _take(self, layer: int) -> int:
         """The buffer holding `layer`'s filled prefix (fetched now if no matching prefetch is pending)."""
@@ -190,7 +211,7 @@ class HostKVCache(KVCache):
         if not self._pending:
             self._prefetch(layer, self.length)
         fetch = self._pending.popleft()
-        self.mover.wait(fetch.done)
+        self.mover.wait(self._ready(fetch.done))
         return fetch.buffer
 
     def append(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> tuple[Stored, Stored]:
@@ -210,9 +231,7 @@ class HostKVCache(KVCache):
         keys, values = self.buffers[self._current[1]]
         rows_k, rows_v = write_tokens(keys, rows, self.length, k), write_tokens(values, rows, self.length, v)
         self.mover.after_compute()
-        for dev, host in zip((keys, values), (self.keys[layer], self.values[layer]), strict=True):
-            for d, h in zip(_parts(dev), _parts(host), strict=True):
-                self.mover.copy_slots(h, d, rows, self.length, end)
+        self._copy_out(layer, self._current[1], rows, self.length, end)
         return rows_k, rows_v
 
     def attend(self, layer: int, rows: slice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -246,22 +265,26 @@ class HostKVCache(KVCache):
         if max_len <= self.max_len:
             return
         self.flush()
-        _, heads, _, head_dim = self.keys[0].shape
-        shape = SimpleNamespace(num_layers=self.num_layers, num_kv_heads=heads, head_dim=head_dim)
-        bigger = HostKVCache.allocate(shape, self.batch, max_len, self.dtype, self.key_mask.device, self.kv_quant,
-                                      self.cpu_attention)
+        bigger = self._allocate_like(max_len)
         L = self.length
         for old, new in ((self.keys, bigger.keys), (self.values, bigger.values)):
             for o, n in zip(old, new, strict=True):
                 for a, b in zip(_parts(o), _parts(n), strict=True):
                     b[:, :, :L] = a[:, :, :L]
         bigger.key_mask[:, :L] = self.key_mask[:, :L]
+        bigger.length = L
         self.close()
-        self.closed = False
-        self.keys, self.values, self.key_mask = bigger.keys, bigger.values, bigger.key_mask
-        self.buffers, self.mover, self.arena = bigger.buffers, bigger.mover, bigger.arena
-        self._pending.clear()
-        self._current = None
+        vars(self).update(vars(bigger))  # become the bigger cache, keeping this identity (a Model tracks it)
+
+    def _layer_shape(self) -> SimpleNamespace:
+        """What allocate() reads of a ModelConfig, for a cache shaped like this one."""
+        _, heads, _, head_dim = self.keys[0].shape
+        return SimpleNamespace(num_layers=self.num_layers, num_kv_heads=heads, head_dim=head_dim)
+
+    def _allocate_like(self, max_len: int) -> HostKVCache:
+        """An empty cache like this one with room for `max_len` tokens."""
+        return HostKVCache.allocate(self._layer_shape(), self.batch, max_len, self.dtype, self.key_mask.device,
+                                    self.kv_quant, self.cpu_attention)
 
     def copy_from(self, cache: KVCache) -> None:
         """Take the filled slots of another cache of the same batch, layers and storage (e.g. a restored one)."""
@@ -276,6 +299,7 @@ class HostKVCache(KVCache):
             raise ConfigError(f"a KV cache of batch {cache.batch}, {L} tokens, {len(cache.keys)} layers, "
                               f"{cache.kv_quant} does not fit this host KV cache (batch {self.batch}, up to "
                               f"{self.max_len} tokens, {len(self.keys)} layers, {self.kv_quant})")
+        self.flush()  # no copy issued earlier lands on the slots written here
         for src, dst in zip(theirs, mine, strict=True):
             for a, b in zip(src, dst, strict=True):
                 b[:, :, :L] = a[:, :, :L]

@@ -1,0 +1,252 @@
+"""DiskKVCache: the KV cache in a scratch file, staged through two host slots (tiermem.kv_disk).
+
+On the CPU the staging copies are plain tensor copies (SyncMover) and the file I/O is real, so these
+tests check the bookkeeping and the bytes on disk against the dense cache without a GPU. The CUDA
+path (landing buffer, permute on the copy stream, pinned staging) is checked by the GPU tests at the end.
+"""
+
+import errno
+import gc
+import os
+
+import pytest
+import torch
+from hf_models import left_padded_batch, packed_stores
+from test_kv_offload import teacher_forced
+
+import tiermem
+from tiermem import GenerationSession
+from tiermem.engine.kv_cache import KVCache
+from tiermem.errors import BudgetError, ConfigError
+from tiermem.kernels.kv_quant import kv_scheme
+from tiermem.kv_disk import DiskKVCache
+from tiermem.pinned import aligned_size
+from tiermem.placement import kv_cache_bytes
+from tiermem.scratch_file import PREFIX
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    return packed_stores(tmp_path_factory.mktemp("kv-disk"), ("llama3", "opt"))
+
+
+def kv_files(directory) -> list[str]:
+    return sorted(p for p in os.listdir(directory) if p.startswith(PREFIX))
+
+
+@pytest.mark.parametrize("variant", ["llama3", "opt"])
+@pytest.mark.parametrize("kv_quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_disk_cache_gives_the_logits_of_the_device_cache(stores, tmp_path, variant, kv_quant, micro_batches):
+    ids, mask = left_padded_batch()
+    ids = torch.cat([ids, torch.randint(3, 256, (2, NEW), generator=torch.Generator().manual_seed(5))], dim=1)
+    mask = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], dim=1)
+    with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
+        scheme = kv_scheme(kv_quant, m.config.head_dim)
+        ref = teacher_forced(m, KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme), ids, mask, 10,
+                             micro_batches)
+        disk = DiskKVCache.allocate(m.config, 2, 40, m.dtype, "cpu", kv_quant=scheme, offload_dir=tmp_path)
+        out = teacher_forced(m, disk, ids, mask, 10, micro_batches)
+        disk.flush()
+        ref_cache = KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme)
+        teacher_forced(m, ref_cache, ids, mask, 10, micro_batches)
+    assert torch.equal(out, ref)
+    nbytes = kv_cache_bytes(m.config, 2, 40, m.dtype, scheme)
+    assert disk.length == ids.shape[1] and disk.nbytes == nbytes
+    assert disk.staging_bytes == 2 * nbytes // m.config.num_layers  # two layers' worth in host memory
+    L = disk.length
+    for a, b in zip(disk.to("cpu").keys + disk.values, ref_cache.keys + ref_cache.values, strict=True):
+        for x, y in zip(*(s.tensors if kv_quant else (s,) for s in (a, b)), strict=True):
+            assert torch.equal(x[:, :, :L], y[:, :, :L])  # the file holds what the device cache does
+    disk.close()
+    assert kv_files(tmp_path) == []
+
+
+class Recorder:
+    """Wraps a DiskKVCache's file reads and writes: (layer region index, byte offset, nbytes)."""
+
+    def __init__(self, cache: DiskKVCache):
+        self.starts = {r.offset: (layer, i) for layer, regs in enumerate(cache.regions) for i, r in enumerate(regs)}
+        self.reads: list[tuple[int, int, int]] = []
+        self.writes: list[tuple[int, int, int]] = []
+        read, write = cache.backend.read_into, cache.file.write
+
+        def read_into(path, offset, out):
+            self.reads.append((*self.starts[offset], out.numel()))
+            read(path, offset, out)
+
+        def write_at(offset, data):
+            self.writes.append((offset, data.numel()))
+            write(offset, data)
+
+        cache.backend.read_into, cache.file.write = read_into, write_at
+
+
+def test_each_layer_prefix_is_one_read_per_part_and_new_slots_one_write(stores, tmp_path):
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        cache = DiskKVCache.allocate(m.config, 2, 32, m.dtype, "cpu", offload_dir=tmp_path)
+        rec = Recorder(cache)
+        L = m.config.num_layers
+        slot = cache.regions[0][0].slot_bytes  # one token of K (or V), all rows
+        m.executor.forward(ids, mask, cache, micro_batches=2)  # prefill 10
+        cache.flush()
+        # an empty prefix needs no read; the last layer primes layer 0 of the next step: K and V, slots 0..9
+        assert rec.reads == [(0, 0, 10 * slot), (0, 1, 10 * slot)]
+        regions = [r for regs in cache.regions for r in regs]
+        assert rec.writes == [(r.offset, 10 * slot) for r in regions]  # per layer and tensor: one write
+        rec.reads.clear()
+        rec.writes.clear()
+        m.executor.forward(ids[:, :1], mask[:, :1], cache, micro_batches=2)  # one decode step
+        cache.flush()
+    # layers 1..L-1 read now (layer 0 was primed), then layer 0 primed again with the new slot
+    assert rec.reads == [(layer, i, 10 * slot) for layer in range(1, L) for i in (0, 1)] + [
+        (0, 0, 11 * slot), (0, 1, 11 * slot)]
+    assert rec.writes == [(r.offset + 10 * slot, slot) for r in regions]
+    cache.close()
+
+
+def test_a_rolled_back_step_is_read_again(stores, tmp_path):
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
+        ref_cache = KVCache.allocate(m.config, 2, 32, m.dtype)
+        cache = DiskKVCache.allocate(m.config, 2, 32, m.dtype, "cpu", offload_dir=tmp_path)
+        for c in (ref_cache, cache):
+            m.executor.forward(ids, mask, c)
+        ref = m.executor.forward(ids[:, 3:5], mask[:, 3:5], ref_cache)
+        m.executor.forward(ids[:, 5:6], mask[:, 5:6], cache)  # a step that is then rolled back ...
+        cache.length = 10
+        out = m.executor.forward(ids[:, 3:5], mask[:, 3:5], cache)  # ... the primed layer 0 is stale now
+        cache.close()
+    assert torch.equal(out, ref)
+
+
+def test_grow_copy_from_and_to_keep_the_filled_slots(stores, tmp_path):
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        scheme = kv_scheme("int8", m.config.head_dim)
+        ref = KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme)
+        m.executor.forward(ids, mask, ref)
+        disk = DiskKVCache.allocate(m.config, 2, 12, m.dtype, "cpu", kv_quant=scheme, offload_dir=tmp_path)
+        disk.copy_from(ref)
+        small = kv_files(tmp_path)
+        disk.grow(40)
+        assert disk.max_len == 40 and disk.length == 10 and not disk.closed
+        assert len(kv_files(tmp_path)) == 1 and kv_files(tmp_path) != small  # the smaller file is gone
+        a = m.executor.forward(ids[:, :3], mask[:, :3], ref)
+        b = m.executor.forward(ids[:, :3], mask[:, :3], disk)
+        assert torch.equal(a, b)
+        assert disk.to("cpu") is disk and disk.to("meta").key_mask.device.type == "meta"
+        with pytest.raises(ConfigError, match="does not fit"):
+            DiskKVCache.allocate(m.config, 1, 40, m.dtype, "cpu", kv_quant=scheme, offload_dir=tmp_path).copy_from(ref)
+        disk.close()
+    gc.collect()
+    assert kv_files(tmp_path) == []
+
+
+def test_session_state_of_a_disk_cache_matches_the_device_cache(stores, tmp_path):
+    ids, mask = left_padded_batch()
+    states = []
+    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
+        for offload in (False, True):
+            session = GenerationSession()
+            if offload:  # what Model.generate does on CUDA with kv_placement="disk", here on the CPU
+                m._new_cache = lambda b, n: DiskKVCache.allocate(m.config, b, n, m.dtype, "cpu", offload_dir=tmp_path)
+            m.generate(ids, 6, attention_mask=mask, eos_token_id=[], session=session)
+            assert isinstance(session.cache, DiskKVCache) == offload
+            states.append(session.state_dict())
+    dense, disk = states
+    assert torch.equal(dense["tokens"], disk["tokens"])
+    for a, b in zip(dense["kv"]["keys"] + dense["kv"]["values"], disk["kv"]["keys"] + disk["kv"]["values"],
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_file_is_removed_on_close_and_when_collected(tmp_path):
+    from types import SimpleNamespace
+
+    shape = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=16)
+    a = DiskKVCache.allocate(shape, 2, 8, offload_dir=tmp_path)
+    b = DiskKVCache.allocate(shape, 2, 8, offload_dir=tmp_path)
+    names = kv_files(tmp_path)
+    assert len(names) == 2 and a.file.path != b.file.path  # unique names (mkstemp), never a fixed one
+    assert os.path.getsize(a.file.path) == aligned_size([2 * 2 * 8 * 16 * 4] * 6)  # 4 KiB-aligned regions
+    a.close()
+    a.close()  # closing twice is harmless
+    assert kv_files(tmp_path) == [os.path.basename(b.file.path)]
+    del b
+    gc.collect()
+    assert kv_files(tmp_path) == []
+
+
+def test_bad_offload_dir_is_a_clear_error(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import tiermem.scratch_file as scratch
+
+    shape = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ConfigError, match="does not exist"):
+        DiskKVCache.allocate(shape, 1, 8, offload_dir=tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        DiskKVCache.allocate(shape, 1, 8, offload_dir=tmp_path / "file")
+    with pytest.raises(ConfigError, match="offload_dir"):
+        DiskKVCache.allocate(shape, 1, 8, offload_dir=None)
+    monkeypatch.setattr(scratch.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match="not writable"):
+        DiskKVCache.allocate(shape, 1, 8, offload_dir=tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(BudgetError, match="free"):
+        DiskKVCache.allocate(shape, 1, 8, offload_dir=tmp_path)
+    monkeypatch.undo()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(scratch.os, "posix_fallocate", full)
+    with pytest.raises(BudgetError, match="no room"):
+        DiskKVCache.allocate(shape, 1, 8, offload_dir=tmp_path)
+    assert kv_files(tmp_path) == []  # nothing left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_offload_dir_is_a_clear_error(tmp_path):
+    from types import SimpleNamespace
+
+    shape = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16)
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match="not writable"):
+            DiskKVCache.allocate(shape, 1, 8, offload_dir=tmp_path)
+    finally:
+        tmp_path.chmod(0o700)
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_quant", [None, "int4"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_gpu_disk_cache_gives_the_logits_of_the_device_cache(stores, tmp_path, kv_quant, micro_batches):
+    """CudaStagingMover: pinned staging, landing buffer, permutes on the copy stream, copies from the I/O thread."""
+    from tiermem.kv_disk import CudaStagingMover
+
+    ids, mask = left_padded_batch()
+    ids = torch.cat([ids, torch.randint(3, 256, (2, NEW), generator=torch.Generator().manual_seed(5))], dim=1)
+    mask = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], dim=1)
+    with tiermem.load(stores["llama3"], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64,
+                      plan=None) as m:
+        scheme = kv_scheme(kv_quant, m.config.head_dim)
+        ref = teacher_forced(m, KVCache.allocate(m.config, 2, 40, m.dtype, "cuda", kv_quant=scheme), ids, mask, 10,
+                             micro_batches)
+        disk = DiskKVCache.allocate(m.config, 2, 40, m.dtype, "cuda", kv_quant=scheme, offload_dir=tmp_path)
+        assert isinstance(disk.mover, CudaStagingMover) and disk.arena.registered
+        out = teacher_forced(m, disk, ids, mask, 10, micro_batches)
+        disk.close()
+    assert torch.equal(out, ref)
+    assert kv_files(tmp_path) == []
