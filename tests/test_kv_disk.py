@@ -6,22 +6,29 @@ path (landing buffer, permute on the copy stream, pinned staging) is checked by 
 """
 
 import errno
+import functools
 import gc
+import itertools
 import os
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from hf_models import left_padded_batch, packed_stores
 from test_kv_offload import teacher_forced
+from test_planner import H200, TINY_HW, _every_tiny_plan, _tiny
 
 import tiermem
 from tiermem import GenerationSession
+from tiermem.cost_model import step_cost
 from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError
 from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kv_disk import DiskKVCache
 from tiermem.pinned import aligned_size
 from tiermem.placement import kv_cache_bytes
+from tiermem.planner import Plan, plan, predict
 from tiermem.scratch_file import PREFIX
 
 NEW = 12
@@ -225,6 +232,102 @@ def test_a_read_only_offload_dir_is_a_clear_error(tmp_path):
         tmp_path.chmod(0o700)
 
 
+def test_load_checks_the_disk_kv_options(stores, tmp_path):
+    with pytest.raises(ConfigError, match="pass offload_dir"):
+        tiermem.load(stores["opt"], kv_placement="disk")
+    with pytest.raises(ConfigError, match="kv_placement='cpu' keeps it elsewhere"):
+        tiermem.load(stores["opt"], kv_placement="cpu", offload_dir=tmp_path)
+    with pytest.raises(ConfigError, match="device='cuda'"):
+        tiermem.load(stores["opt"], offload_dir=tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        tiermem.load(stores["opt"], device="cuda", offload_dir=tmp_path / "missing")
+
+
+def test_model_tracks_live_disk_caches_against_the_reservation(stores, tmp_path, monkeypatch):
+    """Model.generate with KV on disk (forced here on the CPU): each generation's file is gone when it ends; a
+    session holding the reservation makes another generate a BudgetError until it is dropped."""
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=32) as m:
+        ref = m.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+        monkeypatch.setattr(m, "_offloads_kv", lambda: True)
+        m.kv_placement, m.offload_dir = "disk", tmp_path
+        assert torch.equal(m.generate(ids, 6, attention_mask=mask, eos_token_id=[]), ref)
+        assert kv_files(tmp_path) == [] and all(c.closed for c in m._host_caches)
+        session = GenerationSession()
+        m.generate(ids, 3, attention_mask=mask, eos_token_id=[], session=session)
+        assert isinstance(session.cache, DiskKVCache) and len(kv_files(tmp_path)) == 1
+        with pytest.raises(BudgetError, match="disk KV cache reserved"):
+            m.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+        assert torch.equal(m.generate(None, 3, session=session), ref[:, :16])
+        del session
+        gc.collect()
+        assert kv_files(tmp_path) == []
+        assert torch.equal(m.generate(ids, 6, attention_mask=mask, eos_token_id=[]), ref)
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+
+def test_a_disk_kv_step_reads_the_prefix_and_writes_the_new_slots_on_the_disk_link():
+    w = _tiny()  # 4 layers, batch 4, mean context 6 + 4 / 2 = 8, 20 KV bytes per token and layer
+    kv_read, kv_write = 4 * 4 * 8 * 20, 4 * 4 * 20
+    blocks = dict(resident=1000, host=2300, disk=2000, cpu_cache_compute=False, micro_batches=1)
+    cpu, disk = (step_cost(w, TINY_HW, kv=kv, **blocks) for kv in ("cpu", "disk"))
+    assert disk["disk"] == pytest.approx((2000 + kv_read + kv_write) / TINY_HW.disk_read_Bps, rel=1e-12)
+    assert cpu["disk"] == pytest.approx(2000 / TINY_HW.disk_read_Bps, rel=1e-12)
+    assert disk["pcie"] == cpu["pcie"]  # the prefix crosses PCIe either way
+    assert disk["hbm"] == pytest.approx(cpu["hbm"] + 2 * kv_read / TINY_HW.hbm_Bps, rel=1e-12)  # the permute
+    assert disk["compute"] == cpu["compute"]
+    chosen = Plan(("layers.0",), ("layers.1", "layers.2"), ("layers.3", "head"), kv="disk", lookahead=2)
+    got = predict(chosen, w, TINY_HW, per_layer_overhead_s=0.01)
+    disk_s = (1000 + 1500 + kv_read + kv_write) / TINY_HW.disk_read_Bps
+    assert got.breakdown["disk"] == pytest.approx(disk_s, rel=1e-12) and got.bound == "disk"
+    assert got.predicted_step_s == pytest.approx(disk_s + 0.01 * 4, rel=1e-12)
+    layer = w.kv_reserved_bytes // 4
+    assert (got.memory["gpu_kv"], got.memory["host_kv"]) == (2 * layer + layer // 2, 2 * layer)
+    assert got.memory["disk_kv"] == w.kv_reserved_bytes and "disk (offload_dir)" in "\n".join(got.describe())
+
+
+@functools.lru_cache(maxsize=1)
+def _every_tiny_disk_plan() -> list[Plan]:
+    w = _tiny()
+    return [predict(replace(p, kv="disk"), w, TINY_HW, per_layer_overhead_s=0.01)
+            for p in _every_tiny_plan() if (p.kv, p.cpu_cache_compute) == ("cpu", False)]
+
+
+@pytest.mark.parametrize("fixed", [{}, {"kv": "disk"}])
+def test_the_planner_puts_kv_on_disk_only_when_it_may_and_exactly(fixed):
+    w = _tiny()
+    candidates = _every_tiny_disk_plan() + ([] if fixed else _every_tiny_plan())
+    gpu_mem = np.array([p.memory["gpu"] for p in candidates])
+    host_mem = np.array([p.memory["host"] for p in candidates])
+    steps = np.array([p.predicted_step_s for p in candidates])
+    placements = set()
+    for gpu, cpu in itertools.product(range(2500, 11001, 1000), range(1000, 8001, 1000)):
+        feasible = steps[(gpu_mem <= gpu) & (host_mem <= cpu)]
+        if not feasible.size:
+            continue
+        got = plan(w, TINY_HW, gpu, cpu, per_layer_overhead_s=0.01, disk_kv=True, **fixed)
+        assert got.predicted_step_s == pytest.approx(feasible.min(), rel=1e-9), (gpu, cpu, got.describe())
+        placements.add(got.kv)
+        try:
+            assert plan(w, TINY_HW, gpu, cpu, per_layer_overhead_s=0.01).kv != "disk"  # not without disk_kv
+        except BudgetError:
+            placements.add("only on disk")
+    assert placements >= ({"disk"} if fixed else {"gpu", "disk", "only on disk"}), placements
+
+
+def test_cli_plan_with_offload_dir(tmp_path, capsys):
+    from tiermem.cli import main
+
+    hw = tmp_path / "hw.json"
+    hw.write_text(H200.to_json())
+    args = ["plan", "--synthetic", "opt-1.3b", "--gpu-memory", "2GiB", "--cpu-memory", "4GiB", "--hardware", str(hw),
+            "--batch", "32", "--prompt-len", "1024", "--kv", "disk"]
+    assert main(args) == 2 and "--offload-dir" in capsys.readouterr().err
+    assert main([*args, "--offload-dir", str(tmp_path)]) == 0
+    assert "KV cache on disk" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -249,4 +352,61 @@ def test_gpu_disk_cache_gives_the_logits_of_the_device_cache(stores, tmp_path, k
         out = teacher_forced(m, disk, ids, mask, 10, micro_batches)
         disk.close()
     assert torch.equal(out, ref)
+    assert kv_files(tmp_path) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_quant", [None, "int8"])
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_gpu_disk_kv_generates_what_kv_on_the_gpu_does(stores, tmp_path, kv_quant, micro_batches):
+    ids, mask = left_padded_batch()
+    kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64, plan=None, kv_quant=kv_quant,
+              micro_batches=micro_batches)
+    with tiermem.load(stores["llama3"], kv_placement="gpu", **kw) as m:
+        ref = m.generate(ids, 24, attention_mask=mask, eos_token_id=[])
+    with tiermem.load(stores["llama3"], kv_placement="disk", offload_dir=tmp_path, **kw) as m:
+        info = m.info()
+        kv = kv_cache_bytes(m.config, 2, 64, m.dtype, m.kv_quant)
+        assert info["kv_placement"] == "disk" and info["disk_kv_file_bytes"] == kv
+        assert info["host_kv_reserved_bytes"] == 2 * kv // m.config.num_layers
+        out = m.generate(ids, 24, attention_mask=mask, eos_token_id=[])
+        assert kv_files(tmp_path) == []
+        session = GenerationSession()
+        m.generate(ids, 12, attention_mask=mask, eos_token_id=[], session=session)
+        assert isinstance(session.cache, DiskKVCache) and len(kv_files(tmp_path)) == 1
+        assert torch.equal(m.generate(None, 12, session=session), ref)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_disk_kv_keeps_pinned_host_memory_within_cpu_memory(tmp_path):
+    """A cpu_memory that cannot hold the KV cache: kv_placement='cpu' is refused, 'disk' generates the tokens of KV
+    on the GPU with the pinned arenas (weights, KV staging) within cpu_memory at every step."""
+    from tiermem.api import load_from_reader
+    from tiermem.presets import preset
+    from tiermem.synthetic import SyntheticStore
+
+    config = dict(preset("llama-1b"), hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=8, vocab_size=1024, torch_dtype="float16")
+    store = SyntheticStore(config, None, torch.float16, device="cuda")
+    ids = torch.randint(3, 1024, (8, 200), generator=torch.Generator().manual_seed(2))
+    kw = dict(dtype=torch.float16, max_batch_size=8, max_seq_len=216, plan=None)
+    cpu_memory = 16 << 20  # the KV cache is 27 MiB; two layers of it 6.75 MiB
+    with pytest.raises(BudgetError, match="cpu_memory"):
+        load_from_reader(store, "cuda", None, cpu_memory, kv_placement="cpu", **kw)
+    with load_from_reader(store, "cuda", None, cpu_memory, kv_placement="gpu", **kw) as m:
+        ref = m.generate(ids, 16, eos_token_id=[])
+    with load_from_reader(store, "cuda", None, cpu_memory, kv_placement="disk", offload_dir=tmp_path, **kw) as m:
+        pinned = []
+
+        def on_step(_k: int) -> None:
+            caches = [c for c in m._host_caches if not c.closed]
+            assert len(caches) == 1 and caches[0].arena.registered
+            pinned.append(m.source.arena.capacity + caches[0].arena.capacity)
+
+        out = m.generate(ids, 16, eos_token_id=[], on_step=on_step)
+    assert torch.equal(out, ref)
+    assert len(pinned) == 16 and max(pinned) <= cpu_memory, pinned
     assert kv_files(tmp_path) == []

@@ -18,9 +18,11 @@ from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
 from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kernels.quant import QuantScheme
+from tiermem.kv_disk import DiskKVCache
 from tiermem.kv_offload import HostKVCache
 from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
 from tiermem.planner import Plan
+from tiermem.scratch_file import check_offload_dir
 from tiermem.session import GenerationSession
 from tiermem.storage.format import StoreReader
 from tiermem.storage.hf import HFCheckpoint
@@ -64,15 +66,17 @@ def load(
     gpu_memory / cpu_memory are hard limits on what tiermem allocates ("24GiB", bytes, or None = no
     limit). On CPU, blocks that do not fit cpu_memory are re-read from the store every step. On CUDA,
     blocks live in HBM, in pinned host memory (streamed to the GPU every step) or on disk (read every
-    step, staged in pinned memory, streamed), and the KV cache on the GPU or in pinned host memory;
-    the KV cache is sized for max_batch_size sequences of max_seq_len tokens (default: the model's
-    max positions, capped at 4096) and counts against the budget of the tier it lives in.
+    step, staged in pinned memory, streamed), and the KV cache on the GPU, in pinned host memory or
+    in a file in offload_dir; the KV cache is sized for max_batch_size sequences of max_seq_len tokens
+    (default: the model's max positions, capped at 4096) and counts against the budget of the tier it
+    lives in (on disk: two layers of pinned staging count against cpu_memory, two layers of buffers
+    and half a layer for the layout change against gpu_memory, and the file needs that much free disk).
 
     plan (CUDA): "auto" (default) places blocks and KV by tiermem's planner: the fastest placement
     its cost model finds for these budgets, using this machine's bandwidths (probed once, ~10 s,
     then cached in ~/.cache/tiermem). A tiermem.planner.Plan (`tiermem plan --json`, Plan.from_dict)
     is followed as given; None takes the greedy placement (blocks in HBM in execution order as far
-    as they fit, KV on the GPU). Every choice can be fixed: kv_placement ("gpu" or "cpu"),
+    as they fit, KV on the GPU). Every choice can be fixed: kv_placement ("gpu", "cpu" or "disk"),
     micro_batches (how many slices of a batch decode steps run through each block; the plan may
     split the prompt finer, which only changes memory), lookahead (streamed blocks in flight); the
     planner then optimises the rest. cpu_attention=True (with the KV cache on the CPU) computes
@@ -82,21 +86,22 @@ def load(
     streams every block, as FlexGen's all-offloaded placement does).
 
     read_backend picks how the GPU path reads blocks that stay on disk: "posix" (O_DIRECT preadv
-    pool), "kvikio", or "auto" (the faster by a cached probe of this machine). offload_dir is
-    reserved for a disk KV tier (not supported yet).
+    pool), "kvikio", or "auto" (the faster by a cached probe of this machine).
+    offload_dir (CUDA): a directory (on a fast local disk) where the KV cache may live, in one scratch
+    file per generation under a unique name, deleted when the generation (or session) ends; with it the
+    planner may choose kv_placement="disk", and kv_placement="disk" needs it. Each layer's filled KV is
+    read back while the layer before it computes (buffered reads: the page cache keeps what fits RAM).
     kv_quant: None (K and V in the compute dtype), "int8" or "int4": the KV cache stores K and V
     quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
     zero per kv_group_size values (None = one group per head, else a divisor of head_dim); attention
     sees them dequantized. The KV budget reservation counts the quantized footprint.
     """
-    if offload_dir is not None:
-        raise ConfigError("offload_dir (disk KV tier) is not supported yet; leave it None")
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
                             resident_weights=parse_size(resident_weights), read_backend=read_backend,
                             progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size, plan=plan,
-                            kv_placement=kv_placement, cpu_attention=cpu_attention)
+                            kv_placement=kv_placement, cpu_attention=cpu_attention, offload_dir=offload_dir)
 
 
 def load_from_reader(
@@ -105,8 +110,10 @@ def load_from_reader(
     io_threads: int = 4, resident_weights: int | None = None, progress: bool = False, read_backend: str = "auto",
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
     kv_placement: str | None = None, cpu_attention: bool | None = None,
+    offload_dir: str | os.PathLike | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
+    _check_disk_kv(device, kv_placement, offload_dir)
     cfg = model_config_from_hf(reader.model_config)
     kv_q = kv_scheme(kv_quant, cfg.head_dim, kv_group_size)
     check_weights(cfg, {b: reader.tensor_specs(b) for b in reader.block_names})
@@ -118,7 +125,8 @@ def load_from_reader(
         dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
-                                  kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention)
+                                  kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention,
+                                  offload_dir=offload_dir)
     elif dev.type == "cpu":
         if not (plan is None or plan == "auto") or kv_placement not in (None, "cpu") or cpu_attention:
             raise ConfigError("plans and kv_placement place blocks and KV for the GPU path; on the CPU pass "
@@ -132,6 +140,22 @@ def load_from_reader(
     head_has_lm_head = output.LM_HEAD in reader.tensor_specs("head")
     executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q)
+
+
+def _check_disk_kv(device: str, kv_placement: str | None, offload_dir: str | os.PathLike | None) -> None:
+    """ConfigError for a disk KV tier asked for inconsistently, or where it does not exist (the CPU path)."""
+    if kv_placement == "disk" and offload_dir is None:
+        raise ConfigError("kv_placement='disk' keeps the KV cache in a file: pass offload_dir=DIR (a directory on "
+                          "a fast local disk)")
+    if offload_dir is not None and kv_placement not in (None, "disk"):
+        raise ConfigError(f"offload_dir is where a disk KV cache keeps its file, but kv_placement={kv_placement!r} "
+                          "keeps it elsewhere: pass kv_placement='disk' (or leave it out to let the planner choose), "
+                          "or leave offload_dir out")
+    if offload_dir is not None and not str(device).startswith("cuda"):
+        raise ConfigError("the disk KV tier (offload_dir, kv_placement='disk') streams KV to a GPU: use "
+                          "device='cuda', or on the CPU leave offload_dir out and pass cpu_memory")
+    if offload_dir is not None:
+        check_offload_dir(offload_dir)
 
 
 class Model:
@@ -150,7 +174,8 @@ class Model:
         self.micro_batches = getattr(source, "micro_batches", 1)  # decode steps' default split (the plan's)
         self.prefill_micro_batches = getattr(source, "prefill_micro_batches", self.micro_batches)  # the prompt's
         self.cpu_attention = getattr(source, "cpu_attention", False)  # offloaded KV: attention on the host too
-        self._host_caches: weakref.WeakSet[HostKVCache] = weakref.WeakSet()  # offloaded KV caches alive
+        self.offload_dir = getattr(source, "offload_dir", None)  # where a disk KV cache keeps its file
+        self._host_caches: weakref.WeakSet[HostKVCache] = weakref.WeakSet()  # offloaded (host, disk) KV caches
         self._tokenizer = None
         self._closed = False
 
@@ -174,22 +199,30 @@ class Model:
                 "to tiermem.load")
 
     def _offloads_kv(self) -> bool:
-        return self.device.type == "cuda" and self.kv_placement == "cpu"
+        return self.device.type == "cuda" and self.kv_placement in ("cpu", "disk")
+
+    def _offload_class(self) -> type[HostKVCache]:
+        return DiskKVCache if self.kv_placement == "disk" else HostKVCache
 
     def _new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache where this model keeps KV: on the device, or pinned host memory (HostKVCache)."""
+        """An empty KV cache where this model keeps KV: on the device, in pinned host memory (HostKVCache) or in
+        a file in offload_dir (DiskKVCache)."""
         if not self._offloads_kv():
             return KVCache.allocate(self.config, batch, max_len, self.dtype, self.device, kv_quant=self.kv_quant)
         reserved = kv_cache_bytes(self.config, self.max_batch_size, self.max_seq_len, self.dtype, self.kv_quant)
         live = sum(c.nbytes for c in self._host_caches if not c.closed)
         wanted = kv_cache_bytes(self.config, batch, self.max_seq_len, self.dtype, self.kv_quant)
         if live + wanted > reserved:
-            raise BudgetError(f"the host KV cache reserved at load ({format_size(reserved)}) is held by "
-                              f"{format_size(live)} of live GenerationSessions; {format_size(wanted)} more are "
+            raise BudgetError(f"the {self.kv_placement} KV cache reserved at load ({format_size(reserved)}) is held "
+                              f"by {format_size(live)} of live GenerationSessions; {format_size(wanted)} more are "
                               "needed: drop or finish those sessions (del session) first")
         # Room for max_seq_len tokens (within the reservation), so that a session never has to grow it.
-        cache = HostKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
-                                     kv_quant=self.kv_quant, cpu_attention=self.cpu_attention)
+        if self.kv_placement == "disk":
+            cache = DiskKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
+                                         kv_quant=self.kv_quant, offload_dir=self.offload_dir)
+        else:
+            cache = HostKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
+                                         kv_quant=self.kv_quant, cpu_attention=self.cpu_attention)
         self._host_caches.add(cache)
         return cache
 
@@ -281,7 +314,7 @@ class Model:
                               "continue the session, or start a new GenerationSession for a new prompt")
         B, width = tokens.shape
         self._check_fits(B, width + max_new_tokens)
-        if self._offloads_kv() and not isinstance(session.cache, HostKVCache):  # e.g. restored from a state dict
+        if self._offloads_kv() and not isinstance(session.cache, self._offload_class()):  # e.g. restored
             host = self._new_cache(B, self.max_seq_len)
             host.copy_from(session.cache)
             session._state.cache = host

@@ -44,8 +44,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-memory", default=None, help="hard host budget")
     p.add_argument("--resident-weights", default=None, help="cap on HBM-resident weight bytes (0 = stream all)")
     p.add_argument("--lookahead", type=int, default=None, help="streamed blocks in flight (default: the plan's)")
-    p.add_argument("--kv-placement", choices=["gpu", "cpu"], default=None,
-                   help="fix where the KV cache lives (default: the plan's)")
+    p.add_argument("--kv-placement", choices=["gpu", "cpu", "disk"], default=None,
+                   help="fix where the KV cache lives (default: the plan's; disk needs --offload-dir)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="a directory the KV cache may live in (a file per generation): the plan may put it there")
     p.add_argument("--kv-quant", choices=["int8", "int4"], default=None, help="store the KV cache quantized")
     p.add_argument("--cpu-attention", action="store_true", default=None,
                    help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
@@ -96,7 +98,7 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
         read_backend=args.read_backend, progress=True, plan=_plan(args),
         kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=args.kv_quant,
-        cpu_attention=args.cpu_attention)
+        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir)
 
 
 def _plan(args: argparse.Namespace):
@@ -170,7 +172,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     model = _open_model(args, max(b for b, _ in plan), max((m for _, m in plan if m), default=None))
     load_s = time.perf_counter() - load_start
     info = model.info()
-    if info.get("disk_blocks"):
+    if info.get("disk_blocks") or (info.get("disk_kv_file_bytes") and getattr(model.reader, "path", None)):
         ceilings.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
@@ -180,7 +182,8 @@ def run_bench(args: argparse.Namespace) -> dict:
             run = time_generation(model, batch, micro, args.prompt_len, args.gen_len)
             offloaded = model._offloads_kv() and not model.cpu_attention  # attention on the GPU reads KV over PCIe
             kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
-            run.update(roofline(info, ceilings, run["decode_step_s"], kv_read))
+            kv_disk = kv_read + kv_per_token * batch if model.kv_placement == "disk" else 0  # + new slots written
+            run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk))
             run.update(same_run_prediction(model, ceilings, batch, args.prompt_len, args.gen_len))
             runs.append(run)
     finally:
@@ -230,22 +233,24 @@ def probed_hardware() -> dict | None:
     return {**asdict(hw), "measured_at": measured_at}
 
 
-def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0) -> dict:
+def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0, kv_disk_bytes: float = 0) -> dict:
     """Roofline step time of the placement and the achieved fraction of it.
 
-    kv_read_bytes: KV bytes a decode step reads over PCIe (KV in host memory, attention on the GPU).
+    kv_read_bytes: KV bytes a decode step reads over PCIe (KV in host memory or on disk, attention on the GPU);
+    kv_disk_bytes: KV bytes it reads from and writes to disk (KV on disk; counted where a disk rate was measured).
     """
     if not ceilings:
         return {}
     streamed = info.get("streamed_bytes_per_step", 0)
     weights = streamed + info.get("gpu_weight_bytes", 0)
     links = {"pcie": (streamed + kv_read_bytes) / ceilings["h2d_pinned_Bps"], "hbm": weights / ceilings["hbm_Bps"]}
-    if info.get("disk_bytes_per_step"):
-        links["disk"] = info["disk_bytes_per_step"] / best_disk_read(ceilings)
+    disk = info.get("disk_bytes_per_step", 0) + kv_disk_bytes
+    if disk and not math.isnan(best_disk_read(ceilings)):
+        links["disk"] = disk / best_disk_read(ceilings)
     link = max(links, key=links.__getitem__)
     return {"roofline_step_s": links[link], "roofline_link": link, "link_seconds": links,
             "fraction_of_roofline": links[link] / step_s, "streamed_bytes_per_step": streamed,
-            "kv_read_bytes_per_step": kv_read_bytes}
+            "kv_read_bytes_per_step": kv_read_bytes, "kv_disk_bytes_per_step": kv_disk_bytes}
 
 
 def format_table(result: dict) -> str:

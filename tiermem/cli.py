@@ -75,6 +75,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
+    if args.kv == "disk" and args.offload_dir is None:
+        raise ConfigError("--kv disk keeps the KV cache in a file: pass --offload-dir DIR")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.synthetic:
         from tiermem.kernels.quant import QuantScheme
@@ -98,8 +100,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         hardware: Hardware = read_cache(args.hardware)[0]
     else:
         hardware = cached_hardware(store_dir=args.store)
+    disk_kv = args.offload_dir is not None
+    if disk_kv:
+        from tiermem.scratch_file import check_offload_dir
+
+        check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
     chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
-                  cpu_cache_compute=False, micro_batches=args.micro_batches, lookahead=args.lookahead)
+                  cpu_cache_compute=False, micro_batches=args.micro_batches, lookahead=args.lookahead,
+                  disk_kv=disk_kv)
     print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
           f"{f' on {hardware.name}' if hardware.name else ''}")
     print("\n".join(chosen.describe()))
@@ -109,7 +117,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
         print("the best plan with one choice fixed (predicted s per step, tok/s):")
         for name, alt in alternatives(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
-                                      cpu_cache_compute=False):
+                                      cpu_cache_compute=False, disk_kv=disk_kv):
             figures = "does not fit" if alt is None else f"{alt.predicted_step_s:.4f} s, {alt.predicted_tok_per_s:.2f}"
             print(f"  {name:<32} {figures}")
     if args.json:
@@ -186,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--hardware", default=None, help="Hardware JSON (default: the cached probe of this machine)")
-    p.add_argument("--kv", choices=["gpu", "cpu"], default=None, help="fix the KV cache placement")
+    p.add_argument("--kv", choices=["gpu", "cpu", "disk"], default=None, help="fix the KV cache placement")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="the KV cache may live in a file here (load with the same offload_dir)")
     p.add_argument("--kv-quant", choices=["int8", "int4"], default=None,
                    help="the KV cache is stored quantized (one group per head); pass the same to load / bench")
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")

@@ -4,13 +4,15 @@ A decode step produces one token for each of `batch` sequences. Per step, with L
 m micro-batches, c = prompt_len + gen_len / 2 (the mean context over the generation) and
 kv = KV bytes per token per layer (K and V, compute dtype):
 
-  disk    = bytes of the blocks streamed from disk / disk_read_Bps
+  disk    = (bytes of the blocks streamed from disk
+             + KV on disk: L*B*c*kv read back + L*B*kv new slots written, on the same link) / disk_read_Bps
   pcie    = (bytes of every streamed block, from host or disk
-             + KV on CPU with GPU attention: L*B*c*kv read over PCIe each step
+             + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
   hbm     = (m * bytes of all GPU-side weights (every micro-batch reads every weight once)
              + streamed bytes (written into the ring slots)
-             + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv) / hbm_Bps
+             + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv;
+               KV on disk: 4*L*B*c*kv (landed, permuted: read + write, read by attention)) / hbm_Bps
   compute = B * (L * matmul FLOPs per token per layer + head FLOPs + L*c*attention FLOPs) / matmul_flops
   cpu_att = L*B*c*kv / cpu_memcpy_Bps  (KV on CPU and attention computed there: FlexGen's cpu_cache_compute)
   overhead = per_layer_overhead_s * L * m (launches, syncs, Python: absurd micro-batch counts lose)
@@ -26,12 +28,15 @@ link rates and no fitted constants.
 
 Memory (hard limits; a plan must fit both):
   GPU    = resident blocks + (lookahead + 1) slots of the largest streamed block
-           + KV (all of it when on GPU; two layers' worth when on CPU with GPU attention)
+           + KV (all of it when on GPU; two layers' worth when on CPU with GPU attention; on disk, two
+             layers plus a landing buffer of half a layer for the token-major -> head-major permute)
            + workspace: the larger of the prefill's activations split into m_p micro-batches and a decode
              step's split into m (prefill and decode may split a batch differently: only m costs time)
   pinned = host-resident blocks + host-only blocks (embed) + (lookahead + 1) staging buffers of the
-           largest disk block (when any block streams from disk) + KV (all of it when on CPU)
-KV is reserved for batch x (prompt_len + gen_len) tokens, as tiermem.placement.kv_cache_bytes does.
+           largest disk block (when any block streams from disk) + KV (all of it when on CPU; two
+           layers of staging when on disk)
+KV is reserved for batch x (prompt_len + gen_len) tokens, as tiermem.placement.kv_cache_bytes does
+(on disk: a file of that size in offload_dir, outside both budgets).
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ from tiermem.errors import ConfigError
 
 DEFAULT_LAYER_OVERHEAD_S = 50e-6
 KV_MODES = (("gpu", False), ("cpu", False), ("cpu", True))  # (kv placement, cpu_cache_compute)
+DISK_KV_MODE = ("disk", False)  # searched only when the caller has a directory for the KV file
+
+
+def kv_memory(kv_bytes: int, num_layers: int, kv: str, cpu_cache_compute: bool) -> tuple[int, int]:
+    """(GPU, pinned host) bytes a KV cache of kv_bytes in all takes where it lives (see the module doc):
+    "gpu" all of it in HBM; "cpu" all of it pinned and two layers' buffers in HBM (none with CPU attention);
+    "disk" two layers of pinned staging and, in HBM, two layers' buffers and a landing buffer of half a layer."""
+    layer = kv_bytes // num_layers
+    if kv == "gpu":
+        return kv_bytes, 0
+    if kv == "cpu":
+        return (0 if cpu_cache_compute else 2 * layer), kv_bytes
+    return 2 * layer + layer // 2, 2 * layer
 
 
 @dataclass(frozen=True)
@@ -187,7 +205,7 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     L, B, m = w.num_layers, w.batch, micro_batches
     kv_read = L * B * w.mean_context * w.kv_bytes_per_token_layer
     streamed = host + disk
-    pcie_bytes, hbm_bytes = streamed, m * (resident + streamed) + streamed
+    disk_bytes, pcie_bytes, hbm_bytes = disk, streamed, m * (resident + streamed) + streamed
     flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)
     cpu_att = 0.0
     if kv == "gpu":
@@ -196,11 +214,16 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     elif cpu_cache_compute:
         pcie_bytes += L * B * w.act_bytes_per_token_layer
         cpu_att = kv_read / hw.cpu_memcpy_Bps
+    elif kv == "disk":
+        disk_bytes += kv_read + L * B * w.kv_bytes_per_token_layer
+        pcie_bytes += kv_read
+        hbm_bytes += 4 * kv_read
+        flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
     else:
         pcie_bytes += kv_read
         hbm_bytes += 2 * kv_read
         flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
-    c = {"disk": disk / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
+    c = {"disk": disk_bytes / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
          "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
          "overhead": per_layer_overhead_s * L * m}
     c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"]) + cpu_att) + c["overhead"]
@@ -219,18 +242,18 @@ def bound_of(cost: Mapping[str, float]) -> str:
 
 def memory(w: Workload, *, resident: int, host: int, slot: int, staging: int, kv: str, cpu_cache_compute: bool,
            micro_batches: int, lookahead: int, prefill_micro_batches: int | None = None) -> dict[str, int]:
-    """Bytes each tier holds (see the module doc): gpu_* parts, host_* parts, and the totals "gpu", "host".
+    """Bytes each tier holds (see the module doc): gpu_* parts, host_* parts, the totals "gpu", "host", and
+    "disk_kv" (the KV file in offload_dir, in neither budget).
 
     resident: bytes of HBM-resident blocks; host: bytes of host-resident streamed blocks; slot: the
     largest streamed block (0: none); staging: the largest disk block (0: none).
     """
     ring = lookahead + 1
-    layer_kv = w.kv_reserved_bytes // w.num_layers
-    gpu_kv = w.kv_reserved_bytes if kv == "gpu" else (0 if cpu_cache_compute else 2 * layer_kv)
+    gpu_kv, host_kv = kv_memory(w.kv_reserved_bytes, w.num_layers, kv, cpu_cache_compute)
     m = {"gpu_weights": resident, "gpu_ring": ring * slot, "gpu_kv": gpu_kv,
          "gpu_workspace": w.workspace(micro_batches, prefill_micro_batches),
          "host_weights": host + sum(w.block_bytes[b] for b in w.host_only), "host_staging": ring * staging,
-         "host_kv": w.kv_reserved_bytes if kv == "cpu" else 0}
+         "host_kv": host_kv, "disk_kv": w.kv_reserved_bytes if kv == "disk" else 0}
     m["gpu"] = sum(v for k, v in m.items() if k.startswith("gpu_"))
     m["host"] = sum(v for k, v in m.items() if k.startswith("host_"))
     return m

@@ -10,11 +10,13 @@ both stream through the ring of HBM slots. The token embedding is gathered on th
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from tqdm import tqdm
 
 from tiermem.config import PrefetchConfig, format_size
+from tiermem.cost_model import kv_memory
 from tiermem.disk_tier import DiskStager
 from tiermem.engine.config import ModelConfig
 from tiermem.errors import BudgetError, ConfigError
@@ -25,6 +27,7 @@ from tiermem.pinned import PinnedArena
 from tiermem.planner import Plan
 from tiermem.read_backend import choose_backend, make_backend
 from tiermem.residency import TieredWeights, plan_residency
+from tiermem.scratch_file import check_offload_dir
 from tiermem.storage.backends.posix import PosixBackend
 from tiermem.storage.format import StoreReader
 
@@ -108,12 +111,14 @@ class GpuSource:
     """GpuWeights plus the pinned arena and disk backend behind it; describe() for Model.info()."""
 
     def __init__(self, weights: GpuWeights, arena: PinnedArena, backend, plan: dict, kv_placement: str = "gpu",
-                 micro_batches: int = 1, prefill_micro_batches: int | None = None, cpu_attention: bool = False) -> None:
+                 micro_batches: int = 1, prefill_micro_batches: int | None = None, cpu_attention: bool = False,
+                 offload_dir: str | os.PathLike | None = None) -> None:
         self.weights = weights
         self.arena = arena
         self.backend = backend
         self.plan = plan
-        self.kv_placement = kv_placement  # "gpu", or "cpu": generate() allocates a kv_offload.HostKVCache
+        self.kv_placement = kv_placement  # "gpu", "cpu" (generate() allocates a HostKVCache), "disk" (a DiskKVCache)
+        self.offload_dir = offload_dir  # where a DiskKVCache keeps its file
         self.micro_batches = micro_batches  # generate()'s default split of a batch in decode steps
         self.prefill_micro_batches = prefill_micro_batches or micro_batches  # ... and of the prompt
         self.cpu_attention = cpu_attention  # KV in host memory and attention computed there
@@ -136,14 +141,15 @@ def build_gpu_source(
     cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int | None, lookahead: int | None,
     io_threads: int, resident_cap: int | None, progress: bool, read_backend: str = "auto",
     kv_quant: QuantScheme | None = None, plan: Plan | str | None = "auto", kv_placement: str | None = None,
-    cpu_attention: bool | None = None,
+    cpu_attention: bool | None = None, offload_dir: str | os.PathLike | None = None,
 ) -> GpuSource:
     """Place blocks and the KV cache in HBM / pinned host memory / disk within the budgets, and load them.
 
     plan: "auto" (the planner's placement for these budgets, with this machine's cached probe), a
     tiermem.planner.Plan to follow, or None (greedy: an execution-order prefix of blocks in HBM as
     far as it fits, KV on the GPU unless kv_placement says "cpu"). micro_batches, lookahead and
-    kv_placement fix those choices (None: the plan's, or 1 / 2 / "gpu" for the greedy placement);
+    kv_placement fix those choices (None: the plan's, or 1 / 2 / "gpu" for the greedy placement; "disk"
+    keeps the KV cache in a file in offload_dir, which the planner considers only when it is given);
     cpu_attention (KV on the CPU and attention computed there, FlexGen's cpu_cache_compute) is used
     only when asked for or when a given Plan says so;
     resident_cap (bytes of HBM-resident weights) implies the greedy placement.
@@ -155,7 +161,7 @@ def build_gpu_source(
             raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead, bool(cpu_attention))
+            lookahead, bool(cpu_attention), disk_kv=offload_dir is not None)
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
                                     plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
@@ -169,12 +175,12 @@ def build_gpu_source(
     cpu_attention = plan.cpu_cache_compute if plan is not None else bool(cpu_attention)
     if cpu_attention and kv_placement != "cpu":
         raise ConfigError("cpu_attention computes attention where the KV cache is: it needs kv_placement='cpu'")
-    if kv_placement not in ("gpu", "cpu"):
-        raise ConfigError(f"kv_placement must be 'gpu' or 'cpu', got {kv_placement!r}")
+    if kv_placement not in ("gpu", "cpu", "disk"):
+        raise ConfigError(f"kv_placement must be 'gpu', 'cpu' or 'disk', got {kv_placement!r}")
     kv = kv_cache_bytes(cfg, max_batch, max_seq, dtype, kv_quant)
-    # all of it, two layers' buffers, or none (attention on the host)
-    gpu_kv = kv if kv_placement == "gpu" else (0 if cpu_attention else 2 * (kv // cfg.num_layers))
-    host_kv = kv if kv_placement == "cpu" else 0
+    if kv_placement == "disk":
+        check_offload_dir(offload_dir, kv, f"the disk KV cache of {max_batch} x {max_seq} tokens")
+    gpu_kv, host_kv = kv_memory(kv, cfg.num_layers, kv_placement, cpu_attention)
     quantized = dict(quantized=reader.quant is not None, kv_quantized=kv_quant is not None)
     work = max(workspace_bytes(cfg, max_batch, max_seq, prefill_micro_batches, dtype, **quantized),
                workspace_bytes(cfg, max_batch, max_seq, micro_batches, dtype, **quantized, new_tokens=1))
@@ -183,7 +189,7 @@ def build_gpu_source(
         raise BudgetError(f"gpu_memory {format_size(budget)} is used up by the KV cache ({format_size(gpu_kv)}) "
                           f"and activations ({format_size(work)}) of {max_batch} x {max_seq} tokens: raise "
                           "gpu_memory, lower max_batch_size / max_seq_len, raise micro_batches or keep the KV "
-                          "cache on the CPU (kv_placement='cpu')")
+                          "cache on the CPU or on disk (kv_placement='cpu', or 'disk' with offload_dir)")
     host_budget = None if cpu_memory is None else cpu_memory - host_kv
     if host_budget is not None and host_budget <= 0:
         raise BudgetError(f"cpu_memory {format_size(cpu_memory)} does not hold the KV cache ({format_size(kv)} "
@@ -228,24 +234,26 @@ def build_gpu_source(
         "prefill_micro_batches": prefill_micro_batches, "cpu_attention": cpu_attention,
         "lookahead": lookahead, "gpu_kv_reserved_bytes": gpu_kv, "host_kv_reserved_bytes": host_kv,
         "gpu_workspace_reserved_bytes": work, "pinned_host_bytes": host_bytes + staging + host_kv,
+        "disk_kv_file_bytes": kv if kv_placement == "disk" else 0,
         "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
         "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget,
         "read_backend": backend_name}
     if plan is not None:
         described["predicted_step_s"] = plan.predicted_step_s
     source = GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches,
-                       cpu_attention)
+                       cpu_attention, offload_dir)
     source.followed_plan = plan
     return source
 
 
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
-              micro_batches: int | None, lookahead: int | None, cpu_attention: bool = False) -> Plan:
+              micro_batches: int | None, lookahead: int | None, cpu_attention: bool = False,
+              disk_kv: bool = False) -> Plan:
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures,
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. CPU attention is planned only when
-    asked for (cpu_attention=True fixes it)."""
+    asked for (cpu_attention=True fixes it), the KV cache on disk only with disk_kv (an offload_dir given)."""
     from tiermem.planner import Workload
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
@@ -259,7 +267,7 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                      cpu_cache_compute=cpu_attention,
-                     micro_batches=micro_batches, lookahead=lookahead)
+                     micro_batches=micro_batches, lookahead=lookahead, disk_kv=disk_kv)
 
 
 def available_host_bytes() -> int:

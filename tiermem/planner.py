@@ -6,10 +6,11 @@ memory accounting live in tiermem.cost_model (its module doc states them); `pred
 any Plan, so that a measured run can be compared with the prediction of its own placement.
 
 Search (exact over the discrete choices). For each KV mode (gpu; cpu with GPU attention; cpu with
-CPU attention), micro-batch count (divisors of batch), lookahead (1..3; 2..3 when blocks are read
-from disk, see MIN_DISK_LOOKAHEAD), ring slot size S and disk
-staging size Z (each one of the distinct block sizes, or 0 for none; blocks larger than S must be
-GPU-resident, blocks larger than Z must not be on disk, so memory is linear in the counts below):
+CPU attention; disk, when the caller has a directory for it: disk_kv), micro-batch count (divisors
+of batch), lookahead (1..3; 2..3 when blocks are read from disk, see MIN_DISK_LOOKAHEAD), ring slot
+size S and disk staging size Z (each one of the distinct block sizes, or 0 for none; blocks larger
+than S must be GPU-resident, blocks larger than Z must not be on disk, so memory is linear in the
+counts below):
 
 - Blocks of equal size are interchangeable in the cost model (it sees byte sums and the largest
   streamed / disk block only), so a placement is a count per size class. Within a class the GPU
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field, fields, replace
 from tiermem.config import format_size
 from tiermem.cost_model import (
     DEFAULT_LAYER_OVERHEAD_S,
+    DISK_KV_MODE,
     KV_MODES,
     Hardware,
     Workload,
@@ -70,7 +72,7 @@ class Plan:
     gpu_blocks: tuple[str, ...]  # resident in HBM
     host_blocks: tuple[str, ...]  # resident in pinned host memory, streamed to the GPU every step
     disk_blocks: tuple[str, ...]  # read from the store every step, staged in pinned memory, streamed
-    kv: str = "gpu"  # "gpu" | "cpu"
+    kv: str = "gpu"  # "gpu" | "cpu" | "disk" (a file in load()'s offload_dir)
     cpu_cache_compute: bool = False  # KV on CPU: attention computed there (FlexGen's cpu_cache_compute)
     micro_batches: int = 1  # decode steps split the batch so
     lookahead: int = 2
@@ -114,8 +116,8 @@ class Plan:
                  f"pinned host    {len(self.host_blocks):>4} blocks {_span(self.host_blocks)}"
                  + (f" (+ host-only {', '.join(self.host_only)})" if self.host_only else ""),
                  f"from disk      {len(self.disk_blocks):>4} blocks {_span(self.disk_blocks)}"]
-        kv = "GPU" if self.kv == "gpu" else ("CPU, attention on the CPU" if self.cpu_cache_compute
-                                             else "CPU, read over PCIe by GPU attention")
+        kv = {"gpu": "GPU", "disk": "disk (offload_dir), staged two layers at a time"}.get(self.kv) or (
+            "CPU, attention on the CPU" if self.cpu_cache_compute else "CPU, read over PCIe by GPU attention")
         prefill = self.prefill_micro_batches or self.micro_batches
         lines.append(f"KV cache on {kv}; micro-batches {self.micro_batches} (prefill {prefill}), "
                      f"lookahead {self.lookahead}")
@@ -187,9 +189,9 @@ def _check(plan_: Plan, w: Workload) -> None:
 
 
 def _check_options(w: Workload, kv: str | None, ccc: bool | None, micro: int | None, lookahead: int | None) -> None:
-    if kv not in (None, "gpu", "cpu"):
-        raise ConfigError(f"kv must be 'gpu' or 'cpu', got {kv!r}")
-    if kv == "gpu" and ccc:
+    if kv not in (None, "gpu", "cpu", "disk"):
+        raise ConfigError(f"kv must be 'gpu', 'cpu' or 'disk', got {kv!r}")
+    if kv in ("gpu", "disk") and ccc:
         raise ConfigError("cpu_cache_compute needs the KV cache on the CPU (kv='cpu')")
     if micro is not None and (micro < 1 or w.batch % micro):
         raise ConfigError(f"micro_batches must divide the batch {w.batch}, got {micro}")
@@ -270,12 +272,13 @@ def _score(w: Workload, hw: Hardware, sizes: list[int], rest: list[int], g: tupl
 def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: int, *,
          gpu_blocks: Choice = None, host_blocks: Choice = None, kv: str | None = None,
          cpu_cache_compute: bool | None = None, micro_batches: int | None = None, lookahead: int | None = None,
-         per_layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S) -> Plan:
+         per_layer_overhead_s: float = DEFAULT_LAYER_OVERHEAD_S, disk_kv: bool = False) -> Plan:
     """The fastest placement within gpu_memory / cpu_memory bytes (see the module doc for the search).
 
-    Every choice can be fixed: gpu_blocks / host_blocks as a count or as block names, kv ("gpu" or
-    "cpu"), cpu_cache_compute, micro_batches (a divisor of the batch), lookahead. Raises BudgetError
-    when nothing fits.
+    Every choice can be fixed: gpu_blocks / host_blocks as a count or as block names, kv ("gpu", "cpu"
+    or "disk"), cpu_cache_compute, micro_batches (a divisor of the batch), lookahead. disk_kv: the KV
+    cache may live on disk (the caller has an offload_dir for its file); otherwise only kv="disk" puts
+    it there. Raises BudgetError when nothing fits.
     """
     w = workload
     _check_options(w, kv, cpu_cache_compute, micro_batches, lookahead)
@@ -297,7 +300,8 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
     host_target = host_blocks if isinstance(host_blocks, int) else (0 if by_name_host else None)
     fixed_r, fixed_h = sum(size[b] for b in fixed_gpu), sum(size[b] for b in fixed_host)
     fixed_slot = max((size[b] for b in fixed_host), default=0)
-    modes = [(k, c) for k, c in KV_MODES if kv in (None, k) and cpu_cache_compute in (None, c)]
+    searched = (*KV_MODES, DISK_KV_MODE) if disk_kv or kv == "disk" else KV_MODES
+    modes = [(k, c) for k, c in searched if kv in (None, k) and cpu_cache_compute in (None, c)]
     best: tuple[float, int, int, tuple] | None = None  # (step, prefill split, memory, choices)
     for (kv_, ccc), m, mp, la in _splits(w, modes, micro_batches, lookahead):
         opts = dict(kv=kv_, cpu_cache_compute=ccc, micro_batches=m)
