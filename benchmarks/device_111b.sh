@@ -5,6 +5,7 @@
 #   disk_plan        gpu_memory 24 GiB, cpu_memory 32 GiB (the rest streams from disk), batch 64, planner
 #   disk_kvcpu_bf16  the same with the KV cache fixed in host RAM
 #   disk_kvcpu_int4  the same with the KV cache in host RAM, int4
+#   disk_plan_int4   the same with an int4 KV cache placed by the planner
 #   store            only write the store (every run writes the 56 GB int4 store to $STORE if it is not there yet)
 # IO_THREADS sets the disk tier's reader threads (default 4).
 set -euo pipefail
@@ -20,6 +21,7 @@ for name in "$@"; do
         disk_plan) args=("${DISK[@]}") ;;
         disk_kvcpu_bf16) args=("${DISK[@]}" --kv-placement cpu) ;;
         disk_kvcpu_int4) args=("${DISK[@]}" --kv-placement cpu --kv-quant int4) ;;
+        disk_plan_int4) args=("${DISK[@]}" --kv-quant int4) ;;
         store)
             python3 -c "import sys, torch; from tiermem.presets import preset; from tiermem.kernels.quant import \
 QuantScheme; from tiermem.synthetic import write_synthetic_store; from pathlib import Path; \

@@ -112,9 +112,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate, up)
 
 
-# The engine calls kv_decode_attention for decode steps over a quantized KV cache while this is True (tests may
-# switch it off to compare with dequantize + SDPA; benchmarks/bench_kernels.py --only kv_attention times both).
-FUSED_KV_ATTENTION = True
+# The engine calls kv_decode_attention for decode steps over a quantized KV cache while this is True. It passes
+# its GPU tests but is 2-10x slower than dequantize + SDPA on the H200 (benchmarks/results/
+# kv_attention_kernel_h200.json: one block per query head re-reads its kv head, and b x H blocks underfill the
+# GPU at small batch), so it is off until it splits the sequence and shares K/V reads across a kv head's queries.
+FUSED_KV_ATTENTION = False
 
 
 def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, length: int) -> bool:

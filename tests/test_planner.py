@@ -403,9 +403,46 @@ PLANNED_RECORDED = [
     ("llama111b_int4_gpu24_cpu32_kvcpu_bf16_lookahead1_h200.json", 64),
     pytest.param("llama111b_int4_gpu24_cpu32_kvcpu_int4_h200.json", 64, marks=pytest.mark.xfail(strict=True, reason=(
         "measured 7.79 s against 6.32 predicted: the disk tier read 1.42 GB/s while the POSIX probe of the same "
-        "run read 1.78; the same configuration in call 4 read at 0.92 of its probe (disk drift or an "
-        "int4-KV-specific stall: not resolved, see the closing note)"))),
+        "run read 1.78. Decode ran as 32 micro-batches then; with 1 (session 3) the same configuration is within "
+        "10% (the _s3call2 and _s3call3 files)"))),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call2_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_s3call2_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s3call3_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call3_h200.json", 64),
 ]
+
+PLAN_TIME_RECORDED = [
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s3call3_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call3_h200.json", 64),
+    *(pytest.param(name, 64, marks=pytest.mark.xfail(strict=True, reason=(
+        "the plan-time probe read the store at 1.44 GB/s right after it was written; minutes later the disk tier "
+        "read 1.79-1.92 GB/s")))
+      for name in ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call2_h200.json",
+                   "llama111b_int4_gpu24_cpu32_plan_s3call2_h200.json")),
+]
+
+
+@pytest.mark.parametrize("name,batch", PLAN_TIME_RECORDED)
+def test_plan_time_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
+    """Session 3's 111B runs: the step time the plan predicted at load, from the probe cached then (recorded as
+    plan_hardware), against the measured step."""
+    result = json.loads((RESULTS / name).read_text())
+    (run,) = [r for r in result["runs"] if r["batch"] == batch]
+    assert run["plan_hardware"]["disk_read_Bps"] > 0
+    predicted, measured = result["placement"]["predicted_step_s"], run["decode_step_s"]
+    assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_recorded_plan_beats_the_hand_written_alternative_of_its_call():
+    """111B int4, 24 GiB GPU, 32 GiB RAM, batch 64, int4 KV, one device call: the planner's placement (KV on the
+    GPU) against KV fixed in host RAM."""
+    def step(name: str) -> float:
+        return json.loads((RESULTS / name).read_text())["runs"][0]["decode_step_s"]
+
+    planned = json.loads((RESULTS / "llama111b_int4_gpu24_cpu32_plan_int4kv_s3call3_h200.json").read_text())
+    assert planned["placement"]["placement"] == "plan" and planned["placement"]["kv_placement"] == "gpu"
+    assert step("llama111b_int4_gpu24_cpu32_plan_int4kv_s3call3_h200.json") < step(
+        "llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call3_h200.json")
 
 
 @pytest.mark.parametrize("name,batch", PLANNED_RECORDED)
