@@ -96,7 +96,7 @@ class Attention:
         scheme = self.cache.kv_quant if self.cache is not None else None
         length = self.cache.length + T if self.cache is not None else 0
         if (ops.FUSED_KV_ATTENTION and scheme is not None and T == 1
-                and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, length)):
+                and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, scheme.group_size, length)):
             keys, values = self.cache.append(layer, self.rows, k, v)  # QuantizedKV [b, Hkv, S_max, *]
             out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
                                           self.key_mask, length, window, Dh**-0.5)  # [b, H, 1, Dh]

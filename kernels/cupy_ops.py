@@ -104,14 +104,14 @@ def _external_stream(device_index: int, handle: int):
         return cupy.cuda.ExternalStream(handle)
 
 
-def _launch(device: torch.device, source: str, kernel: str, grid: int, block: int, args: tuple,
+def _launch(device: torch.device, source: str, kernel: str, grid: int | tuple[int, ...], block: int, args: tuple,
             shared_mem: int = 0) -> None:
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _function(index, source, kernel)
     with cupy.cuda.Device(index), _external_stream(index, torch.cuda.current_stream(index).cuda_stream):
-        fn((grid,), (block,), args, shared_mem=shared_mem)
+        fn(grid if isinstance(grid, tuple) else (grid,), (block,), args, shared_mem=shared_mem)
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
@@ -313,8 +313,34 @@ def silu_mul_cuda(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None
 # ---------------------------------------------------------------- attention over a quantized KV cache
 
 KV_ATTENTION_THREADS = 128  # kv_attention.cu's block size
-KV_ATTENTION_MAX_HEAD_DIM = 256  # its shared query buffer
-KV_ATTENTION_MAX_LEN = 12288  # scores of one (row, head) in 48 KiB of shared memory
+KV_ATTENTION_MAX_HEAD_DIM = 256
+KV_ATTENTION_MAX_QUERIES_PER_KV_HEAD = 16  # its register accumulators
+KV_ATTENTION_SHARED_FLOATS = 12288  # 48 KiB: queries [H/Hkv, Dh] and scores [H/Hkv, chunk] of one block
+KV_ATTENTION_MIN_CHUNK = 64  # slots per block below which more splits only add combine work
+
+
+def kv_attention_supported(heads: int, kv_heads: int, head_dim: int, bits: int, group: int) -> bool:
+    """Whether kv_attention_cuda takes these shapes (kv_attention.cu's limits)."""
+    return (bits in (4, 8) and heads % kv_heads == 0 and heads // kv_heads <= KV_ATTENTION_MAX_QUERIES_PER_KV_HEAD
+            and head_dim % 8 == 0 and head_dim <= KV_ATTENTION_MAX_HEAD_DIM and group % 8 == 0
+            and head_dim % group == 0)
+
+
+def kv_attention_splits(batch: int, heads: int, kv_heads: int, head_dim: int, length: int,
+                        sm_count: int) -> tuple[int, int]:
+    """(splits, chunk): the sequence split into `splits` chunks of `chunk` slots (the last may be shorter), enough
+    blocks (splits x kv heads x rows) to fill the GPU twice over while a chunk's scores fit shared memory."""
+    qpk = heads // kv_heads
+    max_chunk = KV_ATTENTION_SHARED_FLOATS // qpk - head_dim
+    wanted = math.ceil(2 * sm_count / (batch * kv_heads))
+    splits = max(math.ceil(length / max_chunk), min(wanted, math.ceil(length / KV_ATTENTION_MIN_CHUNK)), 1)
+    chunk = math.ceil(length / splits)
+    return math.ceil(length / chunk), chunk
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -324,25 +350,35 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
 
     k, v: (codes uint8 [b, Hkv, S_max, Dh*bits/8], scale, zero fp16 [b, Hkv, S_max, Dh/group]), contiguous;
     key_mask: bool [b, >= length] (row stride free); the query is slot length-1 (see kv_attention.cu).
-    Returns [b, H, Dh] in q's dtype.
+    The sequence is split (kv_attention_splits); per split, fp32 partial outputs [splits, b, H, Dh] and
+    (max, sum) [splits, b, H, 2] are merged by a second kernel. Returns [b, H, Dh] in q's dtype.
     """
     b, heads, head_dim = q.shape
     codes = k[0]
     _, kv_heads, s_max, code_bytes = codes.shape
-    if (bits not in (4, 8) or code_bytes * 8 != head_dim * bits or head_dim > KV_ATTENTION_MAX_HEAD_DIM
-            or heads % kv_heads or not 1 <= length <= min(s_max, KV_ATTENTION_MAX_LEN) or q.dtype not in _DTYPE_NAMES):
+    if (not kv_attention_supported(heads, kv_heads, head_dim, bits, group) or code_bytes * 8 != head_dim * bits
+            or not 1 <= length <= s_max or q.dtype not in _DTYPE_NAMES):
         raise TiermemError(f"kv_attention_cuda: unsupported q {tuple(q.shape)} {q.dtype}, KV {tuple(codes.shape)} "
-                           f"int{bits}, length {length}")
+                           f"int{bits} group {group}, length {length}")
     parts = (*k, *v)
-    if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] for t in parts):
-        raise TiermemError("kv_attention_cuda: K and V codes, scales and zeros must be contiguous [b, Hkv, S_max, *]")
+    if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] and _aligned(t, 8) for t in parts):
+        raise TiermemError("kv_attention_cuda: K and V codes, scales and zeros must be contiguous [b, Hkv, S_max, *] "
+                           "and 8-byte aligned")
     q = q.contiguous()
     mask = key_mask.view(torch.uint8)
     _check_cuda("kv_attention_cuda", q, mask, *parts)
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    splits, chunk = kv_attention_splits(b, heads, kv_heads, head_dim, length, _sm_count(index))
+    part_out = torch.empty(splits, b, heads, head_dim, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(splits, b, heads, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    args = (_ptr(q), *(_ptr(t) for t in parts), _ptr(mask), _ptr(out), _i32(heads), _i32(kv_heads), _i32(s_max),
-            _i32(length), _i32(head_dim), _i32(group), _i32(mask.stride(0)), _i32(window or 0),
-            np.float32(softmax_scale))
-    _launch(q.device, "kv_attention.cu", f"kv_attention_int{bits}_{_DTYPE_NAMES[q.dtype]}", b * heads,
-            KV_ATTENTION_THREADS, args, shared_mem=4 * length)
+    args = (_ptr(q), *(_ptr(t) for t in parts), _ptr(mask), _ptr(part_out), _ptr(part_ml), _i32(b), _i32(heads),
+            _i32(kv_heads), _i32(s_max), _i32(length), _i32(head_dim), _i32(group), _i32(mask.stride(0)),
+            _i32(window or 0), np.float32(softmax_scale), _i32(chunk))
+    dtype = _DTYPE_NAMES[q.dtype]
+    shared = 4 * (heads // kv_heads) * (head_dim + chunk)
+    _launch(q.device, "kv_attention.cu", f"kv_attention_int{bits}_{dtype}", (splits, kv_heads, b),
+            KV_ATTENTION_THREADS, args, shared_mem=shared)
+    _launch(q.device, "kv_attention.cu", f"kv_attention_combine_{dtype}", b * heads, KV_ATTENTION_THREADS,
+            (_ptr(part_out), _ptr(part_ml), _ptr(out), _i32(b * heads), _i32(head_dim), _i32(splits)))
     return out

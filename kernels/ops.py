@@ -119,17 +119,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 FUSED_KV_ATTENTION = False
 
 
-def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, length: int) -> bool:
-    """Whether kv_decode_attention takes q [b, H, 1, Dh] over `kv_heads` K/V heads of `bits` up to `length`."""
+def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, group: int, length: int) -> bool:
+    """Whether kv_decode_attention takes q [b, H, 1, Dh] over `kv_heads` K/V heads of `bits` in groups of `group`
+    up to `length` slots."""
     return (
         q.is_cuda
         and q.dim() == 4
         and q.shape[2] == 1
         and q.dtype in _FLOAT_DTYPES
-        and bits in (4, 8)
-        and q.shape[-1] <= cupy_ops.KV_ATTENTION_MAX_HEAD_DIM
-        and q.shape[1] % kv_heads == 0
-        and 1 <= length <= cupy_ops.KV_ATTENTION_MAX_LEN
+        and length >= 1
+        and cupy_ops.kv_attention_supported(q.shape[1], kv_heads, q.shape[-1], bits, group)
         and cupy_ops.cuda_kernels_available()
     )
 

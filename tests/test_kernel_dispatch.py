@@ -137,21 +137,23 @@ def test_cuda_sources_compile_without_spills(tmp_path):
 
 
 @pytest.mark.parametrize("case", [
-    # batch, heads, kv heads, head dim, slots filled, max slots, bits, group, window
-    (2, 4, 2, 32, 9, 12, 8, 32, None),
-    (2, 4, 1, 32, 11, 11, 4, 8, None),
-    (1, 6, 3, 16, 13, 20, 4, 16, 5),
+    # batch, heads, kv heads, head dim, slots filled, max slots, bits, group, window, slots per split
+    (2, 4, 2, 32, 9, 12, 8, 32, None, None),
+    (2, 4, 1, 32, 11, 11, 4, 8, None, 4),
+    (2, 4, 1, 32, 11, 11, 4, 8, None, 2),  # row 0's first split is all padding
+    (1, 6, 3, 16, 13, 20, 4, 16, 5, 5),
 ])
 def test_kv_attention_kernel_model_matches_dequantize_then_sdpa(case):
     """The CPU model of kv_attention.cu (its indexing, replayed) against the path it replaces, with left
-    padding and a key mask that is a row slice of a longer one (as the engine passes it)."""
+    padding and a key mask that is a row slice of a longer one (as the engine passes it), the sequence in one
+    split or several."""
     import torch.nn.functional as F
     from kv_attention_simulation import simulate_kv_attention
 
     from tiermem.engine.attention import causal_mask
     from tiermem.kernels.kv_quant import dequantize_kv, quantize_kv
 
-    b, heads, kv_heads, dh, length, s_max, bits, group, window = case
+    b, heads, kv_heads, dh, length, s_max, bits, group, window, chunk = case
     gen = torch.Generator().manual_seed(sum(case[:6]))
     scheme = QuantScheme(bits, group)
     k = quantize_kv(torch.randn(b, kv_heads, s_max, dh, generator=gen), scheme)
@@ -160,9 +162,28 @@ def test_kv_attention_kernel_model_matches_dequantize_then_sdpa(case):
     full_mask = torch.ones(b + 1, s_max + 7, dtype=torch.bool)
     full_mask[1, :3] = False  # row 0 of the slice below is left-padded
     key_mask = full_mask[1:, :length]
-    out = simulate_kv_attention(q, k, v, bits, group, key_mask, length, window, dh**-0.5)
+    out = simulate_kv_attention(q, k, v, bits, group, key_mask, length, window, dh**-0.5, chunk=chunk)
     kd = dequantize_kv(*(t[:, :, :length] for t in k), scheme, torch.float32)
     vd = dequantize_kv(*(t[:, :, :length] for t in v), scheme, torch.float32)
     ref = F.scaled_dot_product_attention(q[:, :, None], kd, vd, attn_mask=causal_mask(key_mask, length - 1, window),
                                          scale=dh**-0.5, enable_gqa=heads != kv_heads)[:, :, 0]
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), float((out - ref).abs().max())
+
+
+def test_kv_attention_kernel_limits_and_splits():
+    """Which shapes the fused KV attention takes (the rest fall back to dequantize + SDPA), and how it splits the
+    sequence: enough blocks for the GPU, every split non-empty, a split's scores within shared memory."""
+    from tiermem.kernels.cupy_ops import KV_ATTENTION_SHARED_FLOATS, kv_attention_splits, kv_attention_supported
+
+    assert kv_attention_supported(96, 8, 128, 4, 128) and kv_attention_supported(32, 32, 64, 8, 8)
+    assert not kv_attention_supported(64, 2, 128, 4, 128)  # 32 query heads per kv head
+    assert not kv_attention_supported(32, 8, 128, 4, 4)  # groups narrower than a word of 8 dims
+    assert not kv_attention_supported(32, 8, 100, 8, 100)  # head_dim not a multiple of 8
+    assert not kv_attention_supported(32, 8, 128, 2, 128)
+    for b, heads, kv_heads, dh, length in [(64, 96, 8, 128, 518), (1, 32, 8, 128, 4096), (1, 16, 1, 256, 12000),
+                                           (8, 64, 8, 128, 1), (2, 8, 8, 64, 65)]:
+        splits, chunk = kv_attention_splits(b, heads, kv_heads, dh, length, 132)
+        assert (splits - 1) * chunk < length <= splits * chunk
+        assert heads // kv_heads * (dh + chunk) <= KV_ATTENTION_SHARED_FLOATS
+    assert kv_attention_splits(1, 32, 8, 128, 4096, 132)[0] > 16  # one row still fills the GPU
+    assert kv_attention_splits(64, 96, 8, 128, 518, 132)[0] == 1  # 512 blocks without splitting

@@ -246,6 +246,9 @@ KV_ATTENTION_CASES = [
     (1, 12, 4, 128, 300, 512, 4, 32, None),
     (2, 8, 1, 64, 50, 64, 8, 16, 16),  # sliding window
     (4, 96 // 8, 1, 128, 518, 520, 4, 128, None),  # 111B-like GQA ratio
+    (1, 32, 8, 128, 4096, 4100, 4, 128, None),  # one row: the sequence in many splits
+    (1, 16, 1, 64, 1000, 1024, 8, 64, 100),  # 16 query heads per kv head, a window over several splits
+    (2, 4, 4, 256, 333, 400, 8, 32, None),  # the largest head dim
 ]
 
 
@@ -267,7 +270,7 @@ def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
     q = _randn((b, heads, 1, dh), gen, dtype)
     key_mask = torch.ones(b, s_max, dtype=torch.bool, device="cuda")
     key_mask[0, : length // 3] = False  # row 0 left-padded
-    assert ops.kv_decode_attention_supported(q, kv_heads, bits, length)
+    assert ops.kv_decode_attention_supported(q, kv_heads, bits, group, length)
     out = ops.kv_decode_attention(q, k, v, bits, group, key_mask[:, :length], length, window, dh**-0.5)
     assert out.shape == q.shape and out.dtype == dtype
     kd = dequantize_kv(*(t[:, :, :length] for t in k), scheme, torch.float32)
