@@ -361,9 +361,11 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
         raise TiermemError(f"kv_attention_cuda: unsupported q {tuple(q.shape)} {q.dtype}, KV {tuple(codes.shape)} "
                            f"int{bits} group {group}, length {length}")
     parts = (*k, *v)
-    if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] and _aligned(t, 8) for t in parts):
-        raise TiermemError("kv_attention_cuda: K and V codes, scales and zeros must be contiguous [b, Hkv, S_max, *] "
-                           "and 8-byte aligned")
+    word = 8 if bits == 8 else 4  # the kernel reads codes 8 / 4 bytes at a time, scales and zeros as fp16
+    if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] and _aligned(t, word if t.dtype == torch.uint8
+                                                                              else 2) for t in parts):
+        raise TiermemError(f"kv_attention_cuda: K and V codes, scales and zeros must be contiguous [b, Hkv, S_max, *], "
+                           f"codes {word}-byte aligned")
     q = q.contiguous()
     mask = key_mask.view(torch.uint8)
     _check_cuda("kv_attention_cuda", q, mask, *parts)

@@ -112,11 +112,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(gate, up)
 
 
-# The engine calls kv_decode_attention for decode steps over a quantized KV cache while this is True. It passes
-# its GPU tests but is 2-10x slower than dequantize + SDPA on the H200 (benchmarks/results/
-# kv_attention_kernel_h200.json: one block per query head re-reads its kv head, and b x H blocks underfill the
-# GPU at small batch), so it is off until it splits the sequence and shares K/V reads across a kv head's queries.
-FUSED_KV_ATTENTION = False
+# The engine calls kv_decode_attention for decode steps over a quantized KV cache while this is True (tests switch
+# it off to compare with dequantize + SDPA). On the H200 it is 2.7-6.2x faster than that path
+# (benchmarks/results/kv_attention_kernel_h200.json).
+FUSED_KV_ATTENTION = True
 
 
 def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, group: int, length: int) -> bool:
