@@ -93,8 +93,9 @@ def load(
     read back while the layer before it computes (buffered reads: the page cache keeps what fits RAM).
     kv_quant: None (K and V in the compute dtype), "int8" or "int4": the KV cache stores K and V
     quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
-    zero per kv_group_size values (None = one group per head, else a divisor of head_dim); attention
-    sees them dequantized. The KV budget reservation counts the quantized footprint.
+    zero per kv_group_size values (None = one group per head, else a divisor of head_dim); decode
+    steps on the GPU dequantize them inside the attention kernel, other steps before attention. The
+    KV budget reservation counts the quantized footprint.
     """
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
