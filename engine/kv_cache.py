@@ -19,7 +19,8 @@ import torch
 
 from tiermem.engine.config import ModelConfig
 from tiermem.errors import ConfigError
-from tiermem.kernels.kv_quant import check_kv_scheme, dequantize_kv, quantize_kv
+from tiermem.kernels import ops
+from tiermem.kernels.kv_quant import check_kv_scheme, dequantize_kv
 from tiermem.kernels.quant import QuantScheme
 
 
@@ -62,10 +63,8 @@ class QuantizedKV:
         return QuantizedKV(fn(self.codes), fn(self.scale), fn(self.zero), self.scheme, self.dtype)
 
     def write(self, rows: slice, start: int, x: torch.Tensor) -> None:
-        """Quantize x [b, Hkv, T, Dh] into slots start..start+T-1 of `rows`."""
-        end = start + x.shape[2]
-        for dst, src in zip(self.tensors, quantize_kv(x, self.scheme), strict=True):
-            dst[rows, :, start:end] = src
+        """Quantize x [b, Hkv, T, Dh] into slots start..start+T-1 of `rows` (kernels.ops.write_quantized_kv)."""
+        ops.write_quantized_kv(x, self.codes, self.scale, self.zero, self.scheme, rows, start)
 
     def dequantize(self, rows: slice = slice(None), end: int | None = None) -> torch.Tensor:
         """Slots 0..end-1 of `rows` as [b, Hkv, end, Dh] in the compute dtype."""

@@ -384,3 +384,29 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
     _launch(q.device, "kv_attention.cu", f"kv_attention_combine_{dtype}", b * heads, KV_ATTENTION_THREADS,
             (_ptr(part_out), _ptr(part_ml), _ptr(out), _i32(b * heads), _i32(head_dim), _i32(splits)))
     return out
+
+
+# ---------------------------------------------------------------- quantizing new tokens into a KV cache
+
+
+def kv_quantize_cuda(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                     group: int, row0: int, start: int) -> None:
+    """Quantize x [rows, Hkv, T, Dh] (any strides) into batch rows row0.. and slots start..start+T-1 of codes
+    uint8 [B, Hkv, S_max, Dh*bits/8] and scale / zero fp16 [B, Hkv, S_max, Dh/group] (contiguous), bit for bit
+    as tiermem.kernels.kv_quant.quantize_kv (kv_quant.cu)."""
+    rows, kv_heads, tokens, head_dim = x.shape
+    batch, _, s_max, _ = codes.shape
+    if (bits not in (4, 8) or head_dim % group or (bits == 4 and group % 2) or x.dtype not in _DTYPE_NAMES
+            or codes.shape != (batch, kv_heads, s_max, head_dim * bits // 8)
+            or not scale.shape == zero.shape == (batch, kv_heads, s_max, head_dim // group)
+            or not all(t.is_contiguous() for t in (codes, scale, zero))
+            or row0 < 0 or row0 + rows > batch or start < 0 or start + tokens > s_max):
+        raise TiermemError(f"kv_quantize_cuda: x {tuple(x.shape)} does not go into int{bits} group {group} KV "
+                           f"{tuple(codes.shape)} at rows {row0}.., slots {start}..")
+    _check_cuda("kv_quantize_cuda", x, codes, scale, zero)
+    work = rows * kv_heads * tokens * (head_dim // group)
+    if work == 0:
+        return
+    args = (_ptr(x), *(np.int64(st) for st in x.stride()), _ptr(codes), _ptr(scale), _ptr(zero), _i32(rows),
+            _i32(kv_heads), _i32(tokens), _i32(head_dim), _i32(group), _i32(s_max), _i32(row0), _i32(start))
+    _launch(x.device, "kv_quant.cu", f"kv_quantize_int{bits}_{_DTYPE_NAMES[x.dtype]}", _grid_for(work, 128), 128, args)

@@ -7,6 +7,8 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
+- write_quantized_kv: new K or V quantized straight into the cache's slots in one launch on CUDA
+  (while FUSED_KV_QUANTIZE, off until it has run on a GPU), the reference quantize_kv + slice copies otherwise.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import torch
 
 from tiermem.kernels import cupy_ops, reference
-from tiermem.kernels.quant import QuantizedWeight
+from tiermem.kernels.kv_quant import quantize_kv
+from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
 __all__ = ["apply_rope", "dequantize", "kv_decode_attention", "kv_decode_attention_supported", "linear", "rms_norm",
-           "silu_mul"]
+           "silu_mul", "write_quantized_kv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -139,3 +142,24 @@ def kv_decode_attention(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[t
     (tiermem.kernels.kv_quant layout), the query being slot length-1 (engine.attention.causal_mask's rule)."""
     out = cupy_ops.kv_attention_cuda(q[:, :, 0], k, v, bits, group, key_mask, length, window, softmax_scale)
     return out[:, :, None]
+
+
+# write_quantized_kv uses kv_quant.cu on CUDA while this is True. Written in session 3 after the last device call:
+# nvcc sm_90 compiles it without spills and its CPU model matches the reference bit for bit, but it has not run on
+# a GPU. Switch it on once tests/test_kernels_gpu.py -k kv_quantize passes there.
+FUSED_KV_QUANTIZE = False
+
+
+def write_quantized_kv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       scheme: QuantScheme, rows: slice, start: int) -> None:
+    """Quantize x [b, Hkv, T, Dh] into batch rows `rows` (step 1) and slots start..start+T-1 of a quantized
+    cache's codes / scale / zero [B, Hkv, S_max, *] (tiermem.kernels.kv_quant layout)."""
+    row0, _, _ = rows.indices(codes.shape[0])
+    packs_whole_bytes = scheme.bits == 8 or scheme.group_size % 2 == 0  # one thread per group writes its bytes
+    if (FUSED_KV_QUANTIZE and x.is_cuda and x.dtype in _FLOAT_DTYPES and packs_whole_bytes
+            and all(t.is_contiguous() for t in (codes, scale, zero)) and cupy_ops.cuda_kernels_available()):
+        cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, row0, start)
+        return
+    end = start + x.shape[2]
+    for dst, src in zip((codes, scale, zero), quantize_kv(x, scheme), strict=True):
+        dst[rows, :, start:end] = src

@@ -187,3 +187,58 @@ def test_kv_attention_kernel_limits_and_splits():
         assert heads // kv_heads * (dh + chunk) <= KV_ATTENTION_SHARED_FLOATS
     assert kv_attention_splits(1, 32, 8, 128, 4096, 132)[0] > 16  # one row still fills the GPU
     assert kv_attention_splits(64, 96, 8, 128, 518, 132)[0] == 1  # 512 blocks without splitting
+
+
+def _simulate_kv_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                          group: int, row0: int, start: int) -> None:
+    """kv_quant.cu replayed thread by thread: index -> (row, kv head, token, group), strided reads of x, the flat
+    slot offset, fp16 rounding of scale and zero, half-to-even rounding, int4 packing."""
+    rows, kv_heads, tokens, head_dim = x.shape
+    s_max = codes.shape[2]
+    groups = head_dim // group
+    sr, sh, st, sd = x.stride()
+    flat_x = x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0).float()
+    base = x.storage_offset()
+    flat_codes, flat_scale, flat_zero = codes.view(-1), scale.view(-1), zero.view(-1)
+    levels = float(2**bits - 1)
+    for idx in range(rows * kv_heads * tokens * groups):
+        g, v = idx % groups, idx // groups
+        t, v = v % tokens, v // tokens
+        h, r = v % kv_heads, v // kv_heads
+        first = base + r * sr + h * sh + t * st + g * group * sd
+        vals = [float(flat_x[first + i * sd]) for i in range(group)]
+        s16 = torch.tensor((max(vals) - min(vals)) / levels, dtype=torch.float32).to(torch.float16)
+        z16 = torch.tensor(min(vals), dtype=torch.float32).to(torch.float16)
+        s32, z32 = float(s16), float(z16)
+        safe = s32 if s32 > 0 else 1.0
+        slot = ((row0 + r) * kv_heads + h) * s_max + start + t
+        flat_scale[slot * groups + g], flat_zero[slot * groups + g] = s16, z16
+        out = slot * (head_dim * bits // 8) + g * group * bits // 8
+
+        def code(value: float, z32: float = z32, safe: float = safe) -> int:
+            q = torch.tensor(value, dtype=torch.float32) - torch.tensor(z32, dtype=torch.float32)
+            return int(torch.round(q / torch.tensor(safe, dtype=torch.float32)).clamp(0, levels))
+
+        for i in range(0, group, 8 // bits):
+            if bits == 8:
+                flat_codes[out + i] = code(vals[i])
+            else:
+                flat_codes[out + (i >> 1)] = code(vals[i]) | (code(vals[i + 1]) << 4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (4, 8), (4, 32)])
+def test_kv_quantize_kernel_model_writes_what_the_reference_writes(bits, group):
+    """The CPU model of kv_quant.cu against quantize_kv + slice copies, bit for bit: a non-contiguous x (as k after
+    a transpose), written at batch rows 1..2 and slots 3..5 of a larger cache."""
+    from tiermem.engine.kv_cache import QuantizedKV
+
+    scheme = QuantScheme(bits, group)
+    gen = torch.Generator().manual_seed(bits + group)
+    x = torch.randn(2, 3, 3, 32, generator=gen).transpose(1, 2).contiguous().transpose(1, 2)  # [2, 3 kv, 3 tok, 32]
+    x[0, 1, 2] = 0.5  # a constant vector: scale 0
+    ref = QuantizedKV.zeros(4, 3, 8, 32, scheme, torch.float32, "cpu")
+    mine = QuantizedKV.zeros(4, 3, 8, 32, scheme, torch.float32, "cpu")
+    ref.write(slice(1, 3), 3, x)
+    _simulate_kv_quantize(x, mine.codes, mine.scale, mine.zero, bits, group, 1, 3)
+    for a, b in zip(ref.tensors, mine.tensors, strict=True):
+        assert torch.equal(a, b)
