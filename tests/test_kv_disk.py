@@ -115,6 +115,32 @@ def test_each_layer_prefix_is_one_read_per_part_and_new_slots_one_write(stores, 
     cache.close()
 
 
+def test_a_read_prefix_leaves_the_page_cache_except_its_last_partial_page(stores, tmp_path, monkeypatch):
+    """After each prefix read the file's whole pages of it are dropped (POSIX_FADV_DONTNEED), so the disk tier does
+    not keep the KV cache in RAM beyond cpu_memory; the partly filled last page, extended by the next write, stays."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    dropped = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        dropped.append((fd, offset, length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        cache = DiskKVCache.allocate(m.config, 2, 32, m.dtype, "cpu", offload_dir=tmp_path)
+        m.executor.forward(ids, torch.ones_like(ids), cache)  # prefill 20: the last layer primes layer 0
+        cache.flush()
+        slot = cache.regions[0][0].slot_bytes
+        fd = cache.file.fd
+        cache.close()
+    assert 20 * slot % 4096 and 20 * slot > 4096  # a whole page and a partial one per part
+    assert dropped == [(fd, r.offset, 20 * slot // 4096 * 4096, os.POSIX_FADV_DONTNEED)
+                       for r in cache.regions[0]]
+
+
 def test_a_rolled_back_step_is_read_again(stores, tmp_path):
     ids, mask = left_padded_batch()
     with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:

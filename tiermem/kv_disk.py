@@ -17,8 +17,10 @@ through the landing buffer), or in the tensor copy itself on the CPU (SyncMover)
 
 I/O is buffered (through the page cache), not O_DIRECT: new slots end in partly written 4 KiB pages,
 which O_DIRECT could only write by read-modify-write, and an O_DIRECT read would first force those
-dirty pages out. So while host RAM has room the kernel keeps recently used KV pages cached, and
-under memory pressure it evicts them to the file. `keys` / `values` map the file ([B, Hkv, S_max, X]
+dirty pages out. After a layer's prefix is read, its whole pages are dropped from the page cache
+(ScratchFile.drop_cached; not the last, partly filled one, which the next step's write extends): the
+KV cache is on disk because it does not fit the RAM budget, so the page cache should not keep a copy
+of it in RAM beyond cpu_memory. `keys` / `values` map the file ([B, Hkv, S_max, X]
 views, current after flush()), for grow / copy_from / to / session state dicts.
 """
 
@@ -40,6 +42,8 @@ from tiermem.kv_offload import CUDA_MEMCPY_DEFAULT, CudaMover, HostKVCache, Sync
 from tiermem.pinned import ALIGN, PinnedArena, aligned_size
 from tiermem.scratch_file import ScratchFile
 from tiermem.storage.backends.posix import PosixBackend
+
+PAGE = 4096  # page cache granularity: drop_cached leaves a partly read page alone
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ class DiskKVCache(HostKVCache):
             if length:
                 out = stage.view(-1).view(torch.uint8)[:length * region.slot_bytes]
                 self.backend.read_into(self.file.path, region.offset, out)
+                self.file.drop_cached(region.offset, out.numel() // PAGE * PAGE)
             self.mover.copy_slots(dev, _heads_first(stage), slice(0, self.batch), 0, length)
         self._slot_free[slot] = marker = self.mover.mark()
         return marker

@@ -92,6 +92,12 @@ class ScratchFile:
             except OSError as exc:
                 raise TierIOError(f"writing {self.path} at byte {offset + done}: {exc}") from exc
 
+    def drop_cached(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to drop the page cache of bytes offset..offset+nbytes (whole pages: clean ones go at once,
+        dirty ones stay until written back, which this starts), so that the file's data lives on disk, not in RAM."""
+        if hasattr(os, "posix_fadvise") and nbytes > 0:
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         """Delete the file (its space comes back once no tensor maps it any more)."""
         self._remove()
