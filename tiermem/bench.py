@@ -184,6 +184,8 @@ def run_bench(args: argparse.Namespace) -> dict:
             kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
             kv_disk = kv_read + kv_per_token * batch if model.kv_placement == "disk" else 0  # + new slots written
             run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk))
+            if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
+                run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]
             run.update(same_run_prediction(model, ceilings, batch, args.prompt_len, args.gen_len))
             runs.append(run)
     finally:
@@ -263,11 +265,17 @@ def format_table(result: dict) -> str:
         lines.append(f"placement: planner's, predicted {placement['predicted_step_s']:.4f} s per step at the largest "
                      f"batch; KV on {placement.get('kv_placement')}, lookahead {placement.get('lookahead')}")
     lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'tok/s':>9} {'roofline s':>11} "
-                 f"{'fraction':>8}")
+                 f"{'fraction':>8} {'peak GPU':>10}")
     for r in result["runs"]:
+        peak = f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") is not None else "-"
         lines.append(f"{r['batch']:>6} {r['micro_batches']:>5} {r['prefill_s']:>10.3f} {r['decode_step_s']:>9.4f} "
                      f"{r['decode_tok_per_s']:>9.2f} {r.get('roofline_step_s', float('nan')):>11.4f} "
-                     f"{r.get('fraction_of_roofline', float('nan')):>8.3f}")
+                     f"{r.get('fraction_of_roofline', float('nan')):>8.3f} {peak:>10}")
+    over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]
+    if over:
+        budget = placement["gpu_budget_bytes"] / 2**30
+        lines.append(f"WARNING: peak GPU memory went over gpu_memory ({budget:.2f} GiB) at batch {over}: the "
+                     "workspace estimate missed an allocation; this run breaks the budget")
     return "\n".join(lines)
 
 
