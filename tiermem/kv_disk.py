@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class DiskKVCache(HostKVCache):
 
     def _copy_in(self, layer: int, buffer: int, length: int) -> Future:
         """Read `layer`'s prefix into staging slot `buffer` and copy it on to GPU buffer `buffer`, on the I/O thread."""
-        return self._submit(self._read, layer, length, buffer)
+        return self._submit("_read", layer, length, buffer)
 
     def _ready(self, done: Future) -> object:
         return done.result()
@@ -209,7 +210,7 @@ class DiskKVCache(HostKVCache):
             return
         layer, slot, start, end = self._unwritten
         self._unwritten = None
-        self._writes.append(self._submit(self._write, layer, slot, start, end, self.mover.mark()))
+        self._writes.append(self._submit("_write", layer, slot, start, end, self.mover.mark()))
         while len(self._writes) > 1 and self._writes[0].done():
             self._writes.popleft().result()  # raise a failed write early
 
@@ -220,10 +221,11 @@ class DiskKVCache(HostKVCache):
             staged = stage.view(-1).view(torch.uint8)[start * region.slot_bytes:end * region.slot_bytes]
             self.file.write(region.offset + start * region.slot_bytes, staged)
 
-    def _submit(self, fn, *args) -> Future:
+    def _submit(self, method: str, *args) -> Future:
+        """Queue self.<method>(*args) on the I/O thread, which holds the cache only while it runs (see _call)."""
         if self.closed:
             raise ConfigError("this disk KV cache is closed: allocate a new one")
-        return self._io.submit(fn, *args)
+        return self._io.submit(_call, weakref.ref(self), method, *args)
 
     def append(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> tuple[Stored, Stored]:
         if self._current is not None and self._current[0] != layer:
@@ -261,6 +263,15 @@ class DiskKVCache(HostKVCache):
             self._io.shutdown(wait=True)
             self.backend.close()
             self.file.close()
+
+
+def _call(ref: weakref.ref, method: str, *args) -> object:
+    """I/O thread: ref().<method>(*args), or nothing if the cache is gone. The strong reference ends when this
+    returns, before the task's Future completes: a bound method submitted instead stays referenced by the
+    executor's worker for a moment after, so dropping the last reference to a cache (a session) did not always
+    free it, and delete its file, at once."""
+    cache = ref()
+    return None if cache is None else getattr(cache, method)(*args)
 
 
 def _nbytes(t: torch.Tensor) -> int:
