@@ -295,8 +295,11 @@ class Model:
             decode(self.executor, state, sampling, max_new_tokens, micro_batches or self.micro_batches, on_step,
                    prefill_micro_batches=micro_batches or self.prefill_micro_batches)
         finally:
-            if session is None and isinstance(state.cache, HostKVCache):
-                state.cache.close()  # pinned memory back now, not whenever the cache is collected
+            if isinstance(state.cache, HostKVCache):  # also DiskKVCache
+                if session is None:
+                    state.cache.close()  # pinned memory back now, not whenever the cache is collected
+                else:
+                    state.cache.flush()  # nothing in flight once generate returns: dropping the session frees it
         return state.tokens.to("cpu", copy=session is not None)
 
     def _continue_session(
