@@ -283,10 +283,11 @@ def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
     assert err < tol, f"rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
-def test_generation_with_the_fused_kv_attention_follows_the_dequantize_path(kv_quant, monkeypatch, tmp_path):
-    """End to end with ops.FUSED_KV_ATTENTION on and off: teacher-forced logits agree closely."""
+def _teacher_forced_with_and_without(flag: str, kv_quant: str, monkeypatch, tmp_path) -> dict[bool, torch.Tensor]:
+    """Teacher-forced logits [2, 20, V] of a small GQA llama (prompt 8, then 12 decode steps) over a `kv_quant`
+    cache, with the kernels.ops switch `flag` off and on."""
     import tiermem
+    from tiermem.engine.kv_cache import KVCache
     from tiermem.presets import preset
     from tiermem.synthetic import write_hf_checkpoint
 
@@ -295,16 +296,21 @@ def test_generation_with_the_fused_kv_attention_follows_the_dequantize_path(kv_q
     store = tiermem.pack(write_hf_checkpoint(config, tmp_path / "hf", seed=4), tmp_path / "store", progress=False)
     ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(3))
     outs = {}
-    for fused in (False, True):
-        monkeypatch.setattr(ops, "FUSED_KV_ATTENTION", fused)
+    for on in (False, True):
+        monkeypatch.setattr(ops, flag, on)
         with tiermem.load(store, device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
                           kv_quant=kv_quant, plan=None) as m:
-            from tiermem.engine.kv_cache import KVCache
-
             cache = KVCache.allocate(m.config, 2, 40, m.dtype, m.device, kv_quant=m.kv_quant)
             steps = [m.executor.forward(ids[:, :8], None, cache)]
             steps += [m.executor.forward(ids[:, t:t + 1], None, cache) for t in range(8, 20)]
-            outs[fused] = torch.cat(steps, dim=1).float()
+            outs[on] = torch.cat(steps, dim=1).float()
+    return outs
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_generation_with_the_fused_kv_attention_follows_the_dequantize_path(kv_quant, monkeypatch, tmp_path):
+    """End to end with ops.FUSED_KV_ATTENTION on and off: teacher-forced logits agree closely."""
+    outs = _teacher_forced_with_and_without("FUSED_KV_ATTENTION", kv_quant, monkeypatch, tmp_path)
     err = _rel_err(outs[True], outs[False])
     assert err < 5e-3, f"fused vs dequantize path: rel err {err:.2e}"
 
@@ -335,23 +341,6 @@ def test_kv_quantize_kernel_writes_what_the_reference_writes(bits, group, tokens
 def test_generation_with_the_fused_kv_quantize_follows_the_reference_path(kv_quant, monkeypatch, tmp_path):
     """End to end with ops.FUSED_KV_QUANTIZE on and off (the torch reference on the GPU): teacher-forced logits
     agree (codes may differ where the GPU reference's division rounds differently from IEEE)."""
-    import tiermem
-    from tiermem.engine.kv_cache import KVCache
-    from tiermem.presets import preset
-    from tiermem.synthetic import write_hf_checkpoint
-
-    config = dict(preset("llama-1b"), hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                  num_attention_heads=8, num_key_value_heads=2, vocab_size=512, torch_dtype="float32")
-    store = tiermem.pack(write_hf_checkpoint(config, tmp_path / "hf", seed=5), tmp_path / "store", progress=False)
-    ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(4))
-    outs = {}
-    for fused in (False, True):
-        monkeypatch.setattr(ops, "FUSED_KV_QUANTIZE", fused)
-        with tiermem.load(store, device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
-                          kv_quant=kv_quant, plan=None) as m:
-            cache = KVCache.allocate(m.config, 2, 40, m.dtype, m.device, kv_quant=m.kv_quant)
-            steps = [m.executor.forward(ids[:, :8], None, cache)]
-            steps += [m.executor.forward(ids[:, t:t + 1], None, cache) for t in range(8, 20)]
-            outs[fused] = torch.cat(steps, dim=1).float()
+    outs = _teacher_forced_with_and_without("FUSED_KV_QUANTIZE", kv_quant, monkeypatch, tmp_path)
     err = _rel_err(outs[True], outs[False])
     assert err < 1e-3, f"fused vs reference KV quantization: rel err {err:.2e}"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from hf_models import left_padded_batch, packed_stores
-from test_kv_offload import teacher_forced
+from test_kv_offload import assert_session_state_matches_the_device_cache, teacher_forced
 from test_planner import H200, TINY_HW, _every_tiny_plan, _tiny
 
 import tiermem
@@ -180,21 +180,9 @@ def test_grow_copy_from_and_to_keep_the_filled_slots(stores, tmp_path):
 
 
 def test_session_state_of_a_disk_cache_matches_the_device_cache(stores, tmp_path):
-    ids, mask = left_padded_batch()
-    states = []
-    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
-        for offload in (False, True):
-            session = GenerationSession()
-            if offload:  # what Model.generate does on CUDA with kv_placement="disk", here on the CPU
-                m._new_cache = lambda b, n: DiskKVCache.allocate(m.config, b, n, m.dtype, "cpu", offload_dir=tmp_path)
-            m.generate(ids, 6, attention_mask=mask, eos_token_id=[], session=session)
-            assert isinstance(session.cache, DiskKVCache) == offload
-            states.append(session.state_dict())
-    dense, disk = states
-    assert torch.equal(dense["tokens"], disk["tokens"])
-    for a, b in zip(dense["kv"]["keys"] + dense["kv"]["values"], disk["kv"]["keys"] + disk["kv"]["values"],
-                    strict=True):
-        assert torch.equal(a, b)
+    assert_session_state_matches_the_device_cache(
+        stores["opt"], lambda m, b, n: DiskKVCache.allocate(m.config, b, n, m.dtype, "cpu", offload_dir=tmp_path),
+        DiskKVCache)
 
 
 def test_the_file_is_removed_on_close_and_when_collected(tmp_path):

@@ -149,23 +149,29 @@ def test_grow_copy_from_and_to_keep_the_filled_slots(stores):
             HostKVCache.allocate(m.config, 1, 40, m.dtype, "cpu", kv_quant=scheme).copy_from(ref)
 
 
-def test_session_state_of_a_host_cache_matches_the_device_cache(stores):
-    """A session whose cache is a HostKVCache saves the same state as one on the device."""
+def assert_session_state_matches_the_device_cache(store, allocate, cache_class) -> None:
+    """A session generated with caches from allocate(m, batch, max_len) (what Model.generate makes on CUDA for an
+    offloaded KV cache, here on the CPU) saves the same state as one with the dense device cache."""
     ids, mask = left_padded_batch()
     states = []
-    with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
+    with tiermem.load(store, max_batch_size=2, max_seq_len=64) as m:
         for offload in (False, True):
             session = GenerationSession()
-            if offload:  # what Model.generate does on CUDA with kv_placement="cpu", here on the CPU
-                m._new_cache = lambda b, n: HostKVCache.allocate(m.config, b, n, m.dtype, "cpu")
+            if offload:
+                m._new_cache = lambda b, n: allocate(m, b, n)
             m.generate(ids, 6, attention_mask=mask, eos_token_id=[], session=session)
-            assert isinstance(session.cache, HostKVCache) == offload
+            assert isinstance(session.cache, cache_class) == offload
             states.append(session.state_dict())
-    dense, host = states
-    assert torch.equal(dense["tokens"], host["tokens"])
-    for a, b in zip(dense["kv"]["keys"] + dense["kv"]["values"], host["kv"]["keys"] + host["kv"]["values"],
-                    strict=True):
+    dense, offloaded = states
+    assert torch.equal(dense["tokens"], offloaded["tokens"])
+    for a, b in zip(dense["kv"]["keys"] + dense["kv"]["values"],
+                    offloaded["kv"]["keys"] + offloaded["kv"]["values"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_session_state_of_a_host_cache_matches_the_device_cache(stores):
+    assert_session_state_matches_the_device_cache(
+        stores["opt"], lambda m, b, n: HostKVCache.allocate(m.config, b, n, m.dtype, "cpu"), HostKVCache)
 
 
 def test_model_tracks_live_host_caches_against_the_reservation(stores, monkeypatch):
