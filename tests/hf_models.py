@@ -106,16 +106,29 @@ def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def longer_batch(new: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """left_padded_batch followed by `new` more real tokens per row (ids in [3, 256)): (ids, attention_mask)."""
+    ids, mask = left_padded_batch()
+    ids = torch.cat([ids, torch.randint(3, 256, (2, new), generator=torch.Generator().manual_seed(5))], dim=1)
+    return ids, torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
+
+
+def teacher_forced(model, cache, ids: torch.Tensor, mask: torch.Tensor, prompt: int,
+                   micro_batches: int = 1) -> torch.Tensor:
+    """Logits [B, N, V]: prefill `prompt` tokens, then one token per step, through `cache` (a KVCache)."""
+    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache, micro_batches=micro_batches)]
+    for t in range(prompt, ids.shape[1]):
+        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache, micro_batches=micro_batches))
+    return torch.cat(out, dim=1)
+
+
 def cached_logits(model, ids: torch.Tensor, mask: torch.Tensor, prompt: int, kv_quant) -> torch.Tensor:
-    """Teacher-forced logits [B, N, V] through a KV cache: prefill `prompt` tokens, then one token a step."""
+    """Teacher-forced logits [B, N, V] through a fresh KV cache of the model's device (fp32)."""
     from tiermem.engine.kv_cache import KVCache
 
     B, N = ids.shape
     cache = KVCache.allocate(model.config, B, N, model.dtype, model.device, kv_quant=kv_quant)
-    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache)]
-    for t in range(prompt, N):
-        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache))
-    return torch.cat(out, dim=1).float()
+    return teacher_forced(model, cache, ids, mask, prompt).float()
 
 
 def packed_stores(root: Path, variants: tuple[str, ...]) -> dict[str, Path]:

@@ -286,6 +286,8 @@ def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
 def _teacher_forced_with_and_without(flag: str, kv_quant: str, monkeypatch, tmp_path) -> dict[bool, torch.Tensor]:
     """Teacher-forced logits [2, 20, V] of a small GQA llama (prompt 8, then 12 decode steps) over a `kv_quant`
     cache, with the kernels.ops switch `flag` off and on."""
+    from hf_models import teacher_forced
+
     import tiermem
     from tiermem.engine.kv_cache import KVCache
     from tiermem.presets import preset
@@ -301,9 +303,7 @@ def _teacher_forced_with_and_without(flag: str, kv_quant: str, monkeypatch, tmp_
         with tiermem.load(store, device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
                           kv_quant=kv_quant, plan=None) as m:
             cache = KVCache.allocate(m.config, 2, 40, m.dtype, m.device, kv_quant=m.kv_quant)
-            steps = [m.executor.forward(ids[:, :8], None, cache)]
-            steps += [m.executor.forward(ids[:, t:t + 1], None, cache) for t in range(8, 20)]
-            outs[on] = torch.cat(steps, dim=1).float()
+            outs[on] = teacher_forced(m, cache, ids, torch.ones_like(ids), 8).float()
     return outs
 
 

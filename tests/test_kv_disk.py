@@ -15,8 +15,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from hf_models import left_padded_batch, packed_stores
-from test_kv_offload import assert_session_state_matches_the_device_cache, teacher_forced
+from hf_models import left_padded_batch, longer_batch, packed_stores, teacher_forced
+from test_kv_offload import assert_session_state_matches_the_device_cache
 from test_planner import H200, TINY_HW, _every_tiny_plan, _tiny
 
 import tiermem
@@ -30,8 +30,6 @@ from tiermem.pinned import aligned_size
 from tiermem.placement import kv_cache_bytes
 from tiermem.planner import Plan, plan, predict
 from tiermem.scratch_file import PREFIX
-
-NEW = 12
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +45,14 @@ def kv_files(directory) -> list[str]:
 @pytest.mark.parametrize("kv_quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_disk_cache_gives_the_logits_of_the_device_cache(stores, tmp_path, variant, kv_quant, micro_batches):
-    ids, mask = left_padded_batch()
-    ids = torch.cat([ids, torch.randint(3, 256, (2, NEW), generator=torch.Generator().manual_seed(5))], dim=1)
-    mask = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], dim=1)
+    ids, mask = longer_batch()
     with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
         scheme = kv_scheme(kv_quant, m.config.head_dim)
-        ref = teacher_forced(m, KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme), ids, mask, 10,
-                             micro_batches)
+        ref_cache = KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme)
+        ref = teacher_forced(m, ref_cache, ids, mask, 10, micro_batches)
         disk = DiskKVCache.allocate(m.config, 2, 40, m.dtype, "cpu", kv_quant=scheme, offload_dir=tmp_path)
         out = teacher_forced(m, disk, ids, mask, 10, micro_batches)
         disk.flush()
-        ref_cache = KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme)
-        teacher_forced(m, ref_cache, ids, mask, 10, micro_batches)
     assert torch.equal(out, ref)
     nbytes = kv_cache_bytes(m.config, 2, 40, m.dtype, scheme)
     assert disk.length == ids.shape[1] and disk.nbytes == nbytes
@@ -353,9 +347,7 @@ def test_gpu_disk_cache_gives_the_logits_of_the_device_cache(stores, tmp_path, k
     """CudaStagingMover: pinned staging, landing buffer, permutes on the copy stream, copies from the I/O thread."""
     from tiermem.kv_disk import CudaStagingMover
 
-    ids, mask = left_padded_batch()
-    ids = torch.cat([ids, torch.randint(3, 256, (2, NEW), generator=torch.Generator().manual_seed(5))], dim=1)
-    mask = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], dim=1)
+    ids, mask = longer_batch()
     with tiermem.load(stores["llama3"], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64,
                       plan=None) as m:
         scheme = kv_scheme(kv_quant, m.config.head_dim)

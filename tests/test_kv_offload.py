@@ -8,7 +8,7 @@ checked by the GPU tests at the end.
 
 import pytest
 import torch
-from hf_models import left_padded_batch, packed_stores
+from hf_models import left_padded_batch, longer_batch, packed_stores, teacher_forced
 
 import tiermem
 from tiermem import GenerationSession
@@ -18,20 +18,10 @@ from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kv_offload import HostKVCache, SyncMover
 from tiermem.placement import kv_cache_bytes
 
-NEW = 12
-
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     return packed_stores(tmp_path_factory.mktemp("kv-offload"), ("llama3", "opt"))
-
-
-def teacher_forced(model, cache: KVCache, ids, mask, prompt: int, micro_batches: int) -> torch.Tensor:
-    """Logits [B, N, V]: prefill `prompt` tokens, then one token per step, through `cache`."""
-    out = [model.executor.forward(ids[:, :prompt], mask[:, :prompt], cache, micro_batches=micro_batches)]
-    for t in range(prompt, ids.shape[1]):
-        out.append(model.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache, micro_batches=micro_batches))
-    return torch.cat(out, dim=1)
 
 
 class CountingMover(SyncMover):
@@ -51,9 +41,7 @@ class CountingMover(SyncMover):
 @pytest.mark.parametrize("kv_quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_host_cache_gives_the_logits_of_the_device_cache(stores, variant, kv_quant, micro_batches):
-    ids, mask = left_padded_batch()
-    ids = torch.cat([ids, torch.randint(3, 256, (2, NEW), generator=torch.Generator().manual_seed(5))], dim=1)
-    mask = torch.cat([mask, torch.ones(2, NEW, dtype=mask.dtype)], dim=1)
+    ids, mask = longer_batch()
     with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
         scheme = kv_scheme(kv_quant, m.config.head_dim)
         ref = teacher_forced(m, KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme), ids, mask, 10,
