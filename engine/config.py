@@ -219,6 +219,11 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     )
 
 
+def gpu_compute_dtype(cfg: ModelConfig, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a GPU load computes in: `dtype` when given, else the checkpoint's fp16/bf16, else bf16."""
+    return dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+
+
 def expected_weights(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     """Block name -> {HF tensor name -> shape} that a checkpoint of cfg must hold."""
     return family_module(cfg).weight_shapes(cfg)

@@ -289,7 +289,7 @@ def test_a_disk_kv_step_reads_the_prefix_and_writes_the_new_slots_on_the_disk_li
     got = predict(chosen, w, TINY_HW, per_layer_overhead_s=0.01)
     disk_s = (1000 + 1500 + kv_read + kv_write) / TINY_HW.disk_read_Bps
     assert got.breakdown["disk"] == pytest.approx(disk_s, rel=1e-12) and got.bound == "disk"
-    assert got.predicted_step_s == pytest.approx(disk_s + 0.01 * 4, rel=1e-12)
+    assert got.predicted_step_s == pytest.approx(disk_s, rel=1e-12) and disk_s > 0.01 * 4  # host time hidden
     layer = w.kv_reserved_bytes // 4
     assert (got.memory["gpu_kv"], got.memory["host_kv"]) == (2 * layer + layer // 2, 2 * layer)
     assert got.memory["disk_kv"] == w.kv_reserved_bytes and "disk (offload_dir)" in "\n".join(got.describe())

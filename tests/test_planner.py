@@ -54,7 +54,8 @@ def test_everything_fits_in_hbm_is_all_resident_and_hbm_bound():
     assert p.gpu_blocks == w.streamable and not p.host_blocks and not p.disk_blocks
     assert p.kv == "gpu" and p.micro_batches == 1 and p.bound == "hbm"
     kv = w.num_layers * (w.mean_context + 1) * w.kv_bytes_per_token_layer
-    expected = (weights(w, w.streamable) + kv) / H200.hbm_Bps + 50e-6 * w.num_layers
+    expected = (weights(w, w.streamable) + kv) / H200.hbm_Bps
+    assert expected > 50e-6 * w.num_layers  # the host time the default stands in for is hidden behind HBM
     assert p.predicted_step_s == pytest.approx(expected, rel=1e-9)
     assert p.predicted_tok_per_s == pytest.approx(1 / expected, rel=1e-9)
 
@@ -65,7 +66,7 @@ def test_opt30b_in_24gib_streams_the_rest_from_host_at_pcie_speed():
     assert 0 < len(p.gpu_blocks) < len(w.streamable) and p.host_blocks and not p.disk_blocks
     assert p.bound == "pcie" and p.memory["gpu"] <= 24 * GiB
     streamed = weights(w, p.host_blocks)
-    assert p.predicted_step_s == pytest.approx(streamed / H200.h2d_Bps + 50e-6 * w.num_layers, rel=1e-3)
+    assert p.predicted_step_s == pytest.approx(streamed / H200.h2d_Bps, rel=1e-3)
     # the resident prefix is as long as the budget allows: one more layer would not fit
     more = Plan.build(w, len(p.gpu_blocks) + 1, kv=p.kv, cpu_cache_compute=p.cpu_cache_compute, lookahead=1)
     assert predict(more, w, H200).memory["gpu"] > 24 * GiB
@@ -76,7 +77,7 @@ def test_small_cpu_memory_streams_from_disk_and_disk_dominates():
     p = plan(w, H200, 24 * GiB, 24 * GiB)
     assert p.disk_blocks and p.host_blocks and p.bound == "disk"
     assert p.memory["host"] <= 24 * GiB and p.memory["host_staging"] > 0
-    expected = weights(w, p.disk_blocks) / H200.disk_read_Bps + 50e-6 * w.num_layers
+    expected = weights(w, p.disk_blocks) / H200.disk_read_Bps
     assert p.predicted_step_s == pytest.approx(expected, rel=1e-9)
     assert p.breakdown["disk"] > 5 * p.breakdown["pcie"]
 
@@ -334,7 +335,7 @@ def test_cli_plan_reads_a_store(tmp_path, capsys):
     assert main(["plan", str(store), "--gpu-memory", "1GiB", "--cpu-memory", "1GiB", "--batch", "4",
                  "--prompt-len", "8", "--gen-len", "4", "--hardware", str(hw)]) == 0
     out = capsys.readouterr().out
-    assert "bound: hbm" in out and "from disk         0 blocks" in out
+    assert "bound: host" in out and "from disk         0 blocks" in out  # a tiny model: launches, not bytes
     assert main(["plan", str(store), "--gpu-memory", "1GiB", "--cpu-memory", "1GiB", "--micro-batches", "3",
                  "--hardware", str(hw)]) == 2
     assert "micro_batches must divide" in capsys.readouterr().err
@@ -506,7 +507,7 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
     ceilings = {"h2d_pinned_Bps": 50e9, "hbm_Bps": 3e12, "disk_read_posix_direct_Bps": 1.5e9,
                 "disk_read_dd_direct_Bps": float("nan"), "disk_read_kvikio_Bps": 1.2e9}
     model = SimpleNamespace(source=SimpleNamespace(followed_plan=chosen), reader=store, config=cfg,
-                            dtype=torch.float16, kv_quant=kv_scheme("int8", 64))
+                            dtype=torch.float16, kv_quant=kv_scheme("int8", 64), device=torch.device("cpu"))
     got = same_run_prediction(model, ceilings, 8, 64, 8)["predicted_step_s_same_run_rates"]
     hw = Hardware.from_ceilings(ceilings, disk_read_Bps=1.5e9)
     assert got == pytest.approx(predict(chosen, w, hw).predicted_step_s, rel=1e-12)

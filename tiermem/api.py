@@ -10,7 +10,13 @@ from pathlib import Path
 import torch
 
 from tiermem.config import PrefetchConfig, format_size, parse_size
-from tiermem.engine.config import ModelConfig, check_weights, model_config_from_hf, tied_head_alias
+from tiermem.engine.config import (
+    ModelConfig,
+    check_weights,
+    gpu_compute_dtype,
+    model_config_from_hf,
+    tied_head_alias,
+)
 from tiermem.engine.executor import Executor
 from tiermem.engine.families import output
 from tiermem.engine.generate import DecodeState, Sampling, decode
@@ -123,7 +129,7 @@ def load_from_reader(
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
-        dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        dtype = gpu_compute_dtype(cfg, dtype)
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
                                   kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention,

@@ -205,6 +205,7 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     (the plan itself was predicted at load from the cached probe); {} for the greedy placement or the CPU."""
     from dataclasses import replace
 
+    from tiermem.host_probe import host_step_seconds
     from tiermem.planner import Hardware, Workload, predict
 
     plan = getattr(model.source, "followed_plan", None)
@@ -215,10 +216,14 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     reader = model.reader
     workload = Workload.from_config(model.config, {b: reader.block_nbytes(b) for b in reader.block_names}, batch,
                                     prompt_len, gen_len, model.dtype, quantized=reader.quant is not None,
-                                    kv_quant=model.kv_quant)
+                                    kv_quant=model.kv_quant, host_step_s=host_step_seconds(
+                                        reader.model_config, reader.quant, model.dtype, model.kv_quant, batch,
+                                        str(model.device)))
     split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
     at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
-    return {"predicted_step_s_same_run_rates": predict(at_batch, workload, hardware).predicted_step_s,
+    predicted = predict(at_batch, workload, hardware)
+    return {"predicted_step_s_same_run_rates": predicted.predicted_step_s,
+            "predicted_breakdown_same_run_s": dict(predicted.breakdown),
             "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware()}
 
 
@@ -265,12 +270,13 @@ def format_table(result: dict) -> str:
         lines.append(f"placement: planner's, predicted {placement['predicted_step_s']:.4f} s per step at the largest "
                      f"batch; KV on {placement.get('kv_placement')}, lookahead {placement.get('lookahead')}")
     lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'tok/s':>9} {'roofline s':>11} "
-                 f"{'fraction':>8} {'peak GPU':>10}")
+                 f"{'fraction':>8} {'peak GPU':>10} {'predicted s':>11}")
     for r in result["runs"]:
         peak = f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") is not None else "-"
         lines.append(f"{r['batch']:>6} {r['micro_batches']:>5} {r['prefill_s']:>10.3f} {r['decode_step_s']:>9.4f} "
                      f"{r['decode_tok_per_s']:>9.2f} {r.get('roofline_step_s', float('nan')):>11.4f} "
-                     f"{r.get('fraction_of_roofline', float('nan')):>8.3f} {peak:>10}")
+                     f"{r.get('fraction_of_roofline', float('nan')):>8.3f} {peak:>10} "
+                     f"{r.get('predicted_step_s_same_run_rates', float('nan')):>11.4f}")
     over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]
     if over:
         budget = placement["gpu_budget_bytes"] / 2**30

@@ -67,8 +67,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import torch
 
     from tiermem.config import parse_size
-    from tiermem.engine.config import model_config_from_hf
+    from tiermem.engine.config import gpu_compute_dtype, model_config_from_hf
     from tiermem.errors import ConfigError
+    from tiermem.host_probe import host_step_seconds
     from tiermem.kernels.kv_quant import kv_scheme
     from tiermem.planner import Hardware, Workload, plan
     from tiermem.probe import cached_hardware, read_cache
@@ -95,7 +96,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
     workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, args.batch,
                                     args.prompt_len, args.gen_len, dtype, quantized=reader.quant is not None,
-                                    kv_quant=kv_quant)
+                                    kv_quant=kv_quant, host_step_s=host_step_seconds(
+                                        reader.model_config, reader.quant, gpu_compute_dtype(cfg, dtype), kv_quant,
+                                        args.batch))
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]
     else:

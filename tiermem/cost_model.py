@@ -15,13 +15,15 @@ kv = KV bytes per token per layer (K and V, compute dtype):
                KV on disk: 4*L*B*c*kv (landed, permuted: read + write, read by attention)) / hbm_Bps
   compute = B * (L * matmul FLOPs per token per layer + head FLOPs + L*c*attention FLOPs) / matmul_flops
   cpu_att = L*B*c*kv / cpu_memcpy_Bps  (KV on CPU and attention computed there: FlexGen's cpu_cache_compute)
-  overhead = per_layer_overhead_s * L * m (launches, syncs, Python: absurd micro-batch counts lose)
+  host    = the CPU time of issuing the step (Python, torch dispatch, kernel launches): Workload.host_step_s[m],
+            measured on this machine by tiermem.host_probe; per_layer_overhead_s * L * m where not measured
 
-  step = max(disk, pcie, max(hbm, compute) + cpu_att) + overhead;  tok/s = B / step
+  step = max(disk, pcie, max(hbm, compute) + cpu_att, host);  tok/s = B / step
 
 Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
-boundaries), so the step costs its slowest stage; CPU attention sits inside a layer's compute, so it
-adds to the GPU time. In this steady state lookahead buys no speed (it absorbs jitter, which the
+boundaries), and the host issues kernels ahead of the GPU (no decode step waits for the GPU unless
+EOS ids are set), so the step costs its slowest stage; CPU attention sits inside a layer's compute,
+so it adds to the GPU time. In this steady state lookahead buys no speed (it absorbs jitter, which the
 model does not see) and costs ring memory. FlexGen's model (per layer,
 prefill and decode, fitted constants) has the same shape; ours has only the decode step, measured
 link rates and no fitted constants.
@@ -114,6 +116,8 @@ class Workload:
     they are in host memory (the token embedding: only gathered rows move). workspace_bytes:
     micro-batch count -> HBM bytes of a prefill's transient activations (tiermem.placement.workspace_bytes);
     decode_workspace_bytes: the same for a decode step (empty: the prefill's figures stand for both).
+    host_step_s: micro-batch count -> host seconds of issuing a decode step (tiermem.host_probe; empty:
+    step_cost's per_layer_overhead_s stands in).
     """
 
     block_bytes: Mapping[str, int]
@@ -129,6 +133,7 @@ class Workload:
     host_only: tuple[str, ...] = ("embed",)
     workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
+    host_step_s: Mapping[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if min(self.batch, self.num_layers) < 1 or self.prompt_len < 0 or self.gen_len < 1:
@@ -163,16 +168,17 @@ class Workload:
 
     @classmethod
     def from_config(cls, cfg, block_bytes: Mapping[str, int], batch: int = 1, prompt_len: int = 512,
-                    gen_len: int = 32, dtype=None, quantized: bool = False, kv_quant=None) -> Workload:
+                    gen_len: int = 32, dtype=None, quantized: bool = False, kv_quant=None,
+                    host_step_s: Mapping[int, float] | None = None) -> Workload:
         """From an engine ModelConfig and the block sizes of its store; dtype: the compute dtype;
         quantized: the store holds int4/int8 weights (see placement.workspace_bytes); kv_quant: the
-        QuantScheme the KV cache is stored in (None: the compute dtype)."""
-        import torch
+        QuantScheme the KV cache is stored in (None: the compute dtype); host_step_s: measured host
+        seconds of a decode step by micro-batch count (tiermem.host_probe.host_step_seconds)."""
 
-        from tiermem.engine.config import expected_weights
+        from tiermem.engine.config import expected_weights, gpu_compute_dtype
         from tiermem.placement import kv_cache_bytes, workspace_bytes
 
-        dtype = dtype or (cfg.dtype if cfg.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        dtype = gpu_compute_dtype(cfg, dtype)
         shapes = expected_weights(cfg)
         matmul = sum(s[0] * s[1] for s in shapes["layers.0"].values() if len(s) == 2)
         q_dim, e = cfg.num_heads * cfg.head_dim, dtype.itemsize
@@ -188,6 +194,7 @@ class Workload:
                              for m in divisors(batch)},
             decode_workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
                                                        kv_quant is not None, new_tokens=1) for m in divisors(batch)},
+            host_step_s=dict(host_step_s or {}),
         )
 
 
@@ -225,18 +232,18 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
         flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
     c = {"disk": disk_bytes / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
          "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
-         "overhead": per_layer_overhead_s * L * m}
-    c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"]) + cpu_att) + c["overhead"]
+         "host": w.host_step_s.get(m, per_layer_overhead_s * L * m)}
+    c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"]) + cpu_att, c["host"])
     return c
 
 
 def bound_of(cost: Mapping[str, float]) -> str:
-    """Name of the stage that sets the step time: disk, pcie, hbm, compute or cpu_attention."""
+    """Name of the stage that sets the step time: disk, pcie, hbm, compute, cpu_attention or host."""
     gpu = "hbm" if cost["hbm"] >= cost["compute"] else "compute"
     if cost["cpu_attention"] > cost[gpu]:
         gpu = "cpu_attention"
     stages = {"disk": cost["disk"], "pcie": cost["pcie"],
-              gpu: max(cost["hbm"], cost["compute"]) + cost["cpu_attention"]}
+              gpu: max(cost["hbm"], cost["compute"]) + cost["cpu_attention"], "host": cost["host"]}
     return max(stages, key=stages.__getitem__)
 
 

@@ -161,7 +161,7 @@ def build_gpu_source(
             raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead, bool(cpu_attention), disk_kv=offload_dir is not None)
+            lookahead, bool(cpu_attention), disk_kv=offload_dir is not None, device=str(device))
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
                                     plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
@@ -249,11 +249,13 @@ def build_gpu_source(
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
               micro_batches: int | None, lookahead: int | None, cpu_attention: bool = False,
-              disk_kv: bool = False) -> Plan:
-    """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures,
+              disk_kv: bool = False, device: str = "cuda") -> Plan:
+    """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures and
+    host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split),
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. CPU attention is planned only when
     asked for (cpu_attention=True fixes it), the KV cache on disk only with disk_kv (an offload_dir given)."""
+    from tiermem.host_probe import host_step_seconds
     from tiermem.planner import Workload
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
@@ -263,7 +265,8 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     gen_len = max(1, max_seq // 16)
     workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, max_batch,
                                     max_seq - gen_len, gen_len, dtype, quantized=reader.quant is not None,
-                                    kv_quant=kv_quant)
+                                    kv_quant=kv_quant, host_step_s=host_step_seconds(
+                                        reader.model_config, reader.quant, dtype, kv_quant, max_batch, device))
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                      cpu_cache_compute=cpu_attention,

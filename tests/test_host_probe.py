@@ -1,0 +1,82 @@
+"""The host-time probe (tiermem.host_probe) and how the cost model uses its figures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiermem.cost_model import Hardware, Workload, step_cost
+from tiermem.engine.config import model_config_from_hf
+from tiermem.host_probe import HostTime, host_step_seconds, measure_host_time, narrow_config
+from tiermem.kernels.quant import QuantScheme
+from tiermem.planner import plan
+from tiermem.presets import preset
+
+HW = Hardware(disk_read_Bps=2e9, h2d_Bps=50e9, hbm_Bps=4e12, matmul_flops=6e14, cpu_memcpy_Bps=10e9)
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("shape", ["llama3-8b", "llama-111b", "llama-7b", "opt-30b"])
+def test_the_narrow_model_keeps_the_code_path_and_is_small(shape):
+    full = model_config_from_hf(preset(shape))
+    narrow = model_config_from_hf(narrow_config(preset(shape), 2, quant_group=128))
+    assert narrow.num_layers == 2 and narrow.family == full.family
+    assert narrow.head_dim == full.head_dim
+    assert narrow.num_heads // narrow.num_kv_heads == full.num_heads // full.num_kv_heads
+    assert narrow.hidden_size % 256 == 0 and narrow.hidden_size <= 2048
+    assert narrow.vocab_size < 2048
+
+
+def test_host_time_scales_with_layers_and_micro_batches():
+    t = HostTime(rows=4, per_layer_s=1e-3, per_step_s=5e-3)
+    assert t.step_s(10, 1) == pytest.approx(15e-3)
+    assert t.step_s(10, 4) == pytest.approx(60e-3)
+
+
+def workload(host: dict[int, float]) -> Workload:
+    sizes = {"embed": 10, **{f"layers.{i}": 1_000_000 for i in range(4)}, "head": 10}
+    return Workload(sizes, num_layers=4, kv_bytes_per_token_layer=100, flops_per_token_layer=1e6, batch=4,
+                    prompt_len=8, gen_len=4, host_step_s=host)
+
+
+def test_the_step_costs_the_host_time_when_issuing_is_slower_than_every_link():
+    w = workload({1: 0.5, 2: 0.9, 4: 1.7})
+    cost = step_cost(w, HW, resident=4_000_000, host=0, disk=0, kv="gpu", cpu_cache_compute=False,
+                     micro_batches=2)
+    assert cost["host"] == 0.9 and cost["step"] == 0.9  # max, not a sum: the host issues ahead of the GPU
+    quick = step_cost(workload({1: 1e-9, 2: 1e-9, 4: 1e-9}), HW, resident=0, host=4_000_000, disk=0, kv="gpu",
+                      cpu_cache_compute=False, micro_batches=2)
+    assert quick["step"] == quick["pcie"]
+
+
+def test_unmeasured_host_time_falls_back_to_the_per_layer_figure():
+    cost = step_cost(workload({}), HW, resident=4_000_000, host=0, disk=0, kv="gpu", cpu_cache_compute=False,
+                     micro_batches=2, per_layer_overhead_s=0.25)
+    assert cost["host"] == pytest.approx(0.25 * 4 * 2)
+
+
+def test_the_planner_splits_a_batch_only_when_that_pays():
+    w = workload({1: 0.5, 2: 0.9, 4: 1.7})
+    chosen = plan(w, HW, 1 * GiB, 1 * GiB)
+    assert chosen.micro_batches == 1 and chosen.bound == "host" and chosen.predicted_step_s == 0.5
+    # every split hidden behind the disk: the ties go to one micro-batch
+    hidden = plan(workload({1: 1e-6, 2: 2e-6, 4: 4e-6}), HW, 1 * GiB, 1 * GiB, gpu_blocks=0, host_blocks=0)
+    assert hidden.disk_blocks and hidden.micro_batches == 1
+
+
+def test_without_cuda_nothing_is_measured(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert host_step_seconds(preset("tiny-llama"), None, torch.bfloat16, None, 8) == {}
+    assert host_step_seconds(preset("tiny-llama"), None, torch.bfloat16, None, 8, device="cpu") == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_quant", [None, "int4"])
+def test_host_time_is_measured_on_the_gpu(kv_quant):
+    config = preset("llama3-8b")
+    t = measure_host_time(config, QuantScheme.from_name("int4", 128), torch.bfloat16, kv_quant, None, 4)
+    assert 1e-6 < t.per_layer_s < 0.1 and 0 <= t.per_step_s < 1
+    steps = host_step_seconds(config, QuantScheme.from_name("int4", 128), torch.bfloat16,
+                              QuantScheme.from_name(kv_quant, 128), 4)
+    assert set(steps) == {1, 2, 4} and steps[4] > steps[1]

@@ -1,0 +1,117 @@
+"""The host time of a decode step: Python, torch dispatch and kernel launches, measured on this machine.
+
+A decode step issues tens of kernels per layer; with resident weights and small batches the CPU issuing
+them, not the GPU running them, sets the step time (llama3-8b int4 at batch 16: 15 ms of GPU kernels in
+a 71 ms step). The cost is a property of the code path (family, weight and KV quantization, rows per
+micro-batch), not of the model's width, so it is measured on a narrow copy of the model: same heads per
+KV head, head_dim, quantization and dtype, hidden size a few hundred, random weights, everything resident.
+Its GPU kernels take microseconds, so its step time is host time. Two depths (2 and 6 layers) separate
+the per-layer cost from the per-step one (embedding, head, sampling).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tiermem.engine.config import model_config_from_hf
+from tiermem.kernels.quant import QuantScheme
+
+DEPTHS = (2, 6)
+TINY_VOCAB = 1024
+WARM_STEPS, TIMED_STEPS, PROMPT_LEN = 3, 12, 16
+
+
+@dataclass(frozen=True)
+class HostTime:
+    """Host seconds of one decode step's work at `rows` rows: per layer, and once per step."""
+
+    rows: int
+    per_layer_s: float
+    per_step_s: float
+
+    def step_s(self, num_layers: int, micro_batches: int) -> float:
+        """Host seconds of a decode step of num_layers layers run as micro_batches slices of `rows` rows."""
+        return micro_batches * (num_layers * self.per_layer_s + self.per_step_s)
+
+
+def narrow_config(hf_config: dict, num_layers: int, quant_group: int = 128) -> dict:
+    """The HF config of a narrow model with hf_config's code path: the same heads per KV head, head_dim,
+    family and options; as few KV heads as make the hidden size a multiple of 2 * quant_group."""
+    cfg = model_config_from_hf(hf_config)
+    group = cfg.num_heads // cfg.num_kv_heads
+    kv_heads = 1
+    while (kv_heads * group * cfg.head_dim) % (2 * quant_group) and kv_heads < cfg.num_kv_heads:
+        kv_heads *= 2
+    hidden = kv_heads * group * cfg.head_dim
+    narrow = dict(hf_config, hidden_size=hidden, num_attention_heads=kv_heads * group,
+                  num_key_value_heads=kv_heads, num_hidden_layers=num_layers, vocab_size=TINY_VOCAB)
+    for key, value in (("head_dim", cfg.head_dim), ("intermediate_size", 2 * hidden), ("ffn_dim", 2 * hidden),
+                       ("word_embed_proj_dim", hidden)):
+        if key in narrow:
+            narrow[key] = value
+    return narrow
+
+
+def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
+                  kv_group_size: int | None, rows: int, device: str) -> float:
+    """Median wall seconds of a decode step of the model (random weights, all resident on `device`)."""
+    from tiermem.api import load_from_reader
+    from tiermem.synthetic import SyntheticStore
+
+    store = SyntheticStore(hf_config, quant, dtype, device)
+    total = WARM_STEPS + TIMED_STEPS
+    stamps: list[float] = []
+
+    def on_step(k: int) -> None:
+        torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    with load_from_reader(store, device, None, None, dtype=dtype, max_batch_size=rows,
+                          max_seq_len=PROMPT_LEN + total, kv_quant=kv_quant, kv_group_size=kv_group_size,
+                          plan=None) as model:
+        ids = torch.randint(3, TINY_VOCAB, (rows, PROMPT_LEN))
+        model.generate(ids, total, eos_token_id=[], on_step=on_step)
+    torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
+    steps = [b - a for a, b in zip(stamps[WARM_STEPS - 1:-1], stamps[WARM_STEPS:], strict=True)]
+    return statistics.median(steps)
+
+
+@functools.lru_cache(maxsize=256)
+def _measure(config_json: str, quant_name: str | None, quant_group: int, dtype_name: str, kv_quant: str | None,
+             kv_group_size: int | None, rows: int, device: str) -> HostTime:
+    hf_config = json.loads(config_json)
+    quant = QuantScheme.from_name(quant_name, quant_group) if quant_name else None
+    dtype = getattr(torch, dtype_name)
+    shallow, deep = (_step_seconds(narrow_config(hf_config, n, quant_group), quant, dtype, kv_quant, kv_group_size,
+                                   rows, device) for n in DEPTHS)
+    per_layer = max(0.0, (deep - shallow) / (DEPTHS[1] - DEPTHS[0]))
+    return HostTime(rows, per_layer, max(0.0, shallow - DEPTHS[0] * per_layer))
+
+
+def measure_host_time(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
+                      kv_group_size: int | None, rows: int, device: str = "cuda") -> HostTime:
+    """HostTime of hf_config's decode step at `rows` rows per micro-batch on `device` (needs CUDA; about
+    0.5 s per call, remembered for the process)."""
+    return _measure(json.dumps(hf_config, sort_keys=True), quant.name if quant else None,
+                    quant.group_size if quant else 128, str(dtype).removeprefix("torch."), kv_quant, kv_group_size,
+                    rows, device)
+
+
+def host_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype,
+                      kv_quant: QuantScheme | None, batch: int, device: str = "cuda") -> dict[int, float]:
+    """Micro-batch count m -> host seconds of a decode step of `batch` rows split into m, for every divisor m
+    of batch (cost_model.Workload.host_step_s); {} without CUDA (the cost model's default stands in)."""
+    from tiermem.cost_model import divisors
+
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        return {}
+    num_layers = model_config_from_hf(hf_config).num_layers
+    kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
+    return {m: measure_host_time(hf_config, quant, dtype, *kv, batch // m, str(device)).step_s(num_layers, m)
+            for m in divisors(batch)}
