@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tiermem.ceilings import best_disk_read
+from tiermem.ceilings import best_disk_read, drop_page_cache
 from tiermem.config import parse_size
 from tiermem.errors import ConfigError
 from tiermem.placement import kv_cache_bytes
@@ -134,14 +134,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generation(model, batch: int, micro_batches: int | None, prompt_len: int, gen_len: int) -> dict:
-    """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds."""
+def time_generation(model, batch: int, micro_batches: int | None, prompt_len: int, gen_len: int,
+                    drop_cache_after_prompt: bool = False) -> dict:
+    """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds.
+    drop_cache_after_prompt: write back and drop the page cache after the prompt (inside its time), so that decode
+    steps read a KV cache on disk from the disk, not from the pages the prompt just wrote."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     stamps: list[float] = []
+    dropped: list[bool] = []
 
-    def on_step(_k: int) -> None:
+    def on_step(k: int) -> None:
         _sync(model.device)
+        if k == 1 and drop_cache_after_prompt:
+            dropped.append(drop_page_cache())
         stamps.append(time.perf_counter())
 
     if model.device.type == "cuda":
@@ -159,6 +165,7 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
         "decode_step_median_s": statistics.median(decode), "decode_tok_per_s": batch / statistics.mean(decode),
         "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
+        **({"page_cache_dropped_after_prompt": dropped[0]} if dropped else {}),
     }
 
 
@@ -179,7 +186,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     try:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         for batch, micro in plan:
-            run = time_generation(model, batch, micro, args.prompt_len, args.gen_len)
+            run = time_generation(model, batch, micro, args.prompt_len, args.gen_len,
+                                  drop_cache_after_prompt=model.kv_placement == "disk")
             offloaded = model._offloads_kv() and not model.cpu_attention  # attention on the GPU reads KV over PCIe
             kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
             kv_disk = kv_read + kv_per_token * batch if model.kv_placement == "disk" else 0  # + new slots written

@@ -1,0 +1,83 @@
+"""How well the narrow-model host probe (tiermem.host_probe) predicts the decode step of a resident model.
+
+    python3 benchmarks/host_time_check.py --synthetic llama3-8b --quant int4 --kv-quant int4 --rows 1,16,64 \
+        --prompt-len 1024 --repeats 3 --out DIR
+
+For each row count, alternately (repeats times): the probe's HostTime (measured afresh, not the cached figure)
+and the median decode step of the full model, all resident, in the same process. Writes DIR/host_time_check.json
+with every figure, so that the probe's error and the run-to-run spread of both can be read side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tiermem.api import load_from_reader
+from tiermem.engine.config import model_config_from_hf
+from tiermem.host_probe import _measure
+from tiermem.kernels.quant import QuantScheme
+from tiermem.presets import preset
+from tiermem.synthetic import SyntheticStore
+
+STEPS = 12
+
+
+def decode_step_s(model, rows: int, prompt_len: int) -> float:
+    """Median decode step (s) of `rows` sequences after a prompt of prompt_len tokens."""
+    stamps: list[float] = []
+
+    def on_step(k: int) -> None:
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    ids = torch.randint(3, model.config.vocab_size, (rows, prompt_len))
+    model.generate(ids, STEPS + 1, eos_token_id=[], on_step=on_step)
+    return statistics.median(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--synthetic", default="llama3-8b")
+    p.add_argument("--quant", default="int4")
+    p.add_argument("--kv-quant", default=None)
+    p.add_argument("--rows", default="1,16,64")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("."))
+    args = p.parse_args()
+    config, quant, dtype = preset(args.synthetic), QuantScheme.from_name(args.quant, 128), torch.bfloat16
+    layers = model_config_from_hf(config).num_layers
+    rows = [int(r) for r in args.rows.split(",")]
+    store = SyntheticStore(config, quant, dtype, "cuda")
+    model = load_from_reader(store, "cuda", None, None, dtype=dtype, max_batch_size=max(rows),
+                             max_seq_len=args.prompt_len + STEPS + 1, kv_quant=args.kv_quant, plan=None)
+    decode_step_s(model, 1, 8)  # warm-up
+    out = []
+    for r in rows:
+        for rep in range(args.repeats):
+            _measure.cache_clear()
+            probe = _measure(json.dumps(config, sort_keys=True), args.quant, 128, "bfloat16", args.kv_quant, None, r,
+                             "cuda")
+            measured = decode_step_s(model, r, args.prompt_len)
+            predicted = probe.step_s(layers, 1)
+            out.append({"rows": r, "repeat": rep, "per_layer_s": probe.per_layer_s, "per_step_s": probe.per_step_s,
+                        "predicted_host_step_s": predicted, "measured_step_s": measured})
+            print(f"rows {r:3d}  probe {predicted * 1e3:7.2f} ms ({probe.per_layer_s * 1e6:6.1f} us/layer + "
+                  f"{probe.per_step_s * 1e3:5.2f} ms)  measured {measured * 1e3:7.2f} ms  ratio "
+                  f"{predicted / measured:5.2f}", flush=True)
+    model.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_time_check.json").write_text(json.dumps({
+        "command": "python3 benchmarks/host_time_check.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "gpu": torch.cuda.get_device_name(), "runs": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
