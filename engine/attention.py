@@ -90,7 +90,8 @@ class Attention:
         never repeats K and V per query head (tests/test_attention_memory.py).
         """
         b, H, T, Dh = q.shape
-        if self.cache is not None and self.cache.cpu_attention:
+        on_host = self.cache is not None and self.cache.cpu_attention
+        if on_host and (T == 1 or self.cache.length):  # decode steps: attention over the host K/V, on the host
             out = self.cache.attend(layer, self.rows, q, k, v, self.mask(window), Dh**-0.5)  # [b, H, T, Dh]
             return out.transpose(1, 2).reshape(b, T, H * Dh)
         scheme = self.cache.kv_quant if self.cache is not None else None
@@ -101,7 +102,9 @@ class Attention:
             out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
                                           self.key_mask, length, window, Dh**-0.5)  # [b, H, 1, Dh]
             return out.transpose(1, 2).reshape(b, T, H * Dh)
-        if self.cache is not None:
+        if on_host:  # a prompt into an empty host cache: its K/V go to the host, its attention runs here
+            k, v = self.cache.store(layer, self.rows, k, v)
+        elif self.cache is not None:
             k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
         kv_heads = k.shape[1]
         group = H // kv_heads

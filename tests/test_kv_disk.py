@@ -74,8 +74,12 @@ class Recorder:
         self.writes: list[tuple[int, int, int]] = []
         read, write = cache.backend.read_into, cache.file.write
 
-        def read_into(path, offset, out):
-            self.reads.append((*self.starts[offset], out.numel()))
+        def read_into(path, offset, out):  # a prefix is read as its whole pages, then the partial one
+            region = self.starts[max(s for s in self.starts if s <= offset)]
+            if out.numel() and offset not in self.starts and self.reads and self.reads[-1][:2] == region:
+                self.reads[-1] = (*region, self.reads[-1][2] + out.numel())
+            elif out.numel():
+                self.reads.append((*region, out.numel()))
             read(path, offset, out)
 
         def write_at(offset, data):
@@ -107,6 +111,34 @@ def test_each_layer_prefix_is_one_read_per_part_and_new_slots_one_write(stores, 
         (0, 0, 11 * slot), (0, 1, 11 * slot)]
     assert rec.writes == [(r.offset + 10 * slot, slot) for r in regions]
     cache.close()
+
+
+def o_direct_works(directory) -> bool:
+    path = os.path.join(directory, "probe")
+    with open(path, "wb") as f:
+        f.write(b"x" * 4096)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.unlink(path)
+
+
+def test_prefix_reads_bypass_the_page_cache_up_to_the_last_partial_page(stores, tmp_path):
+    """Each part of a layer's prefix: its whole pages in one O_DIRECT read, the partial page after them buffered."""
+    if not hasattr(os, "O_DIRECT") or not o_direct_works(tmp_path):
+        pytest.skip("no O_DIRECT on this filesystem")
+    ids = torch.randint(3, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        cache = DiskKVCache.allocate(m.config, 2, 32, m.dtype, "cpu", offload_dir=tmp_path)
+        m.executor.forward(ids, torch.ones_like(ids), cache)  # prefill 20: the last layer primes layer 0
+        cache.flush()
+        parts = len(cache.regions[0])
+        assert 20 * cache.regions[0][0].slot_bytes % 4096  # a partial page per part
+        assert (cache.backend.direct_reads, cache.backend.buffered_reads) == (parts, parts)
+        cache.close()
 
 
 def test_a_read_prefix_leaves_the_page_cache_except_its_last_partial_page(stores, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ them, not the GPU running them, sets the step time (llama3-8b int4 at batch 16: 
 a 71 ms step). The cost is a property of the code path (family, weight and KV quantization, rows per
 micro-batch), not of the model's width, so it is measured on a narrow copy of the model: same heads per
 KV head, head_dim, quantization and dtype, hidden size a few hundred, random weights, everything resident.
-Its GPU kernels take microseconds, so its step time is host time. Two depths (2 and 6 layers) separate
+Its GPU kernels take microseconds, so its step time is host time. Two depths (2 and 10 layers) separate
 the per-layer cost from the per-step one (embedding, head, sampling).
 """
 
@@ -22,9 +22,9 @@ import torch
 from tiermem.engine.config import model_config_from_hf
 from tiermem.kernels.quant import QuantScheme
 
-DEPTHS = (2, 6)
+DEPTHS = (2, 10)
 TINY_VOCAB = 1024
-WARM_STEPS, TIMED_STEPS, PROMPT_LEN = 3, 12, 16
+WARM_STEPS, TIMED_STEPS, PROMPT_LEN = 3, 16, 16
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,12 @@ tasks in order, so a layer's write lands before any later read of it and before 
 read into again. The staging copies permute between the layouts: on the GPU (CudaStagingMover,
 through the landing buffer), or in the tensor copy itself on the CPU (SyncMover).
 
-I/O is buffered (through the page cache), not O_DIRECT: new slots end in partly written 4 KiB pages,
-which O_DIRECT could only write by read-modify-write, and an O_DIRECT read would first force those
-dirty pages out. After a layer's prefix is read, its whole pages are dropped from the page cache
+Writes are buffered (through the page cache): new slots end in partly written 4 KiB pages, which
+O_DIRECT could only write by read-modify-write. A layer's prefix is read with O_DIRECT up to its last
+whole page (the kernel first writes back any dirty page in that range, so the read sees every write)
+and the partial page after it buffered: buffered reads of a prefix the prompt had just written reached
+0.48-0.68 of the disk's O_DIRECT rate (llama3-8b, batch 16 x 2048, benchmarks/results/kv_tiers_*).
+After a layer's prefix is read, its whole pages are dropped from the page cache
 (ScratchFile.drop_cached; not the last, partly filled one, which the next step's write extends): the
 KV cache is on disk because it does not fit the RAM budget, so the page cache should not keep a copy
 of it in RAM beyond cpu_memory. `keys` / `values` map the file ([B, Hkv, S_max, X]
@@ -42,6 +45,7 @@ from tiermem.kernels.quant import QuantScheme
 from tiermem.kv_offload import CUDA_MEMCPY_DEFAULT, CudaMover, HostKVCache, SyncMover, _parts
 from tiermem.pinned import ALIGN, PinnedArena, aligned_size
 from tiermem.scratch_file import ScratchFile
+from tiermem.storage.backends.base import aligned_empty
 from tiermem.storage.backends.posix import PosixBackend
 
 PAGE = 4096  # page cache granularity: drop_cached leaves a partly read page alone
@@ -117,7 +121,7 @@ class DiskKVCache(HostKVCache):
         self.regions = regions  # per layer: K's parts, then V's, as _parts lists them
         self.staging = staging  # two slots, each token-major [S_max, B, Hkv, X] per part of one layer
         self.io_threads = io_threads
-        self.backend = PosixBackend(threads=io_threads)  # buffered preadv, large reads split over threads
+        self.backend = PosixBackend(threads=io_threads, direct=True)  # large reads split over threads
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiermem-kv-disk")  # in order
         self._slot_free: list[object] = [None, None]  # marker after each slot's last copy to the GPU (I/O thread)
         self._writes: deque[Future] = deque()
@@ -192,8 +196,10 @@ class DiskKVCache(HostKVCache):
         for region, stage, dev in zip(self.regions[layer], self.staging[slot], self._device_parts(slot), strict=True):
             if length:
                 out = stage.view(-1).view(torch.uint8)[:length * region.slot_bytes]
-                self.backend.read_into(self.file.path, region.offset, out)
-                self.file.drop_cached(region.offset, out.numel() // PAGE * PAGE)
+                whole = out.numel() // PAGE * PAGE  # O_DIRECT (aligned offset, length and staging address)
+                for at, piece in ((0, out[:whole]), (whole, out[whole:])):  # then the partial page, buffered
+                    self.backend.read_into(self.file.path, region.offset + at, piece)
+                self.file.drop_cached(region.offset, whole)
             self.mover.copy_slots(dev, _heads_first(stage), slice(0, self.batch), 0, length)
         self._slot_free[slot] = marker = self.mover.mark()
         return marker
@@ -281,5 +287,5 @@ def _nbytes(t: torch.Tensor) -> int:
 def _staging_part(t: torch.Tensor, arena: PinnedArena | None) -> torch.Tensor:
     """Token-major [S, B, Hkv, X] host storage for a part shaped t [B, Hkv, S, X] (from the pinned arena if any)."""
     B, H, S, X = t.shape
-    flat = torch.empty(_nbytes(t), dtype=torch.uint8) if arena is None else arena.take(_nbytes(t), "KV staging")
+    flat = aligned_empty(_nbytes(t)) if arena is None else arena.take(_nbytes(t), "KV staging")  # O_DIRECT reads
     return flat.view(t.dtype).view(S, B, H, X)

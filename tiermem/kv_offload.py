@@ -234,19 +234,40 @@ class HostKVCache(KVCache):
         self._copy_out(layer, self._current[1], rows, self.length, end)
         return rows_k, rows_v
 
+    def store(self, layer: int, rows: slice, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new k, v [b, Hkv, T, Dh] to the host K/V of `rows` of an empty cpu_attention cache (a prompt,
+        whose attention runs on the GPU); returns the k, v to attend over there: as given, or as stored (quantized
+        and back, on k's device) when the cache is quantized, so that the prompt sees what a device cache gives."""
+        start, stop, _ = rows.indices(self.batch)
+        end = self.length + k.shape[2]
+        out = []
+        for stored, x in ((self.keys[layer], k), (self.values[layer], v)):
+            rows_stored = write_tokens(stored, slice(start, stop), self.length, x.to("cpu"))
+            out.append(x if self.kv_quant is None else filled(rows_stored, end).to(x.device, x.dtype))
+        return out[0], out[1]
+
     def attend(self, layer: int, rows: slice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                softmax_scale: float) -> torch.Tensor:
         """Attention on the host (FlexGen's cpu_cache_compute): q [b, H, T, Dh] and the new k, v [b, Hkv, T, Dh]
         come to the host, k and v are appended there, attention runs in fp32 over the layer's host K, V under
-        mask [b, 1, T, S]; returns [b, H, T, Dh] on q's device in q's dtype. Only the activations cross PCIe."""
+        mask [b, 1, T, S]; returns [b, H, T, Dh] on q's device in q's dtype. Only the activations cross PCIe.
+        The query heads sharing a kv head are folded into the query length, as on the GPU: SDPA with enable_gqa
+        and a mask repeats K and V per query head (llama3-8b, batch 16 x 2048: 1.1 s per step, 2.5x the
+        host-memory bound)."""
         start, stop, _ = rows.indices(self.batch)
         rows = slice(start, stop)
         end = self.length + k.shape[2]
         K, V = (filled(write_tokens(stored, rows, self.length, x.to("cpu")), end).float()
-                for stored, x in ((self.keys[layer], k), (self.values[layer], v)))
-        out = F.scaled_dot_product_attention(q.to("cpu", torch.float32), K, V, attn_mask=mask.to("cpu"),
-                                             scale=softmax_scale, enable_gqa=K.shape[1] != q.shape[1])
-        return out.to(q.device, q.dtype)
+                for stored, x in ((self.keys[layer], k), (self.values[layer], v)))  # [b, Hkv, S, Dh]
+        b, H, T, Dh = q.shape
+        kv_heads = K.shape[1]
+        group = H // kv_heads
+        folded = q.to("cpu", torch.float32).reshape(b, kv_heads, group * T, Dh)
+        mask = mask.to("cpu")
+        if group > 1 and T > 1:
+            mask = mask.expand(b, group, T, mask.shape[-1]).reshape(b, 1, group * T, mask.shape[-1])
+        out = F.scaled_dot_product_attention(folded, K, V, attn_mask=mask, scale=softmax_scale)
+        return out.reshape(b, H, T, Dh).to(q.device, q.dtype)
 
     def begin_step(self, new_mask: torch.Tensor) -> torch.Tensor:
         self._current = None  # also after a step that failed half-way
