@@ -8,7 +8,7 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
 - write_quantized_kv: new K or V quantized straight into the cache's slots in one launch on CUDA
-  (while FUSED_KV_QUANTIZE, off until it has run on a GPU), the reference quantize_kv + slice copies otherwise.
+  (while FUSED_KV_QUANTIZE), the reference quantize_kv + slice copies otherwise.
 """
 
 from __future__ import annotations
@@ -144,10 +144,10 @@ def kv_decode_attention(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[t
     return out[:, :, None]
 
 
-# write_quantized_kv uses kv_quant.cu on CUDA while this is True. Written in session 3 after the last device call:
-# nvcc sm_90 compiles it without spills and its CPU model matches the reference bit for bit, but it has not run on
-# a GPU. Switch it on once tests/test_kernels_gpu.py -k kv_quantize passes there.
-FUSED_KV_QUANTIZE = False
+# write_quantized_kv uses kv_quant.cu on CUDA while this is True: bit-exact against the reference on an H200
+# (tests/test_kernels_gpu.py -k kv_quantize); a decode step of llama3-8b int4, batch 16, int4 KV issues 1051
+# launches instead of 2395 (benchmarks/results/llama3_8b_int4_kvint4_decode_profile_fused_quantize_h200.json).
+FUSED_KV_QUANTIZE = True
 
 
 def write_quantized_kv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
