@@ -72,21 +72,22 @@ class Recorder:
         self.starts = {r.offset: (layer, i) for layer, regs in enumerate(cache.regions) for i, r in enumerate(regs)}
         self.reads: list[tuple[int, int, int]] = []
         self.writes: list[tuple[int, int, int]] = []
-        read, write = cache.backend.read_into, cache.file.write
+        read, write = cache.backend.read_many, cache.file.write
 
-        def read_into(path, offset, out):  # a prefix is read as its whole pages, then the partial one
-            region = self.starts[max(s for s in self.starts if s <= offset)]
-            if out.numel() and offset not in self.starts and self.reads and self.reads[-1][:2] == region:
-                self.reads[-1] = (*region, self.reads[-1][2] + out.numel())
-            elif out.numel():
-                self.reads.append((*region, out.numel()))
-            read(path, offset, out)
+        def read_many(path, requests):  # a prefix is read as its whole pages, then the partial one
+            for offset, out in requests:
+                region = self.starts[max(s for s in self.starts if s <= offset)]
+                if out.numel() and offset not in self.starts and self.reads and self.reads[-1][:2] == region:
+                    self.reads[-1] = (*region, self.reads[-1][2] + out.numel())
+                elif out.numel():
+                    self.reads.append((*region, out.numel()))
+            read(path, requests)
 
         def write_at(offset, data):
             self.writes.append((offset, data.numel()))
             write(offset, data)
 
-        cache.backend.read_into, cache.file.write = read_into, write_at
+        cache.backend.read_many, cache.file.write = read_many, write_at
 
 
 def test_each_layer_prefix_is_one_read_per_part_and_new_slots_one_write(stores, tmp_path):

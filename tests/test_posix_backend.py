@@ -95,6 +95,19 @@ def test_o_direct_when_aligned(data_file):
         assert (backend.direct_reads, backend.buffered_reads) == (1, 3)
 
 
+def test_read_many_reads_every_request_direct_or_buffered(data_file):
+    path, data = data_file
+    require_o_direct(path)
+    with PosixBackend(threads=3, direct=True, chunk_size=CHUNK) as backend:
+        whole, partial, empty = aligned_empty(5 * CHUNK), torch.empty(777, dtype=torch.uint8), aligned_empty(0)
+        backend.read_many(path, [(4096, whole), (4096 + 5 * CHUNK, partial), (0, empty)])
+        assert torch.equal(whole, data[4096:4096 + 5 * CHUNK])
+        assert torch.equal(partial, data[4096 + 5 * CHUNK:4096 + 5 * CHUNK + 777])
+        assert (backend.direct_reads, backend.buffered_reads) == (1, 1)
+        with pytest.raises(TierIOError, match="truncated"):
+            backend.read_many(path, [(0, whole), (data.numel() - 10, partial)])
+
+
 def test_o_direct_short_read(tmp_path):
     path = tmp_path / "short.bin"
     path.write_bytes(b"x" * 8192)

@@ -121,7 +121,9 @@ class DiskKVCache(HostKVCache):
         self.regions = regions  # per layer: K's parts, then V's, as _parts lists them
         self.staging = staging  # two slots, each token-major [S_max, B, Hkv, X] per part of one layer
         self.io_threads = io_threads
-        self.backend = PosixBackend(threads=io_threads, direct=True)  # large reads split over threads
+        # a layer's parts are read together, chunks over 2 x io_threads threads: with io_threads threads a
+        # 134 MB prefix read at 1.33 GB/s where the disk gave 1.75 (llama3-8b, batch 16 x 2048, bf16 KV)
+        self.backend = PosixBackend(threads=2 * io_threads, direct=True)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiermem-kv-disk")  # in order
         self._slot_free: list[object] = [None, None]  # marker after each slot's last copy to the GPU (I/O thread)
         self._writes: deque[Future] = deque()
@@ -193,13 +195,16 @@ class DiskKVCache(HostKVCache):
     def _read(self, layer: int, length: int, slot: int) -> object:
         """I/O thread: file -> staging slot -> GPU buffer; returns the mover marker after the copy to the GPU."""
         self.mover.host_wait(self._slot_free[slot])  # the slot's previous prefix has reached the GPU
-        for region, stage, dev in zip(self.regions[layer], self.staging[slot], self._device_parts(slot), strict=True):
-            if length:
+        if length:
+            requests = []
+            for region, stage in zip(self.regions[layer], self.staging[slot], strict=True):
                 out = stage.view(-1).view(torch.uint8)[:length * region.slot_bytes]
                 whole = out.numel() // PAGE * PAGE  # O_DIRECT (aligned offset, length and staging address)
-                for at, piece in ((0, out[:whole]), (whole, out[whole:])):  # then the partial page, buffered
-                    self.backend.read_into(self.file.path, region.offset + at, piece)
-                self.file.drop_cached(region.offset, whole)
+                requests += [(region.offset, out[:whole]), (region.offset + whole, out[whole:])]  # partial: buffered
+            self.backend.read_many(self.file.path, requests)
+            for region in self.regions[layer]:
+                self.file.drop_cached(region.offset, length * region.slot_bytes // PAGE * PAGE)
+        for stage, dev in zip(self.staging[slot], self._device_parts(slot), strict=True):
             self.mover.copy_slots(dev, _heads_first(stage), slice(0, self.batch), 0, length)
         self._slot_free[slot] = marker = self.mover.mark()
         return marker

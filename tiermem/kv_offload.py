@@ -249,20 +249,20 @@ class HostKVCache(KVCache):
     def attend(self, layer: int, rows: slice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                softmax_scale: float) -> torch.Tensor:
         """Attention on the host (FlexGen's cpu_cache_compute): q [b, H, T, Dh] and the new k, v [b, Hkv, T, Dh]
-        come to the host, k and v are appended there, attention runs in fp32 over the layer's host K, V under
-        mask [b, 1, T, S]; returns [b, H, T, Dh] on q's device in q's dtype. Only the activations cross PCIe.
-        The query heads sharing a kv head are folded into the query length, as on the GPU: SDPA with enable_gqa
-        and a mask repeats K and V per query head (llama3-8b, batch 16 x 2048: 1.1 s per step, 2.5x the
-        host-memory bound)."""
+        come to the host, k and v are appended there, attention runs over the layer's host K, V in their dtype
+        (dequantized when quantized) under mask [b, 1, T, S]; returns [b, H, T, Dh] on q's device in q's dtype.
+        Only the activations cross PCIe. No fp32 copy of K and V: torch's CPU attention kernel takes bf16 and
+        accumulates in fp32, and the copy cost 5-8x the attention itself (llama3-8b, batch 16 x 2048: 1.1 s per
+        step). The query heads sharing a kv head are folded into the query length, as on the GPU."""
         start, stop, _ = rows.indices(self.batch)
         rows = slice(start, stop)
         end = self.length + k.shape[2]
-        K, V = (filled(write_tokens(stored, rows, self.length, x.to("cpu")), end).float()
+        K, V = (filled(write_tokens(stored, rows, self.length, x.to("cpu")), end)
                 for stored, x in ((self.keys[layer], k), (self.values[layer], v)))  # [b, Hkv, S, Dh]
         b, H, T, Dh = q.shape
         kv_heads = K.shape[1]
         group = H // kv_heads
-        folded = q.to("cpu", torch.float32).reshape(b, kv_heads, group * T, Dh)
+        folded = q.to("cpu", K.dtype).reshape(b, kv_heads, group * T, Dh)
         mask = mask.to("cpu")
         if group > 1 and T > 1:
             mask = mask.expand(b, group, T, mask.shape[-1]).reshape(b, 1, group * T, mask.shape[-1])

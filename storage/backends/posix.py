@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -34,38 +35,49 @@ class PosixBackend:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tiermem-posix")
         self._lock = threading.Lock()
         self._closed = False
-        self.direct_reads = 0  # read_into calls served with O_DIRECT
+        self.direct_reads = 0  # requests (read_into calls) served with O_DIRECT
         self.buffered_reads = 0
 
     def read_into(self, path: str | os.PathLike, offset: int, out: torch.Tensor) -> None:
+        self.read_many(path, [(offset, out)])
+
+    def read_many(self, path: str | os.PathLike, requests: Sequence[tuple[int, torch.Tensor]]) -> None:
+        """read_into for several (offset, out) of one file at once: the chunks of every request are in flight
+        together, so small reads overlap each other as the chunks of one large read do."""
         if self._closed:
             raise TierIOError(f"reading {path}: the PosixBackend was closed")
-        check_out(path, out)
-        nbytes = out.numel()
-        if nbytes == 0:
-            return
-        view = memoryview(out.numpy()).cast("B")
-        fd, direct = self._open(path, self.direct and is_aligned(offset, out))
+        fds: dict[bool, tuple[int, bool]] = {}  # wanted O_DIRECT -> (fd, got O_DIRECT)
+        pieces: list[tuple[int, memoryview, int]] = []
+        served = {True: 0, False: 0}
         try:
-            _check_size(fd, path, offset, nbytes)
-            pieces = [(view[start:start + self.chunk_size], offset + start)
-                      for start in range(0, nbytes, self.chunk_size)]
+            for offset, out in requests:
+                check_out(path, out)
+                if out.numel() == 0:
+                    continue
+                want = self.direct and is_aligned(offset, out)
+                if want not in fds:
+                    fds[want] = self._open(path, want)
+                fd, direct = fds[want]
+                _check_size(fd, path, offset, out.numel())
+                view = memoryview(out.numpy()).cast("B")
+                pieces += [(fd, view[start:start + self.chunk_size], offset + start)
+                           for start in range(0, out.numel(), self.chunk_size)]
+                served[direct] += 1
             if len(pieces) == 1 or self.threads == 1:
-                for piece, at in pieces:
+                for fd, piece, at in pieces:
                     _pread_exact(fd, path, piece, at)
             else:
-                futures = [self._pool.submit(_pread_exact, fd, path, piece, at) for piece, at in pieces]
-                for future in futures:  # wait for all before closing fd, then raise the first error
+                futures = [self._pool.submit(_pread_exact, fd, path, piece, at) for fd, piece, at in pieces]
+                for future in futures:  # wait for all before closing the files, then raise the first error
                     future.exception()
                 for future in futures:
                     future.result()
         finally:
-            os.close(fd)
+            for fd, _ in fds.values():
+                os.close(fd)
         with self._lock:
-            if direct:
-                self.direct_reads += 1
-            else:
-                self.buffered_reads += 1
+            self.direct_reads += served[True]
+            self.buffered_reads += served[False]
 
     def _open(self, path: str | os.PathLike, direct: bool) -> tuple[int, bool]:
         try:
