@@ -535,3 +535,33 @@ def test_cli_plan_lists_alternatives(tmp_path, capsys):
                  "--hardware", str(hw), "--alternatives"]) in (None, 0)
     out = capsys.readouterr().out
     assert "the best plan with one choice fixed" in out and "KV in host RAM, CPU attention" in out
+
+
+KV_TIER_RUNS = [
+    "llama3_8b_int4_b16x2048_kv_gpu_h200.json", "llama3_8b_int4_b16x2048_kv_cpu_h200.json",
+    "llama3_8b_int4_b16x2048_kv_cpu_attention_h200.json",
+    *(pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
+        "the disk KV tier ran at 0.85 (bf16) and 0.68 (int4) of the disk roofline the model predicts: a per-layer "
+        "cost of 10-13 ms outside the prefix reads' bytes")))
+      for name in ("llama3_8b_int4_b16x2048_kv_disk_h200.json", "llama3_8b_int4_b16x2048_kv_disk_int4_h200.json")),
+]
+
+
+@pytest.mark.parametrize("name", KV_TIER_RUNS)
+def test_plan_time_prediction_of_recorded_kv_tier_runs_within_15_percent(name):
+    """Session 5's llama3-8b int4, batch 16 x 2048 runs, the KV cache in HBM, in host RAM (attention on the GPU or
+    on the host) and on disk: the placement each followed, predicted from the probe figures the plan used at load
+    (recorded as plan_hardware) and its measured host time, against the measured step."""
+    from tiermem.kernels.kv_quant import kv_scheme
+
+    result = json.loads((RESULTS / name).read_text())
+    placement, (run,) = result["placement"], result["runs"]
+    kv_quant = None if placement["kv_quant"] == "none" else kv_scheme(placement["kv_quant"].split()[0], 128)
+    w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=16, prompt_len=run["prompt_len"],
+                 gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: run["plan_breakdown_s"]["host"]})
+    assert placement["gpu_resident_blocks"] == len(w.streamable)  # every weight in HBM
+    used = Plan.build(w, len(w.streamable), kv=placement["kv_placement"], cpu_cache_compute=placement["cpu_attention"],
+                      lookahead=placement["lookahead"])
+    predicted = predict(used, w, Hardware.from_json(run["plan_hardware"])).predicted_step_s
+    measured = run["decode_step_s"]
+    assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)

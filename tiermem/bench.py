@@ -171,6 +171,7 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
 
 def run_bench(args: argparse.Namespace) -> dict:
     from tiermem.ceilings import measure_ceilings, measure_disk_read
+    from tiermem.probe import measure_cpu_memcpy
 
     device = torch.device(args.device)
     plan = _batches(args)
@@ -181,6 +182,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     info = model.info()
     if info.get("disk_blocks") or (info.get("disk_kv_file_bytes") and getattr(model.reader, "path", None)):
         ceilings.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
+    if model.cpu_attention:
+        ceilings["cpu_memcpy_Bps"] = measure_cpu_memcpy()  # the rate the cost model gives attention on the host
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
     try:

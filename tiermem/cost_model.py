@@ -18,15 +18,19 @@ kv = KV bytes per token per layer (K and V, compute dtype):
   host    = the CPU time of issuing the step (Python, torch dispatch, kernel launches): Workload.host_step_s[m],
             measured on this machine by tiermem.host_probe; per_layer_overhead_s * L * m where not measured
 
-  step = max(disk, pcie, max(hbm, compute) + cpu_att, host);  tok/s = B / step
+  step = max(disk, pcie, max(hbm, compute, host))                 GPU attention
+  step = max(disk, pcie, max(hbm, compute, host) + cpu_att)       CPU attention;  tok/s = B / step
 
 Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
 boundaries), and the host issues kernels ahead of the GPU (no decode step waits for the GPU unless
-EOS ids are set), so the step costs its slowest stage; CPU attention sits inside a layer's compute,
-so it adds to the GPU time. In this steady state lookahead buys no speed (it absorbs jitter, which the
-model does not see) and costs ring memory. FlexGen's model (per layer,
-prefill and decode, fitted constants) has the same shape; ours has only the decode step, measured
-link rates and no fitted constants.
+EOS ids are set), so the step costs its slowest stage. CPU attention runs on the host in the middle
+of each layer, after the GPU has produced q, k and v and before it may go on: the host and the GPU
+wait for each other there, so it adds to the larger of the GPU and host times (measured: llama3-8b
+int4, batch 16 x 2048, 163 ms per step against 43 ms host + 112 ms CPU attention predicted,
+benchmarks/results/llama3_8b_int4_b16x2048_kv_cpu_attention_h200.json). In this steady state
+lookahead buys no speed (it absorbs jitter, which the model does not see) and costs ring memory.
+FlexGen's model (per layer, prefill and decode, fitted constants) has the same shape; ours has only
+the decode step, measured link rates and no fitted constants.
 
 Memory (hard limits; a plan must fit both):
   GPU    = resident blocks + (lookahead + 1) slots of the largest streamed block
@@ -102,10 +106,12 @@ class Hardware:
     @classmethod
     def from_ceilings(cls, ceilings: Mapping[str, Any], *, matmul_flops: float = 6e14,
                       disk_read_Bps: float = 1.3e9, cpu_memcpy_Bps: float = 10e9) -> Hardware:
-        """From tiermem.ceilings.measure_ceilings() output (as recorded in benchmark JSON)."""
+        """From tiermem.ceilings.measure_ceilings() output (as recorded in benchmark JSON); a "cpu_memcpy_Bps"
+        measured there (bench does when attention runs on the host) wins over the default."""
         return cls(disk_read_Bps=disk_read_Bps, h2d_Bps=float(ceilings["h2d_pinned_Bps"]),
                    hbm_Bps=float(ceilings["hbm_Bps"]), matmul_flops=matmul_flops,
-                   cpu_memcpy_Bps=cpu_memcpy_Bps, name=str(ceilings.get("gpu_name", "")))
+                   cpu_memcpy_Bps=float(ceilings.get("cpu_memcpy_Bps", cpu_memcpy_Bps)),
+                   name=str(ceilings.get("gpu_name", "")))
 
 
 @dataclass(frozen=True)
@@ -233,17 +239,17 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     c = {"disk": disk_bytes / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
          "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
          "host": w.host_step_s.get(m, per_layer_overhead_s * L * m)}
-    c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"]) + cpu_att, c["host"])
+    c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"], c["host"]) + cpu_att)
     return c
 
 
 def bound_of(cost: Mapping[str, float]) -> str:
     """Name of the stage that sets the step time: disk, pcie, hbm, compute, cpu_attention or host."""
-    gpu = "hbm" if cost["hbm"] >= cost["compute"] else "compute"
-    if cost["cpu_attention"] > cost[gpu]:
-        gpu = "cpu_attention"
+    issue = max(("hbm", "compute", "host"), key=cost.__getitem__)  # the GPU's work, or the host issuing it
+    if cost["cpu_attention"] > cost[issue]:
+        issue = "cpu_attention"
     stages = {"disk": cost["disk"], "pcie": cost["pcie"],
-              gpu: max(cost["hbm"], cost["compute"]) + cost["cpu_attention"], "host": cost["host"]}
+              issue: max(cost["hbm"], cost["compute"], cost["host"]) + cost["cpu_attention"]}
     return max(stages, key=stages.__getitem__)
 
 
