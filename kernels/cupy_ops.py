@@ -21,7 +21,8 @@ from tiermem.errors import TiermemError
 from tiermem.kernels.quant import QuantizedWeight
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
-GEMV_MAX_BATCH = 8  # the fused GEMV's n dimension (mma n = 8)
+GEMV_MAX_BATCH = 8  # rows of x per chunk of the fused GEMV (mma n = 8); one launch takes all chunks
+GEMV_MAX_CHUNKS = 65535  # chunks per launch: they are blockIdx.y (gridDim.y's limit)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -193,7 +194,9 @@ def gemv_launch_plan(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                  config: GemvConfig = DEFAULT_GEMV, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y[..., O] = x[..., I] @ dequant(W)^T + bias for at most 8 rows of x (fp16/bf16), fused.
+    """y[..., O] = x[..., I] @ dequant(W)^T + bias for fp16/bf16 x, fused, in one launch: the rows of x go in
+    chunks of GEMV_MAX_BATCH (8, the mma's n), one chunk per blockIdx.y, so at most GEMV_MAX_CHUNKS chunks.
+    Every chunk reads the whole weight (kernels.ops.linear sends it at most GEMV_SPLIT_ROWS rows).
     `out`, if given, is the [rows, O] result buffer."""
     out_features, in_features = qw.shape
     if x.dtype not in HALF_DTYPES or x.shape[-1] != in_features:
@@ -203,7 +206,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)  # x2: [B, I]
     batch = x2.shape[0]
-    if not 1 <= batch <= GEMV_MAX_BATCH or not gemv_supported(qw):
+    if not 1 <= batch <= GEMV_MAX_BATCH * GEMV_MAX_CHUNKS or not gemv_supported(qw):
         raise TiermemError(f"quant_linear: unsupported batch {batch} or weight layout {qw.shape}")
     if not (x2.is_contiguous() and _aligned(x2)):
         x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh, so 16-byte aligned
@@ -216,8 +219,8 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
     y = _output("quant_linear", out, (batch, out_features), x2)  # y: [B, O]
     args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x2), _ptr(bias), _ptr(y), _i32(out_features),
             _i32(in_features), _i32(qw.scheme.group_size), _i32(batch), _i32(shift))
-    _launch(x.device, "gemv.cu", kernel, math.ceil(out_features / rows_per_block), 32 * config.warps, args,
-            shared_mem=config.warps * m_tiles * 128 * 4)
+    grid = (math.ceil(out_features / rows_per_block), math.ceil(batch / GEMV_MAX_BATCH))  # (row blocks, chunks)
+    _launch(x.device, "gemv.cu", kernel, grid, 32 * config.warps, args, shared_mem=config.warps * m_tiles * 128 * 4)
     return y.reshape(*lead, out_features)
 
 

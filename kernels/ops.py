@@ -2,8 +2,9 @@
 
 CUDA tensors go to the fused CuPy kernels (kernels/cupy_ops.py) when CuPy is there and the case is
 one they implement; everything else, and every CPU tensor, runs the torch reference unchanged.
-- linear: quantized weight, x with at most 8 rows -> fused dequant-GEMV; more rows -> dequantize
-  on the GPU, then torch's matmul; unquantized weight -> F.linear (the reference).
+- linear: quantized weight, x with at most GEMV_SPLIT_ROWS (16) rows -> fused dequant-GEMV (8-row
+  chunks, all in one launch); more rows -> dequantize on the GPU, then torch's matmul; unquantized
+  weight -> F.linear (the reference).
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
@@ -46,8 +47,9 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
 
 # Up to this many rows, the fused GEMV on 8-row chunks beats dequantize + matmul on every measured shape
-# (benchmarks/results/linear_rows_h200.json: at 16 rows 0.11-0.18 ms against 0.13-0.35 ms; at 24 rows the
-# 13824x5120 weight is already faster dequantized).
+# (benchmarks/results/linear_rows_h200.json, measured with a launch per chunk: at 16 rows 0.11-0.18 ms against
+# 0.13-0.35 ms; at 24 rows the 13824x5120 weight is already faster dequantized). quant_linear takes all the
+# chunks in one launch.
 GEMV_SPLIT_ROWS = 16
 
 
@@ -69,11 +71,7 @@ def linear(
             and cupy_ops.gemv_supported(weight)
             and (bias is None or bias.device == x.device)
         ):
-            if rows <= cupy_ops.GEMV_MAX_BATCH:
-                return cupy_ops.quant_linear(x, weight, bias)
-            x2 = x.reshape(rows, x.shape[-1])  # x2: [rows, I], fed to the GEMV 8 rows at a time
-            y = torch.cat([cupy_ops.quant_linear(chunk, weight, bias) for chunk in x2.split(cupy_ops.GEMV_MAX_BATCH)])
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return cupy_ops.quant_linear(x, weight, bias)
         return reference.linear(x, dequantize(weight, x.dtype), bias)
     return reference.linear(x, weight, bias)
 

@@ -1,12 +1,15 @@
 """A CPU model of kernels/cuda/gemv.cu, lane by lane, to desk-check its indexing without a GPU.
 
-It replays what each lane loads and computes (16-byte chunks, magic-number dequantization, byte
-permutes of x) and what mma.m16n8k16 does with the lanes' registers, using the fragment layout of the
-PTX ISA (written here independently of the kernel), then the split-K reduction and the output map.
+It replays what each block of the grid (row block, 8-row batch chunk) and each of its lanes loads and
+computes (16-byte chunks, magic-number dequantization, byte permutes of x) and what mma.m16n8k16 does
+with the lanes' registers, using the fragment layout of the PTX ISA (written here independently of the
+kernel), then the split-K reduction and the output map.
 fp16 arithmetic is rounded like the hardware's (numpy float16); bf16 through torch.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -139,11 +142,12 @@ def _mma(acc: np.ndarray, a_regs: list[list[int]], b_regs: list[list[int]], dtyp
 
 def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None, unroll: int = 2,
                   m_tiles: int = 1, warps: int = 4, general: bool = False) -> torch.Tensor:
-    """What quant_gemv_<bits>_<dtype>_u{unroll}m{m_tiles} (or _general) writes to y[B, O], as float64."""
+    """What quant_gemv_<bits>_<dtype>_u{unroll}m{m_tiles} (or _general) writes to y[B, O], as float64, for any
+    number of rows B (ceil(B / 8) chunks of the batch, blockIdx.y)."""
     bits, gs = qw.scheme.bits, qw.scheme.group_size
     dtype = "f16" if x.dtype == torch.float16 else "bf16"
     out_features, in_features = qw.shape
-    nb = x.shape[0]
+    batch = x.shape[0]
     cw = 128 // bits
     xv_per_chunk = cw // 8
     cps = 4 * unroll
@@ -155,11 +159,13 @@ def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | Non
     qwords = qw.qdata.cpu().numpy().view("<u4").astype(np.int64)  # [O, row_chunks * 4]
     scale = qw.scale.cpu().float().numpy()
     zero = qw.zero.cpu().float().numpy()
-    xbits = x.cpu().view(torch.int16).numpy().astype(np.int64) & 0xFFFF  # [nb, I]
-    xwords = xbits[:, 0::2] | (xbits[:, 1::2] << 16)  # [nb, I / 2]
-    y = np.full((nb, out_features), np.nan)
+    xbits = x.cpu().view(torch.int16).numpy().astype(np.int64) & 0xFFFF  # [B, I]
+    xwords_all = xbits[:, 0::2] | (xbits[:, 1::2] << 16)  # [B, I / 2]
+    y_all = np.full((batch, out_features), np.nan)
     word_mmas = 2 if bits == 4 else 1
-    for block in range(-(-out_features // (16 * m_tiles))):
+    for chunk, block in itertools.product(range(-(-batch // 8)), range(-(-out_features // (16 * m_tiles)))):
+        # blockIdx = (block, chunk): x and y from batch row 8 * chunk, nb rows of them.
+        xwords, y, nb = xwords_all[8 * chunk:], y_all[8 * chunk:], min(8, batch - 8 * chunk)
         row_base = block * 16 * m_tiles
         red = np.zeros((warps, m_tiles, 32, 4))
         for warp in range(warps):
@@ -214,4 +220,4 @@ def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | Non
             if bias is not None:
                 total += float(bias[row])
             y[n, row] = _round(total, dtype)
-    return torch.from_numpy(y)
+    return torch.from_numpy(y_all)

@@ -87,15 +87,16 @@ SIM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("rows", [3, 13, 16])  # one chunk of the batch; two, the second partial; two full
 @pytest.mark.parametrize(("bits", "group", "dtype", "unroll", "m_tiles", "general"), SIM_CASES)
-def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, general):
-    gen = torch.Generator().manual_seed(bits * 1000 + group)
+def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, general, rows):
+    gen = torch.Generator().manual_seed(bits * 1000 + group + rows)
     # An odd number of groups, and (fast path) a row that ends in the middle of a warp step.
     in_features = 3 * math.lcm(128 // bits, group) if general else 7 * group
     out_features = 20  # not a multiple of 16
     w = torch.randn(out_features, in_features, generator=gen) * 0.05
     qw = quantize(w, QuantScheme(bits, group))
-    x = torch.randn(3, in_features, generator=gen).to(dtype)
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
     bias = torch.randn(out_features, generator=gen).to(dtype)
     y = simulate_gemv(qw, x, bias, unroll=unroll, m_tiles=m_tiles, warps=4, general=general)
     assert not torch.isnan(y).any()  # every output written

@@ -77,7 +77,7 @@ GEMV_SHAPES = [
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 13, 16, 33])  # 8-row chunks of the batch: 1, 2 or 5 in one launch
 @pytest.mark.parametrize(("out_features", "in_features", "bits", "group"), GEMV_SHAPES)
 def test_quant_gemv(out_features, in_features, bits, group, batch, dtype):
     gen = _gen("gemv", out_features, in_features, bits, group, batch, dtype)
@@ -96,7 +96,7 @@ def test_quant_gemv(out_features, in_features, bits, group, batch, dtype):
 def test_quant_gemv_variants(bits, dtype, config):
     gen = _gen("variant", bits, dtype, config)
     qw = _quantized(77, 128 * 9, bits, 128, gen)
-    for batch in (1, 5, 8):
+    for batch in (1, 5, 8, 9, 16):
         x = _randn((batch, 128 * 9), gen, dtype)
         bias = _randn((77,), gen, dtype)
         y = cupy_ops.quant_linear(x, qw, bias, config=config, out=_poison((batch, 77), dtype))
@@ -110,20 +110,21 @@ def test_quant_gemv_general_groups(bits, group, in_features, dtype):
     gen = _gen("general", bits, group, dtype)
     qw = _quantized(50, in_features, bits, group, gen)
     assert cupy_ops.gemv_launch_plan(qw, dtype, cupy_ops.DEFAULT_GEMV)[0].endswith("_general")
-    for batch in (1, 4):
+    for batch in (1, 4, 13):
         x = _randn((batch, in_features), gen, dtype)
         bias = _randn((50,), gen, dtype)
         y = cupy_ops.quant_linear(x, qw, bias, out=_poison((batch, 50), dtype))
         assert _rel_err(y, _linear_ref(x, qw, bias)) < TOL[dtype]
 
 
-def test_quant_gemv_leading_dims_and_views():
-    gen = _gen("views")
+@pytest.mark.parametrize("lead", [(2, 3), (3, 5)])  # 6 rows, 15 rows (two chunks)
+def test_quant_gemv_leading_dims_and_views(lead):
+    gen = _gen("views", lead)
     qw = _quantized(200, 512, 4, 64, gen)
-    big = _randn((2, 3, 513), gen, torch.float16)
+    big = _randn((*lead, 513), gen, torch.float16)
     x = big[..., 1:]  # non-contiguous, misaligned
     y = cupy_ops.quant_linear(x, qw)
-    assert y.shape == (2, 3, 200)
+    assert y.shape == (*lead, 200)
     assert _rel_err(y, _linear_ref(x, qw, None)) < TOL[torch.float16]
 
 
@@ -156,13 +157,17 @@ def test_dequantize_is_bit_exact(out_features, in_features, bits, group, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("rows", [1, 8, 9, 16, 17, 40])
-def test_ops_linear_dispatch(rows, dtype):
+@pytest.mark.parametrize("rows", [1, 8, 9, 13, 16, 17, 40])
+def test_ops_linear_dispatch(rows, dtype, monkeypatch):
+    """One launch either way: the fused GEMV up to GEMV_SPLIT_ROWS rows, dequantization (then matmul) above."""
     gen = _gen("ops", rows, dtype)
     qw = _quantized(96, 256, 4, 64, gen)
     x = _randn((rows, 256), gen, dtype)
     bias = _randn((96,), gen, torch.float32)  # cast to x's dtype, as the reference does
+    launch, kernels = cupy_ops._launch, []
+    monkeypatch.setattr(cupy_ops, "_launch", lambda *args, **kwargs: (kernels.append(args[2]), launch(*args, **kwargs)))
     y = ops.linear(x, qw, bias)
+    assert len(kernels) == 1 and kernels[0].startswith("quant_gemv" if rows <= ops.GEMV_SPLIT_ROWS else "dequant")
     assert y.dtype == dtype and y.shape == (rows, 96)
     assert _rel_err(y, _linear_ref(x, qw, bias.to(dtype))) < TOL[dtype]
     dense = reference.dequantize(qw, dtype)

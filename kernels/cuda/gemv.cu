@@ -1,9 +1,13 @@
 // Fused group-wise int4/int8 dequantization + GEMV for small batches on the tensor cores.
 //
-//   y[n, o] = sum_i x[n, i] * (q[o, i] * scale[o, i / gs] + zero[o, i / gs])  (+ bias[o]),  n < nb <= 8
+//   y[n, o] = sum_i x[n, i] * (q[o, i] * scale[o, i / gs] + zero[o, i / gs])  (+ bias[o]),  n < batch
 //
 // Layout (kernels/quant.py): qdata uint8 [O, I * BITS / 8] row-major (int4: low nibble = even column),
-// scale and zero fp16 [O, I / gs]; x [nb, I] and y [nb, O] in T (fp16 or bf16); fp32 accumulation.
+// scale and zero fp16 [O, I / gs]; x [batch, I] and y [batch, O] in T (fp16 or bf16); fp32 accumulation.
+//
+// Batch chunks. The mma's n is 8, so blockIdx.y picks a chunk of 8 batch rows: x and y rows
+// 8 * blockIdx.y .. 8 * blockIdx.y + nb - 1, nb = min(8, batch - 8 * blockIdx.y). gridDim.y =
+// ceil(batch / 8); every chunk reads the whole weight.
 //
 // Work split. A block owns 16 * MT consecutive output rows; its warps split the input dimension
 // (warp w takes steps w, w + nwarps, ...) and are summed through shared memory at the end. In one
@@ -181,12 +185,18 @@ template <int BITS, typename T, bool GENERAL, int U, int MT>
 __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, const __half* __restrict__ scale,
                                            const __half* __restrict__ zero, const T* __restrict__ x,
                                            const T* __restrict__ bias, T* __restrict__ y, int O, int I,
-                                           int gs, int nb, int cpg_shift) {
+                                           int gs, int batch, int cpg_shift) {
   constexpr int CW = 128 / BITS;  // columns per 16-byte chunk
   constexpr int XV = CW / 8;      // 16-byte x vectors per chunk
   constexpr int WORD_MMAS = BITS == 4 ? 2 : 1;
   constexpr int CPS = 4 * U;      // chunks of a row per warp step
   extern __shared__ float red[];  // [nwarps][MT][32 lanes][4]
+
+  // This block's chunk of the batch: x [nb, I] and y [nb, O] from row 8 * blockIdx.y.
+  const int chunk_row = 8 * blockIdx.y;
+  x += static_cast<size_t>(chunk_row) * I;
+  y += static_cast<size_t>(chunk_row) * O;
+  const int nb = min(8, batch - chunk_row);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -314,12 +324,12 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
 }  // namespace tiermem
 
 // MINB (blocks of 256 threads per SM) caps the registers so that no variant spills (ptxas -v).
-#define TM_GEMV(NAME, BITS, T, GENERAL, U, MT, MINB)                                                     \
-  extern "C" __global__ void __launch_bounds__(256, MINB)                                                \
-      NAME(const uint4* __restrict__ qdata, const __half* __restrict__ scale,                            \
-           const __half* __restrict__ zero, const T* __restrict__ x, const T* __restrict__ bias,         \
-           T* __restrict__ y, int O, int I, int gs, int nb, int cpg_shift) {                             \
-    tiermem::quant_gemv<BITS, T, GENERAL, U, MT>(qdata, scale, zero, x, bias, y, O, I, gs, nb, cpg_shift); \
+#define TM_GEMV(NAME, BITS, T, GENERAL, U, MT, MINB)                                                          \
+  extern "C" __global__ void __launch_bounds__(256, MINB)                                                     \
+      NAME(const uint4* __restrict__ qdata, const __half* __restrict__ scale,                                 \
+           const __half* __restrict__ zero, const T* __restrict__ x, const T* __restrict__ bias,              \
+           T* __restrict__ y, int O, int I, int gs, int batch, int cpg_shift) {                               \
+    tiermem::quant_gemv<BITS, T, GENERAL, U, MT>(qdata, scale, zero, x, bias, y, O, I, gs, batch, cpg_shift); \
   }
 
 // U2_MINB: blocks per SM for the u2m1 variant (int4 bf16 needs more registers for its split constants).
