@@ -2,9 +2,11 @@
 
 Torch tensors go to the kernels as raw device pointers (no copies), on torch's current stream.
 Each source is compiled once per device (`_module`, cached) and CuPy keeps the binaries in its
-on-disk cache. CuPy is imported lazily: this module imports on machines without CuPy or CUDA,
-where `cuda_kernels_available()` is False. Shapes and layouts: kernels/quant.py and the comments at
-the top of each .cu file; the torch reference of every kernel is kernels/reference.py.
+on-disk cache. A decode step issues thousands of launches from the host, so `_launch` and the
+wrappers keep their per-call Python work small. CuPy is imported lazily: this module imports on
+machines without CuPy or CUDA, where `cuda_kernels_available()` is False. Shapes and layouts:
+kernels/quant.py and the comments at the top of each .cu file; the torch reference of every kernel
+is kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -105,22 +107,45 @@ def _external_stream(device_index: int, handle: int):
         return cupy.cuda.ExternalStream(handle)
 
 
-def _launch(device: torch.device, source: str, kernel: str, grid: int | tuple[int, ...], block: int, args: tuple,
-            shared_mem: int = 0) -> None:
+@functools.cache
+def _cupy_cuda():
     import cupy
 
+    return cupy.cuda
+
+
+def _launch(device: torch.device, source: str, kernel: str, grid: int | tuple[int, ...], block: int, args: tuple,
+            shared_mem: int = 0) -> None:
+    """Launch `kernel` of `source` on torch's current stream of `device`.
+
+    The driver launches in the calling thread's current context, and the kernel's module and the stream belong
+    to `device`: CuPy's current device is switched (and restored) only when it is another one, since a context
+    manager per launch costs several microseconds.
+    """
     index = device.index if device.index is not None else torch.cuda.current_device()
     fn = _function(index, source, kernel)
-    with cupy.cuda.Device(index), _external_stream(index, torch.cuda.current_stream(index).cuda_stream):
-        fn(grid if isinstance(grid, tuple) else (grid,), (block,), args, shared_mem=shared_mem)
+    stream = _external_stream(index, torch._C._cuda_getCurrentRawStream(index))
+    grid = grid if isinstance(grid, tuple) else (grid,)
+    cuda = _cupy_cuda()
+    if cuda.runtime.getDevice() == index:
+        fn(grid, (block,), args, shared_mem=shared_mem, stream=stream)
+    else:
+        with cuda.Device(index):
+            fn(grid, (block,), args, shared_mem=shared_mem, stream=stream)
 
 
-def _ptr(t: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int:
+    """A pointer kernel argument: CuPy passes a Python int as 8 bytes (int64). None is NULL."""
+    return 0 if t is None else t.data_ptr()
 
 
-def _i32(v: int) -> np.int32:
-    return np.int32(v)
+_i32 = np.int32  # an `int` kernel argument: 4 bytes (a Python int would go as 8)
+
+
+@functools.cache
+def _i32s(*values: int) -> tuple[np.int32, ...]:
+    """`int` kernel arguments that repeat from launch to launch (shapes), converted once."""
+    return tuple(np.int32(v) for v in values)
 
 
 def _grid_for(work: int, block: int) -> int:
@@ -147,9 +172,9 @@ def _output(name: str, out: torch.Tensor | None, shape: tuple[int, ...], like: t
 
 
 def _check_cuda(name: str, *tensors: torch.Tensor) -> None:
-    device = tensors[0].device
+    index = tensors[0].get_device()  # -1 on the CPU
     for t in tensors:
-        if not t.is_cuda or t.device != device:
+        if index < 0 or t.get_device() != index:
             raise TiermemError(f"{name}: every tensor must be on the same CUDA device, got {t.device}")
 
 
@@ -166,6 +191,7 @@ def gemv_supported(qw: QuantizedWeight) -> bool:
     out_features, in_features = qw.shape
     return (
         out_features > 0
+        and in_features > 0
         and qw.qdata.is_cuda
         and in_features % _chunk_cols(qw) == 0
         and qw.qdata.is_contiguous()
@@ -179,14 +205,19 @@ def gemv_launch_plan(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig
     The fast kernels need gs / chunk_cols to be a power of two at least `unroll` (a lane's chunks
     share one group); otherwise the unroll shrinks, or the per-column `general` kernel runs.
     """
-    chunks_per_group, rem = divmod(qw.scheme.group_size, _chunk_cols(qw))
-    prefix = f"quant_gemv_{qw.scheme.name}_{_DTYPE_NAMES[dtype]}"
+    return _gemv_plan(qw.scheme.bits, qw.scheme.group_size, dtype, config.unroll, config.m_tiles)
+
+
+@functools.cache
+def _gemv_plan(bits: int, group_size: int, dtype: torch.dtype, unroll: int, m_tiles: int) -> tuple[str, int, int]:
+    chunks_per_group, rem = divmod(group_size, 128 // bits)
+    prefix = f"quant_gemv_int{bits}_{_DTYPE_NAMES[dtype]}"
     if rem or chunks_per_group & (chunks_per_group - 1):
         return f"{prefix}_general", 16, 0
     shift = chunks_per_group.bit_length() - 1
     available = {(v.unroll, v.m_tiles) for v in GEMV_VARIANTS}
-    unroll = min(config.unroll, chunks_per_group)
-    m_tiles = config.m_tiles if (unroll, config.m_tiles) in available else 1
+    unroll = min(unroll, chunks_per_group)
+    m_tiles = m_tiles if (unroll, m_tiles) in available else 1
     if (unroll, m_tiles) not in available:
         unroll = 1
     return f"{prefix}_u{unroll}m{m_tiles}", 16 * m_tiles, shift
@@ -203,25 +234,26 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         raise TiermemError(
             f"quant_linear: x must be fp16/bf16 [..., {in_features}], got {x.dtype} {tuple(x.shape)}"
         )
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)  # x2: [B, I]
-    batch = x2.shape[0]
+    batch = x.numel() // in_features if in_features else 0  # the kernel reads x as [B, I]
     if not 1 <= batch <= GEMV_MAX_BATCH * GEMV_MAX_CHUNKS or not gemv_supported(qw):
         raise TiermemError(f"quant_linear: unsupported batch {batch} or weight layout {qw.shape}")
-    if not (x2.is_contiguous() and _aligned(x2)):
-        x2 = x2.clone(memory_format=torch.contiguous_format)  # fresh, so 16-byte aligned
+    if not (x.is_contiguous() and _aligned(x)):
+        x = x.clone(memory_format=torch.contiguous_format)  # fresh, so 16-byte aligned
     if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
+        bias = (bias if bias.dtype == x.dtype else bias.to(x.dtype)).contiguous()
     scale, zero = qw.scale.contiguous(), qw.zero.contiguous()
-    _check_cuda("quant_linear", x2, qw.qdata, scale, zero, *(() if bias is None else (bias,)))
+    _check_cuda("quant_linear", x, qw.qdata, scale, zero, *(() if bias is None else (bias,)))
     kernel, rows_per_block, shift = gemv_launch_plan(qw, x.dtype, config)
-    m_tiles = rows_per_block // 16
-    y = _output("quant_linear", out, (batch, out_features), x2)  # y: [B, O]
-    args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x2), _ptr(bias), _ptr(y), _i32(out_features),
-            _i32(in_features), _i32(qw.scheme.group_size), _i32(batch), _i32(shift))
+    if out is None:
+        y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)  # y: [..., O], as [B, O]
+    else:
+        y = _output("quant_linear", out, (batch, out_features), x)  # y: [B, O]
+    args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x), _ptr(bias), _ptr(y),
+            *_i32s(out_features, in_features, qw.scheme.group_size, batch, shift))
     grid = (math.ceil(out_features / rows_per_block), math.ceil(batch / GEMV_MAX_BATCH))  # (row blocks, chunks)
-    _launch(x.device, "gemv.cu", kernel, grid, 32 * config.warps, args, shared_mem=config.warps * m_tiles * 128 * 4)
-    return y.reshape(*lead, out_features)
+    _launch(x.device, "gemv.cu", kernel, grid, 32 * config.warps, args,
+            shared_mem=config.warps * (rows_per_block // 16) * 128 * 4)
+    return y if out is None else y.view(*x.shape[:-1], out_features)
 
 
 def dequantize_cuda(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,

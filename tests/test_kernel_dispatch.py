@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from gemv_simulation import simulate_gemv
@@ -102,6 +103,40 @@ def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, 
     assert not torch.isnan(y).any()  # every output written
     ref = x.double() @ reference.dequantize(qw, torch.float64).T + bias.double()
     assert _rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def _gemv_kernel_params() -> list[str]:
+    """The parameters of gemv.cu's kernels (its TM_GEMV macro), e.g. 'const uint4* __restrict__ qdata', 'int O'."""
+    text = (cupy_ops.CUDA_DIR / "gemv.cu").read_text()
+    params = re.search(r"\bNAME\(([^)]*)\)", text).group(1)
+    return [" ".join(p.replace("\\", " ").split()) for p in params.split(",")]
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 13, 16, 17])
+def test_quant_linear_launches_once_with_the_kernels_argument_types(rows, monkeypatch):
+    """quant_linear's launch, recorded instead of run (no GPU here): one launch for any row count, grid (row
+    blocks, 8-row chunks), and arguments typed as gemv.cu's parameters: pointers as 8-byte ints (Python int),
+    `int` as np.int32."""
+    launches = []
+    monkeypatch.setattr(cupy_ops, "_launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+    monkeypatch.setattr(cupy_ops, "_check_cuda", lambda *tensors: None)
+    monkeypatch.setattr(cupy_ops, "gemv_supported", lambda qw: True)
+    qw = quantize(torch.randn(40, 256), QuantScheme(4, 64))
+    x = torch.randn(rows, 1, 256).to(torch.float16)  # [rows, T, I]
+    y = cupy_ops.quant_linear(x, qw, torch.randn(40), config=cupy_ops.GemvConfig(2, 1, 8))
+    assert y.shape == (rows, 1, 40) and y.dtype == torch.float16
+    (args, kwargs), = launches
+    _, source, kernel, grid, block, kernel_args = args
+    assert (source, kernel, grid, block) == ("gemv.cu", "quant_gemv_int4_f16_u2m1", (3, math.ceil(rows / 8)), 256)
+    assert kwargs == {"shared_mem": 8 * 128 * 4}
+    params = _gemv_kernel_params()
+    assert len(kernel_args) == len(params) == 11
+    for param, arg in zip(params, kernel_args, strict=True):
+        if "*" in param:
+            assert type(arg) is int and 0 < arg < 2**63, (param, arg)
+        else:
+            assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
+    assert [int(a) for a in kernel_args[6:]] == [40, 256, 64, rows, 1]  # O, I, gs, batch, cpg_shift
 
 
 def _ptxas_report(log: str) -> dict[str, tuple[int, int, int]]:

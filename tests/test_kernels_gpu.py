@@ -128,6 +128,44 @@ def test_quant_gemv_leading_dims_and_views(lead):
     assert _rel_err(y, _linear_ref(x, qw, None)) < TOL[torch.float16]
 
 
+def test_launches_follow_torchs_current_stream():
+    """A kernel goes on torch's current stream: on a side stream it reads x only after the copy queued before it
+    behind a sleep (on another stream it would read the NaN x)."""
+    gen = _gen("stream")
+    qw = _quantized(300, 1024, 4, 64, gen)
+    src = _randn((13, 1024), gen, torch.float16)
+    x, out = _poison((13, 1024), torch.float16), _poison((13, 300), torch.float16)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)  # ~0.05 s of GPU clock cycles
+        x.copy_(src)
+        y = cupy_ops.quant_linear(x, qw, out=out)
+        normed = cupy_ops.rms_norm_cuda(x, torch.ones(1024, dtype=torch.float16, device="cuda"), 1e-6)
+    side.synchronize()
+    assert _rel_err(y, _linear_ref(src, qw, None)) < TOL[torch.float16]
+    assert _rel_err(normed, reference.rms_norm(src.float(), torch.ones(1024, device="cuda"), 1e-6)) < TOL[torch.float16]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_a_device_other_than_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current, and the reverse: each device's own module and stream, and the
+    current device (torch's and CuPy's) left as it was."""
+    import cupy
+
+    for device, current in (("cuda:1", 0), ("cuda:0", 1)):
+        gen = _gen("device", device)
+        qw = _quantized(100, 512, 8, 64, gen).to(device)
+        x = _randn((11, 512), gen, torch.bfloat16).to(device)
+        out = torch.full((11, 100), float("nan"), dtype=torch.bfloat16, device=device)
+        with torch.cuda.device(current):
+            y = cupy_ops.quant_linear(x, qw, out=out)
+            assert torch.cuda.current_device() == current and cupy.cuda.runtime.getDevice() == current
+        torch.cuda.synchronize(device)
+        assert y.device == torch.device(device)
+        assert _rel_err(y, _linear_ref(x, qw, None)) < TOL[torch.bfloat16]
+
+
 # ------------------------------------------------------------------------------- dequantization
 
 DEQUANT_SHAPES = [
