@@ -19,7 +19,9 @@ Writes are buffered (through the page cache): new slots end in partly written 4 
 O_DIRECT could only write by read-modify-write. A layer's prefix is read with O_DIRECT up to its last
 whole page (the kernel first writes back any dirty page in that range, so the read sees every write)
 and the partial page after it buffered: buffered reads of a prefix the prompt had just written reached
-0.48-0.68 of the disk's O_DIRECT rate (llama3-8b, batch 16 x 2048, benchmarks/results/kv_tiers_*).
+0.48-0.68 of the disk's O_DIRECT rate (llama3-8b, batch 16 x 2048, session 4; not recorded). With
+O_DIRECT the prefix reads run at the disk's rate, 1.7-1.9 GB/s on the GPU machine, and keep the I/O thread
+busy for 0.96-0.98 of each step (benchmarks/results/disk_kv_timeline_*).
 After a layer's prefix is read, its whole pages are dropped from the page cache
 (ScratchFile.drop_cached; not the last, partly filled one, which the next step's write extends): the
 KV cache is on disk because it does not fit the RAM budget, so the page cache should not keep a copy
