@@ -26,10 +26,11 @@ import torch
 
 from tiermem import kv_disk
 from tiermem.api import load_from_reader
-from tiermem.ceilings import drop_page_cache
+from tiermem.ceilings import drop_page_cache, measure_disk_read
 from tiermem.kernels.quant import QuantScheme
 from tiermem.presets import preset
-from tiermem.synthetic import SyntheticStore
+from tiermem.storage.format import StoreReader
+from tiermem.synthetic import SyntheticStore, write_synthetic_store
 
 SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -138,13 +139,28 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=6)
     p.add_argument("--offload-dir", required=True)
     p.add_argument("--variants", default="plain,writeback")
+    p.add_argument("--measure-ceilings", default=None, metavar="READERS",
+                   help="with --store: first measure the disk's read ceilings on it with these readers (comma-"
+                   "separated: posix, kvikio, dd; bench uses all three)")
+    p.add_argument("--store", default=None, help="bench this store (written once if missing) with the planner's "
+                   "placement, as `tiermem bench --write-store` does, instead of random weights in HBM")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
-    store = SyntheticStore(preset(args.synthetic), QuantScheme.from_name(args.quant, 128), torch.bfloat16, "cuda")
+    quant = QuantScheme.from_name(args.quant, 128)
+    if args.store is None:
+        store = SyntheticStore(preset(args.synthetic), quant, torch.bfloat16, "cuda")
+    else:
+        if not (Path(args.store) / "manifest.json").is_file():
+            write_synthetic_store(preset(args.synthetic), args.store, quant, torch.bfloat16, device="cuda")
+        store = StoreReader(args.store)
     model = load_from_reader(store, "cuda", None, None, dtype=torch.bfloat16, max_batch_size=args.batch,
-                             max_seq_len=args.prompt_len + args.gen_len, kv_quant=args.kv_quant, plan=None,
-                             kv_placement="disk", offload_dir=args.offload_dir)
+                             max_seq_len=args.prompt_len + args.gen_len, kv_quant=args.kv_quant,
+                             plan=None if args.store is None else "auto", kv_placement="disk",
+                             offload_dir=args.offload_dir)
     results = []
+    if args.measure_ceilings:
+        measure_disk_read(list(Path(args.store).glob("*.safetensors")),
+                          readers=tuple(args.measure_ceilings.split(",")))
     with model:
         for variant in args.variants.split(","):
             results.append({"variant": variant, **run_variant(model, args, writeback=variant == "writeback")})

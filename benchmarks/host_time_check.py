@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from tiermem.api import load_from_reader
-from tiermem.engine.config import model_config_from_hf
 from tiermem.host_probe import _measure
 from tiermem.kernels.quant import QuantScheme
 from tiermem.presets import preset
@@ -52,7 +51,6 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     config, quant, dtype = preset(args.synthetic), QuantScheme.from_name(args.quant, 128), torch.bfloat16
-    layers = model_config_from_hf(config).num_layers
     rows = [int(r) for r in args.rows.split(",")]
     store = SyntheticStore(config, quant, dtype, "cuda")
     model = load_from_reader(store, "cuda", None, None, dtype=dtype, max_batch_size=max(rows),
@@ -65,12 +63,11 @@ def main() -> None:
             probe = _measure(json.dumps(config, sort_keys=True), args.quant, 128, "bfloat16", args.kv_quant, None, r,
                              "cuda")
             measured = decode_step_s(model, r, args.prompt_len)
-            predicted = probe.step_s(layers, 1)
-            out.append({"rows": r, "repeat": rep, "per_layer_s": probe.per_layer_s, "per_step_s": probe.per_step_s,
+            predicted = probe.step_s(1)
+            out.append({"rows": r, "repeat": rep, "probe_layers": probe.num_layers,
                         "predicted_host_step_s": predicted, "measured_step_s": measured})
-            print(f"rows {r:3d}  probe {predicted * 1e3:7.2f} ms ({probe.per_layer_s * 1e6:6.1f} us/layer + "
-                  f"{probe.per_step_s * 1e3:5.2f} ms)  measured {measured * 1e3:7.2f} ms  ratio "
-                  f"{predicted / measured:5.2f}", flush=True)
+            print(f"rows {r:3d}  probe {predicted * 1e3:7.2f} ms ({probe.num_layers} narrow layers)  measured "
+                  f"{measured * 1e3:7.2f} ms  ratio {predicted / measured:5.2f}", flush=True)
     model.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_time_check.json").write_text(json.dumps({

@@ -27,10 +27,14 @@ def test_the_narrow_model_keeps_the_code_path_and_is_small(shape):
     assert narrow.vocab_size < 2048
 
 
-def test_host_time_scales_with_layers_and_micro_batches():
-    t = HostTime(rows=4, per_layer_s=1e-3, per_step_s=5e-3)
-    assert t.step_s(10, 1) == pytest.approx(15e-3)
-    assert t.step_s(10, 4) == pytest.approx(60e-3)
+def test_host_time_scales_with_micro_batches():
+    t = HostTime(rows=4, num_layers=10, step_seconds=15e-3)
+    assert t.step_s(1) == pytest.approx(15e-3)
+    assert t.step_s(4) == pytest.approx(60e-3)
+
+
+def test_the_narrow_model_has_the_depth_it_is_asked_for():
+    assert model_config_from_hf(narrow_config(preset("llama-111b"), 80, quant_group=128)).num_layers == 80
 
 
 def workload(host: dict[int, float]) -> Workload:
@@ -76,7 +80,7 @@ def test_without_cuda_nothing_is_measured(monkeypatch):
 def test_host_time_is_measured_on_the_gpu(kv_quant):
     config = preset("llama3-8b")
     t = measure_host_time(config, QuantScheme.from_name("int4", 128), torch.bfloat16, kv_quant, None, 4)
-    assert 1e-6 < t.per_layer_s < 0.1 and 0 <= t.per_step_s < 1
+    assert t.num_layers == 32 and 32 * 1e-6 < t.step_seconds < 1
     steps = host_step_seconds(config, QuantScheme.from_name("int4", 128), torch.bfloat16,
                               QuantScheme.from_name(kv_quant, 128), 4)
     assert set(steps) == {1, 2, 4} and steps[4] > steps[1]

@@ -537,31 +537,75 @@ def test_cli_plan_lists_alternatives(tmp_path, capsys):
     assert "the best plan with one choice fixed" in out and "KV in host RAM, CPU attention" in out
 
 
-KV_TIER_RUNS = [
-    "llama3_8b_int4_b16x2048_kv_gpu_h200.json", "llama3_8b_int4_b16x2048_kv_cpu_h200.json",
-    "llama3_8b_int4_b16x2048_kv_cpu_attention_h200.json",
-    *(pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-        "the disk KV tier ran at 0.85 (bf16) and 0.68 (int4) of the disk roofline the model predicts: a per-layer "
-        "cost of 10-13 ms outside the prefix reads' bytes")))
-      for name in ("llama3_8b_int4_b16x2048_kv_disk_h200.json", "llama3_8b_int4_b16x2048_kv_disk_int4_h200.json")),
+
+def _kv_tier_xfail(name: str, reason: str):
+    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
+
+
+PROBE_DRIFT = ("the probe at load read the disk faster than the disk KV tier then read it: this virtual disk's rate "
+               "drifts by 20-30% within a device call")
+KV_TIER_PLAN_TIME = [
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_h200.json", PROBE_DRIFT),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_int4_h200.json", PROBE_DRIFT),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_gpu_call5_h200.json", (
+        "the host probe took a 2- and a 10-layer copy's difference then, which scattered by 0.53-1.13x of the "
+        "full model's host time; it now times one copy of the model's full depth (call 7: within 2-12%)")),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_cpu_attention_call5_h200.json", (
+        "18% slower predicted than measured: attention on that machine's host ran 1.2x faster than its host copy "
+        "rate, which the model takes for it (calls 3 and 7: within 5% and 7%)")),
+    "llama3_8b_int4_b16x2048_kv_disk_int4_call5_h200.json",
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_call7_h200.json" for run in ("gpu", "cpu", "cpu_attention", "disk")),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_int4_call7_h200.json", (
+        "bench measured the disk's ceilings (3 GB of store reads) right before the run, which slowed the disk KV "
+        "tier's reads to 1.0-1.5 GB/s (disk_kv_timeline_int4_*_call9/10); bench now measures them after the runs")),
+    "llama3_8b_int4_b16x2048_kv_disk_call11_h200.json",
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_int4_call11_h200.json", PROBE_DRIFT),
+]
+KV_TIER_SAME_RUN = [
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_call7_h200.json" for run in ("gpu", "cpu", "cpu_attention", "disk")),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_int4_call7_h200.json", (
+        "its disk ceilings were measured before the run and slowed it (see the plan-time case)")),
+    "llama3_8b_int4_b16x2048_kv_disk_call11_h200.json", "llama3_8b_int4_b16x2048_kv_disk_int4_call11_h200.json",
 ]
 
 
-@pytest.mark.parametrize("name", KV_TIER_RUNS)
-def test_plan_time_prediction_of_recorded_kv_tier_runs_within_15_percent(name):
-    """Session 5's llama3-8b int4, batch 16 x 2048 runs, the KV cache in HBM, in host RAM (attention on the GPU or
-    on the host) and on disk: the placement each followed, predicted from the probe figures the plan used at load
-    (recorded as plan_hardware) and its measured host time, against the measured step."""
+def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
+    """(predicted, measured) decode step of a recorded llama3-8b int4, batch 16 x 2048 run with every weight in HBM:
+    the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings measured in the
+    run, with the host time measured by the probe then."""
+    from tiermem.ceilings import best_disk_read
     from tiermem.kernels.kv_quant import kv_scheme
 
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
     kv_quant = None if placement["kv_quant"] == "none" else kv_scheme(placement["kv_quant"].split()[0], 128)
+    breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
     w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=16, prompt_len=run["prompt_len"],
-                 gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: run["plan_breakdown_s"]["host"]})
+                 gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: breakdown["host"]})
     assert placement["gpu_resident_blocks"] == len(w.streamable)  # every weight in HBM
     used = Plan.build(w, len(w.streamable), kv=placement["kv_placement"], cpu_cache_compute=placement["cpu_attention"],
                       lookahead=placement["lookahead"])
-    predicted = predict(used, w, Hardware.from_json(run["plan_hardware"])).predicted_step_s
-    measured = run["decode_step_s"]
+    if same_run:
+        disk = best_disk_read(result["ceilings"])
+        hw = Hardware.from_ceilings(result["ceilings"], **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
+    else:
+        hw = Hardware.from_json(run["plan_hardware"])
+    return predict(used, w, hw).predicted_step_s, run["decode_step_s"]
+
+
+@pytest.mark.parametrize("name", KV_TIER_PLAN_TIME)
+def test_plan_time_prediction_of_recorded_kv_tier_runs_within_15_percent(name):
+    """Session 5's llama3-8b int4, batch 16 x 2048 runs, the KV cache in HBM, in host RAM (attention on the GPU or
+    on the host) and on disk, predicted from the figures the planner had at load (its own prediction assumed a
+    context of max_seq - max_seq/16 tokens: 3% shorter than the runs')."""
+    predicted, measured = _kv_tier_prediction(name, same_run=False)
+    assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize("name", KV_TIER_SAME_RUN)
+def test_same_run_prediction_of_recorded_kv_tier_runs_within_15_percent(name):
+    """The same runs (those whose bench measured the host copy rate in the run), predicted from the link rates
+    measured in the run."""
+    predicted, measured = _kv_tier_prediction(name, same_run=True)
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)

@@ -1,7 +1,8 @@
 """`tiermem bench`: decode speed against the roofline of the link the streamed bytes cross.
 
 Measures, in one run: the link ceilings (pinned host -> HBM, HBM copy), then for each batch size
-the prefill and decode step times of the model, and reports tok/s and achieved / roofline, where
+the prefill and decode step times of the model, then (after the timed runs, which they could perturb) the
+disk's read ceilings where blocks or the KV cache are on disk, and reports tok/s and achieved / roofline, where
 roofline step time = max(bytes streamed per step / pinned H2D bandwidth, weight bytes / HBM bandwidth).
 Results go to JSON; a PNG plot of tok/s against batch size with the roofline is drawn when asked.
 """
@@ -171,8 +172,7 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from tiermem.ceilings import measure_ceilings, measure_disk_read
-    from tiermem.probe import measure_cpu_memcpy
+    from tiermem.ceilings import measure_ceilings
 
     device = torch.device(args.device)
     plan = _batches(args)
@@ -181,17 +181,15 @@ def run_bench(args: argparse.Namespace) -> dict:
     model = _open_model(args, max(b for b, _ in plan), max((m for _, m in plan if m), default=None))
     load_s = time.perf_counter() - load_start
     info = model.info()
-    if info.get("disk_blocks") or (info.get("disk_kv_file_bytes") and getattr(model.reader, "path", None)):
-        ceilings.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
-    if model.cpu_attention:
-        ceilings["cpu_memcpy_Bps"] = measure_cpu_memcpy()  # the rate the cost model gives attention on the host
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
     try:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
-        for batch, micro in plan:
-            run = time_generation(model, batch, micro, args.prompt_len, args.gen_len,
-                                  drop_cache_after_prompt=model.kv_placement == "disk")
+        runs = [time_generation(model, batch, micro, args.prompt_len, args.gen_len,
+                                drop_cache_after_prompt=model.kv_placement == "disk") for batch, micro in plan]
+        ceilings.update(after_run_ceilings(model, info))
+        for run in runs:
+            batch = run["batch"]
             offloaded = model._offloads_kv() and not model.cpu_attention  # attention on the GPU reads KV over PCIe
             kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
             kv_disk = kv_read + kv_per_token * batch if model.kv_placement == "disk" else 0  # + new slots written
@@ -199,7 +197,6 @@ def run_bench(args: argparse.Namespace) -> dict:
             if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
                 run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]
             run.update(same_run_prediction(model, ceilings, batch, args.prompt_len, args.gen_len))
-            runs.append(run)
     finally:
         model.close()
     return {
@@ -210,6 +207,21 @@ def run_bench(args: argparse.Namespace) -> dict:
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
         "plan": json.loads(Path(args.plan).read_text()) if args.plan not in ("auto", "greedy") else args.plan,
     }
+
+
+def after_run_ceilings(model, info: dict) -> dict:
+    """The disk's read rates (when blocks or the KV cache are on disk) and the host copy rate (when attention runs
+    on the host), measured after the timed runs: reading 3 GB of the store just before them slowed the disk KV
+    tier's reads from 1.5-1.7 to 1.0-1.5 GB/s (benchmarks/results/disk_kv_timeline_int4_*_call9/10_h200.json)."""
+    from tiermem.ceilings import measure_disk_read
+    from tiermem.probe import measure_cpu_memcpy
+
+    measured = {}
+    if info.get("disk_blocks") or (info.get("disk_kv_file_bytes") and getattr(model.reader, "path", None)):
+        measured.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
+    if model.cpu_attention:
+        measured["cpu_memcpy_Bps"] = measure_cpu_memcpy()  # the rate the cost model gives attention on the host
+    return measured
 
 
 def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_len: int) -> dict:

@@ -1,12 +1,14 @@
 """The host time of a decode step: Python, torch dispatch and kernel launches, measured on this machine.
 
 A decode step issues tens of kernels per layer; with resident weights and small batches the CPU issuing
-them, not the GPU running them, sets the step time (llama3-8b int4 at batch 16: 15 ms of GPU kernels in
-a 71 ms step). The cost is a property of the code path (family, weight and KV quantization, rows per
-micro-batch), not of the model's width, so it is measured on a narrow copy of the model: same heads per
-KV head, head_dim, quantization and dtype, hidden size a few hundred, random weights, everything resident.
-Its GPU kernels take microseconds, so its step time is host time. Two depths (2 and 10 layers) separate
-the per-layer cost from the per-step one (embedding, head, sampling).
+them, not the GPU running them, sets the step time (llama3-8b int4 at batch 16: 9-13 ms of GPU kernels in
+a 30-38 ms step). The cost is a property of the code path (family, weight and KV quantization, rows per
+micro-batch), not of the model's width, so it is measured on a narrow copy of the model: same depth, heads
+per KV head, head_dim, quantization and dtype, hidden size a few hundred, random weights, everything
+resident. Its GPU kernels take microseconds, so its step time is host time. The copy has the model's own
+depth: a per-layer figure taken from the difference of a 2- and a 10-layer copy scattered by 0.53-1.13x
+of the full model's step from one measurement to the next (benchmarks/results/host_time_check_*), where
+one measurement of the full depth repeats within a few percent.
 """
 
 from __future__ import annotations
@@ -22,22 +24,21 @@ import torch
 from tiermem.engine.config import model_config_from_hf
 from tiermem.kernels.quant import QuantScheme
 
-DEPTHS = (2, 10)
 TINY_VOCAB = 1024
 WARM_STEPS, TIMED_STEPS, PROMPT_LEN = 3, 16, 16
 
 
 @dataclass(frozen=True)
 class HostTime:
-    """Host seconds of one decode step's work at `rows` rows: per layer, and once per step."""
+    """Host seconds of one decode step at `rows` rows of a model `num_layers` deep."""
 
     rows: int
-    per_layer_s: float
-    per_step_s: float
+    num_layers: int
+    step_seconds: float
 
-    def step_s(self, num_layers: int, micro_batches: int) -> float:
-        """Host seconds of a decode step of num_layers layers run as micro_batches slices of `rows` rows."""
-        return micro_batches * (num_layers * self.per_layer_s + self.per_step_s)
+    def step_s(self, micro_batches: int) -> float:
+        """Host seconds of a decode step run as micro_batches slices of `rows` rows."""
+        return micro_batches * self.step_seconds
 
 
 def narrow_config(hf_config: dict, num_layers: int, quant_group: int = 128) -> dict:
@@ -87,17 +88,16 @@ def _measure(config_json: str, quant_name: str | None, quant_group: int, dtype_n
              kv_group_size: int | None, rows: int, device: str) -> HostTime:
     hf_config = json.loads(config_json)
     quant = QuantScheme.from_name(quant_name, quant_group) if quant_name else None
-    dtype = getattr(torch, dtype_name)
-    shallow, deep = (_step_seconds(narrow_config(hf_config, n, quant_group), quant, dtype, kv_quant, kv_group_size,
-                                   rows, device) for n in DEPTHS)
-    per_layer = max(0.0, (deep - shallow) / (DEPTHS[1] - DEPTHS[0]))
-    return HostTime(rows, per_layer, max(0.0, shallow - DEPTHS[0] * per_layer))
+    num_layers = model_config_from_hf(hf_config).num_layers
+    seconds = _step_seconds(narrow_config(hf_config, num_layers, quant_group), quant, getattr(torch, dtype_name),
+                            kv_quant, kv_group_size, rows, device)
+    return HostTime(rows, num_layers, seconds)
 
 
 def measure_host_time(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
                       kv_group_size: int | None, rows: int, device: str = "cuda") -> HostTime:
     """HostTime of hf_config's decode step at `rows` rows per micro-batch on `device` (needs CUDA; about
-    0.5 s per call, remembered for the process)."""
+    20 decode steps of the narrow copy, 0.5-2 s per call, remembered for the process)."""
     return _measure(json.dumps(hf_config, sort_keys=True), quant.name if quant else None,
                     quant.group_size if quant else 128, str(dtype).removeprefix("torch."), kv_quant, kv_group_size,
                     rows, device)
@@ -111,7 +111,6 @@ def host_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.d
 
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         return {}
-    num_layers = model_config_from_hf(hf_config).num_layers
     kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
-    return {m: measure_host_time(hf_config, quant, dtype, *kv, batch // m, str(device)).step_s(num_layers, m)
+    return {m: measure_host_time(hf_config, quant, dtype, *kv, batch // m, str(device)).step_s(m)
             for m in divisors(batch)}
