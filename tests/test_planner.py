@@ -609,3 +609,24 @@ def test_same_run_prediction_of_recorded_kv_tier_runs_within_15_percent(name):
     measured in the run."""
     predicted, measured = _kv_tier_prediction(name, same_run=True)
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_the_planner_chooses_cpu_attention_where_the_host_reads_kv_faster_than_pcie_carries_it():
+    """llama3-8b int4, batch 16 x 2048, a dense KV cache kept in host RAM (kv="cpu"): with GPU attention every step
+    reads it over PCIe; a host that copies 4x faster than PCIe makes attention there the faster plan. Left free
+    (cpu_attention_choice(None, dense)), the planner takes whichever the model predicts faster."""
+    from dataclasses import replace
+
+    from tiermem.planner import cpu_attention_choice
+
+    w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=16, prompt_len=2048, gen_len=8,
+                 host_step_s={m: 0.02 * m for m in (1, 2, 4, 8, 16)})
+    free = cpu_attention_choice(None, kv_quantized=False)
+    assert free is None and cpu_attention_choice(None, kv_quantized=True) is False
+    assert cpu_attention_choice(True, kv_quantized=True) is True
+    slow, fast = H200, replace(H200, cpu_memcpy_Bps=4 * H200.h2d_Bps)
+    on_slow, on_fast = (plan(w, hw, 12 * GiB, 64 * GiB, kv="cpu", cpu_cache_compute=free) for hw in (slow, fast))
+    assert not on_slow.cpu_cache_compute and on_slow.bound == "pcie"
+    assert on_fast.cpu_cache_compute
+    gpu_attention = plan(w, fast, 12 * GiB, 64 * GiB, kv="cpu", cpu_cache_compute=False)
+    assert on_fast.predicted_step_s < gpu_attention.predicted_step_s

@@ -86,8 +86,9 @@ def load(
     micro_batches (how many slices of a batch decode steps run through each block; the plan may
     split the prompt finer, which only changes memory), lookahead (streamed blocks in flight); the
     planner then optimises the rest. cpu_attention=True (with the KV cache on the CPU) computes
-    attention on the host over the KV there, FlexGen's cpu_cache_compute: only activations cross PCIe
-    (tested on a GPU; the planner offers it only when asked).
+    attention on the host over the KV there, FlexGen's cpu_cache_compute: only activations cross PCIe;
+    False rules it out; None (default) lets the planner choose it where its cost model finds it
+    faster, for a dense KV cache only (a quantized one would be dequantized on the host every step).
     resident_weights caps the HBM bytes of resident weights and implies the greedy placement (0
     streams every block, as FlexGen's all-offloaded placement does).
 

@@ -71,7 +71,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from tiermem.errors import ConfigError
     from tiermem.host_probe import host_step_seconds
     from tiermem.kernels.kv_quant import kv_scheme
-    from tiermem.planner import Hardware, Workload, plan
+    from tiermem.planner import Hardware, Workload, cpu_attention_choice, plan
     from tiermem.probe import cached_hardware, read_cache
 
     if (args.store is None) == (args.synthetic is None):
@@ -108,8 +108,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         from tiermem.scratch_file import check_offload_dir
 
         check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
+    cpu_attention = cpu_attention_choice(None, kv_quant is not None)
     chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
-                  cpu_cache_compute=False, micro_batches=args.micro_batches, lookahead=args.lookahead,
+                  cpu_cache_compute=cpu_attention, micro_batches=args.micro_batches, lookahead=args.lookahead,
                   disk_kv=disk_kv)
     print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
           f"{f' on {hardware.name}' if hardware.name else ''}")
@@ -120,7 +121,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
         print("the best plan with one choice fixed (predicted s per step, tok/s):")
         for name, alt in alternatives(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
-                                      cpu_cache_compute=False, disk_kv=disk_kv):
+                                      cpu_cache_compute=cpu_attention, disk_kv=disk_kv):
             figures = "does not fit" if alt is None else f"{alt.predicted_step_s:.4f} s, {alt.predicted_tok_per_s:.2f}"
             print(f"  {name:<32} {figures}")
     if args.json:

@@ -150,8 +150,8 @@ def build_gpu_source(
     far as it fits, KV on the GPU unless kv_placement says "cpu"). micro_batches, lookahead and
     kv_placement fix those choices (None: the plan's, or 1 / 2 / "gpu" for the greedy placement; "disk"
     keeps the KV cache in a file in offload_dir, which the planner considers only when it is given);
-    cpu_attention (KV on the CPU and attention computed there, FlexGen's cpu_cache_compute) is used
-    only when asked for or when a given Plan says so;
+    cpu_attention (KV on the CPU and attention computed there, FlexGen's cpu_cache_compute): True / False fix
+    it; None leaves it to the planner (plan="auto"), which may choose it for a dense KV cache;
     resident_cap (bytes of HBM-resident weights) implies the greedy placement.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
@@ -161,7 +161,7 @@ def build_gpu_source(
             raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead, bool(cpu_attention), disk_kv=offload_dir is not None, device=str(device))
+            lookahead, cpu_attention, disk_kv=offload_dir is not None, device=str(device))
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
                                     plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
@@ -248,15 +248,16 @@ def build_gpu_source(
 
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
-              micro_batches: int | None, lookahead: int | None, cpu_attention: bool = False,
+              micro_batches: int | None, lookahead: int | None, cpu_attention: bool | None = None,
               disk_kv: bool = False, device: str = "cuda") -> Plan:
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures and
     host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split),
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
-    Without cpu_memory the budget is the host memory available now. CPU attention is planned only when
-    asked for (cpu_attention=True fixes it), the KV cache on disk only with disk_kv (an offload_dir given)."""
+    Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
+    attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
+    cache goes on disk only with disk_kv (an offload_dir given)."""
     from tiermem.host_probe import host_step_seconds
-    from tiermem.planner import Workload
+    from tiermem.planner import Workload, cpu_attention_choice
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
 
@@ -269,7 +270,7 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
                                         reader.model_config, reader.quant, dtype, kv_quant, max_batch, device))
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
-                     cpu_cache_compute=cpu_attention,
+                     cpu_cache_compute=cpu_attention_choice(cpu_attention, kv_quant is not None),
                      micro_batches=micro_batches, lookahead=lookahead, disk_kv=disk_kv)
 
 

@@ -55,7 +55,7 @@ from tiermem.cost_model import (
 )
 from tiermem.errors import BudgetError, ConfigError
 
-__all__ = ["Hardware", "Workload", "Plan", "alternatives", "plan", "predict"]
+__all__ = ["Hardware", "Workload", "Plan", "alternatives", "cpu_attention_choice", "plan", "predict"]
 
 LOOKAHEADS = (1, 2, 3)
 # With one disk read in flight each block's read and its checksum run one after the other (measured: 1.49 GB/s
@@ -336,6 +336,16 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
     chosen = predict(chosen, w, hardware, per_layer_overhead_s)
     assert chosen.memory["gpu"] <= gpu_memory and chosen.memory["host"] <= cpu_memory, chosen.memory
     return chosen
+
+
+def cpu_attention_choice(asked: bool | None, kv_quantized: bool) -> bool | None:
+    """What the planner may do about CPU attention (plan()'s cpu_cache_compute): what was asked, or when nothing
+    was, None (search it) for a dense KV cache and False for a quantized one. The cost model charges CPU attention
+    the host copy rate over the KV bytes, which measured within 5-18% of three dense runs
+    (tests/test_planner.py); a quantized cache is dequantized on the host first, which that does not cover."""
+    if asked is not None:
+        return asked
+    return False if kv_quantized else None
 
 
 ALTERNATIVES = (
