@@ -630,3 +630,16 @@ def test_the_planner_chooses_cpu_attention_where_the_host_reads_kv_faster_than_p
     assert on_fast.cpu_cache_compute
     gpu_attention = plan(w, fast, 12 * GiB, 64 * GiB, kv="cpu", cpu_cache_compute=False)
     assert on_fast.predicted_step_s < gpu_attention.predicted_step_s
+
+
+def test_a_tie_goes_to_gpu_attention():
+    """Every block on disk, a KV cache in host RAM small enough that attending to it anywhere hides behind the
+    disk: GPU and CPU attention predict the same step, and the planner keeps attention on the GPU (CPU attention's
+    prompt steps are slower, which the decode-step model does not see)."""
+    sizes = {"embed": 10, **{f"layers.{i}": 1_000_000 for i in range(4)}, "head": 10}
+    w = Workload(sizes, num_layers=4, kv_bytes_per_token_layer=100, flops_per_token_layer=1e6, batch=4,
+                 prompt_len=8, gen_len=4, host_step_s={1: 1e-6, 2: 2e-6, 4: 4e-6})
+    both = [plan(w, H200, GiB, GiB, gpu_blocks=0, host_blocks=0, kv="cpu", cpu_cache_compute=c) for c in (False, True)]
+    assert both[0].predicted_step_s == both[1].predicted_step_s and both[0].bound == "disk"
+    free = plan(w, H200, GiB, GiB, gpu_blocks=0, host_blocks=0, kv="cpu", cpu_cache_compute=None)
+    assert not free.cpu_cache_compute
