@@ -14,7 +14,7 @@ import torch
 
 from tiermem.cli import main
 from tiermem.config import parse_size
-from tiermem.cost_model import KV_MODES, divisors
+from tiermem.cost_model import KV_MODES, divisors, step_cost
 from tiermem.engine.config import model_config_from_hf
 from tiermem.errors import BudgetError, ConfigError
 from tiermem.kernels.quant import QuantScheme
@@ -37,6 +37,7 @@ def _block_bytes(shape: str, quant: str | None, group: int, dtype: torch.dtype) 
 def workload(shape: str, quant: str | None = None, group: int = 64, dtype: torch.dtype = torch.float16,
              **kw) -> Workload:
     cfg = model_config_from_hf(preset(shape))
+    kw.setdefault("quantized", quant is not None)
     return Workload.from_config(cfg, dict(_block_bytes(shape, quant, group, dtype)), dtype=dtype, **kw)
 
 
@@ -643,3 +644,21 @@ def test_a_tie_goes_to_gpu_attention():
     assert both[0].predicted_step_s == both[1].predicted_step_s and both[0].bound == "disk"
     free = plan(w, H200, GiB, GiB, gpu_blocks=0, host_blocks=0, kv="cpu", cpu_cache_compute=None)
     assert not free.cpu_cache_compute
+
+
+def test_quantized_weights_cost_hbm_traffic_by_the_rows_a_micro_batch_has():
+    """The fused GEMV reads a quantized weight once per 8 rows up to 16; beyond that the weight is dequantized to a
+    dense copy (written, then read by the matmul). Dense weights are read once whatever the rows."""
+    q = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=64)
+    dense = workload("llama3-8b", None, 128, torch.bfloat16, batch=64)
+    assert dense.dense_per_stored == 0 and q.dense_per_stored == pytest.approx(2 / (0.5 + 4 / 128), rel=0.01)
+    assert [dense.weight_traffic(r) for r in (1, 16, 64)] == [1.0, 1.0, 1.0]
+    assert [q.weight_traffic(r) for r in (1, 8, 9, 16)] == [1.0, 1.0, 2.0, 2.0]
+    assert q.weight_traffic(17) == q.weight_traffic(64) == pytest.approx(1 + 2 * q.dense_per_stored)
+    resident = sum(q.block_bytes[b] for b in q.streamable)
+    hbm = {m: step_cost(q, H200, resident=resident, host=0, disk=0, kv="gpu", cpu_cache_compute=False,
+                        micro_batches=m)["hbm"] for m in (1, 4, 8)}
+    weights = {m: hbm[m] - hbm[8] + 8 * resident / H200.hbm_Bps for m in hbm}  # the same KV bytes in each
+    assert weights[8] == pytest.approx(8 * resident / H200.hbm_Bps)  # 8 rows each: one read per micro-batch
+    assert weights[4] == pytest.approx(4 * 2 * resident / H200.hbm_Bps)  # 16 rows: two GEMV chunks
+    assert weights[1] == pytest.approx((1 + 2 * q.dense_per_stored) * resident / H200.hbm_Bps)

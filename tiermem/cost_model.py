@@ -9,7 +9,10 @@ kv = KV bytes per token per layer (K and V, compute dtype):
   pcie    = (bytes of every streamed block, from host or disk
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
-  hbm     = (m * bytes of all GPU-side weights (every micro-batch reads every weight once)
+  hbm     = (m * f(B/m) * bytes of all GPU-side weights (every micro-batch reads every weight; f = 1 for
+               dense weights; quantized ones at r rows a micro-batch: 1 up to 8 rows, ceil(r/8) up to 16 (the
+               fused GEMV reads the weight once per 8-row chunk), beyond that 1 + 2 * dense/stored bytes
+               (dequantized to a dense copy, written, then read by the matmul))
              + streamed bytes (written into the ring slots)
              + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv;
                KV on disk: 4*L*B*c*kv (landed, permuted: read + write, read by attention)) / hbm_Bps
@@ -48,6 +51,7 @@ KV is reserved for batch x (prompt_len + gen_len) tokens, as tiermem.placement.k
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -123,7 +127,10 @@ class Workload:
     micro-batch count -> HBM bytes of a prefill's transient activations (tiermem.placement.workspace_bytes);
     decode_workspace_bytes: the same for a decode step (empty: the prefill's figures stand for both).
     host_step_s: micro-batch count -> host seconds of issuing a decode step (tiermem.host_probe; empty:
-    step_cost's per_layer_overhead_s stands in).
+    step_cost's per_layer_overhead_s stands in). dense_per_stored: bytes of a quantized weight dequantized to
+    the compute dtype per byte as stored (0: the weights are stored dense); gemv_rows / gemv_chunk_rows: the
+    most rows a micro-batch may have for the fused dequant-GEMV, and the rows it reads the weight once for
+    (tiermem.kernels.ops.GEMV_SPLIT_ROWS, cupy_ops.GEMV_MAX_BATCH).
     """
 
     block_bytes: Mapping[str, int]
@@ -140,6 +147,9 @@ class Workload:
     workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     host_step_s: Mapping[int, float] = field(default_factory=dict)
+    dense_per_stored: float = 0.0
+    gemv_rows: int = 16
+    gemv_chunk_rows: int = 8
 
     def __post_init__(self) -> None:
         if min(self.batch, self.num_layers) < 1 or self.prompt_len < 0 or self.gen_len < 1:
@@ -166,6 +176,14 @@ class Workload:
     def kv_reserved_bytes(self) -> int:
         return self.num_layers * self.batch * (self.prompt_len + self.gen_len) * self.kv_bytes_per_token_layer
 
+    def weight_traffic(self, rows: int) -> float:
+        """HBM bytes a decode micro-batch of `rows` rows moves per stored byte of the weights it uses (module doc)."""
+        if not self.dense_per_stored or rows <= self.gemv_chunk_rows:
+            return 1.0
+        if rows <= self.gemv_rows:
+            return float(-(-rows // self.gemv_chunk_rows))
+        return 1.0 + 2.0 * self.dense_per_stored
+
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
         """HBM activations of decode steps split into micro_batches and a prefill split into
         prefill_micro_batches (None: the same)."""
@@ -182,6 +200,8 @@ class Workload:
         seconds of a decode step by micro-batch count (tiermem.host_probe.host_step_seconds)."""
 
         from tiermem.engine.config import expected_weights, gpu_compute_dtype
+        from tiermem.kernels.cupy_ops import GEMV_MAX_BATCH
+        from tiermem.kernels.ops import GEMV_SPLIT_ROWS
         from tiermem.placement import kv_cache_bytes, workspace_bytes
 
         dtype = gpu_compute_dtype(cfg, dtype)
@@ -201,6 +221,8 @@ class Workload:
             decode_workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
                                                        kv_quant is not None, new_tokens=1) for m in divisors(batch)},
             host_step_s=dict(host_step_s or {}),
+            dense_per_stored=matmul * e / block_bytes["layers.0"] if quantized else 0.0,
+            gemv_rows=GEMV_SPLIT_ROWS, gemv_chunk_rows=GEMV_MAX_BATCH,
         )
 
 
@@ -218,7 +240,8 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     L, B, m = w.num_layers, w.batch, micro_batches
     kv_read = L * B * w.mean_context * w.kv_bytes_per_token_layer
     streamed = host + disk
-    disk_bytes, pcie_bytes, hbm_bytes = disk, streamed, m * (resident + streamed) + streamed
+    weights_read = m * w.weight_traffic(math.ceil(B / m)) * (resident + streamed)
+    disk_bytes, pcie_bytes, hbm_bytes = disk, streamed, weights_read + streamed
     flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)
     cpu_att = 0.0
     if kv == "gpu":
