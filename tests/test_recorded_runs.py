@@ -247,3 +247,17 @@ def test_same_run_prediction_of_recorded_kv_tier_runs_within_15_percent(name):
     measured in the run."""
     predicted, measured = _kv_tier_prediction(name, same_run=True)
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_recorded_kv_tier_plan_beats_every_hand_written_kv_placement_of_its_call():
+    """llama3-8b int4, batch 16 x 2048, call 7: the planner's own choice (nothing fixed: KV in HBM) against the KV
+    cache fixed in host RAM (GPU or CPU attention) and on disk (bf16 and int4), each measured in the same call."""
+    def run(kind: str) -> tuple[dict, float]:
+        result = json.loads((RESULTS / f"llama3_8b_int4_b16x2048_kv_{kind}_call7_h200.json").read_text())
+        return result, result["runs"][0]["decode_step_s"]
+
+    planned, step = run("gpu")
+    assert planned["placement"]["placement"] == "plan" and "--kv-placement" not in planned["command"]
+    assert planned["placement"]["kv_placement"] == "gpu"
+    for kind in ("cpu", "cpu_attention", "disk", "disk_int4"):
+        assert step < run(kind)[1], kind
