@@ -77,3 +77,24 @@ def test_bench_table_shows_peak_gpu_memory_and_warns_over_budget():
     assert "23.00 GiB" in within and "WARNING" not in within
     over = format_table(result(int(25.6 * 2**30)))
     assert "25.60 GiB" in over and "WARNING: peak GPU memory went over gpu_memory (24.00 GiB) at batch [64]" in over
+
+
+def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeypatch):
+    """Reading the store to measure the disk slowed the disk KV tier's reads when it came first (device calls
+    9-10 of session 5): bench times every run, then measures, then computes rooflines and predictions."""
+    import json
+
+    import tiermem
+    from tiermem import bench
+
+    store = tiermem.pack(build_tiny("llama2", tmp_path / "hf"), tmp_path / "store", progress=False)
+    order: list[str] = []
+    timed, measured = bench.time_generation, bench.after_run_ceilings
+    monkeypatch.setattr(bench, "time_generation", lambda *a, **k: (order.append("run"), timed(*a, **k))[1])
+    monkeypatch.setattr(bench, "after_run_ceilings", lambda *a, **k: (order.append("ceilings"), measured(*a, **k))[1])
+    out = tmp_path / "r.json"
+    assert main(["bench", str(store), "--device", "cpu", "--batch", "1,2", "--prompt-len", "4", "--gen-len", "3",
+                 "--out", str(out)]) == 0
+    assert order == ["run", "run", "run", "ceilings"]  # the warm-up, two batches, then the ceilings
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["batch"] for r in runs] == [1, 2] and all(len(r["decode_steps_s"]) == 2 for r in runs)
