@@ -84,3 +84,21 @@ def test_host_time_is_measured_on_the_gpu(kv_quant):
     steps = host_step_seconds(config, QuantScheme.from_name("int4", 128), torch.bfloat16,
                               QuantScheme.from_name(kv_quant, 128), 4)
     assert set(steps) == {1, 2, 4} and steps[4] > steps[1]
+
+
+def test_each_split_is_timed_at_its_rows_and_counted_once_per_micro_batch(monkeypatch):
+    """host_step_seconds times a step of batch / m rows for every divisor m and charges it m times (CUDA faked, the
+    measurement replaced by a step time that grows with the rows)."""
+    from tiermem import host_probe
+
+    asked = []
+
+    def fake(hf_config, quant, dtype, kv_name, kv_group, rows, device):
+        asked.append(rows)
+        return HostTime(rows, model_config_from_hf(hf_config).num_layers, 1e-3 * (10 + rows))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_probe, "measure_host_time", fake)
+    steps = host_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 8)
+    assert sorted(asked) == [1, 2, 4, 8]
+    assert steps == pytest.approx({1: 18e-3, 2: 2 * 14e-3, 4: 4 * 12e-3, 8: 8 * 11e-3})
