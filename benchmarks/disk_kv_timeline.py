@@ -23,14 +23,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from synthetic_model import add_model_arguments, command, quant_scheme, synthetic_store
 
 from tiermem import kv_disk
 from tiermem.api import load_from_reader
 from tiermem.ceilings import drop_page_cache, measure_disk_read
-from tiermem.kernels.quant import QuantScheme
 from tiermem.presets import preset
 from tiermem.storage.format import StoreReader
-from tiermem.synthetic import SyntheticStore, write_synthetic_store
+from tiermem.synthetic import write_synthetic_store
 
 SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -131,11 +131,7 @@ def run_variant(model, args, writeback: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--synthetic", default="llama3-8b")
-    p.add_argument("--quant", default="int4")
-    p.add_argument("--kv-quant", default=None)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=2048)
+    add_model_arguments(p, prompt_len=2048)
     p.add_argument("--gen-len", type=int, default=6)
     p.add_argument("--offload-dir", required=True)
     p.add_argument("--variants", default="plain,writeback")
@@ -146,12 +142,12 @@ def main() -> None:
                    "placement, as `tiermem bench --write-store` does, instead of random weights in HBM")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
-    quant = QuantScheme.from_name(args.quant, 128)
     if args.store is None:
-        store = SyntheticStore(preset(args.synthetic), quant, torch.bfloat16, "cuda")
+        store = synthetic_store(args, "cuda")
     else:
         if not (Path(args.store) / "manifest.json").is_file():
-            write_synthetic_store(preset(args.synthetic), args.store, quant, torch.bfloat16, device="cuda")
+            write_synthetic_store(preset(args.synthetic), args.store, quant_scheme(args), torch.bfloat16,
+                                  device="cuda")
         store = StoreReader(args.store)
     model = load_from_reader(store, "cuda", None, None, dtype=torch.bfloat16, max_batch_size=args.batch,
                              max_seq_len=args.prompt_len + args.gen_len, kv_quant=args.kv_quant,
@@ -165,10 +161,8 @@ def main() -> None:
         for variant in args.variants.split(","):
             results.append({"variant": variant, **run_variant(model, args, writeback=variant == "writeback")})
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python3 benchmarks/disk_kv_timeline.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
     (args.out / "disk_kv_timeline.json").write_text(json.dumps(
-        {"command": command, "gpu": torch.cuda.get_device_name(), "variants": results}, indent=1))
+        {"command": command(), "gpu": torch.cuda.get_device_name(), "variants": results}, indent=1))
     print(f"{'variant':>10} {'step s':>7} {'reads':>5} {'read s':>7} {'GB/s':>5} {'task s':>7} {'slot s':>7} "
           f"{'write s':>7} {'max w':>6} {'waits s':>7}")
     for r in results:

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic_model import add_model_arguments, command, quant_scheme, synthetic_store
 
 from tiermem.api import load_from_reader
-from tiermem.host_probe import _measure
-from tiermem.kernels.quant import QuantScheme
+from tiermem.host_probe import _measure, measure_host_time
 from tiermem.presets import preset
-from tiermem.synthetic import SyntheticStore
 
 STEPS = 12
 
@@ -42,26 +41,21 @@ def decode_step_s(model, rows: int, prompt_len: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--synthetic", default="llama3-8b")
-    p.add_argument("--quant", default="int4")
-    p.add_argument("--kv-quant", default=None)
+    add_model_arguments(p, prompt_len=1024, batch=None)
     p.add_argument("--rows", default="1,16,64")
-    p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
-    config, quant, dtype = preset(args.synthetic), QuantScheme.from_name(args.quant, 128), torch.bfloat16
+    config, dtype = preset(args.synthetic), torch.bfloat16
     rows = [int(r) for r in args.rows.split(",")]
-    store = SyntheticStore(config, quant, dtype, "cuda")
-    model = load_from_reader(store, "cuda", None, None, dtype=dtype, max_batch_size=max(rows),
+    model = load_from_reader(synthetic_store(args, "cuda"), "cuda", None, None, dtype=dtype, max_batch_size=max(rows),
                              max_seq_len=args.prompt_len + STEPS + 1, kv_quant=args.kv_quant, plan=None)
     decode_step_s(model, 1, 8)  # warm-up
     out = []
     for r in rows:
         for rep in range(args.repeats):
-            _measure.cache_clear()
-            probe = _measure(json.dumps(config, sort_keys=True), args.quant, 128, "bfloat16", args.kv_quant, None, r,
-                             "cuda")
+            _measure.cache_clear()  # measured afresh, not remembered from the last repeat
+            probe = measure_host_time(config, quant_scheme(args), dtype, args.kv_quant, None, r)
             measured = decode_step_s(model, r, args.prompt_len)
             predicted = probe.step_s(1)
             out.append({"rows": r, "repeat": rep, "probe_layers": probe.num_layers,
@@ -71,9 +65,7 @@ def main() -> None:
     model.close()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "host_time_check.json").write_text(json.dumps({
-        "command": "python3 benchmarks/host_time_check.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "gpu": torch.cuda.get_device_name(), "runs": out}, indent=1))
+        "command": command(), "gpu": torch.cuda.get_device_name(), "runs": out}, indent=1))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,17 @@ from test_planner import RESULTS, _block_bytes, weights, workload
 
 from tiermem.config import parse_size
 from tiermem.engine.config import model_config_from_hf
+from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.placement import plan_host_tier
 from tiermem.planner import Hardware, Plan, Workload, predict
 from tiermem.presets import preset
+
+
+def _kv_quant_of(placement: dict):
+    """The KV cache's QuantScheme as bench records it ("none", or e.g. "int4 (group 128)")."""
+    kind = placement["kv_quant"]
+    return None if kind == "none" else kv_scheme(kind.split()[0], 128)
+
 
 RECORDED = [("opt30b_fp16_vs_flexgen_h200.json", "opt-30b"), ("llama13b_bf16_vs_accelerate_h200.json", "llama-13b")]
 
@@ -153,8 +161,6 @@ def test_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
     dd re-read files the other readers had just read and came back too fast)."""
     from dataclasses import replace
 
-    from tiermem.kernels.kv_quant import kv_scheme
-
     result = json.loads((RESULTS / name).read_text())
     placement, ceilings = result["placement"], result["ceilings"]
     disjoint = ceilings.get("disk_probe_files_disjoint", False)
@@ -162,7 +168,7 @@ def test_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
                                                                 ceilings["disk_read_kvikio_Bps"]] if disjoint else [])
     hw = Hardware.from_ceilings(ceilings, matmul_flops=6e14, disk_read_Bps=max(rates) or 1.3e9)
     (run,) = [r for r in result["runs"] if r["batch"] == batch]
-    kv_quant = None if placement["kv_quant"] == "none" else kv_scheme(placement["kv_quant"].split()[0], 128)
+    kv_quant = _kv_quant_of(placement)
     cfg = model_config_from_hf(preset("llama-111b"))
     w = Workload.from_config(cfg, dict(_block_bytes("llama-111b", "int4", 128, torch.bfloat16)), batch,
                              run["prompt_len"], run["gen_len"], torch.bfloat16, quantized=True, kv_quant=kv_quant)
@@ -213,11 +219,9 @@ def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
     the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings measured in the
     run, with the host time measured by the probe then."""
     from tiermem.ceilings import best_disk_read
-    from tiermem.kernels.kv_quant import kv_scheme
-
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
-    kv_quant = None if placement["kv_quant"] == "none" else kv_scheme(placement["kv_quant"].split()[0], 128)
+    kv_quant = _kv_quant_of(placement)
     breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
     w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=16, prompt_len=run["prompt_len"],
                  gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: breakdown["host"]})
