@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tiermem.errors import ConfigError
+from tiermem.kernels.cupy_ops import GEMV_MAX_BATCH
+from tiermem.kernels.ops import GEMV_SPLIT_ROWS
 
 DEFAULT_LAYER_OVERHEAD_S = 50e-6
 KV_MODES = (("gpu", False), ("cpu", False), ("cpu", True))  # (kv placement, cpu_cache_compute)
@@ -128,9 +130,7 @@ class Workload:
     decode_workspace_bytes: the same for a decode step (empty: the prefill's figures stand for both).
     host_step_s: micro-batch count -> host seconds of issuing a decode step (tiermem.host_probe; empty:
     step_cost's per_layer_overhead_s stands in). dense_per_stored: bytes of a quantized weight dequantized to
-    the compute dtype per byte as stored (0: the weights are stored dense); gemv_rows / gemv_chunk_rows: the
-    most rows a micro-batch may have for the fused dequant-GEMV, and the rows it reads the weight once for
-    (tiermem.kernels.ops.GEMV_SPLIT_ROWS, cupy_ops.GEMV_MAX_BATCH).
+    the compute dtype per byte as stored (0: the weights are stored dense).
     """
 
     block_bytes: Mapping[str, int]
@@ -148,8 +148,6 @@ class Workload:
     decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     host_step_s: Mapping[int, float] = field(default_factory=dict)
     dense_per_stored: float = 0.0
-    gemv_rows: int = 16
-    gemv_chunk_rows: int = 8
 
     def __post_init__(self) -> None:
         if min(self.batch, self.num_layers) < 1 or self.prompt_len < 0 or self.gen_len < 1:
@@ -177,11 +175,12 @@ class Workload:
         return self.num_layers * self.batch * (self.prompt_len + self.gen_len) * self.kv_bytes_per_token_layer
 
     def weight_traffic(self, rows: int) -> float:
-        """HBM bytes a decode micro-batch of `rows` rows moves per stored byte of the weights it uses (module doc)."""
-        if not self.dense_per_stored or rows <= self.gemv_chunk_rows:
+        """HBM bytes a decode micro-batch of `rows` rows moves per stored byte of the weights it uses (module doc):
+        the fused GEMV takes up to GEMV_SPLIT_ROWS rows in chunks of GEMV_MAX_BATCH, more are dequantized first."""
+        if not self.dense_per_stored or rows <= GEMV_MAX_BATCH:
             return 1.0
-        if rows <= self.gemv_rows:
-            return float(-(-rows // self.gemv_chunk_rows))
+        if rows <= GEMV_SPLIT_ROWS:
+            return float(-(-rows // GEMV_MAX_BATCH))
         return 1.0 + 2.0 * self.dense_per_stored
 
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
@@ -200,8 +199,6 @@ class Workload:
         seconds of a decode step by micro-batch count (tiermem.host_probe.host_step_seconds)."""
 
         from tiermem.engine.config import expected_weights, gpu_compute_dtype
-        from tiermem.kernels.cupy_ops import GEMV_MAX_BATCH
-        from tiermem.kernels.ops import GEMV_SPLIT_ROWS
         from tiermem.placement import kv_cache_bytes, workspace_bytes
 
         dtype = gpu_compute_dtype(cfg, dtype)
@@ -222,7 +219,6 @@ class Workload:
                                                        kv_quant is not None, new_tokens=1) for m in divisors(batch)},
             host_step_s=dict(host_step_s or {}),
             dense_per_stored=matmul * e / block_bytes["layers.0"] if quantized else 0.0,
-            gemv_rows=GEMV_SPLIT_ROWS, gemv_chunk_rows=GEMV_MAX_BATCH,
         )
 
 
