@@ -336,7 +336,8 @@ def test_a_large_batch_splits_the_prompt_not_the_decode_steps():
 
 
 def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
-    """tiermem bench records, per run, the followed plan's step time under the link rates measured in that run."""
+    """tiermem bench records, per run, the followed plan's step time under the link rates measured in that run: the
+    disk's that of the reader the disk tier used (POSIX here), not the faster dd's."""
     from types import SimpleNamespace
 
     from tiermem.bench import same_run_prediction
@@ -349,8 +350,9 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
     w = Workload.from_config(cfg, sizes, 8, 64, 8, torch.float16, quantized=True, kv_quant=kv_scheme("int8", 64))
     chosen = plan(w, H200, 1 * GiB, 64 * GiB)
     ceilings = {"h2d_pinned_Bps": 50e9, "hbm_Bps": 3e12, "disk_read_posix_direct_Bps": 1.5e9,
-                "disk_read_dd_direct_Bps": float("nan"), "disk_read_kvikio_Bps": 1.2e9}
-    model = SimpleNamespace(source=SimpleNamespace(followed_plan=chosen), reader=store, config=cfg,
+                "disk_read_dd_direct_Bps": 1.8e9, "disk_read_kvikio_Bps": 1.2e9}
+    source = SimpleNamespace(followed_plan=chosen, describe=lambda: {"read_backend": "posix"})
+    model = SimpleNamespace(source=source, reader=store, config=cfg,
                             dtype=torch.float16, kv_quant=kv_scheme("int8", 64), device=torch.device("cpu"))
     got = same_run_prediction(model, ceilings, 8, 64, 8)["predicted_step_s_same_run_rates"]
     hw = Hardware.from_ceilings(ceilings, disk_read_Bps=1.5e9)

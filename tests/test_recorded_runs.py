@@ -157,16 +157,15 @@ def test_recorded_plan_beats_the_hand_written_alternative_of_its_call():
 @pytest.mark.parametrize("name,batch", PLANNED_RECORDED)
 def test_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
     """Session 2's 111B runs (planner, greedy, KV in host RAM), predicted from the link rates measured in the
-    same run. Disk: the best reader when each read its own files, else the POSIX reader's rate (before that fix
-    dd re-read files the other readers had just read and came back too fast)."""
+    same run. Disk: the rate of the reader the disk tier read with (POSIX in every one of them)."""
     from dataclasses import replace
+
+    from tiermem.ceilings import backend_disk_read
 
     result = json.loads((RESULTS / name).read_text())
     placement, ceilings = result["placement"], result["ceilings"]
-    disjoint = ceilings.get("disk_probe_files_disjoint", False)
-    rates = [ceilings.get("disk_read_posix_direct_Bps", 0)] + ([ceilings["disk_read_dd_direct_Bps"],
-                                                                ceilings["disk_read_kvikio_Bps"]] if disjoint else [])
-    hw = Hardware.from_ceilings(ceilings, matmul_flops=6e14, disk_read_Bps=max(rates) or 1.3e9)
+    disk = backend_disk_read(ceilings, placement["read_backend"])  # NaN or 0 where nothing was on disk
+    hw = Hardware.from_ceilings(ceilings, matmul_flops=6e14, disk_read_Bps=disk if disk > 0 else 1.3e9)
     (run,) = [r for r in result["runs"] if r["batch"] == batch]
     kv_quant = _kv_quant_of(placement)
     cfg = model_config_from_hf(preset("llama-111b"))
@@ -218,7 +217,7 @@ def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
     """(predicted, measured) decode step of a recorded llama3-8b int4, batch 16 x 2048 run with every weight in HBM:
     the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings measured in the
     run, with the host time measured by the probe then."""
-    from tiermem.ceilings import best_disk_read
+    from tiermem.ceilings import backend_disk_read
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
     kv_quant = _kv_quant_of(placement)
@@ -229,7 +228,7 @@ def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
     used = Plan.build(w, len(w.streamable), kv=placement["kv_placement"], cpu_cache_compute=placement["cpu_attention"],
                       lookahead=placement["lookahead"])
     if same_run:
-        disk = best_disk_read(result["ceilings"])
+        disk = backend_disk_read(result["ceilings"], placement["read_backend"])
         hw = Hardware.from_ceilings(result["ceilings"], **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
     else:
         hw = Hardware.from_json(run["plan_hardware"])

@@ -26,6 +26,7 @@ from tiermem.kernels.kv_quant import kv_scheme
 from tiermem.kernels.quant import QuantScheme
 from tiermem.kv_disk import DiskKVCache
 from tiermem.kv_offload import HostKVCache
+from tiermem.pinned import ArenaPool
 from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
 from tiermem.planner import Plan
 from tiermem.scratch_file import check_offload_dir
@@ -184,6 +185,7 @@ class Model:
         self.cpu_attention = getattr(source, "cpu_attention", False)  # offloaded KV: attention on the host too
         self.offload_dir = getattr(source, "offload_dir", None)  # where a disk KV cache keeps its file
         self._host_caches: weakref.WeakSet[HostKVCache] = weakref.WeakSet()  # offloaded (host, disk) KV caches
+        self._kv_arenas = ArenaPool()  # their pinned memory, kept registered from one generation to the next
         self._tokenizer = None
         self._closed = False
 
@@ -227,10 +229,11 @@ class Model:
         # Room for max_seq_len tokens (within the reservation), so that a session never has to grow it.
         if self.kv_placement == "disk":
             cache = DiskKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
-                                         kv_quant=self.kv_quant, offload_dir=self.offload_dir)
+                                         kv_quant=self.kv_quant, offload_dir=self.offload_dir, pool=self._kv_arenas)
         else:
             cache = HostKVCache.allocate(self.config, batch, self.max_seq_len, self.dtype, self.device,
-                                         kv_quant=self.kv_quant, cpu_attention=self.cpu_attention)
+                                         kv_quant=self.kv_quant, cpu_attention=self.cpu_attention,
+                                         pool=self._kv_arenas)
         self._host_caches.add(cache)
         return cache
 
@@ -376,6 +379,7 @@ class Model:
     def close(self) -> None:
         if not self._closed:
             self.source.close()
+            self._kv_arenas.close()
             self._closed = True
 
     def __enter__(self) -> Model:

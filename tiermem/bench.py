@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tiermem.ceilings import best_disk_read, drop_page_cache
+from tiermem.ceilings import backend_disk_read, best_disk_read, drop_page_cache
 from tiermem.config import parse_size
 from tiermem.errors import ConfigError
 from tiermem.placement import kv_cache_bytes
@@ -235,7 +235,8 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     plan = getattr(model.source, "followed_plan", None)
     if plan is None or not ceilings:
         return {}
-    disk = best_disk_read(ceilings)  # NaN when no block was on disk (no disk ceilings measured)
+    # the rate of the reader the disk tier used; NaN when nothing was on disk (no disk ceilings measured)
+    disk = backend_disk_read(ceilings, model.source.describe()["read_backend"])
     hardware = Hardware.from_ceilings(ceilings, **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
     reader = model.reader
     workload = Workload.from_config(model.config, {b: reader.block_nbytes(b) for b in reader.block_names}, batch,

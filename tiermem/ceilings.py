@@ -133,6 +133,16 @@ def measure_disk_read(files: list, nbytes_cap: int = 3 << 30, threads: int = 4,
             "disk_probe_files_disjoint": True}
 
 
+BACKEND_DISK_READ = {"posix": "disk_read_posix_direct_Bps", "kvikio": "disk_read_kvikio_Bps"}
+
+
+def backend_disk_read(ceilings: dict, backend: str) -> float:
+    """The cold read rate measure_disk_read found with the disk tier's reader `backend` ("posix" or "kvikio");
+    NaN when it was not measured. The roofline takes the best reader's rate (best_disk_read); a prediction of what
+    the disk tier does takes the rate of the reader it reads with."""
+    return ceilings.get(BACKEND_DISK_READ[backend], math.nan)
+
+
 def best_disk_read(ceilings: dict) -> float:
     """The fastest cold read rate measure_disk_read found (NaN entries skipped)."""
     rates = [ceilings.get(k, math.nan) for k in ("disk_read_posix_direct_Bps", "disk_read_dd_direct_Bps",

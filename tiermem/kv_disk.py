@@ -44,8 +44,8 @@ from tiermem.engine.config import ModelConfig
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
 from tiermem.errors import ConfigError
 from tiermem.kernels.quant import QuantScheme
-from tiermem.kv_offload import CUDA_MEMCPY_DEFAULT, CudaMover, HostKVCache, SyncMover, _parts
-from tiermem.pinned import ALIGN, PinnedArena, aligned_size
+from tiermem.kv_offload import CUDA_MEMCPY_DEFAULT, CudaMover, HostKVCache, SyncMover, _arena, _parts
+from tiermem.pinned import ALIGN, ArenaPool, PinnedArena, aligned_size
 from tiermem.scratch_file import ScratchFile
 from tiermem.storage.backends.base import aligned_empty
 from tiermem.storage.backends.posix import PosixBackend
@@ -135,12 +135,12 @@ class DiskKVCache(HostKVCache):
     def allocate(
         cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu", kv_quant: QuantScheme | None = None, *,
-        offload_dir: str | os.PathLike | None = None, io_threads: int = 4,
+        offload_dir: str | os.PathLike | None = None, io_threads: int = 4, pool: ArenaPool | None = None,
     ) -> DiskKVCache:
         """A cache for `batch` x `max_len` in a new file in `offload_dir`; staging pinned when on CUDA.
 
         File slots are never read past `length`; ConfigError / BudgetError when offload_dir is not
-        a writable directory or has too little free space."""
+        a writable directory or has too little free space. pool: as HostKVCache.allocate's, for the staging."""
         device = torch.device(device)
         template = KVCache.allocate(cfg, batch, max_len, dtype, "meta", kv_quant)  # shapes only
         layer_parts = [[*_parts(k), *_parts(v)] for k, v in zip(template.keys, template.values, strict=True)]
@@ -163,7 +163,7 @@ class DiskKVCache(HostKVCache):
             keys.append(_map_parts(k, on_file))
             values.append(_map_parts(v, on_file))
         parts = layer_parts[0]
-        arena = PinnedArena(2 * aligned_size([_nbytes(t) for t in parts])) if device.type == "cuda" else None
+        arena = _arena(pool, 2 * aligned_size([_nbytes(t) for t in parts])) if device.type == "cuda" else None
         try:
             staging = [[_staging_part(t, arena) for t in parts] for _ in range(2)]
             buffers = [(_map_parts(template.keys[0], lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device)),
@@ -176,7 +176,9 @@ class DiskKVCache(HostKVCache):
             file.close()
             raise
         mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        return cls(keys, values, mask, buffers, mover, file, regions, staging, arena, io_threads)
+        cache = cls(keys, values, mask, buffers, mover, file, regions, staging, arena, io_threads)
+        cache.pool = pool
+        return cache
 
     @property
     def staging_bytes(self) -> int:
@@ -266,7 +268,8 @@ class DiskKVCache(HostKVCache):
 
     def _allocate_like(self, max_len: int) -> DiskKVCache:
         return DiskKVCache.allocate(self._layer_shape(), self.batch, max_len, self.dtype, self.key_mask.device,
-                                    self.kv_quant, offload_dir=self.file.directory, io_threads=self.io_threads)
+                                    self.kv_quant, offload_dir=self.file.directory, io_threads=self.io_threads,
+                                    pool=self.pool)
 
     def close(self) -> None:
         """Wait for the queued I/O, then delete the file and release the staging memory."""

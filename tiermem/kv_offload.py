@@ -30,7 +30,7 @@ from tiermem.engine.config import ModelConfig
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored, filled, write_tokens
 from tiermem.errors import ConfigError
 from tiermem.kernels.quant import QuantScheme
-from tiermem.pinned import PinnedArena, aligned_size
+from tiermem.pinned import ArenaPool, PinnedArena, aligned_size
 
 CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the (unified) addresses
 
@@ -100,6 +100,11 @@ class CudaMover:
             marker.synchronize()
 
 
+def _arena(pool: ArenaPool | None, nbytes: int) -> PinnedArena:
+    """A pinned arena of nbytes: from the pool, or newly registered."""
+    return pool.get(nbytes) if pool is not None else PinnedArena(nbytes)
+
+
 @dataclass
 class _Fetch:
     layer: int
@@ -127,6 +132,7 @@ class HostKVCache(KVCache):
         self.cpu_attention = cpu_attention
         self.mover = mover
         self.arena = arena
+        self.pool: ArenaPool | None = None  # where close() puts the arena back (None: close() releases it)
         self.closed = False
         self._pending: deque[_Fetch] = deque()
         self._next_buffer = 0
@@ -136,10 +142,13 @@ class HostKVCache(KVCache):
     def allocate(
         cls, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu", kv_quant: QuantScheme | None = None, cpu_attention: bool = False,
+        pool: ArenaPool | None = None,
     ) -> HostKVCache:
         """Host cache (pinned when on CUDA) for `batch` x `max_len`; zeroed buffers on `device`.
 
         cpu_attention: attention runs on the host over the host K/V (attend), so no GPU buffers.
+        pool: where the pinned memory comes from and, on close(), goes back to (default: registered here,
+        released on close).
 
         Pinned host slots are not zeroed (slots past `length` are never read: copies and the session
         state take slots 0..length-1 only)."""
@@ -147,7 +156,7 @@ class HostKVCache(KVCache):
         shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         template = KVCache.allocate(cfg, batch, max_len, dtype, "meta", kv_quant)
         parts = [t for stored in (*template.keys, *template.values) for t in _parts(stored)]
-        arena = PinnedArena(aligned_size([t.numel() * t.element_size() for t in parts])) \
+        arena = _arena(pool, aligned_size([t.numel() * t.element_size() for t in parts])) \
             if device.type == "cuda" else None
 
         def host(t: torch.Tensor) -> torch.Tensor:
@@ -174,7 +183,9 @@ class HostKVCache(KVCache):
             raise
         mover = CudaMover(device) if device.type == "cuda" else SyncMover()
         mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        return cls(keys, values, mask, buffers, mover, arena, cpu_attention=cpu_attention)
+        cache = cls(keys, values, mask, buffers, mover, arena, cpu_attention=cpu_attention)
+        cache.pool = pool
+        return cache
 
     @property
     def num_layers(self) -> int:
@@ -305,7 +316,7 @@ class HostKVCache(KVCache):
     def _allocate_like(self, max_len: int) -> HostKVCache:
         """An empty cache like this one with room for `max_len` tokens."""
         return HostKVCache.allocate(self._layer_shape(), self.batch, max_len, self.dtype, self.key_mask.device,
-                                    self.kv_quant, self.cpu_attention)
+                                    self.kv_quant, self.cpu_attention, self.pool)
 
     def copy_from(self, cache: KVCache) -> None:
         """Take the filled slots of another cache of the same batch, layers and storage (e.g. a restored one)."""
@@ -338,11 +349,15 @@ class HostKVCache(KVCache):
         return KVCache(list(self.keys), list(self.values), self.key_mask, self.length).to(device)
 
     def close(self) -> None:
-        """Release the pinned host memory (the cache is unusable afterwards)."""
+        """Release the pinned host memory, or put it back in the pool it came from (the cache is unusable
+        afterwards)."""
         self.flush()
         self._pending.clear()
         self.closed = True
         if self.arena is not None:
-            self.arena.close()
+            if self.pool is not None:
+                self.pool.put(self.arena)
+            else:
+                self.arena.close()
             self.arena = None
 

@@ -2,7 +2,8 @@
 
 torch's pinned allocator rounds every request up to a power of two (8.7 GB takes 16 GiB), which
 a host tier of tens of GB cannot afford. A PinnedArena allocates one ordinary buffer, page-locks it
-with cudaHostRegister, and hands out 4 KiB-aligned slices; close() unregisters it.
+with cudaHostRegister, and hands out 4 KiB-aligned slices; close() unregisters it. An ArenaPool keeps the
+arenas of closed KV caches registered for the next cache of the same size.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PinnedArena:
         self._buffer = raw[start:start + self.capacity]
         self._used = 0
         self._unregister = None
+        self._closed = False
         if torch.cuda.is_available():
             status = torch.cuda.cudart().cudaHostRegister(self._buffer.data_ptr(), self.capacity, 0)
             if int(status) != 0:
@@ -54,11 +56,22 @@ class PinnedArena:
         return self._unregister is not None and self._unregister.alive
 
     @property
+    def closed(self) -> bool:
+        """close() was called: the memory is released and take() refuses."""
+        return self._closed
+
+    @property
     def used(self) -> int:
         return self._used
 
+    def reset(self) -> None:
+        """Forget every slice handed out (their memory is handed out again by later take calls)."""
+        self._used = 0
+
     def take(self, nbytes: int, what: str = "buffer") -> torch.Tensor:
         """A slice of `nbytes` starting on a 4 KiB boundary; BudgetError when the arena is full."""
+        if self._closed:
+            raise TierIOError(f"pinned host arena of {self.capacity} B is closed: it cannot hold {what}")
         start = _round_up(self._used, ALIGN)
         if start + nbytes > self.capacity:
             raise BudgetError(f"pinned host arena of {self.capacity} B cannot fit {what} ({nbytes} B, "
@@ -71,9 +84,58 @@ class PinnedArena:
             self._unregister()
             self._unregister = None
         self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._closed = True
 
     def __enter__(self) -> PinnedArena:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ArenaPool:
+    """PinnedArenas kept registered between the caches that use them, one after another.
+
+    Registering is slow: 4.3 GB took 1.3-1.7 s on the GPU machine (benchmarks/results/pinned_arena_time_h200.json),
+    which a KV cache in host RAM paid inside every generation's prefill. get(nbytes) hands out a kept arena of that
+    capacity, or closes every kept arena (so that what is pinned never exceeds what the caller's budget has
+    checked: the live arenas plus the new one) and registers a new one; put(arena) keeps it for the next get.
+    """
+
+    def __init__(self) -> None:
+        self._kept: list[PinnedArena] = []
+        self._closed = False
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the arenas kept for reuse (pinned, held by no cache)."""
+        return sum(a.capacity for a in self._kept)
+
+    def get(self, nbytes: int) -> PinnedArena:
+        capacity = _round_up(max(nbytes, ALIGN), ALIGN)
+        for arena in self._kept:
+            if arena.capacity == capacity:
+                self._kept.remove(arena)
+                arena.reset()
+                return arena
+        self.release_kept()
+        return PinnedArena(nbytes)
+
+    def put(self, arena: PinnedArena) -> None:
+        """Keep `arena` (not closed) for a later get, or release it once the pool is closed; its slices must no
+        longer be in use (no copy in flight)."""
+        if self._closed:
+            arena.close()
+        else:
+            self._kept.append(arena)
+
+    def release_kept(self) -> None:
+        """Release every kept arena (the pool stays usable)."""
+        for arena in self._kept:
+            arena.close()
+        self._kept = []
+
+    def close(self) -> None:
+        """Release every kept arena, and from now on every arena put back."""
+        self.release_kept()
+        self._closed = True
