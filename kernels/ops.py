@@ -2,7 +2,7 @@
 
 CUDA tensors go to the fused CuPy kernels (kernels/cupy_ops.py) when CuPy is there and the case is
 one they implement; everything else, and every CPU tensor, runs the torch reference unchanged.
-- linear: quantized weight, x with at most GEMV_SPLIT_ROWS (16) rows -> fused dequant-GEMV (8-row
+- linear: quantized weight, x with at most GEMV_SPLIT_ROWS (32) rows -> fused dequant-GEMV (8-row
   chunks, all in one launch); more rows -> dequantize on the GPU, then torch's matmul; unquantized
   weight -> F.linear (the reference).
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
@@ -46,11 +46,10 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
     return reference.dequantize(qw, dtype)
 
 
-# Up to this many rows, the fused GEMV on 8-row chunks beats dequantize + matmul on every measured shape
-# (benchmarks/results/linear_rows_h200.json, measured with a launch per chunk: at 16 rows 0.11-0.18 ms against
-# 0.13-0.35 ms; at 24 rows the 13824x5120 weight is already faster dequantized). quant_linear takes all the
-# chunks in one launch.
-GEMV_SPLIT_ROWS = 16
+# Up to this many rows, the fused GEMV on 8-row chunks (all in one launch) beats dequantize + matmul on every
+# measured shape (benchmarks/results/linear_rows_single_launch_h200.json: at 32 rows 0.10-0.26 ms against
+# 0.14-0.35 ms, a tie at 48). With a launch per chunk it had lost from 24 rows on (linear_rows_h200.json).
+GEMV_SPLIT_ROWS = 32
 
 
 def linear(

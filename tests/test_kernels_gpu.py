@@ -195,7 +195,7 @@ def test_dequantize_is_bit_exact(out_features, in_features, bits, group, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("rows", [1, 8, 9, 13, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 8, 9, 13, 16, 17, 32, 33, 40])
 def test_ops_linear_dispatch(rows, dtype, monkeypatch):
     """One launch either way: the fused GEMV up to GEMV_SPLIT_ROWS rows, dequantization (then matmul) above."""
     gen = _gen("ops", rows, dtype)

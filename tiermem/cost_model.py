@@ -10,7 +10,7 @@ kv = KV bytes per token per layer (K and V, compute dtype):
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
   hbm     = (m * f(B/m) * bytes of all GPU-side weights (every micro-batch reads every weight; f = 1 for
-               dense weights; quantized ones at r rows a micro-batch: 1 up to 8 rows, ceil(r/8) up to 16 (the
+               dense weights; quantized ones at r rows a micro-batch: 1 up to 8 rows, ceil(r/8) up to 32 (the
                fused GEMV reads the weight once per 8-row chunk), beyond that 1 + 2 * dense/stored bytes
                (dequantized to a dense copy, written, then read by the matmul))
              + streamed bytes (written into the ring slots)
@@ -22,15 +22,17 @@ kv = KV bytes per token per layer (K and V, compute dtype):
             measured on this machine by tiermem.host_probe; per_layer_overhead_s * L * m where not measured
 
   step = max(disk, pcie, max(hbm, compute, host))                 GPU attention
-  step = max(disk, pcie, max(hbm, compute, host) + cpu_att)       CPU attention;  tok/s = B / step
+  step = max(disk, pcie, max(hbm, compute, host)) + cpu_att       CPU attention;  tok/s = B / step
 
 Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
 boundaries), and the host issues kernels ahead of the GPU (no decode step waits for the GPU unless
 EOS ids are set), so the step costs its slowest stage. CPU attention runs on the host in the middle
 of each layer, after the GPU has produced q, k and v and before it may go on: the host and the GPU
-wait for each other there, so it adds to the larger of the GPU and host times (measured: llama3-8b
-int4, batch 16 x 2048, 163 ms per step against 43 ms host + 112 ms CPU attention predicted,
-benchmarks/results/llama3_8b_int4_b16x2048_kv_cpu_attention_h200.json). In this steady state
+wait for each other there (llama3-8b int4, batch 16 x 2048, weights resident: 163 ms per step against
+43 ms host + 112 ms CPU attention predicted, llama3_8b_int4_b16x2048_kv_cpu_attention_h200.json), and
+while the host computes it, it issues no copy either, so that the weight stream runs dry after its
+lookahead: it adds to the whole step (111B int4 in 24 GiB, weights streamed over PCIe, batch 32:
+0.837 s against 0.656 s of PCIe, llama111b_int4_gpu24_host_plan_cpu_attention_s6call3_h200.json). In this steady state
 lookahead buys no speed (it absorbs jitter, which the model does not see) and costs ring memory.
 FlexGen's model (per layer, prefill and decode, fitted constants) has the same shape; ours has only
 the decode step, measured link rates and no fitted constants.
@@ -258,18 +260,13 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     c = {"disk": disk_bytes / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
          "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
          "host": w.host_step_s.get(m, per_layer_overhead_s * L * m)}
-    c["step"] = max(c["disk"], c["pcie"], max(c["hbm"], c["compute"], c["host"]) + cpu_att)
+    c["step"] = max(c["disk"], c["pcie"], c["hbm"], c["compute"], c["host"]) + cpu_att
     return c
 
 
 def bound_of(cost: Mapping[str, float]) -> str:
-    """Name of the stage that sets the step time: disk, pcie, hbm, compute, cpu_attention or host."""
-    issue = max(("hbm", "compute", "host"), key=cost.__getitem__)  # the GPU's work, or the host issuing it
-    if cost["cpu_attention"] > cost[issue]:
-        issue = "cpu_attention"
-    stages = {"disk": cost["disk"], "pcie": cost["pcie"],
-              issue: max(cost["hbm"], cost["compute"], cost["host"]) + cost["cpu_attention"]}
-    return max(stages, key=stages.__getitem__)
+    """Name of the largest term of the step time: disk, pcie, hbm, compute, host or cpu_attention."""
+    return max(("disk", "pcie", "hbm", "compute", "host", "cpu_attention"), key=cost.__getitem__)
 
 
 def memory(w: Workload, *, resident: int, host: int, slot: int, staging: int, kv: str, cpu_cache_compute: bool,
