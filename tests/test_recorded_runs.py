@@ -91,7 +91,8 @@ def _placement_of(w: Workload, placement: dict) -> Plan:
             continue
         gpu = layers[:n["g"]] + (["head"] if head == "g" else [])
         host = layers[n["g"]:n["g"] + n["h"]] + (["head"] if head == "h" else [])
-        p = Plan.build(w, gpu, host, kv=placement["kv_placement"], lookahead=placement["lookahead"])
+        p = Plan.build(w, gpu, host, kv=placement["kv_placement"], lookahead=placement["lookahead"],
+                       cpu_cache_compute=placement.get("cpu_attention", False))
         if (weights(w, p.disk_blocks) == placement["disk_bytes_per_step"]
                 and weights(w, [*p.host_blocks, *p.disk_blocks]) == placement["streamed_bytes_per_step"]):
             return p
@@ -115,6 +116,14 @@ PLANNED_RECORDED = [
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call3_h200.json", 64),
     ("llama111b_int4_gpu24_cpu32_plan_s3call4_h200.json", 64),
     ("llama111b_int4_gpu24_cpu32_kvcpu_bf16_s3call4_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_s6call2_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s6call2_h200.json", 64),
+    ("llama111b_int4_gpu24_host_plan_s6call4_h200.json", 1), ("llama111b_int4_gpu24_host_plan_s6call4_h200.json", 32),
+    ("llama111b_int4_gpu24_host_plan_cpu_attention_s6call3_h200.json", 1),
+    pytest.param("llama111b_int4_gpu24_host_plan_cpu_attention_s6call3_h200.json", 32, marks=pytest.mark.xfail(
+        strict=True, reason="0.70 s predicted, 0.837 measured: CPU attention took 0.18 s of the step where the model "
+        "gives it 0.045 s (its KV bytes at the host copy rate); at 32 rows of 136 tokens a layer its per-layer costs "
+        "(q, k, v to the host and the output back, a wait for the GPU) outweigh its bytes")),
 ]
 
 
@@ -128,6 +137,13 @@ PLAN_TIME_RECORDED = [
                    "llama111b_int4_gpu24_cpu32_plan_s3call2_h200.json",
                    "llama111b_int4_gpu24_cpu32_plan_s3call4_h200.json",
                    "llama111b_int4_gpu24_cpu32_kvcpu_bf16_s3call4_h200.json")),
+    ("llama111b_int4_gpu24_cpu32_plan_s6call2_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s6call2_h200.json", 64),
+    ("llama111b_int4_gpu24_host_plan_s6call4_h200.json", 32),
+    pytest.param("llama111b_int4_gpu24_host_plan_cpu_attention_s6call3_h200.json", 32, marks=pytest.mark.xfail(
+        strict=True, reason="planned with session 5's cost model, in which CPU attention hid behind the PCIe stream "
+        "(0.658 s predicted); it stalls the stream (0.837 s measured). The model now adds it to the step, and the "
+        "planner keeps attention on the GPU for this configuration (the _s6call4 file: within 8%)")),
 ]
 
 
@@ -185,6 +201,12 @@ PROBE_DRIFT = ("the probe at load read the disk faster than the disk KV tier the
                "drifts by 20-30% within a device call")
 
 
+HOST_PROBE_MACHINE = (
+    "the narrow-model host probe read 16.3 ms on that machine where the full step took 28.6 ms; on the machine of "
+    "call 3 the probe is within 2% (the _s6call3 file), and in call 2 the full step ran 18.6 ms against the probe's "
+    "21-22 ms (host_gap_*_s6call2): a machine-to-machine error, not explained")
+
+
 KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_h200.json", PROBE_DRIFT),
@@ -202,6 +224,9 @@ KV_TIER_PLAN_TIME = [
         "tier's reads to 1.0-1.5 GB/s (disk_kv_timeline_int4_*_call9/10); bench now measures them after the runs")),
     "llama3_8b_int4_b16x2048_kv_disk_call11_h200.json",
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_int4_call11_h200.json", PROBE_DRIFT),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_gpu_s6call1_h200.json", HOST_PROBE_MACHINE),
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s6call1_h200.json" for run in ("cpu", "cpu_attention", "disk", "disk_int4")),
+    "llama3_8b_int4_b16x2048_kv_gpu_s6call3_h200.json",
 ]
 
 
@@ -210,6 +235,12 @@ KV_TIER_SAME_RUN = [
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_int4_call7_h200.json", (
         "its disk ceilings were measured before the run and slowed it (see the plan-time case)")),
     "llama3_8b_int4_b16x2048_kv_disk_call11_h200.json", "llama3_8b_int4_b16x2048_kv_disk_int4_call11_h200.json",
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_gpu_s6call1_h200.json", HOST_PROBE_MACHINE),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_cpu_attention_s6call1_h200.json", (
+        "32% slower predicted than measured: the host copy rate measured after the run (34.6 GB/s) was 0.61 of the "
+        "probe's at load (56.5), and attention ran faster than the slower one (from the probe's: within 15%)")),
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s6call1_h200.json" for run in ("cpu", "disk", "disk_int4")),
+    "llama3_8b_int4_b16x2048_kv_gpu_s6call3_h200.json",
 ]
 
 
