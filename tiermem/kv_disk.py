@@ -117,8 +117,9 @@ class DiskKVCache(HostKVCache):
 
     def __init__(self, keys: list[Stored], values: list[Stored], key_mask: torch.Tensor,
                  buffers: list[tuple[Stored, Stored]], mover, file: ScratchFile, regions: list[list[_Region]],
-                 staging: list[list[torch.Tensor]], arena: PinnedArena | None = None, io_threads: int = 4) -> None:
-        super().__init__(keys, values, key_mask, buffers, mover, arena)
+                 staging: list[list[torch.Tensor]], arena: PinnedArena | None = None, io_threads: int = 4,
+                 pool: ArenaPool | None = None) -> None:
+        super().__init__(keys, values, key_mask, buffers, mover, arena, pool=pool)
         self.file = file
         self.regions = regions  # per layer: K's parts, then V's, as _parts lists them
         self.staging = staging  # two slots, each token-major [S_max, B, Hkv, X] per part of one layer
@@ -176,9 +177,7 @@ class DiskKVCache(HostKVCache):
             file.close()
             raise
         mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        cache = cls(keys, values, mask, buffers, mover, file, regions, staging, arena, io_threads)
-        cache.pool = pool
-        return cache
+        return cls(keys, values, mask, buffers, mover, file, regions, staging, arena, io_threads, pool)
 
     @property
     def staging_bytes(self) -> int:

@@ -126,13 +126,13 @@ class HostKVCache(KVCache):
 
     def __init__(self, keys: list[Stored], values: list[Stored], key_mask: torch.Tensor,
                  buffers: list[tuple[Stored, Stored]], mover, arena: PinnedArena | None = None,
-                 length: int = 0, cpu_attention: bool = False) -> None:
+                 length: int = 0, cpu_attention: bool = False, pool: ArenaPool | None = None) -> None:
         super().__init__(keys, values, key_mask, length)
         self.buffers = buffers  # two (K, V) on the compute device, each shaped like one layer (none: CPU attention)
         self.cpu_attention = cpu_attention
         self.mover = mover
         self.arena = arena
-        self.pool: ArenaPool | None = None  # where close() puts the arena back (None: close() releases it)
+        self.pool = pool  # where close() puts the arena back (None: close() releases it)
         self.closed = False
         self._pending: deque[_Fetch] = deque()
         self._next_buffer = 0
@@ -183,9 +183,7 @@ class HostKVCache(KVCache):
             raise
         mover = CudaMover(device) if device.type == "cuda" else SyncMover()
         mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        cache = cls(keys, values, mask, buffers, mover, arena, cpu_attention=cpu_attention)
-        cache.pool = pool
-        return cache
+        return cls(keys, values, mask, buffers, mover, arena, cpu_attention=cpu_attention, pool=pool)
 
     @property
     def num_layers(self) -> int:
