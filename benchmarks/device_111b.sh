@@ -2,6 +2,7 @@
 # Issue 5's 111B int4 runs on the GPU machine; results as JSON under $OUT. Usage: device_111b.sh RUN...
 #   host_plan        gpu_memory 24 GiB, the rest in pinned RAM, the planner's placement, batch 1 and 32
 #   host_greedy      the same with the greedy placement (HBM-resident prefix in execution order)
+#   host_cpu_attention  the same at batch 32 with the KV cache fixed in host RAM and attention on the host
 #   disk_plan        gpu_memory 24 GiB, cpu_memory 32 GiB (the rest streams from disk), batch 64, planner
 #   disk_kvcpu_bf16  the same with the KV cache fixed in host RAM
 #   disk_kvcpu_int4  the same with the KV cache in host RAM, int4
@@ -18,6 +19,7 @@ for name in "$@"; do
     case $name in
         host_plan) args=("${HOST[@]}") ;;
         host_greedy) args=("${HOST[@]}" --plan greedy) ;;
+        host_cpu_attention) args=(--batch 32 --prompt-len 128 --gen-len 8 --cpu-attention) ;;
         disk_plan) args=("${DISK[@]}") ;;
         disk_kvcpu_bf16) args=("${DISK[@]}" --kv-placement cpu) ;;
         disk_kvcpu_int4) args=("${DISK[@]}" --kv-placement cpu --kv-quant int4) ;;

@@ -102,3 +102,61 @@ def test_each_split_is_timed_at_its_rows_and_counted_once_per_micro_batch(monkey
     steps = host_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 8)
     assert sorted(asked) == [1, 2, 4, 8]
     assert steps == pytest.approx({1: 18e-3, 2: 2 * 14e-3, 4: 4 * 12e-3, 8: 8 * 11e-3})
+
+
+def test_cpu_attention_is_timed_through_host_attend_at_the_workloads_shape(monkeypatch):
+    """Every split m of the batch calls HostKVCache.attend m times per layer over batch / m rows of `context`
+    cached tokens (a warm pass, then the timed ones), and the figure is one layer's seconds (CPU only here)."""
+    from tiermem import host_probe
+    from tiermem.kv_offload import HostKVCache
+
+    calls = []
+    attend = HostKVCache.attend
+
+    def counted(self, layer, rows, q, k, v, mask, scale):
+        out = attend(self, layer, rows, q, k, v, mask, scale)
+        calls.append((layer, rows.stop - rows.start, self.keys[layer][rows, :, :self.length + 1].shape[2]))
+        assert out.shape == q.shape
+        return out
+
+    monkeypatch.setattr(HostKVCache, "attend", counted)
+    config = preset("tiny-llama")
+    seconds = host_probe._cpu_attention_layer_seconds(config, torch.bfloat16, None, 4, 24, "cpu")
+    assert set(seconds) == {1, 2, 4} and all(s > 0 for s in seconds.values())
+    layers = model_config_from_hf(config).num_layers
+    passes = 1 + host_probe.ATTENTION_TIMED_PASSES
+    assert len(calls) == passes * layers * (1 + 2 + 4)
+    assert {rows for _, rows, _ in calls} == {1, 2, 4} and {ctx for *_, ctx in calls} == {24}
+
+
+def test_cpu_attention_step_counts_every_layer(monkeypatch):
+    from tiermem import host_probe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_probe, "_cpu_attention_layer_seconds",
+                        lambda cfg, dtype, kv_quant, batch, context, device: {1: 1e-3, 2: 3e-3})
+    assert host_probe.cpu_attention_step_seconds(preset("llama-111b"), torch.bfloat16, None, 2, 136.5) == \
+        pytest.approx({1: 80e-3, 2: 240e-3})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert host_probe.cpu_attention_step_seconds(preset("llama-111b"), torch.bfloat16, None, 2, 136.5) == {}
+
+
+def test_measured_cpu_attention_replaces_the_copy_rate_figure():
+    w = workload({1: 1e-3, 2: 2e-3, 4: 4e-3})
+    args = dict(resident=4_000_000, host=0, disk=0, kv="cpu", cpu_cache_compute=True, micro_batches=2)
+    by_bytes = step_cost(w, HW, **args)
+    assert by_bytes["cpu_attention"] == pytest.approx(4 * 4 * 10 * 100 / HW.cpu_memcpy_Bps)
+    from dataclasses import replace
+
+    measured = step_cost(replace(w, cpu_attention_s={1: 0.5, 2: 0.7}), HW, **args)
+    assert measured["cpu_attention"] == 0.7 and measured["step"] == pytest.approx(0.7 + max(
+        measured[k] for k in ("disk", "pcie", "hbm", "compute", "host")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_attention_is_measured_with_the_query_on_the_gpu():
+    from tiermem.host_probe import cpu_attention_step_seconds
+
+    steps = cpu_attention_step_seconds(preset("llama3-8b"), torch.bfloat16, None, 4, 64)
+    assert set(steps) == {1, 2, 4} and all(32 * 1e-6 < s < 5 for s in steps.values())

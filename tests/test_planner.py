@@ -353,7 +353,8 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
                 "disk_read_dd_direct_Bps": 1.8e9, "disk_read_kvikio_Bps": 1.2e9}
     source = SimpleNamespace(followed_plan=chosen, describe=lambda: {"read_backend": "posix"})
     model = SimpleNamespace(source=source, reader=store, config=cfg,
-                            dtype=torch.float16, kv_quant=kv_scheme("int8", 64), device=torch.device("cpu"))
+                            dtype=torch.float16, kv_quant=kv_scheme("int8", 64), device=torch.device("cpu"),
+                            cpu_attention=False)
     got = same_run_prediction(model, ceilings, 8, 64, 8)["predicted_step_s_same_run_rates"]
     hw = Hardware.from_ceilings(ceilings, disk_read_Bps=1.5e9)
     assert got == pytest.approx(predict(chosen, w, hw).predicted_step_s, rel=1e-12)

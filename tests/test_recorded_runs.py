@@ -185,8 +185,10 @@ def test_prediction_of_recorded_111b_runs_within_15_percent(name, batch):
     (run,) = [r for r in result["runs"] if r["batch"] == batch]
     kv_quant = _kv_quant_of(placement)
     cfg = model_config_from_hf(preset("llama-111b"))
+    attention = {int(m): s for m, s in run.get("cpu_attention_step_s_same_run", {}).items()}
     w = Workload.from_config(cfg, dict(_block_bytes("llama-111b", "int4", 128, torch.bfloat16)), batch,
-                             run["prompt_len"], run["gen_len"], torch.bfloat16, quantized=True, kv_quant=kv_quant)
+                             run["prompt_len"], run["gen_len"], torch.bfloat16, quantized=True, kv_quant=kv_quant,
+                             cpu_attention_s=attention)
     used = replace(_placement_of(w, placement), micro_batches=min(run["micro_batches"], batch))
     predicted = predict(used, w, hw).predicted_step_s
     measured = run["decode_step_s"]
@@ -253,8 +255,11 @@ def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
     placement, (run,) = result["placement"], result["runs"]
     kv_quant = _kv_quant_of(placement)
     breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
+    # runs since session 7 time CPU attention (at load and after the run); before, it was the KV bytes' copy time
+    attention = {1: breakdown["cpu_attention"]} if "cpu_attention_step_s_same_run" in run else None
     w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=16, prompt_len=run["prompt_len"],
-                 gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: breakdown["host"]})
+                 gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: breakdown["host"]},
+                 cpu_attention_s=attention)
     assert placement["gpu_resident_blocks"] == len(w.streamable)  # every weight in HBM
     used = Plan.build(w, len(w.streamable), kv=placement["kv_placement"], cpu_cache_compute=placement["cpu_attention"],
                       lookahead=placement["lookahead"])

@@ -229,7 +229,7 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     (the plan itself was predicted at load from the cached probe); {} for the greedy placement or the CPU."""
     from dataclasses import replace
 
-    from tiermem.host_probe import host_step_seconds
+    from tiermem.host_probe import cpu_attention_step_seconds, host_step_seconds
     from tiermem.planner import Hardware, Workload, predict
 
     plan = getattr(model.source, "followed_plan", None)
@@ -244,12 +244,18 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
                                     kv_quant=model.kv_quant, host_step_s=host_step_seconds(
                                         reader.model_config, reader.quant, model.dtype, model.kv_quant, batch,
                                         str(model.device)))
+    attention = {}
+    if model.cpu_attention:
+        attention = cpu_attention_step_seconds(reader.model_config, model.dtype, model.kv_quant, batch,
+                                               workload.mean_context, str(model.device))
+        workload = replace(workload, cpu_attention_s=attention)
     split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
     at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
     predicted = predict(at_batch, workload, hardware)
     return {"predicted_step_s_same_run_rates": predicted.predicted_step_s,
             "predicted_breakdown_same_run_s": dict(predicted.breakdown),
-            "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware()}
+            "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware(),
+            **({"cpu_attention_step_s_same_run": attention} if attention else {})}
 
 
 def probed_hardware() -> dict | None:

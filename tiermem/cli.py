@@ -62,6 +62,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
+    from dataclasses import replace
     from pathlib import Path
 
     import torch
@@ -70,7 +71,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from tiermem.cost_model import DEFAULT_LAYER_OVERHEAD_S
     from tiermem.engine.config import gpu_compute_dtype, model_config_from_hf
     from tiermem.errors import ConfigError
-    from tiermem.host_probe import host_step_seconds
+    from tiermem.host_probe import cpu_attention_step_seconds, host_step_seconds
     from tiermem.kernels.kv_quant import kv_scheme
     from tiermem.planner import Hardware, Workload, cpu_attention_choice, plan
     from tiermem.probe import cached_hardware, read_cache
@@ -110,6 +111,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
         check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
     cpu_attention = cpu_attention_choice(None, kv_quant is not None)
+    if cpu_attention is not False and args.kv in (None, "cpu"):
+        workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
+            reader.model_config, gpu_compute_dtype(cfg, dtype), kv_quant, args.batch, workload.mean_context))
     chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
                   cpu_cache_compute=cpu_attention, micro_batches=args.micro_batches, lookahead=args.lookahead,
                   disk_kv=disk_kv)

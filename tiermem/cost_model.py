@@ -17,7 +17,9 @@ kv = KV bytes per token per layer (K and V, compute dtype):
              + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv;
                KV on disk: 4*L*B*c*kv (landed, permuted: read + write, read by attention)) / hbm_Bps
   compute = B * (L * matmul FLOPs per token per layer + head FLOPs + L*c*attention FLOPs) / matmul_flops
-  cpu_att = L*B*c*kv / cpu_memcpy_Bps  (KV on CPU and attention computed there: FlexGen's cpu_cache_compute)
+  cpu_att = KV on CPU and attention computed there (FlexGen's cpu_cache_compute): Workload.cpu_attention_s[m],
+            HostKVCache.attend timed on this machine at the step's rows and context by tiermem.host_probe;
+            L*B*c*kv / cpu_memcpy_Bps where not measured (at short contexts that misses the per-call costs)
   host    = the CPU time of issuing the step (Python, torch dispatch, kernel launches): Workload.host_step_s[m],
             measured on this machine by tiermem.host_probe; per_layer_overhead_s * L * m where not measured
 
@@ -131,7 +133,9 @@ class Workload:
     micro-batch count -> HBM bytes of a prefill's transient activations (tiermem.placement.workspace_bytes);
     decode_workspace_bytes: the same for a decode step (empty: the prefill's figures stand for both).
     host_step_s: micro-batch count -> host seconds of issuing a decode step (tiermem.host_probe; empty:
-    step_cost's per_layer_overhead_s stands in). dense_per_stored: bytes of a quantized weight dequantized to
+    step_cost's per_layer_overhead_s stands in). cpu_attention_s: micro-batch count -> host seconds of the step's
+    attention computed on the host (tiermem.host_probe.cpu_attention_step_seconds; empty: the KV bytes at the host
+    copy rate). dense_per_stored: bytes of a quantized weight dequantized to
     the compute dtype per byte as stored (0: the weights are stored dense).
     """
 
@@ -149,6 +153,7 @@ class Workload:
     workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     host_step_s: Mapping[int, float] = field(default_factory=dict)
+    cpu_attention_s: Mapping[int, float] = field(default_factory=dict)
     dense_per_stored: float = 0.0
 
     def __post_init__(self) -> None:
@@ -194,11 +199,13 @@ class Workload:
     @classmethod
     def from_config(cls, cfg, block_bytes: Mapping[str, int], batch: int = 1, prompt_len: int = 512,
                     gen_len: int = 32, dtype=None, quantized: bool = False, kv_quant=None,
-                    host_step_s: Mapping[int, float] | None = None) -> Workload:
+                    host_step_s: Mapping[int, float] | None = None,
+                    cpu_attention_s: Mapping[int, float] | None = None) -> Workload:
         """From an engine ModelConfig and the block sizes of its store; dtype: the compute dtype;
         quantized: the store holds int4/int8 weights (see placement.workspace_bytes); kv_quant: the
         QuantScheme the KV cache is stored in (None: the compute dtype); host_step_s: measured host
-        seconds of a decode step by micro-batch count (tiermem.host_probe.host_step_seconds)."""
+        seconds of a decode step by micro-batch count (tiermem.host_probe.host_step_seconds); cpu_attention_s:
+        measured host seconds of its attention on the host (tiermem.host_probe.cpu_attention_step_seconds)."""
 
         from tiermem.engine.config import expected_weights, gpu_compute_dtype
         from tiermem.placement import kv_cache_bytes, workspace_bytes
@@ -219,7 +226,7 @@ class Workload:
                              for m in divisors(batch)},
             decode_workspace_bytes={m: workspace_bytes(cfg, batch, prompt_len + gen_len, m, dtype, quantized,
                                                        kv_quant is not None, new_tokens=1) for m in divisors(batch)},
-            host_step_s=dict(host_step_s or {}),
+            host_step_s=dict(host_step_s or {}), cpu_attention_s=dict(cpu_attention_s or {}),
             dense_per_stored=matmul * e / block_bytes["layers.0"] if quantized else 0.0,
         )
 
@@ -247,7 +254,7 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
         flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
     elif cpu_cache_compute:
         pcie_bytes += L * B * w.act_bytes_per_token_layer
-        cpu_att = kv_read / hw.cpu_memcpy_Bps
+        cpu_att = w.cpu_attention_s.get(m, kv_read / hw.cpu_memcpy_Bps)
     elif kv == "disk":
         disk_bytes += kv_read + L * B * w.kv_bytes_per_token_layer
         pcie_bytes += kv_read

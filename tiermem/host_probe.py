@@ -9,6 +9,11 @@ resident. Its GPU kernels take microseconds, so its step time is host time. The 
 depth: a per-layer figure taken from the difference of a 2- and a 10-layer copy scattered by 0.53-1.13x
 of the full model's step from one measurement to the next (benchmarks/results/host_time_check_*), where
 one measurement of the full depth repeats within a few percent.
+
+Attention computed on the host (a KV cache in host RAM with FlexGen's cpu_cache_compute) is timed apart, at the
+model's real shape: at short contexts its KV bytes do not set its cost (111B int4, batch 32 at 136 tokens: 0.18 s
+of a step where the bytes at the host copy rate take 0.045 s), so HostKVCache.attend itself is timed over a few
+layers' worth of host K/V of the workload's rows and context.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from tiermem.engine.config import model_config_from_hf
+from tiermem.engine.executor import micro_batch_slices
 from tiermem.kernels.quant import QuantScheme
 
 TINY_VOCAB = 1024
 WARM_STEPS, TIMED_STEPS, PROMPT_LEN = 3, 16, 16
+ATTENTION_PROBE_BYTES = 1 << 30  # host K/V the CPU-attention probe cycles through: more than the host's caches
+ATTENTION_TIMED_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -114,3 +123,55 @@ def host_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.d
     kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
     return {m: measure_host_time(hf_config, quant, dtype, *kv, batch // m, str(device)).step_s(m)
             for m in divisors(batch)}
+
+
+def _cpu_attention_layer_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: QuantScheme | None, batch: int,
+                                 context: int, device: str) -> dict[int, float]:
+    """Micro-batch count m -> wall seconds of one layer's CPU attention over `batch` rows split into m (m calls of
+    HostKVCache.attend, new k, v and q coming from `device`), each over `context` cached tokens."""
+    from tiermem.cost_model import divisors
+    from tiermem.kv_offload import HostKVCache
+
+    cfg = model_config_from_hf(hf_config)
+    layer_bytes = 2 * batch * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
+    layers = max(2, min(cfg.num_layers, ATTENTION_PROBE_BYTES // max(layer_bytes, 1)))
+    shape = SimpleNamespace(num_layers=layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    cache = HostKVCache.allocate(shape, batch, context, dtype, "cpu", kv_quant, cpu_attention=True)
+    cache.length = context - 1  # each call appends the step's token at the last slot and attends over all
+    q = torch.randn(batch, cfg.num_heads, 1, cfg.head_dim, dtype=dtype, device=device)  # [B, H, 1, Dh]
+    kv = torch.randn(batch, cfg.num_kv_heads, 1, cfg.head_dim, dtype=dtype, device=device)  # [B, Hkv, 1, Dh]
+    mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
+    scale = cfg.head_dim**-0.5
+
+    def one_pass(slices: list[slice]) -> None:
+        for layer in range(layers):
+            for r in slices:
+                cache.attend(layer, r, q[r], kv[r], kv[r], mask[r], scale)
+
+    seconds = {}
+    try:
+        for m in divisors(batch):
+            slices = micro_batch_slices(batch, m)
+            one_pass(slices)  # warm: first touch of the host K/V, CPU kernels' set-up
+            start = time.perf_counter()
+            for _ in range(ATTENTION_TIMED_PASSES):
+                one_pass(slices)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            seconds[m] = (time.perf_counter() - start) / (ATTENTION_TIMED_PASSES * layers)
+    finally:
+        cache.close()
+    return seconds
+
+
+def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: QuantScheme | None, batch: int,
+                               context: float, device: str = "cuda") -> dict[int, float]:
+    """Micro-batch count m -> host seconds of the attention a decode step of `batch` rows at `context` cached
+    tokens computes on the host (cost_model.Workload.cpu_attention_s), for every divisor m of batch: the
+    model's depth times one layer's m calls of HostKVCache.attend, timed here on up to 1 GiB of host K/V
+    (about 0.1-1 s); {} without CUDA (the cost model's host copy rate over the KV bytes stands in)."""
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        return {}
+    layers = model_config_from_hf(hf_config).num_layers
+    per_layer = _cpu_attention_layer_seconds(hf_config, dtype, kv_quant, batch, max(1, round(context)), str(device))
+    return {m: layers * s for m, s in per_layer.items()}

@@ -256,7 +256,9 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
     cache goes on disk only with disk_kv (an offload_dir given)."""
-    from tiermem.host_probe import host_step_seconds
+    from dataclasses import replace
+
+    from tiermem.host_probe import cpu_attention_step_seconds, host_step_seconds
     from tiermem.planner import Workload, cpu_attention_choice
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
@@ -268,9 +270,13 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
                                     max_seq - gen_len, gen_len, dtype, quantized=reader.quant is not None,
                                     kv_quant=kv_quant, host_step_s=host_step_seconds(
                                         reader.model_config, reader.quant, dtype, kv_quant, max_batch, device))
+    attention = cpu_attention_choice(cpu_attention, kv_quant is not None)
+    if attention is not False and kv_placement in (None, "cpu"):
+        workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
+            reader.model_config, dtype, kv_quant, max_batch, workload.mean_context, device))
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
-                     cpu_cache_compute=cpu_attention_choice(cpu_attention, kv_quant is not None),
+                     cpu_cache_compute=attention,
                      micro_batches=micro_batches, lookahead=lookahead, disk_kv=disk_kv)
 
 

@@ -343,8 +343,8 @@ def plan(workload: Workload, hardware: Hardware, gpu_memory: int, cpu_memory: in
 def cpu_attention_choice(asked: bool | None, kv_quantized: bool) -> bool | None:
     """What the planner may do about CPU attention (plan()'s cpu_cache_compute): what was asked, or when nothing
     was, None (search it) for a dense KV cache and False for a quantized one. The cost model charges CPU attention
-    the host copy rate over the KV bytes, which measured within 5-18% of three dense runs with resident weights
-    (tests/test_recorded_runs.py); a quantized cache is dequantized on the host first, which that does not cover."""
+    what HostKVCache.attend took when timed at the step's shape (tiermem.host_probe.cpu_attention_step_seconds);
+    a quantized cache is dequantized on the host first; the planner leaves that to a caller who asks for it."""
     if asked is not None:
         return asked
     return False if kv_quantized else None
