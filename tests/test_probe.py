@@ -113,3 +113,46 @@ def test_measure_hardware_on_the_gpu(tmp_path):
     assert 1e9 < hw.h2d_Bps < 1e12 and 1e11 < hw.hbm_Bps < 1e14 and 1e12 < hw.matmul_flops < 1e16
     assert 1e7 < hw.disk_read_Bps and 1e8 < hw.cpu_memcpy_Bps and hw.name
     assert probe.cached_hardware(tmp_path / "hw.json", measure=lambda: hw) == hw
+
+
+class DiskCounter:
+    def __init__(self, rates: dict) -> None:
+        self.rates, self.asked = rates, []
+
+    def __call__(self, store_dir) -> float:
+        self.asked.append(store_dir.name)
+        return self.rates[store_dir.name]
+
+
+def test_the_disk_rate_is_measured_per_store_and_kept(tmp_path):
+    """A fresh cache measured on one store gives another store its own disk rate, measured once; the other
+    figures and their age stay as they were."""
+    path = tmp_path / "hw.json"
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    probe.cached_hardware(path, measure=Counter(), store_dir=a)
+    measured_at = probe.read_cache(path)[1]
+    disk = DiskCounter({"a": 9e9, "b": 1.6e9})
+    assert probe.cached_hardware(path, measure=Counter(), store_dir=a, measure_disk=disk) == FIGURES
+    got = probe.cached_hardware(path, measure=Counter(), store_dir=b, measure_disk=disk)
+    assert got.disk_read_Bps == 1.6e9 and got.h2d_Bps == FIGURES.h2d_Bps
+    assert probe.cached_hardware(path, measure=Counter(), store_dir=b, measure_disk=disk).disk_read_Bps == 1.6e9
+    assert disk.asked == ["b"]  # a's rate came with the full measurement, b's once
+    assert probe.read_cache(path) == (FIGURES, measured_at)
+    assert probe.read_cache_for_store(path, b)[0].disk_read_Bps == 1.6e9
+    assert probe.read_cache_for_store(path, tmp_path)[0] == FIGURES  # no rate for that directory
+    assert probe.cached_hardware(path, measure=Counter()) == FIGURES  # no store: the figures as measured
+
+
+def test_a_stale_store_rate_is_measured_again(tmp_path):
+    path = tmp_path / "hw.json"
+    store = tmp_path / "s"
+    store.mkdir()
+    probe.cached_hardware(path, measure=Counter())
+    disk = DiskCounter({"s": 1.5e9})
+    probe.cached_hardware(path, measure=Counter(), store_dir=store, measure_disk=disk)
+    body = json.loads(path.read_text())
+    body["disk_read_by_store"][str(store.resolve())]["measured_at"] -= 8 * 24 * 3600
+    path.write_text(json.dumps(body))
+    assert probe.cached_hardware(path, measure=Counter(), store_dir=store, measure_disk=disk).disk_read_Bps == 1.5e9
+    assert disk.asked == ["s", "s"]

@@ -123,7 +123,12 @@ PLANNED_RECORDED = [
     pytest.param("llama111b_int4_gpu24_host_plan_cpu_attention_s6call3_h200.json", 32, marks=pytest.mark.xfail(
         strict=True, reason="0.70 s predicted, 0.837 measured: CPU attention took 0.18 s of the step where the model "
         "gives it 0.045 s (its KV bytes at the host copy rate); at 32 rows of 136 tokens a layer its per-layer costs "
-        "(q, k, v to the host and the output back, a wait for the GPU) outweigh its bytes")),
+        "(q, k, v to the host and the output back, a wait for the GPU) outweigh its bytes. Since session 7 the "
+        "attention is timed (the _s7call2 CPU-attention run)")),
+    *((f"llama111b_int4_gpu24_host_{run}_s7call2_h200.json", b) for run in ("plan", "greedy") for b in (1, 32)),
+    ("llama111b_int4_gpu24_host_cpu_attention_s7call2_h200.json", 32),
+    *((f"llama111b_int4_gpu24_cpu32_{run}_s7call3_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4", "plan")),
+    *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
 ]
 
 
@@ -144,6 +149,14 @@ PLAN_TIME_RECORDED = [
         strict=True, reason="planned with session 5's cost model, in which CPU attention hid behind the PCIe stream "
         "(0.658 s predicted); it stalls the stream (0.837 s measured). The model now adds it to the step, and the "
         "planner keeps attention on the GPU for this configuration (the _s6call4 file: within 8%)")),
+    ("llama111b_int4_gpu24_host_plan_s7call2_h200.json", 32),
+    ("llama111b_int4_gpu24_host_cpu_attention_s7call2_h200.json", 32),
+    *(pytest.param(f"llama111b_int4_gpu24_cpu32_{run}_s7call3_h200.json", 64, marks=pytest.mark.xfail(
+        strict=True, reason="planned with the disk rate cached in call 1, measured on the llama3-8b store (1.98 "
+        "GB/s); the disk tier then read the 111B store at about 1.55. A probe of the 111B store itself read 1.58 "
+        "and predicted within 2-3% (the _s7call4 files); the cache now keeps the disk rate per store"))
+      for run in ("plan_int4kv", "kvcpu_int4", "plan")),
+    *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
 ]
 
 
@@ -168,6 +181,25 @@ def test_recorded_plan_beats_the_hand_written_alternative_of_its_call():
     assert planned["placement"]["placement"] == "plan" and planned["placement"]["kv_placement"] == "gpu"
     assert step("llama111b_int4_gpu24_cpu32_plan_int4kv_s3call3_h200.json") < step(
         "llama111b_int4_gpu24_cpu32_kvcpu_int4_s3call3_h200.json")
+
+
+def _steps(name: str) -> dict[int, float]:
+    return {r["batch"]: r["decode_step_s"] for r in json.loads((RESULTS / name).read_text())["runs"]}
+
+
+def test_session_7_plans_beat_every_hand_written_alternative_tried():
+    """111B int4 in 24 GiB of GPU, session 7, one machine held through calls 2-4. The rest in RAM (call 2): the
+    planner's placement against the greedy one (HBM-resident prefix) at batch 1 and 32, and against KV in host
+    RAM with CPU attention at 32. With 32 GiB of RAM (call 3): the plan with an int4 KV cache (on the GPU)
+    against KV fixed in host RAM; the plan with a bf16 KV cache against KV fixed in host RAM (call 4)."""
+    host = "llama111b_int4_gpu24_host_{}_s7call2_h200.json"
+    plan, greedy, cpu_attention = (_steps(host.format(run)) for run in ("plan", "greedy", "cpu_attention"))
+    assert plan[1] < greedy[1] and plan[32] < greedy[32] and plan[32] < cpu_attention[32]
+    disk = "llama111b_int4_gpu24_cpu32_{}_h200.json"
+    assert _steps(disk.format("plan_int4kv_s7call3"))[64] < _steps(disk.format("kvcpu_int4_s7call3"))[64]
+    assert _steps(disk.format("plan_s7call3"))[64] < _steps(disk.format("kvcpu_bf16_s7call4"))[64]
+    for name in ("plan_int4kv_s7call3", "plan_s7call3"):
+        assert json.loads((RESULTS / disk.format(name)).read_text())["placement"]["kv_placement"] == "gpu"
 
 
 @pytest.mark.parametrize("name,batch", PLANNED_RECORDED)
@@ -229,6 +261,9 @@ KV_TIER_PLAN_TIME = [
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_gpu_s6call1_h200.json", HOST_PROBE_MACHINE),
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s6call1_h200.json" for run in ("cpu", "cpu_attention", "disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s6call3_h200.json",
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s7call1_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
+    *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_{run}_s7call1_h200.json", PROBE_DRIFT)
+      for run in ("disk", "disk_int4")),
 ]
 
 
@@ -243,6 +278,8 @@ KV_TIER_SAME_RUN = [
         "probe's at load (56.5), and attention ran faster than the slower one (from the probe's: within 15%)")),
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s6call1_h200.json" for run in ("cpu", "disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s6call3_h200.json",
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s7call1_h200.json" for run in ("gpu", "cpu", "cpu_attention", "disk",
+                                                                          "disk_int4")),
 ]
 
 

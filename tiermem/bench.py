@@ -254,20 +254,21 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     predicted = predict(at_batch, workload, hardware)
     return {"predicted_step_s_same_run_rates": predicted.predicted_step_s,
             "predicted_breakdown_same_run_s": dict(predicted.breakdown),
-            "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware(),
+            "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware(getattr(reader, "path", None)),
             **({"cpu_attention_step_s_same_run": attention} if attention else {})}
 
 
-def probed_hardware() -> dict | None:
-    """The cached probe figures the planner used at load (tiermem.probe.cache_path), None when there are none."""
+def probed_hardware(store_dir) -> dict | None:
+    """The cached probe figures the planner used at load (tiermem.probe.cache_path; the disk's rate of
+    store_dir), None when there are none."""
     from dataclasses import asdict
 
-    from tiermem.probe import cache_path, read_cache
+    from tiermem.probe import cache_path, read_cache_for_store
 
     path = cache_path(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     if path is None or not path.is_file():
         return None
-    hw, measured_at = read_cache(path)
+    hw, measured_at = read_cache_for_store(path, store_dir)
     return {**asdict(hw), "measured_at": measured_at}
 
 

@@ -3,6 +3,10 @@
 measure_hardware() needs a GPU (pinned H2D and HBM through tiermem.ceilings, a bf16 matmul rate);
 the host memcpy and cold disk read rates are measured on the CPU. cached_hardware() reads
 ~/.cache/tiermem/hardware-<hostname>-<gpu>.json when it is fresh and measures (and writes it) otherwise.
+The disk's read rate is kept per block store: on the GPU machine the rate measured on one store (5 GB,
+llama3-8b) was 1.98 GB/s and the 111B store's disk tier then read 1.55 GB/s (plan-time predictions
+18-22% short), while a probe of the 111B store itself read 1.58 GB/s and predicted its plan within 2%
+(benchmarks/results/llama111b_int4_gpu24_cpu32_*_s7call3/4_h200.json).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -160,11 +164,30 @@ def read_cache(path: str | os.PathLike) -> tuple[Hardware, float]:
     return Hardware.from_json(data), float(data.get("measured_at", path.stat().st_mtime))
 
 
-def write_cache(path: str | os.PathLike, hw: Hardware) -> Path:
-    """Write figures with their time and host (temp file + rename, so readers never see half a file)."""
+def read_cache_for_store(path: str | os.PathLike, store_dir: str | os.PathLike | None) -> tuple[Hardware, float]:
+    """read_cache, with the disk read rate the cache holds for store_dir (if it holds one) in the figures."""
+    hw, measured_at = read_cache(path)
+    entry = store_disk_rates(path).get(str(Path(store_dir).resolve())) if store_dir is not None else None
+    return (hw if entry is None else replace(hw, disk_read_Bps=float(entry["Bps"]))), measured_at
+
+
+def store_disk_rates(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """A cache file's disk read rates by block store: resolved directory -> {"Bps", "measured_at"}."""
+    try:
+        return dict(json.loads(Path(path).read_text()).get("disk_read_by_store", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(path: str | os.PathLike, hw: Hardware, disk_read_by_store: dict[str, dict[str, float]] | None = None,
+                measured_at: float | None = None) -> Path:
+    """Write figures with the time they were measured (default now) and the host, and the disk read rates by
+    store (temp file + rename, so readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"hardware": asdict(hw), "measured_at": time.time(), "host": socket.gethostname()}
+    body = {"hardware": asdict(hw), "measured_at": time.time() if measured_at is None else measured_at,
+            "host": socket.gethostname(),
+            "disk_read_by_store": disk_read_by_store or {}}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=1))
     os.replace(tmp, path)
@@ -174,13 +197,16 @@ def write_cache(path: str | os.PathLike, hw: Hardware) -> Path:
 def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cuda",
                     store_dir: str | os.PathLike | None = None, max_age_s: float = DEFAULT_MAX_AGE_S,
                     refresh: bool = False, measure: Callable[[], Hardware] | None = None,
+                    measure_disk: Callable[[Path], float] | None = None,
                     cache_dir: str | os.PathLike | None = None) -> Hardware:
     """Cached figures when fresh (younger than max_age_s), else measured now and written to the cache.
 
     path: the cache file (default cache_path() of this host and GPU; without CUDA, the only cache
     file of this host if there is exactly one). measure: what measures (default measure_hardware).
-    Without CUDA and without a measure function a stale cache is still used; no cache is a
-    TiermemError telling the user to pass a Hardware JSON file.
+    store_dir: the block store the figures are for; its disk read rate is measured on it (measure_disk,
+    default measure_disk_read: a few seconds) unless the cache holds a fresh one for that directory, and
+    replaces the cached disk_read_Bps. Without CUDA and without a measure function a stale cache is still
+    used; no cache is a TiermemError telling the user to pass a Hardware JSON file.
     """
     gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
     if path is None:
@@ -190,16 +216,40 @@ def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cud
             found = sorted(_cache_root(cache_dir).glob(f"hardware-{_safe(socket.gethostname())}-*.json"))
             path = found[0] if len(found) == 1 else None
     can_measure = measure is not None or gpu is not None
+    hw = None
     if path is not None and Path(path).is_file() and not refresh:
-        hw, measured_at = read_cache(path)
+        cached, measured_at = read_cache(path)
         if time.time() - measured_at <= max_age_s or not can_measure:
-            return hw
+            hw = cached
+    if hw is None:
+        if not can_measure:
+            raise TiermemError("no cached hardware figures for this machine and no CUDA to measure them: pass "
+                               "--hardware FILE.json (tiermem.planner.Hardware.to_json: disk_read_Bps, h2d_Bps, "
+                               "hbm_Bps, matmul_flops, cpu_memcpy_Bps)")
+        hw = measure() if measure is not None else measure_hardware(device, store_dir)
+        if path is None:
+            path = cache_path(hw.name or gpu or "unknown", cache_dir=cache_dir)
+        rates = {} if refresh else store_disk_rates(path)
+        if store_dir is not None:
+            rates[str(Path(store_dir).resolve())] = {"Bps": hw.disk_read_Bps, "measured_at": time.time()}
+        write_cache(path, hw, rates)
+        return hw
+    if store_dir is None:
+        return hw
+    return replace(hw, disk_read_Bps=_store_disk_read(path, hw, Path(store_dir), max_age_s, can_measure,
+                                                      measure_disk or measure_disk_read))
+
+
+def _store_disk_read(path: str | os.PathLike, hw: Hardware, store_dir: Path, max_age_s: float, can_measure: bool,
+                     measure_disk: Callable[[Path], float]) -> float:
+    """The disk read rate of store_dir: the cache's when fresh, else measured now and added to the cache."""
+    rates = store_disk_rates(path)
+    key = str(store_dir.resolve())
+    entry = rates.get(key)
+    if entry is not None and (time.time() - entry["measured_at"] <= max_age_s or not can_measure):
+        return float(entry["Bps"])
     if not can_measure:
-        raise TiermemError("no cached hardware figures for this machine and no CUDA to measure them: pass "
-                           "--hardware FILE.json (tiermem.planner.Hardware.to_json: disk_read_Bps, h2d_Bps, "
-                           "hbm_Bps, matmul_flops, cpu_memcpy_Bps)")
-    hw = measure() if measure is not None else measure_hardware(device, store_dir)
-    if path is None:
-        path = cache_path(hw.name or gpu or "unknown", cache_dir=cache_dir)
-    write_cache(path, hw)
-    return hw
+        return hw.disk_read_Bps
+    rates[key] = {"Bps": measure_disk(store_dir), "measured_at": time.time()}
+    write_cache(path, hw, rates, measured_at=read_cache(path)[1])
+    return rates[key]["Bps"]
