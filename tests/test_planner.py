@@ -294,6 +294,10 @@ def test_cli_plan_prints_the_plan(tmp_path, capsys, monkeypatch):
                  "--gpu-memory", "24GiB", "--cpu-memory", "32GiB", "--hardware", str(hw), "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "from disk" in out and "tok/s" in out and "predicted:" in out
+    assert f"rates ({hw}): disk 1.30 GB/s, PCIe 55.5 GB/s, HBM 4200 GB/s" in out
+    assert main(["plan", "--synthetic", "opt-30b", "--gpu-memory", "24GiB", "--cpu-memory", "48GiB",
+                 "--hardware", str(hw), "--refresh-probe"]) == 2
+    assert "pass one" in capsys.readouterr().err
     assert ("host time not measured" in out) == (not torch.cuda.is_available())
     assert json.loads(out_json.read_text())["plan"]["disk_blocks"]
     if not torch.cuda.is_available():

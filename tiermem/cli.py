@@ -101,10 +101,14 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                                     kv_quant=kv_quant, host_step_s=host_step_seconds(
                                         reader.model_config, reader.quant, gpu_compute_dtype(cfg, dtype), kv_quant,
                                         args.batch))
+    if args.hardware and args.refresh_probe:
+        raise ConfigError("--refresh-probe measures this machine; --hardware reads figures from a file: pass one")
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]
+        source = args.hardware
     else:
-        hardware = cached_hardware(store_dir=args.store)
+        hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
+        source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
     disk_kv = args.offload_dir is not None
     if disk_kv:
         from tiermem.scratch_file import check_offload_dir
@@ -119,6 +123,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                   disk_kv=disk_kv)
     print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
           f"{f' on {hardware.name}' if hardware.name else ''}")
+    print(f"rates ({source}): disk {hardware.disk_read_Bps / 1e9:.2f} GB/s, PCIe {hardware.h2d_Bps / 1e9:.1f} GB/s, "
+          f"HBM {hardware.hbm_Bps / 1e9:.0f} GB/s, matmul {hardware.matmul_flops / 1e12:.0f} TFLOP/s, host copy "
+          f"{hardware.cpu_memcpy_Bps / 1e9:.1f} GB/s")
     print("\n".join(chosen.describe()))
     if not workload.host_step_s:
         print(f"host time not measured (no CUDA here): {DEFAULT_LAYER_OVERHEAD_S * 1e6:.0f} us per layer and "
@@ -207,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--hardware", default=None, help="Hardware JSON (default: the cached probe of this machine)")
+    p.add_argument("--refresh-probe", action="store_true",
+                   help="measure this machine's rates again (the disk's on STORE) instead of using the cached probe")
     p.add_argument("--kv", choices=["gpu", "cpu", "disk"], default=None, help="fix the KV cache placement")
     p.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="the KV cache may live in a file here (load with the same offload_dir)")
