@@ -195,6 +195,8 @@ def test_session_7_plans_beat_every_hand_written_alternative_tried():
     host = "llama111b_int4_gpu24_host_{}_s7call2_h200.json"
     plan, greedy, cpu_attention = (_steps(host.format(run)) for run in ("plan", "greedy", "cpu_attention"))
     assert plan[1] < greedy[1] and plan[32] < greedy[32] and plan[32] < cpu_attention[32]
+    planned = json.loads((RESULTS / host.format("plan")).read_text())["placement"]
+    assert planned["placement"] == "plan" and not planned["cpu_attention"]  # CPU attention timed at load, not chosen
     disk = "llama111b_int4_gpu24_cpu32_{}_h200.json"
     assert _steps(disk.format("plan_int4kv_s7call3"))[64] < _steps(disk.format("kvcpu_int4_s7call3"))[64]
     assert _steps(disk.format("plan_s7call3"))[64] < _steps(disk.format("kvcpu_bf16_s7call4"))[64]
