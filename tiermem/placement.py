@@ -251,7 +251,8 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
               micro_batches: int | None, lookahead: int | None, cpu_attention: bool | None = None,
               disk_kv: bool = False, device: str = "cuda") -> Plan:
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures and
-    host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split),
+    host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split; where the
+    planner may choose CPU attention, that attention timed at the step's rows and context too),
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
