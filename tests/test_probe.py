@@ -100,6 +100,22 @@ def test_disk_probe_reads_a_stores_own_block_files(tmp_path, monkeypatch):
     assert not calls
 
 
+def test_disk_probe_of_a_directory_that_takes_no_file_uses_the_temp_dir(tmp_path, monkeypatch):
+    store = tmp_path / "read-only-store"
+    store.mkdir()
+    real, asked = probe.tempfile.NamedTemporaryFile, []
+
+    def refuse_the_store(*args, dir=None, **kw):
+        asked.append(dir)
+        if dir == store:
+            raise PermissionError(13, "Permission denied", str(store))
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(probe.tempfile, "NamedTemporaryFile", refuse_the_store)
+    assert probe.measure_disk_read(store, nbytes=16 << 20) > 1e6
+    assert asked == [store, None] and not list(store.iterdir())
+
+
 @no_cuda
 def test_measure_hardware_needs_cuda():
     with pytest.raises(ConfigError, match="CUDA"):
@@ -124,12 +140,19 @@ class DiskCounter:
         return self.rates[store_dir.name]
 
 
+def fake_store(directory, nbytes: int = 1 << 30):
+    """A directory with a sparse block file of nbytes (what probe.store_blocks counts)."""
+    directory.mkdir()
+    with open(directory / "layers.0.safetensors", "wb") as f:
+        f.truncate(nbytes)
+    return directory
+
+
 def test_the_disk_rate_is_measured_per_store_and_kept(tmp_path):
     """A fresh cache measured on one store gives another store its own disk rate, measured once; the other
     figures and their age stay as they were."""
     path = tmp_path / "hw.json"
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
+    a, b = fake_store(tmp_path / "a"), fake_store(tmp_path / "b")
     probe.cached_hardware(path, measure=Counter(), store_dir=a)
     measured_at = probe.read_cache(path)[1]
     disk = DiskCounter({"a": 9e9, "b": 1.6e9})
@@ -146,8 +169,7 @@ def test_the_disk_rate_is_measured_per_store_and_kept(tmp_path):
 
 def test_a_stale_store_rate_is_measured_again(tmp_path):
     path = tmp_path / "hw.json"
-    store = tmp_path / "s"
-    store.mkdir()
+    store = fake_store(tmp_path / "s")
     probe.cached_hardware(path, measure=Counter())
     disk = DiskCounter({"s": 1.5e9})
     probe.cached_hardware(path, measure=Counter(), store_dir=store, measure_disk=disk)
@@ -156,3 +178,12 @@ def test_a_stale_store_rate_is_measured_again(tmp_path):
     path.write_text(json.dumps(body))
     assert probe.cached_hardware(path, measure=Counter(), store_dir=store, measure_disk=disk).disk_read_Bps == 1.5e9
     assert disk.asked == ["s", "s"]
+
+
+def test_a_small_store_keeps_the_machine_figure_and_gets_nothing_written(tmp_path):
+    path = tmp_path / "hw.json"
+    small = fake_store(tmp_path / "small", nbytes=1 << 20)
+    probe.cached_hardware(path, measure=Counter())
+    disk = DiskCounter({})
+    assert probe.cached_hardware(path, measure=Counter(), store_dir=small, measure_disk=disk) == FIGURES
+    assert disk.asked == [] and sorted(p.name for p in small.iterdir()) == ["layers.0.safetensors"]

@@ -65,19 +65,25 @@ def measure_disk_read(directory: str | os.PathLike | None = None, nbytes: int = 
     the GPU machine a probe file written and read back gave 1.2 GB/s where the disk tier then read
     1.5-2.0 GB/s, and the planner's predictions were 20-60% off. After a 1 GiB read of the store a plan
     predicted 9.6 s per step where the disk tier then took 5.8 s (session 3); reading more averages out
-    the disk's drift. Otherwise a file is written, synced and evicted there and
-    read in CHUNK bytes with O_DIRECT where the filesystem allows it, else buffered after
-    POSIX_FADV_DONTNEED (cold unless the kernel ignores the advice); the file is removed afterwards.
+    the disk's drift. Otherwise a file is written, synced and evicted there (in the temp dir where
+    `directory` takes no file, e.g. a read-only store) and read in CHUNK bytes with O_DIRECT where the
+    filesystem allows it, else buffered after POSIX_FADV_DONTNEED (cold unless the kernel ignores the
+    advice); the file is removed afterwards.
     """
-    blocks = sorted(Path(directory).glob("*.safetensors"), key=lambda f: -f.stat().st_size) if directory else []
-    if sum(f.stat().st_size for f in blocks) >= nbytes:
+    blocks = store_blocks(directory, nbytes) if directory else []
+    if blocks:
         from tiermem.ceilings import measure_disk_read as measure_store_read
 
         return measure_store_read(blocks, nbytes_cap=store_nbytes, readers=("posix",))["disk_read_posix_direct_Bps"]
     nbytes = max(CHUNK, nbytes // CHUNK * CHUNK)
     block = os.urandom(CHUNK)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tiermem-probe-", delete=False) as f:
-        path = f.name
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tiermem-probe-", delete=False) as f:
+            path = f.name
+    except OSError:
+        if directory is None:
+            raise
+        return measure_disk_read(None, nbytes, store_nbytes)
     try:
         with open(path, "wb") as f:
             for _ in range(nbytes // CHUNK):
@@ -101,6 +107,12 @@ def measure_disk_read(directory: str | os.PathLike | None = None, nbytes: int = 
     finally:
         os.unlink(path)
     return nbytes / seconds
+
+
+def store_blocks(directory: str | os.PathLike, nbytes: int = 1 << 30) -> list[Path]:
+    """The block files of the store in `directory`, largest first, when they hold at least nbytes; else []."""
+    blocks = sorted(Path(directory).glob("*.safetensors"), key=lambda f: -f.stat().st_size)
+    return blocks if sum(f.stat().st_size for f in blocks) >= nbytes else []
 
 
 def _open_cold(path: str) -> int:
@@ -242,7 +254,11 @@ def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cud
 
 def _store_disk_read(path: str | os.PathLike, hw: Hardware, store_dir: Path, max_age_s: float, can_measure: bool,
                      measure_disk: Callable[[Path], float]) -> float:
-    """The disk read rate of store_dir: the cache's when fresh, else measured now and added to the cache."""
+    """The disk read rate of store_dir: the cache's when fresh, else measured now on the store's own files and
+    added to the cache. A store of less than 1 GiB of block files keeps the machine's figure: nothing is written
+    into it to measure, and a model that small is not read from disk at a rate that matters."""
+    if not store_blocks(store_dir):
+        return hw.disk_read_Bps
     rates = store_disk_rates(path)
     key = str(store_dir.resolve())
     entry = rates.get(key)
