@@ -104,7 +104,8 @@ def test_each_split_is_timed_at_its_rows_and_counted_once_per_micro_batch(monkey
     assert steps == pytest.approx({1: 18e-3, 2: 2 * 14e-3, 4: 4 * 12e-3, 8: 8 * 11e-3})
 
 
-def test_cpu_attention_is_timed_through_host_attend_at_the_workloads_shape(monkeypatch):
+@pytest.mark.parametrize("kv_quant", [None, "int4"])
+def test_cpu_attention_is_timed_through_host_attend_at_the_workloads_shape(monkeypatch, kv_quant):
     """Every split m of the batch calls HostKVCache.attend m times per layer over batch / m rows of `context`
     cached tokens (a warm pass, then the timed ones), and the figure is one layer's seconds (CPU only here)."""
     from tiermem import host_probe
@@ -115,13 +116,14 @@ def test_cpu_attention_is_timed_through_host_attend_at_the_workloads_shape(monke
 
     def counted(self, layer, rows, q, k, v, mask, scale):
         out = attend(self, layer, rows, q, k, v, mask, scale)
-        calls.append((layer, rows.stop - rows.start, self.keys[layer][rows, :, :self.length + 1].shape[2]))
+        calls.append((layer, rows.stop - rows.start, self.length + 1))
         assert out.shape == q.shape
         return out
 
     monkeypatch.setattr(HostKVCache, "attend", counted)
     config = preset("tiny-llama")
-    seconds = host_probe._cpu_attention_layer_seconds(config, torch.bfloat16, None, 4, 24, "cpu")
+    scheme = QuantScheme.from_name(kv_quant, 32) if kv_quant else None
+    seconds = host_probe._cpu_attention_layer_seconds(config, torch.bfloat16, scheme, 4, 24, "cpu")
     assert set(seconds) == {1, 2, 4} and all(s > 0 for s in seconds.values())
     layers = model_config_from_hf(config).num_layers
     passes = 1 + host_probe.ATTENTION_TIMED_PASSES
