@@ -122,8 +122,24 @@ def test_generate_rejects_bad_input(packed):
             m.generate(torch.tensor([[10**6]]), 2)
         with pytest.raises(tiermem.BudgetError, match="max_seq_len"):
             m.generate(torch.tensor([[5, 6, 7]]), 16)
+        for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)):
+            with pytest.raises(tiermem.ConfigError, match="holds no token"):
+                m.generate(empty, 2)
+            with pytest.raises(tiermem.ConfigError, match="holds no token"):
+                m.forward(empty)
     with pytest.raises(tiermem.TiermemError, match="closed"):
         m.forward(torch.tensor([[5]]))
+
+
+def test_load_rejects_bad_options(packed):
+    _variant, _hf, store = packed
+    with pytest.raises(tiermem.ConfigError, match="'tpu' is not a device"):
+        tiermem.load(store, device="tpu")
+    with pytest.raises(tiermem.ConfigError, match="not supported"):
+        tiermem.load(store, device="meta")
+    for batch, seq in ((0, 8), (1, 0), (-2, 8)):
+        with pytest.raises(tiermem.ConfigError, match="max_batch_size and max_seq_len must be >= 1"):
+            tiermem.load(store, max_batch_size=batch, max_seq_len=seq)
 
 
 def test_synthetic_store_written_to_disk_loads_and_generates(tmp_path):

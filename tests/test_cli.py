@@ -35,6 +35,12 @@ def test_pack_info_generate(tmp_path, capsys):
                  "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("t5 t6 t7") and lines[1].startswith("t9")
+    import tiermem
+
+    with tiermem.load(store, max_batch_size=2, max_seq_len=16) as model:
+        for prompts in ([], "t5 t6"):
+            with pytest.raises(tiermem.ConfigError, match="non-empty list of strings"):
+                model.generate_text(prompts, 2)
 
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):

@@ -122,12 +122,17 @@ def load_from_reader(
     offload_dir: str | os.PathLike | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
+    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
+        raise ConfigError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size} and {max_seq_len}")
     _check_disk_kv(device, kv_placement, offload_dir)
     cfg = model_config_from_hf(reader.model_config)
     kv_q = kv_scheme(kv_quant, cfg.head_dim, kv_group_size)
     check_weights(cfg, {b: reader.tensor_specs(b) for b in reader.block_names})
     max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a device: use 'cpu' or 'cuda'") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
@@ -356,6 +361,8 @@ class Model:
         from tqdm import tqdm
 
         tok = self.tokenizer
+        if isinstance(prompts, str) or not prompts:
+            raise ConfigError("prompts must be a non-empty list of strings")
         ids = [tok.encode(p).ids for p in prompts]
         if any(not x for x in ids):
             raise ConfigError("a prompt encodes to no tokens: give non-empty prompts")
@@ -392,7 +399,10 @@ class Model:
 def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ConfigError("input_ids must be a LongTensor of shape [batch, tokens]")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+    if not input_ids.numel():
+        raise ConfigError(f"input_ids of shape {tuple(input_ids.shape)} holds no token: give at least one row "
+                          "of at least one token")
+    if (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
         raise ConfigError(f"token ids must lie in [0, {cfg.vocab_size}) for this model")
 
 
