@@ -111,6 +111,10 @@ def pack_checkpoint(
         except ConfigError as exc:
             raise PackError(str(exc)) from exc
     dst = Path(dst_store)
+    src = Path(src_dir).resolve()
+    if dst.resolve() == src or dst.resolve() in src.parents:
+        raise PackError(f"the store {dst} would replace the checkpoint it is packed from ({src_dir}); choose a "
+                        "destination outside it")
     if dst.exists() and not overwrite:
         raise PackError(f"{dst} already exists; choose another destination or pass overwrite=True")
     ckpt = HFCheckpoint(src_dir)

@@ -207,6 +207,16 @@ def test_pack_refuses_existing_destination_unless_overwrite(tmp_path):
     assert StoreReader(dst).quant == QuantScheme(4, 16)
 
 
+def test_pack_never_replaces_its_own_source(tmp_path):
+    src = write_checkpoint(tmp_path / "models" / "hf", tiny_tensors(layers=1))
+    before = sorted(p.name for p in src.iterdir())
+    for dst in (src, src.parent, tmp_path, src / ".." / "hf"):
+        with pytest.raises(PackError, match="would replace the checkpoint"):
+            pack_checkpoint(src, dst, progress=False, overwrite=True)
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert StoreReader(pack_checkpoint(src, src / "store", progress=False)).block_names  # inside it is fine
+
+
 def test_pack_errors(tmp_path):
     tensors = tiny_tensors(layers=1)
     src = write_checkpoint(tmp_path / "hf", tensors, shards=2)
