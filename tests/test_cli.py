@@ -85,6 +85,17 @@ def test_bench_table_shows_peak_gpu_memory_and_warns_over_budget():
     assert "25.60 GiB" in over and "WARNING: peak GPU memory went over gpu_memory (24.00 GiB) at batch [64]" in over
 
 
+def test_bench_options_are_checked_before_anything_runs(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--synthetic", "tiny-llama"]) == 2
+    assert "pass --device cpu" in capsys.readouterr().err
+    for option, value in (("--batch", "0"), ("--batch", "1,x"), ("--micro-batches", "-1")):
+        assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", option, value]) == 2
+        assert f"{option} takes positive integers" in capsys.readouterr().err
+
+
 def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeypatch):
     """Reading the store to measure the disk slowed the disk KV tier's reads when it came first (device calls
     9-10 of session 5): bench times every run, then measures, then computes rooflines and predictions."""

@@ -75,11 +75,21 @@ def run_bench_cli(args: argparse.Namespace) -> dict:
     return result
 
 
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} takes positive integers separated by commas (e.g. 1,8,32), got {text!r}")
+    return values
+
+
 def _batches(args: argparse.Namespace) -> list[tuple[int, int]]:
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = _positive_ints(args.batch, "--batch")
     if args.micro_batches is None:
         return [(b, None) for b in batches]
-    micro = [int(m) for m in args.micro_batches.split(",")]
+    micro = _positive_ints(args.micro_batches, "--micro-batches")
     if len(micro) == 1:
         micro = micro * len(batches)
     if len(micro) != len(batches):
@@ -175,6 +185,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     from tiermem.ceilings import measure_ceilings
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench runs on --device cuda by default, and CUDA is not available here: pass --device cpu")
     plan = _batches(args)
     ceilings = measure_ceilings(str(device)) if device.type == "cuda" else {}
     load_start = time.perf_counter()
