@@ -94,6 +94,14 @@ def test_bench_options_are_checked_before_anything_runs(capsys, monkeypatch):
     for option, value in (("--batch", "0"), ("--batch", "1,x"), ("--micro-batches", "-1")):
         assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", option, value]) == 2
         assert f"{option} takes positive integers" in capsys.readouterr().err
+    assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--gpu-memory", "1GiB"]) == 2
+    assert "on the CPU pass cpu_memory only" in capsys.readouterr().err
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
+    assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--plot", "x.png"]) == 2
+    assert "pip install 'tiermem[plot]'" in capsys.readouterr().err
 
 
 def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeypatch):

@@ -142,6 +142,8 @@ def load_from_reader(
                                   kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention,
                                   offload_dir=offload_dir)
     elif dev.type == "cpu":
+        if gpu_memory is not None:
+            raise ConfigError("gpu_memory is a budget of device='cuda'; on the CPU pass cpu_memory only")
         if not (plan is None or plan == "auto") or kv_placement not in (None, "cpu") or cpu_attention:
             raise ConfigError("plans and kv_placement place blocks and KV for the GPU path; on the CPU pass "
                               "cpu_memory instead")

@@ -10,6 +10,7 @@ Results go to JSON; a PNG plot of tok/s against batch size with the roofline is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import platform
@@ -65,6 +66,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench_cli(args: argparse.Namespace) -> dict:
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot draws with matplotlib, which is not installed: pip install 'tiermem[plot]', "
+                          "or leave out --plot")
     result = run_bench(args)
     print(format_table(result))
     if args.out:
