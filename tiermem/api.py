@@ -71,7 +71,7 @@ def load(
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
     gpu_memory / cpu_memory are hard limits on what tiermem allocates ("24GiB", bytes, or None = no
-    limit). On CPU, blocks that do not fit cpu_memory are re-read from the store every step. On CUDA,
+    limit; gpu_memory only with device "cuda"). On CPU, blocks that do not fit cpu_memory are re-read from the store every step. On CUDA,
     blocks live in HBM, in pinned host memory (streamed to the GPU every step) or on disk (read every
     step, staged in pinned memory, streamed), and the KV cache on the GPU, in pinned host memory or
     in a file in offload_dir; the KV cache is sized for max_batch_size sequences of max_seq_len tokens
