@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import tiermem
 from tiermem import checkpoint_writer
 from tiermem.checkpoint import AsyncCheckpointer, format_report, load, save_async, verify
 from tiermem.checkpoint_staging import StagingRing
@@ -287,7 +288,10 @@ def test_truncated_file_and_missing_manifest(tmp_path):
     (tmp_path / "d" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
         load(tmp_path / "d")
-    assert not verify(tmp_path / "d").ok
+    with pytest.raises(tiermem.NotACheckpointError, match="manifest.json is missing"):
+        verify(tmp_path / "d")  # no checkpoint there at all: not a report of damage
+    with pytest.raises(tiermem.NotACheckpointError, match="missing"):
+        verify(tmp_path / "nothing-here")
 
 
 @pytest.mark.gpu

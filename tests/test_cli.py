@@ -67,6 +67,11 @@ def test_checkpoint_verify_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["checkpoint", "verify", str(path)])
     assert exit_info.value.code == 1 and "FAILED" in capsys.readouterr().out
+    store = tiermem.pack(build_tiny("llama2", tmp_path / "hf"), tmp_path / "store", progress=False)
+    assert main(["checkpoint", "verify", str(store)]) == 2
+    assert "is a tiermem block store, not a checkpoint" in capsys.readouterr().err
+    with pytest.raises(tiermem.NotACheckpointError, match="block store"):
+        tiermem.checkpoint.load(store)
 
 
 def test_bench_table_shows_peak_gpu_memory_and_warns_over_budget():

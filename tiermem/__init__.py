@@ -19,6 +19,7 @@ from tiermem.errors import (
     CheckpointError,
     ChecksumError,
     ConfigError,
+    NotACheckpointError,
     PackError,
     StoreError,
     TierIOError,
@@ -38,7 +39,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "BudgetError", "CheckpointError", "ChecksumError", "ConfigError", "PackError", "StoreError",
+    "BudgetError", "CheckpointError", "ChecksumError", "ConfigError", "NotACheckpointError", "PackError", "StoreError",
     "TierIOError", "TiermemError", "UnsupportedArchitectureError", "WeightsError",
     *_LAZY,
 ]

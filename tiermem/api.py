@@ -70,14 +70,14 @@ def load(
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
-    gpu_memory / cpu_memory are hard limits on what tiermem allocates ("24GiB", bytes, or None = no
-    limit; gpu_memory only with device "cuda"). On CPU, blocks that do not fit cpu_memory are re-read from the store every step. On CUDA,
-    blocks live in HBM, in pinned host memory (streamed to the GPU every step) or on disk (read every
-    step, staged in pinned memory, streamed), and the KV cache on the GPU, in pinned host memory or
-    in a file in offload_dir; the KV cache is sized for max_batch_size sequences of max_seq_len tokens
-    (default: the model's max positions, capped at 4096) and counts against the budget of the tier it
-    lives in (on disk: two layers of pinned staging count against cpu_memory, two layers of buffers
-    and half a layer for the layout change against gpu_memory, and the file needs that much free disk).
+    gpu_memory / cpu_memory are hard limits on what tiermem allocates ("24GiB", bytes, or None = no limit;
+    gpu_memory only with device "cuda"). On CPU, blocks that do not fit cpu_memory are re-read from the store
+    every step. On CUDA, blocks live in HBM, in pinned host memory (streamed to the GPU every step) or on disk
+    (read every step, staged in pinned memory, streamed), and the KV cache on the GPU, in pinned host memory or
+    in a file in offload_dir; the KV cache is sized for max_batch_size sequences of max_seq_len tokens (default:
+    the model's max positions, capped at 4096) and counts against the budget of the tier it lives in (on disk:
+    two layers of pinned staging count against cpu_memory, two layers of buffers and half a layer for the layout
+    change against gpu_memory, and the file needs that much free disk).
 
     plan (CUDA): "auto" (default) places blocks and KV by tiermem's planner: the fastest placement
     its cost model finds for these budgets, using this machine's bandwidths (probed once, ~10 s,

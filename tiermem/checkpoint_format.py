@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from tiermem.errors import CheckpointError, StoreError
+from tiermem.errors import CheckpointError, NotACheckpointError, StoreError
 from tiermem.storage.durable import is_unfinished
+from tiermem.storage.manifest import FORMAT_NAME as STORE_FORMAT
 from tiermem.storage.manifest import manifest_checksum
 from tiermem.storage.safetensors_io import DTYPE_SIZES, dtype_to_str, plan_layout
 
@@ -203,10 +204,13 @@ def read_manifest(path: str | Path) -> dict:
     try:
         body = json.loads(file.read_bytes())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a tiermem checkpoint: {MANIFEST} is missing "
-                              "(an unfinished save never has one); pick a complete checkpoint") from None
+        raise NotACheckpointError(f"{path} is not a tiermem checkpoint: {MANIFEST} is missing "
+                                  "(an unfinished save never has one); pick a complete checkpoint") from None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {file}: {exc}; the checkpoint is damaged") from exc
+    if isinstance(body, dict) and body.get("format") == STORE_FORMAT:
+        raise NotACheckpointError(f"{path} is a tiermem block store, not a checkpoint: open it with tiermem.load "
+                                  "(`tiermem info` shows it; loading checks its checksums)")
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a tiermem checkpoint manifest")
     if body.get("version") != VERSION:

@@ -14,7 +14,7 @@ import zstandard
 
 from tiermem.checkpoint_format import read_manifest, unflatten
 from tiermem.config import format_size
-from tiermem.errors import CheckpointError, StoreError
+from tiermem.errors import CheckpointError, NotACheckpointError, StoreError
 from tiermem.storage.safetensors_io import read_header, str_to_dtype
 
 CHUNK = 16 << 20  # bytes per read while verifying
@@ -147,11 +147,14 @@ def _hash_chunks(fd: int, entry: dict, file: Path) -> Iterator[memoryview]:
 
 
 def verify(path: str | os.PathLike) -> VerifyReport:
-    """Check a checkpoint without loading it: manifest, file sizes and headers, every tensor's checksum."""
+    """Check a checkpoint without loading it: manifest, file sizes and headers, every tensor's checksum.
+    NotACheckpointError where the path holds no checkpoint at all (a damaged one is a report that fails)."""
     root = Path(path)
     report = VerifyReport(root)
     try:
         manifest = read_manifest(root)
+    except NotACheckpointError:
+        raise
     except CheckpointError as exc:
         report.failed.append(("manifest.json", str(exc)))
         return report

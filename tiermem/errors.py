@@ -39,3 +39,7 @@ class TierIOError(TiermemError):
 
 class CheckpointError(TiermemError):
     """Saving, loading or verifying a checkpoint failed."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The path holds no tiermem checkpoint at all (nothing there, an unfinished save, another kind of file)."""
