@@ -7,6 +7,7 @@ generation stops early (fewer than max_new_tokens columns) once every row has fi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,8 +22,11 @@ def process_logits(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
     """logits [B, V] (fp32) -> logits with temperature applied and tokens outside top-k / top-p at -inf."""
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a finite number > 0 when sampling, got {temperature}; "
+                          "use do_sample=False for greedy decoding")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0: no top-k filter), got {top_k}")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
     if temperature != 1.0:

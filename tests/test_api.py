@@ -131,6 +131,26 @@ def test_generate_rejects_bad_input(packed):
         m.forward(torch.tensor([[5]]))
 
 
+def test_generate_rejects_bad_sampling_and_padding(packed):
+    _variant, _hf, store = packed
+    x = torch.tensor([[5, 6, 7]])
+    with tiermem.load(store, max_batch_size=1, max_seq_len=16) as m:
+        for kw, match in ((dict(temperature=float("nan")), "finite number > 0"), (dict(temperature=-1.0), "> 0"),
+                          (dict(top_k=-2), "top_k must be >= 0"), (dict(top_p=float("nan")), "top_p")):
+            with pytest.raises(tiermem.ConfigError, match=match):
+                m.generate(x, 2, do_sample=True, **kw)
+        with pytest.raises(tiermem.ConfigError, match="micro_batches must be >= 1"):
+            m.generate(x, 2, micro_batches=0)
+        with pytest.raises(tiermem.ConfigError, match="micro_batches must be >= 1"):
+            m.forward(x, micro_batches=-1)
+        with pytest.raises(tiermem.ConfigError, match="pad_token_id -1 is not a token"):
+            m.generate(x, 2, eos_token_id=3, pad_token_id=-1)
+        with pytest.raises(tiermem.ConfigError, match="pad on the left"):
+            m.generate(x, 2, attention_mask=torch.tensor([[1, 1, 0]]))
+        left = m.generate(x, 2, attention_mask=torch.tensor([[0, 1, 1]]))  # left padding is fine
+        assert left.shape == (1, 5)
+
+
 def test_load_rejects_bad_options(packed):
     _variant, _hf, store = packed
     with pytest.raises(tiermem.ConfigError, match="'tpu' is not a device"):

@@ -251,6 +251,7 @@ class Model:
         micro_batches: split the batch so (None: the load's prefill split, the plan's by default)."""
         self._check_open()
         _check_ids(input_ids, self.config)
+        _check_micro_batches(micro_batches)
         self._check_fits(*input_ids.shape)
         logits = self.executor.forward(input_ids, attention_mask,
                                        micro_batches=micro_batches or self.prefill_micro_batches)
@@ -285,6 +286,7 @@ class Model:
         self._check_open()
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        _check_micro_batches(micro_batches)
         requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         if session is not None and session.started:
@@ -297,6 +299,10 @@ class Model:
             defaults = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
                             eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id)
             sampling = Sampling.make(**{k: defaults[k] if v is None else v for k, v in requested.items()})
+            if sampling.pad_token_id is not None and not 0 <= sampling.pad_token_id < self.config.vocab_size:
+                raise ConfigError(f"pad_token_id {sampling.pad_token_id} is not a token of this model (vocabulary "
+                                  f"{self.config.vocab_size}): finished rows emit it")
+            _check_left_padded(attention_mask)
             if generator is None and seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
             if session is not None:
@@ -396,6 +402,22 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_micro_batches(micro_batches: int | None) -> None:
+    if micro_batches is not None and micro_batches < 1:
+        raise ConfigError(f"micro_batches must be >= 1 (None: the load's choice), got {micro_batches}")
+
+
+def _check_left_padded(attention_mask: torch.Tensor | None) -> None:
+    """ConfigError for a mask with padding after a row's tokens: the next token would follow a pad."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return  # DecodeState.start reports a misshaped mask
+    real = attention_mask.bool()
+    if bool((real[:, :-1] & ~real[:, 1:]).any()):
+        raise ConfigError("attention_mask has padding after a row's tokens: generate() continues each row from "
+                          "its last position, so pad on the left (zeros first, as tokenizers do with "
+                          "padding_side='left')")
 
 
 def _check_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
