@@ -92,7 +92,7 @@ def test_bench_table_shows_peak_gpu_memory_and_warns_over_budget():
     assert "25.60 GiB" in over and "WARNING: peak GPU memory went over gpu_memory (24.00 GiB) at batch [64]" in over
 
 
-def test_bench_options_are_checked_before_anything_runs(capsys, monkeypatch):
+def test_bench_options_are_checked_before_anything_runs(tmp_path, capsys, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -101,6 +101,14 @@ def test_bench_options_are_checked_before_anything_runs(capsys, monkeypatch):
     for option, value in (("--batch", "0"), ("--batch", "1,x"), ("--micro-batches", "-1")):
         assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", option, value]) == 2
         assert f"{option} takes positive integers" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    for text, match in (("{", "cannot read a plan"), ('{"x": 1}', "holds no plan"), ('{"plan": {"kv": "gpu"}}',
+                                                                                        "not a tiermem plan")):
+        bad.write_text(text)
+        assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--plan", str(bad)]) == 2
+        assert match in capsys.readouterr().err
+    assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--plan", str(tmp_path / "none")]) == 2
+    assert "cannot read a plan" in capsys.readouterr().err
     assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--gpu-memory", "1GiB"]) == 2
     assert "on the CPU pass cpu_memory only" in capsys.readouterr().err
     import importlib.util

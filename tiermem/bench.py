@@ -66,6 +66,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench_cli(args: argparse.Namespace) -> dict:
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
+    _plan(args)  # a bad plan file fails here, before the ceilings and the model
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot draws with matplotlib, which is not installed: pip install 'tiermem[plot]', "
                           "or leave out --plot")
@@ -122,7 +123,7 @@ def _plan(args: argparse.Namespace):
 
     if args.plan in ("auto", "greedy"):
         return None if args.plan == "greedy" else "auto"
-    return Plan.from_dict(json.loads(Path(args.plan).read_text())["plan"])
+    return Plan.from_file(args.plan)
 
 
 def _synthetic_source(args: argparse.Namespace):

@@ -38,10 +38,13 @@ make the step faster, e.g. when compute-bound).
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 from tiermem.config import format_size
 from tiermem.cost_model import (
@@ -95,7 +98,23 @@ class Plan:
         if unknown:
             raise ConfigError(f"not a tiermem plan: unknown fields {sorted(unknown)}")
         tuples = ("gpu_blocks", "host_blocks", "disk_blocks", "host_only")
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+        try:
+            return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+        except TypeError as exc:
+            raise ConfigError(f"not a tiermem plan: {exc}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Plan:
+        """The plan in a file written by `tiermem plan --json FILE`."""
+        try:
+            body = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read a plan from {path}: {exc}; write one with `tiermem plan --json "
+                              "FILE`") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("plan"), dict):
+            raise ConfigError(f"{path} holds no plan (no \"plan\" object): write one with `tiermem plan --json "
+                              "FILE`")
+        return cls.from_dict(body["plan"])
 
     @classmethod
     def build(cls, workload: Workload, gpu: Choice = 0, host: Choice = None, **options) -> Plan:
