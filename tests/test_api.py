@@ -160,6 +160,14 @@ def test_load_rejects_bad_options(packed):
     for batch, seq in ((0, 8), (1, 0), (-2, 8)):
         with pytest.raises(tiermem.ConfigError, match="max_batch_size and max_seq_len must be >= 1"):
             tiermem.load(store, max_batch_size=batch, max_seq_len=seq)
+    for kw, match in ((dict(lookahead=0), "lookahead must be >= 1"), (dict(micro_batches=0), "micro_batches"),
+                      (dict(read_backend="magic"), "unknown read backend"), (dict(plan="fast"), "plan must be"),
+                      (dict(dtype="int8"), "not a floating-point"), (dict(dtype="float17"), "not a floating")):
+        with pytest.raises(tiermem.ConfigError, match=match):
+            tiermem.load(store, **kw)
+    with tiermem.load(store, dtype="bfloat16", max_batch_size=1, max_seq_len=8) as m:
+        assert m.dtype == torch.bfloat16
+        assert m.forward(torch.tensor([[5, 6]])).dtype == torch.float32
 
 
 def test_synthetic_store_written_to_disk_loads_and_generates(tmp_path):

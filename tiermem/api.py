@@ -62,7 +62,7 @@ def pack(
 def load(
     store: str | os.PathLike, device: str = "cpu", gpu_memory: int | str | None = None,
     cpu_memory: int | str | None = None, offload_dir: str | os.PathLike | None = None, *,
-    dtype: torch.dtype | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
+    dtype: torch.dtype | str | None = None, max_batch_size: int = 1, max_seq_len: int | None = None,
     micro_batches: int | None = None, lookahead: int | None = None, io_threads: int = 4,
     resident_weights: int | str | None = None, read_backend: str = "auto", progress: bool = False,
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
@@ -93,6 +93,9 @@ def load(
     resident_weights caps the HBM bytes of resident weights and implies the greedy placement (0
     streams every block, as FlexGen's all-offloaded placement does).
 
+    dtype: what the model computes in, a torch dtype or its name ("bfloat16"); default float32 on the
+    CPU, on CUDA the checkpoint's fp16/bf16 (else bf16).
+
     read_backend picks how the GPU path reads blocks that stay on disk: "posix" (O_DIRECT preadv
     pool), "kvikio", or "auto" (the faster by a cached probe of this machine).
     offload_dir (CUDA): a directory (on a fast local disk) where the KV cache may live, in one scratch
@@ -122,8 +125,8 @@ def load_from_reader(
     offload_dir: str | os.PathLike | None = None,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
-    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
-        raise ConfigError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size} and {max_seq_len}")
+    _check_load_options(max_batch_size, max_seq_len, lookahead, micro_batches, read_backend, plan)
+    dtype = _dtype_of(dtype)
     _check_disk_kv(device, kv_placement, offload_dir)
     cfg = model_config_from_hf(reader.model_config)
     kv_q = kv_scheme(kv_quant, cfg.head_dim, kv_group_size)
@@ -156,6 +159,33 @@ def load_from_reader(
     head_has_lm_head = output.LM_HEAD in reader.tensor_specs("head")
     executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q)
+
+
+def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead: int | None,
+                        micro_batches: int | None, read_backend: str, plan) -> None:
+    """ConfigError for options load() takes on any device, before anything is read or allocated."""
+    from tiermem.read_backend import BACKENDS
+
+    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
+        raise ConfigError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size} and {max_seq_len}")
+    for name, value in (("lookahead", lookahead), ("micro_batches", micro_batches)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1 (None: the plan's choice), got {value}")
+    if read_backend not in BACKENDS:
+        raise ConfigError(f"unknown read backend {read_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if not (plan is None or plan == "auto" or isinstance(plan, Plan)):
+        raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
+
+
+def _dtype_of(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A compute dtype given as torch.float16 or as its name ("float16", "bfloat16", "float32")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"dtype {dtype!r} is not a floating-point torch dtype: use e.g. torch.bfloat16 or "
+                          "'float16'")
+    return value
 
 
 def _check_disk_kv(device: str, kv_placement: str | None, offload_dir: str | os.PathLike | None) -> None:
