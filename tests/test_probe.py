@@ -187,3 +187,28 @@ def test_a_small_store_keeps_the_machine_figure_and_gets_nothing_written(tmp_pat
     disk = DiskCounter({})
     assert probe.cached_hardware(path, measure=Counter(), store_dir=small, measure_disk=disk) == FIGURES
     assert disk.asked == [] and sorted(p.name for p in small.iterdir()) == ["layers.0.safetensors"]
+
+
+def test_writers_at_once_leave_one_whole_cache_and_no_temp_file(tmp_path):
+    import threading
+
+    path = tmp_path / "hw.json"
+    figures = [Hardware(disk_read_Bps=1e9 + k, h2d_Bps=5e10, hbm_Bps=4e12, matmul_flops=6e14, cpu_memcpy_Bps=1e10)
+               for k in range(8)]
+    failures = []
+
+    def write(hw: Hardware) -> None:
+        try:
+            for _ in range(20):
+                probe.write_cache(path, hw)
+        except OSError as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(hw,)) for hw in figures]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert probe.read_cache(path)[0] in figures
+    assert [p.name for p in tmp_path.iterdir()] == ["hw.json"]

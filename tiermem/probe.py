@@ -194,15 +194,21 @@ def store_disk_rates(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 def write_cache(path: str | os.PathLike, hw: Hardware, disk_read_by_store: dict[str, dict[str, float]] | None = None,
                 measured_at: float | None = None) -> Path:
     """Write figures with the time they were measured (default now) and the host, and the disk read rates by
-    store (temp file + rename, so readers never see half a file)."""
+    store (a temp file of this writer's own + rename, so that readers never see half a file and processes that
+    write at once do not take each other's temp file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"hardware": asdict(hw), "measured_at": time.time() if measured_at is None else measured_at,
             "host": socket.gethostname(),
             "disk_read_by_store": disk_read_by_store or {}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per writer
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(body, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
