@@ -131,7 +131,8 @@ def _dtype(hf: Mapping[str, Any]) -> torch.dtype | None:
 
 
 def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    # transformers 5 takes a (legacy) rope_scaling whole where it is set, even next to rope_parameters
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -172,10 +173,22 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
     return (None,) * n_layers
 
 
+def _check_positive_int(key: str, value: Any) -> None:
+    """ConfigError unless value is None (not in the config) or a whole number >= 1 (as int or its digits)."""
+    if value is None:
+        return
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not (whole and value > 0) and not (isinstance(value, str) and value.isdigit() and int(value) > 0):
+        raise ConfigError(f"config.json {key} must be a positive integer, got {value!r}")
+
+
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """Read an HF config.json dict the way its transformers config class would."""
     model_type = _model_type(hf)
     d = {**HF_DEFAULTS[model_type], **hf}
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                "intermediate_size", "ffn_dim", "num_key_value_heads", "head_dim"):
+        _check_positive_int(key, d.get(key))
     common = dict(
         model_type=model_type, family=FAMILY_OF_MODEL_TYPE[model_type], vocab_size=int(d["vocab_size"]),
         hidden_size=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),
@@ -207,9 +220,13 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if act != "silu":
         raise UnsupportedArchitectureError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
     attention_bias = bool(d.get("attention_bias", False))
+    kv_heads = int(d.get("num_key_value_heads") or common["num_heads"])
+    if common["num_heads"] % kv_heads:
+        raise ConfigError(f"num_attention_heads {common['num_heads']} is not a multiple of num_key_value_heads "
+                          f"{kv_heads}: each kv head serves a whole group of query heads")
     return ModelConfig(
         **common, intermediate_size=int(d["intermediate_size"]),
-        num_kv_heads=int(d.get("num_key_value_heads") or common["num_heads"]),
+        num_kv_heads=kv_heads,
         head_dim=int(d.get("head_dim") or common["hidden_size"] // common["num_heads"]),
         norm_eps=float(d["rms_norm_eps"]), hidden_act=act,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
