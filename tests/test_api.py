@@ -151,6 +151,22 @@ def test_generate_rejects_bad_sampling_and_padding(packed):
         assert left.shape == (1, 5)
 
 
+def test_a_config_pad_outside_the_vocabulary_falls_back_to_eos(tmp_path):
+    """Some converted checkpoints carry pad_token_id -1: finished rows emit the first EOS id instead."""
+    import json
+
+    src = build_tiny("llama2", tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, pad_token_id=-1)))
+    with tiermem.load(tiermem.pack(src, tmp_path / "store", progress=False), max_batch_size=2, max_seq_len=16) as m:
+        prompts = torch.tensor([[5, 6, 7], [9, 10, 11]])
+        free = m.generate(prompts, 4, eos_token_id=[])
+        first = int(free[0, 3])  # row 0's first token: its EOS here
+        assert first not in free[1, 3:].tolist()  # row 1 runs on
+        out = m.generate(prompts, 4, eos_token_id=[first])
+    assert out[0, 3:].tolist() == [first] * 4 and torch.equal(out[1], free[1])
+
+
 def test_load_rejects_bad_options(packed):
     _variant, _hf, store = packed
     with pytest.raises(tiermem.ConfigError, match="'tpu' is not a device"):

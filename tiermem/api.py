@@ -326,8 +326,9 @@ class Model:
             _check_ids(input_ids, self.config)
             B, T = input_ids.shape
             self._check_fits(B, T + max_new_tokens)
-            defaults = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
-                            eos_token_id=self.config.eos_token_id, pad_token_id=self.config.pad_token_id)
+            pad = self.config.pad_token_id  # some configs carry -1: finished rows then emit the first EOS id
+            defaults = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=self.config.eos_token_id,
+                            pad_token_id=pad if pad is not None and 0 <= pad < self.config.vocab_size else None)
             sampling = Sampling.make(**{k: defaults[k] if v is None else v for k, v in requested.items()})
             if sampling.pad_token_id is not None and not 0 <= sampling.pad_token_id < self.config.vocab_size:
                 raise ConfigError(f"pad_token_id {sampling.pad_token_id} is not a token of this model (vocabulary "
