@@ -222,8 +222,12 @@ class StoreReader:
     """Validated, read-only view of a block store; reads and decodes whole blocks."""
 
     def __init__(self, path: str | os.PathLike) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise StoreError(f"a store is a directory path, got {path!r}")
         self.path = Path(path)
         manifest_path = self.path / MANIFEST_NAME
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path} is a file, not a tiermem store (a directory made by `tiermem pack`)")
         try:
             if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
                 raise StoreError(f"{manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes")

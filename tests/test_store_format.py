@@ -204,6 +204,16 @@ def test_truncated_or_grown_file_fails_at_open(corrupt_target, block, keep, grow
         file.write_bytes(original)
 
 
+def test_a_path_that_is_no_store_directory_says_so(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file, not a tiermem store"):
+        StoreReader(tmp_path / "file")
+    with pytest.raises(StoreError, match="no manifest.json"):
+        StoreReader(tmp_path / "missing")
+    with pytest.raises(StoreError, match="a store is a directory path, got None"):
+        StoreReader(None)
+
+
 def test_missing_file_fails_at_open(store):
     path, _ = store
     os.remove(path / "layers.1.safetensors")
