@@ -164,15 +164,14 @@ def load_from_reader(
 def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead: int | None,
                         micro_batches: int | None, read_backend: str, plan) -> None:
     """ConfigError for options load() takes on any device, before anything is read or allocated."""
-    from tiermem.read_backend import BACKENDS
+    from tiermem.read_backend import check_backend_name
 
     if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise ConfigError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size} and {max_seq_len}")
-    for name, value in (("lookahead", lookahead), ("micro_batches", micro_batches)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1 (None: the plan's choice), got {value}")
-    if read_backend not in BACKENDS:
-        raise ConfigError(f"unknown read backend {read_backend!r}: choose one of {', '.join(BACKENDS)}")
+    if lookahead is not None and lookahead < 1:
+        raise ConfigError(f"lookahead must be >= 1 (None: the plan's choice), got {lookahead}")
+    _check_micro_batches(micro_batches)
+    check_backend_name(read_backend)
     if not (plan is None or plan == "auto" or isinstance(plan, Plan)):
         raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
 
@@ -281,10 +280,9 @@ class Model:
         micro_batches: split the batch so (None: the load's prefill split, the plan's by default)."""
         self._check_open()
         _check_ids(input_ids, self.config)
-        _check_micro_batches(micro_batches)
         self._check_fits(*input_ids.shape)
-        logits = self.executor.forward(input_ids, attention_mask,
-                                       micro_batches=micro_batches or self.prefill_micro_batches)
+        split = self.prefill_micro_batches if micro_batches is None else micro_batches  # the executor checks it
+        logits = self.executor.forward(input_ids, attention_mask, micro_batches=split)
         return logits.to(input_ids.device, torch.float32)
 
     def generate(
@@ -436,6 +434,7 @@ class Model:
 
 
 def _check_micro_batches(micro_batches: int | None) -> None:
+    """Up front, where a 0 would otherwise be taken as the default (or fail half-way into a generation)."""
     if micro_batches is not None and micro_batches < 1:
         raise ConfigError(f"micro_batches must be >= 1 (None: the load's choice), got {micro_batches}")
 

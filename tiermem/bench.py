@@ -227,18 +227,15 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def after_run_ceilings(model, info: dict) -> dict:
-    """The disk's read rates (when blocks or the KV cache are on disk) and the host copy rate (when attention runs
-    on the host), measured after the timed runs: reading 3 GB of the store just before them slowed the disk KV
-    tier's reads from 1.5-1.7 to 1.0-1.5 GB/s (benchmarks/results/disk_kv_timeline_int4_*_call9/10_h200.json)."""
+    """The disk's read rates, when blocks or the KV cache are on disk, measured after the timed runs: reading 3 GB of
+    the store just before them slowed the disk KV tier's reads from 1.5-1.7 to 1.0-1.5 GB/s
+    (benchmarks/results/disk_kv_timeline_int4_*_call9/10_h200.json). Attention on the host needs no rate here:
+    same_run_prediction times it (host_probe.cpu_attention_step_seconds)."""
     from tiermem.ceilings import measure_disk_read
-    from tiermem.probe import measure_cpu_memcpy
 
-    measured = {}
     if info.get("disk_blocks") or (info.get("disk_kv_file_bytes") and getattr(model.reader, "path", None)):
-        measured.update(measure_disk_read(list(model.reader.path.glob("*.safetensors"))))
-    if model.cpu_attention:
-        measured["cpu_memcpy_Bps"] = measure_cpu_memcpy()  # the rate the cost model gives attention on the host
-    return measured
+        return measure_disk_read(list(model.reader.path.glob("*.safetensors")))
+    return {}
 
 
 def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_len: int) -> dict:
@@ -246,8 +243,8 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     (the plan itself was predicted at load from the cached probe); {} for the greedy placement or the CPU."""
     from dataclasses import replace
 
-    from tiermem.host_probe import cpu_attention_step_seconds, host_step_seconds
-    from tiermem.planner import Hardware, Workload, predict
+    from tiermem.host_probe import timed_workload
+    from tiermem.planner import Hardware, predict
 
     plan = getattr(model.source, "followed_plan", None)
     if plan is None or not ceilings:
@@ -256,16 +253,9 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     disk = backend_disk_read(ceilings, model.source.describe()["read_backend"])
     hardware = Hardware.from_ceilings(ceilings, **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
     reader = model.reader
-    workload = Workload.from_config(model.config, {b: reader.block_nbytes(b) for b in reader.block_names}, batch,
-                                    prompt_len, gen_len, model.dtype, quantized=reader.quant is not None,
-                                    kv_quant=model.kv_quant, host_step_s=host_step_seconds(
-                                        reader.model_config, reader.quant, model.dtype, model.kv_quant, batch,
-                                        str(model.device)))
-    attention = {}
-    if model.cpu_attention:
-        attention = cpu_attention_step_seconds(reader.model_config, model.dtype, model.kv_quant, batch,
-                                               workload.mean_context, str(model.device))
-        workload = replace(workload, cpu_attention_s=attention)
+    workload = timed_workload(reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
+                              cpu_attention=model.cpu_attention, device=str(model.device))
+    attention = dict(workload.cpu_attention_s)
     split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
     at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
     predicted = predict(at_batch, workload, hardware)

@@ -65,24 +65,25 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from dataclasses import replace
     from pathlib import Path
 
     import torch
 
     from tiermem.config import parse_size
     from tiermem.cost_model import DEFAULT_LAYER_OVERHEAD_S
-    from tiermem.engine.config import gpu_compute_dtype, model_config_from_hf
+    from tiermem.engine.config import model_config_from_hf
     from tiermem.errors import ConfigError
-    from tiermem.host_probe import cpu_attention_step_seconds, host_step_seconds
+    from tiermem.host_probe import timed_workload
     from tiermem.kernels.kv_quant import kv_scheme
-    from tiermem.planner import Hardware, Workload, cpu_attention_choice, plan
+    from tiermem.planner import Hardware, cpu_attention_choice, plan
     from tiermem.probe import cached_hardware, read_cache
 
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
     if args.kv == "disk" and args.offload_dir is None:
         raise ConfigError("--kv disk keeps the KV cache in a file: pass --offload-dir DIR")
+    if args.hardware and args.refresh_probe:
+        raise ConfigError("--refresh-probe measures this machine; --hardware reads figures from a file: pass one")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.synthetic:
         from tiermem.kernels.quant import QuantScheme
@@ -99,13 +100,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         reader = StoreReader(args.store)
     cfg = model_config_from_hf(reader.model_config)
     kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
-    workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, args.batch,
-                                    args.prompt_len, args.gen_len, dtype, quantized=reader.quant is not None,
-                                    kv_quant=kv_quant, host_step_s=host_step_seconds(
-                                        reader.model_config, reader.quant, gpu_compute_dtype(cfg, dtype), kv_quant,
-                                        args.batch))
-    if args.hardware and args.refresh_probe:
-        raise ConfigError("--refresh-probe measures this machine; --hardware reads figures from a file: pass one")
+    cpu_attention = cpu_attention_choice(None, kv_quant is not None)
+    workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant,
+                              cpu_attention=cpu_attention is not False and args.kv in (None, "cpu"))
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]
         source = args.hardware
@@ -117,10 +114,6 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         from tiermem.scratch_file import check_offload_dir
 
         check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
-    cpu_attention = cpu_attention_choice(None, kv_quant is not None)
-    if cpu_attention is not False and args.kv in (None, "cpu"):
-        workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
-            reader.model_config, gpu_compute_dtype(cfg, dtype), kv_quant, args.batch, workload.mean_context))
     chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
                   cpu_cache_compute=cpu_attention, micro_batches=args.micro_batches, lookahead=args.lookahead,
                   disk_kv=disk_kv)

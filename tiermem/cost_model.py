@@ -117,7 +117,7 @@ class Hardware:
     def from_ceilings(cls, ceilings: Mapping[str, Any], *, matmul_flops: float = 6e14,
                       disk_read_Bps: float = 1.3e9, cpu_memcpy_Bps: float = 10e9) -> Hardware:
         """From tiermem.ceilings.measure_ceilings() output (as recorded in benchmark JSON); a "cpu_memcpy_Bps"
-        measured there (bench does when attention runs on the host) wins over the default."""
+        recorded there (bench runs with attention on the host before session 7) wins over the default."""
         return cls(disk_read_Bps=disk_read_Bps, h2d_Bps=float(ceilings["h2d_pinned_Bps"]),
                    hbm_Bps=float(ceilings["hbm_Bps"]), matmul_flops=matmul_flops,
                    cpu_memcpy_Bps=float(ceilings.get("cpu_memcpy_Bps", cpu_memcpy_Bps)),

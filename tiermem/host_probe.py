@@ -175,3 +175,24 @@ def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: Qu
     layers = model_config_from_hf(hf_config).num_layers
     per_layer = _cpu_attention_layer_seconds(hf_config, dtype, kv_quant, batch, max(1, round(context)), str(device))
     return {m: layers * s for m, s in per_layer.items()}
+
+
+def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype: torch.dtype | None,
+                   kv_quant: QuantScheme | None, cpu_attention: bool, device: str = "cuda"):
+    """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
+    `batch` rows, with this machine's host time of a step (host_step_seconds) and, where cpu_attention, that of
+    its attention on the host (cpu_attention_step_seconds), both measured on `device` (nothing without CUDA)."""
+    from dataclasses import replace
+
+    from tiermem.cost_model import Workload
+    from tiermem.engine.config import gpu_compute_dtype
+
+    dtype = gpu_compute_dtype(cfg, dtype)
+    workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, batch, prompt_len,
+                                    gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant,
+                                    host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
+                                                                  batch, device))
+    if not cpu_attention:
+        return workload
+    return replace(workload, cpu_attention_s=cpu_attention_step_seconds(reader.model_config, dtype, kv_quant, batch,
+                                                                        workload.mean_context, device))

@@ -156,9 +156,7 @@ def build_gpu_source(
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
-    if isinstance(plan, str):
-        if plan != "auto":
-            raise ConfigError(f"plan must be 'auto', a tiermem.planner.Plan or None, got {plan!r}")
+    if plan == "auto":  # load() checked that plan is "auto", a Plan or None
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
             lookahead, cpu_attention, disk_kv=offload_dir is not None, device=str(device))
@@ -257,24 +255,17 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
     cache goes on disk only with disk_kv (an offload_dir given)."""
-    from dataclasses import replace
-
-    from tiermem.host_probe import cpu_attention_step_seconds, host_step_seconds
-    from tiermem.planner import Workload, cpu_attention_choice
+    from tiermem.host_probe import timed_workload
+    from tiermem.planner import cpu_attention_choice
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware
 
     store_dir = getattr(reader, "path", None)
     hardware = cached_hardware(store_dir=store_dir)
     gen_len = max(1, max_seq // 16)
-    workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, max_batch,
-                                    max_seq - gen_len, gen_len, dtype, quantized=reader.quant is not None,
-                                    kv_quant=kv_quant, host_step_s=host_step_seconds(
-                                        reader.model_config, reader.quant, dtype, kv_quant, max_batch, device))
     attention = cpu_attention_choice(cpu_attention, kv_quant is not None)
-    if attention is not False and kv_placement in (None, "cpu"):
-        workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
-            reader.model_config, dtype, kv_quant, max_batch, workload.mean_context, device))
+    workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant,
+                              cpu_attention=attention is not False and kv_placement in (None, "cpu"), device=device)
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                      cpu_cache_compute=attention,

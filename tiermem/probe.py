@@ -179,8 +179,13 @@ def read_cache(path: str | os.PathLike) -> tuple[Hardware, float]:
 def read_cache_for_store(path: str | os.PathLike, store_dir: str | os.PathLike | None) -> tuple[Hardware, float]:
     """read_cache, with the disk read rate the cache holds for store_dir (if it holds one) in the figures."""
     hw, measured_at = read_cache(path)
-    entry = store_disk_rates(path).get(str(Path(store_dir).resolve())) if store_dir is not None else None
+    entry = store_disk_rates(path).get(_store_key(store_dir)) if store_dir is not None else None
     return (hw if entry is None else replace(hw, disk_read_Bps=float(entry["Bps"]))), measured_at
+
+
+def _store_key(store_dir: str | os.PathLike) -> str:
+    """The cache's key of a store's disk rate: its resolved directory."""
+    return str(Path(store_dir).resolve())
 
 
 def store_disk_rates(path: str | os.PathLike) -> dict[str, dict[str, float]]:
@@ -234,7 +239,7 @@ def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cud
             found = sorted(_cache_root(cache_dir).glob(f"hardware-{_safe(socket.gethostname())}-*.json"))
             path = found[0] if len(found) == 1 else None
     can_measure = measure is not None or gpu is not None
-    hw = None
+    hw, measured_at = None, 0.0
     if path is not None and Path(path).is_file() and not refresh:
         cached, measured_at = read_cache(path)
         if time.time() - measured_at <= max_age_s or not can_measure:
@@ -249,29 +254,29 @@ def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cud
             path = cache_path(hw.name or gpu or "unknown", cache_dir=cache_dir)
         rates = {} if refresh else store_disk_rates(path)
         if store_dir is not None:
-            rates[str(Path(store_dir).resolve())] = {"Bps": hw.disk_read_Bps, "measured_at": time.time()}
+            rates[_store_key(store_dir)] = {"Bps": hw.disk_read_Bps, "measured_at": time.time()}
         write_cache(path, hw, rates)
         return hw
     if store_dir is None:
         return hw
-    return replace(hw, disk_read_Bps=_store_disk_read(path, hw, Path(store_dir), max_age_s, can_measure,
-                                                      measure_disk or measure_disk_read))
+    return replace(hw, disk_read_Bps=_store_disk_read(path, hw, measured_at, Path(store_dir), max_age_s,
+                                                      can_measure, measure_disk or measure_disk_read))
 
 
-def _store_disk_read(path: str | os.PathLike, hw: Hardware, store_dir: Path, max_age_s: float, can_measure: bool,
-                     measure_disk: Callable[[Path], float]) -> float:
+def _store_disk_read(path: str | os.PathLike, hw: Hardware, measured_at: float, store_dir: Path, max_age_s: float,
+                     can_measure: bool, measure_disk: Callable[[Path], float]) -> float:
     """The disk read rate of store_dir: the cache's when fresh, else measured now on the store's own files and
     added to the cache. A store of less than 1 GiB of block files keeps the machine's figure: nothing is written
     into it to measure, and a model that small is not read from disk at a rate that matters."""
     if not store_blocks(store_dir):
         return hw.disk_read_Bps
     rates = store_disk_rates(path)
-    key = str(store_dir.resolve())
+    key = _store_key(store_dir)
     entry = rates.get(key)
     if entry is not None and (time.time() - entry["measured_at"] <= max_age_s or not can_measure):
         return float(entry["Bps"])
     if not can_measure:
         return hw.disk_read_Bps
     rates[key] = {"Bps": measure_disk(store_dir), "measured_at": time.time()}
-    write_cache(path, hw, rates, measured_at=read_cache(path)[1])
+    write_cache(path, hw, rates, measured_at=measured_at)  # the other figures keep their age
     return rates[key]["Bps"]

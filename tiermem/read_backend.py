@@ -20,13 +20,20 @@ BACKENDS = ("auto", "posix", "kvikio")
 MIN_PROBE_BYTES = 1 << 30  # a probe over less data than this is not cached: too small to be representative
 
 
+def check_backend_name(name: str) -> None:
+    """ConfigError unless `name` is one of BACKENDS."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown read backend {name!r}: choose one of {', '.join(BACKENDS)}")
+
+
 def make_backend(name: str, threads: int):
-    """A read backend by name: "posix" (O_DIRECT preadv pool) or "kvikio"."""
+    """A read backend by name: "posix" (O_DIRECT preadv pool) or "kvikio" ("auto": choose_backend first)."""
     if name == "posix":
         return PosixBackend(threads=threads, direct=True)
     if name == "kvikio":
         return KvikioBackend(threads=max(threads, 16))
-    raise ConfigError(f"unknown read backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend_name(name)
+    raise ConfigError("read backend 'auto' picks one by a measured probe: resolve it with choose_backend first")
 
 
 def measure_backends(files: list[Path], threads: int, nbytes_cap: int = 2 << 30) -> dict[str, float]:
