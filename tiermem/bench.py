@@ -254,7 +254,8 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     hardware = Hardware.from_ceilings(ceilings, **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
     reader = model.reader
     workload = timed_workload(reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
-                              cpu_attention=model.cpu_attention, device=str(model.device))
+                              cpu_attention=model.cpu_attention, device=str(model.device),
+                              offload_dir=model.offload_dir if plan.kv == "disk" else None)
     attention = dict(workload.cpu_attention_s)
     split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
     at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
@@ -262,7 +263,8 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     return {"predicted_step_s_same_run_rates": predicted.predicted_step_s,
             "predicted_breakdown_same_run_s": dict(predicted.breakdown),
             "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware(getattr(reader, "path", None)),
-            **({"cpu_attention_step_s_same_run": attention} if attention else {})}
+            **({"cpu_attention_step_s_same_run": attention} if attention else {}),
+            **({"disk_kv_step_s_same_run": workload.disk_kv_s} if workload.disk_kv_s else {})}
 
 
 def probed_hardware(store_dir) -> dict | None:

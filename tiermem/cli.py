@@ -102,7 +102,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
     cpu_attention = cpu_attention_choice(None, kv_quant is not None)
     workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant,
-                              cpu_attention=cpu_attention is not False and args.kv in (None, "cpu"))
+                              cpu_attention=cpu_attention is not False and args.kv in (None, "cpu"),
+                              offload_dir=args.offload_dir if args.kv in (None, "disk") else None)
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]
         source = args.hardware
@@ -122,6 +123,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(f"rates ({source}): disk {hardware.disk_read_Bps / 1e9:.2f} GB/s, PCIe {hardware.h2d_Bps / 1e9:.1f} GB/s, "
           f"HBM {hardware.hbm_Bps / 1e9:.0f} GB/s, matmul {hardware.matmul_flops / 1e12:.0f} TFLOP/s, host copy "
           f"{hardware.cpu_memcpy_Bps / 1e9:.1f} GB/s")
+    if workload.disk_kv_s:
+        print(f"disk KV cache I/O, timed in {args.offload_dir}: {workload.disk_kv_s:.4f} s per decode step")
     print("\n".join(chosen.describe()))
     if not workload.host_step_s:
         print(f"host time not measured (no CUDA here): {DEFAULT_LAYER_OVERHEAD_S * 1e6:.0f} us per layer and "

@@ -4,8 +4,10 @@ A decode step produces one token for each of `batch` sequences. Per step, with L
 m micro-batches, c = prompt_len + gen_len / 2 (the mean context over the generation) and
 kv = KV bytes per token per layer (K and V, compute dtype):
 
-  disk    = (bytes of the blocks streamed from disk
-             + KV on disk: L*B*c*kv read back + L*B*kv new slots written, on the same link) / disk_read_Bps
+  disk    = bytes of the blocks streamed from disk / disk_read_Bps
+            + KV on disk: Workload.disk_kv_s, the tier's reads and writes timed through DiskKVCache in offload_dir
+              by tiermem.disk_kv_probe; (L*B*c*kv read back + L*B*kv new slots written) / disk_read_Bps where not
+              measured (that missed a layer's 3-5 ms that do not scale with its bytes)
   pcie    = (bytes of every streamed block, from host or disk
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
@@ -135,8 +137,9 @@ class Workload:
     host_step_s: micro-batch count -> host seconds of issuing a decode step (tiermem.host_probe; empty:
     step_cost's per_layer_overhead_s stands in). cpu_attention_s: micro-batch count -> host seconds of the step's
     attention computed on the host (tiermem.host_probe.cpu_attention_step_seconds; empty: the KV bytes at the host
-    copy rate). dense_per_stored: bytes of a quantized weight dequantized to
-    the compute dtype per byte as stored (0: the weights are stored dense).
+    copy rate). disk_kv_s: seconds of the step's KV reads and writes with the KV cache on disk
+    (tiermem.disk_kv_probe.disk_kv_step_seconds; 0: the KV bytes at the disk's read rate). dense_per_stored: bytes
+    of a quantized weight dequantized to the compute dtype per byte as stored (0: the weights are stored dense).
     """
 
     block_bytes: Mapping[str, int]
@@ -154,6 +157,7 @@ class Workload:
     decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     host_step_s: Mapping[int, float] = field(default_factory=dict)
     cpu_attention_s: Mapping[int, float] = field(default_factory=dict)
+    disk_kv_s: float = 0.0
     dense_per_stored: float = 0.0
 
     def __post_init__(self) -> None:
@@ -247,6 +251,7 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     streamed = host + disk
     weights_read = m * w.weight_traffic(math.ceil(B / m)) * (resident + streamed)
     disk_bytes, pcie_bytes, hbm_bytes = disk, streamed, weights_read + streamed
+    disk_kv_s = 0.0
     flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)
     cpu_att = 0.0
     if kv == "gpu":
@@ -256,7 +261,7 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
         pcie_bytes += L * B * w.act_bytes_per_token_layer
         cpu_att = w.cpu_attention_s.get(m, kv_read / hw.cpu_memcpy_Bps)
     elif kv == "disk":
-        disk_bytes += kv_read + L * B * w.kv_bytes_per_token_layer
+        disk_kv_s = w.disk_kv_s or (kv_read + L * B * w.kv_bytes_per_token_layer) / hw.disk_read_Bps
         pcie_bytes += kv_read
         hbm_bytes += 4 * kv_read
         flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
@@ -264,7 +269,7 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
         pcie_bytes += kv_read
         hbm_bytes += 2 * kv_read
         flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
-    c = {"disk": disk_bytes / hw.disk_read_Bps, "pcie": pcie_bytes / hw.h2d_Bps,
+    c = {"disk": disk_bytes / hw.disk_read_Bps + disk_kv_s, "pcie": pcie_bytes / hw.h2d_Bps,
          "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
          "host": w.host_step_s.get(m, per_layer_overhead_s * L * m)}
     c["step"] = max(c["disk"], c["pcie"], c["hbm"], c["compute"], c["host"]) + cpu_att

@@ -178,13 +178,15 @@ def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: Qu
 
 
 def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype: torch.dtype | None,
-                   kv_quant: QuantScheme | None, cpu_attention: bool, device: str = "cuda"):
+                   kv_quant: QuantScheme | None, cpu_attention: bool, device: str = "cuda", offload_dir=None):
     """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
-    `batch` rows, with this machine's host time of a step (host_step_seconds) and, where cpu_attention, that of
-    its attention on the host (cpu_attention_step_seconds), both measured on `device` (nothing without CUDA)."""
+    `batch` rows, with this machine's host time of a step (host_step_seconds), where cpu_attention that of its
+    attention on the host (cpu_attention_step_seconds), and with an offload_dir (the KV cache may live in a file
+    there) that of its KV I/O on disk (tiermem.disk_kv_probe), all measured on `device` (nothing without CUDA)."""
     from dataclasses import replace
 
     from tiermem.cost_model import Workload
+    from tiermem.disk_kv_probe import disk_kv_step_seconds
     from tiermem.engine.config import gpu_compute_dtype
 
     dtype = gpu_compute_dtype(cfg, dtype)
@@ -192,7 +194,10 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
                                     gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant,
                                     host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
                                                                   batch, device))
-    if not cpu_attention:
-        return workload
-    return replace(workload, cpu_attention_s=cpu_attention_step_seconds(reader.model_config, dtype, kv_quant, batch,
-                                                                        workload.mean_context, device))
+    if cpu_attention:
+        workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
+            reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))
+    if offload_dir is not None:
+        workload = replace(workload, disk_kv_s=disk_kv_step_seconds(
+            reader.model_config, dtype, kv_quant, batch, workload.mean_context, offload_dir, device))
+    return workload

@@ -159,7 +159,7 @@ def build_gpu_source(
     if plan == "auto":  # load() checked that plan is "auto", a Plan or None
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead, cpu_attention, disk_kv=offload_dir is not None, device=str(device))
+            lookahead, cpu_attention, offload_dir=offload_dir, device=str(device))
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
                                     plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
@@ -247,14 +247,15 @@ def build_gpu_source(
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
               micro_batches: int | None, lookahead: int | None, cpu_attention: bool | None = None,
-              disk_kv: bool = False, device: str = "cuda") -> Plan:
+              offload_dir: str | os.PathLike | None = None, device: str = "cuda") -> Plan:
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures and
     host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split; where the
-    planner may choose CPU attention, that attention timed at the step's rows and context too),
+    planner may choose CPU attention, that attention timed at the step's rows and context too; where it may put the
+    KV cache on disk, that tier's I/O timed in offload_dir),
     decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
-    cache goes on disk only with disk_kv (an offload_dir given)."""
+    cache goes on disk only with an offload_dir (for its file)."""
     from tiermem.host_probe import timed_workload
     from tiermem.planner import cpu_attention_choice
     from tiermem.planner import plan as make_plan
@@ -265,11 +266,12 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     gen_len = max(1, max_seq // 16)
     attention = cpu_attention_choice(cpu_attention, kv_quant is not None)
     workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant,
-                              cpu_attention=attention is not False and kv_placement in (None, "cpu"), device=device)
+                              cpu_attention=attention is not False and kv_placement in (None, "cpu"), device=device,
+                              offload_dir=offload_dir if not cpu_attention and kv_placement in (None, "disk") else None)
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                      cpu_cache_compute=attention,
-                     micro_batches=micro_batches, lookahead=lookahead, disk_kv=disk_kv)
+                     micro_batches=micro_batches, lookahead=lookahead, disk_kv=offload_dir is not None)
 
 
 def available_host_bytes() -> int:
