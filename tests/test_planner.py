@@ -344,7 +344,7 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
     disk's that of the reader the disk tier used (POSIX here), not the faster dd's."""
     from types import SimpleNamespace
 
-    from tiermem.bench import same_run_prediction
+    from tiermem.bench import same_run_prediction, same_run_workload
     from tiermem.kernels.kv_quant import kv_scheme
 
     config = preset("opt-1.3b")
@@ -358,11 +358,13 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
     source = SimpleNamespace(followed_plan=chosen, describe=lambda: {"read_backend": "posix"})
     model = SimpleNamespace(source=source, reader=store, config=cfg,
                             dtype=torch.float16, kv_quant=kv_scheme("int8", 64), device=torch.device("cpu"),
-                            cpu_attention=False)
-    got = same_run_prediction(model, ceilings, 8, 64, 8)["predicted_step_s_same_run_rates"]
+                            cpu_attention=False, offload_dir=None)
+    same_run = same_run_workload(model, 8, 64, 8)
+    assert same_run == w  # nothing timed on the CPU
+    got = same_run_prediction(model, ceilings, same_run, 8)["predicted_step_s_same_run_rates"]
     hw = Hardware.from_ceilings(ceilings, disk_read_Bps=1.5e9)
     assert got == pytest.approx(predict(chosen, w, hw).predicted_step_s, rel=1e-12)
-    assert same_run_prediction(SimpleNamespace(source=SimpleNamespace(followed_plan=None)), ceilings, 8, 64, 8) == {}
+    assert same_run_prediction(SimpleNamespace(source=SimpleNamespace(followed_plan=None)), ceilings, w, 8) == {}
 
 
 def test_alternatives_never_beat_the_plan():

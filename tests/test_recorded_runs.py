@@ -4,6 +4,7 @@ decode step. A miss is a strict xfail that says why, so that a change that fixes
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,6 +130,8 @@ PLANNED_RECORDED = [
     ("llama111b_int4_gpu24_host_cpu_attention_s7call2_h200.json", 32),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call3_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4", "plan")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
+    *((f"llama111b_int4_gpu24_cpu32_{run}_s8call2_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4")),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
 ]
 
 
@@ -157,6 +160,13 @@ PLAN_TIME_RECORDED = [
         "and predicted within 2-3% (the _s7call4 files); the cache now keeps the disk rate per store"))
       for run in ("plan_int4kv", "kvcpu_int4", "plan")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s8call2_h200.json", 64),
+    pytest.param("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call2_h200.json", 64, marks=pytest.mark.xfail(
+        strict=True, reason="6.10 s predicted, 7.56 measured: the probe of the store at the load of the call's first "
+        "run read 1.81 GB/s; this second run's disk tier read about 1.46 (the POSIX probe after it 1.52, after the "
+        "first run 1.77). The same configuration run first on a newly written store (the _s8call5 file): within "
+        "13%")),
+    ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
 ]
 
 
@@ -243,6 +253,17 @@ HOST_PROBE_MACHINE = (
     "21-22 ms (host_gap_*_s6call2): a machine-to-machine error, not explained")
 
 
+HOST_PROBE_S8 = (
+    "22.6 ms predicted (all host time: the narrow-model probe at load), 33.9 ms measured, on a fresh machine; the "
+    "machine of calls 2-5 ran the same configuration in 27.2 ms against 24.6 (the _s8call3 file)")
+
+
+DISK_KV_AFTER_CEILINGS = (
+    "bench timed the disk KV tier for its same-run figure after the disk's ceilings had read 5 GB of the store, "
+    "which slows the disk's next reads (see PROBE_DRIFT): 20-26% slower than the run; the plan-time probe, before "
+    "the run, is within 13%. bench now times the tier first (the _s8call4 files: within 13%)")
+
+
 KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_h200.json", PROBE_DRIFT),
@@ -266,6 +287,10 @@ KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s7call1_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
     *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_{run}_s7call1_h200.json", PROBE_DRIFT)
       for run in ("disk", "disk_int4")),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_gpu_s8call1_h200.json", HOST_PROBE_S8),
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call1_h200.json" for run in ("cpu", "cpu_attention", "disk", "disk_int4")),
+    "llama3_8b_int4_b16x2048_kv_gpu_s8call3_h200.json", "llama3_8b_int4_b32x1024_kv_disk_int8_s8call3_h200.json",
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
 ]
 
 
@@ -282,13 +307,20 @@ KV_TIER_SAME_RUN = [
     "llama3_8b_int4_b16x2048_kv_gpu_s6call3_h200.json",
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s7call1_h200.json" for run in ("gpu", "cpu", "cpu_attention", "disk",
                                                                           "disk_int4")),
+    _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_gpu_s8call1_h200.json", HOST_PROBE_S8),
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call1_h200.json" for run in ("cpu", "cpu_attention", "disk")),
+    *(_kv_tier_xfail(name, DISK_KV_AFTER_CEILINGS)
+      for name in ("llama3_8b_int4_b16x2048_kv_disk_int4_s8call1_h200.json",
+                   "llama3_8b_int4_b32x1024_kv_disk_int8_s8call3_h200.json")),
+    "llama3_8b_int4_b16x2048_kv_gpu_s8call3_h200.json",
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
 ]
 
 
 def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
-    """(predicted, measured) decode step of a recorded llama3-8b int4, batch 16 x 2048 run with every weight in HBM:
-    the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings measured in the
-    run, with the host time measured by the probe then."""
+    """(predicted, measured) decode step of a recorded llama3-8b int4 run (batch 16 x 2048 but one) with every weight
+    in HBM: the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings measured in
+    the run, with the host time (and CPU attention, disk KV tier where timed) measured by the probes then."""
     from tiermem.ceilings import backend_disk_read
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
@@ -296,9 +328,13 @@ def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
     breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
     # runs since session 7 time CPU attention (at load and after the run); before, it was the KV bytes' copy time
     attention = {1: breakdown["cpu_attention"]} if "cpu_attention_step_s_same_run" in run else None
-    w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=16, prompt_len=run["prompt_len"],
+    # runs since session 8 time the disk KV tier (at load and after the run); the weights are resident, so the disk
+    # term is all KV
+    disk_kv = breakdown["disk"] if "disk_kv_step_s_same_run" in run else 0.0
+    w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=run["batch"], prompt_len=run["prompt_len"],
                  gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: breakdown["host"]},
                  cpu_attention_s=attention)
+    w = replace(w, disk_kv_s=disk_kv)
     assert placement["gpu_resident_blocks"] == len(w.streamable)  # every weight in HBM
     used = Plan.build(w, len(w.streamable), kv=placement["kv_placement"], cpu_cache_compute=placement["cpu_attention"],
                       lookahead=placement["lookahead"])
@@ -339,3 +375,18 @@ def test_recorded_kv_tier_plan_beats_every_hand_written_kv_placement_of_its_call
     assert planned["placement"]["kv_placement"] == "gpu"
     for kind in ("cpu", "cpu_attention", "disk", "disk_int4"):
         assert step < run(kind)[1], kind
+
+
+def test_session_8_plans_beat_every_hand_written_alternative_tried():
+    """Session 8. 111B int4 in 24 GiB of GPU and 32 GiB of RAM, batch 64, int4 KV (call 2): the planner's placement
+    (KV on the GPU) against KV fixed in host RAM. llama3-8b int4, batch 16 x 2048 (call 1): the planner's choice with
+    nothing fixed (KV in HBM) against KV fixed in host RAM (GPU or CPU attention) and on disk (bf16 and int4)."""
+    disk = "llama111b_int4_gpu24_cpu32_{}_s8call2_h200.json"
+    planned = json.loads((RESULTS / disk.format("plan_int4kv")).read_text())["placement"]
+    assert planned["placement"] == "plan" and planned["kv_placement"] == "gpu"
+    assert _steps(disk.format("plan_int4kv"))[64] < _steps(disk.format("kvcpu_int4"))[64]
+    tiers = "llama3_8b_int4_b16x2048_kv_{}_s8call1_h200.json"
+    planned = json.loads((RESULTS / tiers.format("gpu")).read_text())
+    assert "--kv-placement" not in planned["command"] and planned["placement"]["kv_placement"] == "gpu"
+    for kind in ("cpu", "cpu_attention", "disk", "disk_int4"):
+        assert _steps(tiers.format("gpu"))[16] < _steps(tiers.format(kind))[16], kind

@@ -204,6 +204,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         runs = [time_generation(model, batch, micro, args.prompt_len, args.gen_len,
                                 drop_cache_after_prompt=model.kv_placement == "disk") for batch, micro in plan]
+        workloads = {run["batch"]: same_run_workload(model, run["batch"], args.prompt_len, args.gen_len)
+                     for run in runs}  # before the disk's ceilings, which slow the disk KV tier's reads after them
         ceilings.update(after_run_ceilings(model, info))
         for run in runs:
             batch = run["batch"]
@@ -213,7 +215,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk))
             if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
                 run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]
-            run.update(same_run_prediction(model, ceilings, batch, args.prompt_len, args.gen_len))
+            run.update(same_run_prediction(model, ceilings, workloads[batch], batch))
     finally:
         model.close()
     return {
@@ -229,8 +231,8 @@ def run_bench(args: argparse.Namespace) -> dict:
 def after_run_ceilings(model, info: dict) -> dict:
     """The disk's read rates, when blocks or the KV cache are on disk, measured after the timed runs: reading 3 GB of
     the store just before them slowed the disk KV tier's reads from 1.5-1.7 to 1.0-1.5 GB/s
-    (benchmarks/results/disk_kv_timeline_int4_*_call9/10_h200.json). Attention on the host needs no rate here:
-    same_run_prediction times it (host_probe.cpu_attention_step_seconds)."""
+    (benchmarks/results/disk_kv_timeline_int4_*_call9/10_h200.json). Attention on the host and the disk KV tier
+    need no rate here: same_run_workload times them, before these reads."""
     from tiermem.ceilings import measure_disk_read
 
     if info.get("disk_blocks") or (info.get("disk_kv_file_bytes") and getattr(model.reader, "path", None)):
@@ -238,12 +240,23 @@ def after_run_ceilings(model, info: dict) -> dict:
     return {}
 
 
-def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_len: int) -> dict:
+def same_run_workload(model, batch: int, prompt_len: int, gen_len: int):
+    """The cost model's Workload of this run at `batch`, its host time, CPU attention and disk KV tier timed now
+    (host_probe.timed_workload), after the timed runs."""
+    from tiermem.host_probe import timed_workload
+
+    plan = getattr(model.source, "followed_plan", None)
+    return timed_workload(model.reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
+                          cpu_attention=model.cpu_attention, device=str(model.device),
+                          offload_dir=model.offload_dir if plan is not None and plan.kv == "disk" else None)
+
+
+def same_run_prediction(model, ceilings: dict, workload, batch: int) -> dict:
     """The cost model's step time for the followed plan at this batch, from the link rates measured in this run
-    (the plan itself was predicted at load from the cached probe); {} for the greedy placement or the CPU."""
+    and its same_run_workload (the plan itself was predicted at load from the cached probe); {} for the greedy
+    placement or the CPU."""
     from dataclasses import replace
 
-    from tiermem.host_probe import timed_workload
     from tiermem.planner import Hardware, predict
 
     plan = getattr(model.source, "followed_plan", None)
@@ -252,17 +265,14 @@ def same_run_prediction(model, ceilings: dict, batch: int, prompt_len: int, gen_
     # the rate of the reader the disk tier used; NaN when nothing was on disk (no disk ceilings measured)
     disk = backend_disk_read(ceilings, model.source.describe()["read_backend"])
     hardware = Hardware.from_ceilings(ceilings, **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
-    reader = model.reader
-    workload = timed_workload(reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
-                              cpu_attention=model.cpu_attention, device=str(model.device),
-                              offload_dir=model.offload_dir if plan.kv == "disk" else None)
     attention = dict(workload.cpu_attention_s)
     split = plan.micro_batches if batch % plan.micro_batches == 0 else 1
     at_batch = replace(plan, micro_batches=split, prefill_micro_batches=None)
     predicted = predict(at_batch, workload, hardware)
     return {"predicted_step_s_same_run_rates": predicted.predicted_step_s,
             "predicted_breakdown_same_run_s": dict(predicted.breakdown),
-            "plan_breakdown_s": dict(plan.breakdown), "plan_hardware": probed_hardware(getattr(reader, "path", None)),
+            "plan_breakdown_s": dict(plan.breakdown),
+            "plan_hardware": probed_hardware(getattr(model.reader, "path", None)),
             **({"cpu_attention_step_s_same_run": attention} if attention else {}),
             **({"disk_kv_step_s_same_run": workload.disk_kv_s} if workload.disk_kv_s else {})}
 
