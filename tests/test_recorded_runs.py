@@ -255,7 +255,10 @@ HOST_PROBE_MACHINE = (
 
 HOST_PROBE_S8 = (
     "22.6 ms predicted (all host time: the narrow-model probe at load), 33.9 ms measured, on a fresh machine; the "
-    "machine of calls 2-5 ran the same configuration in 27.2 ms against 24.6 (the _s8call3 file)")
+    "machine of calls 2-5 ran the same configuration in 27.2 ms against 24.6 (the _s8call3 file). The host's speed "
+    "drifts within a call: on call 7's machine one bench run took 30.5 ms against 27.4 planned, the next 20.4 "
+    "against 19.5 (the _s8call7 file); the probe's prompt length does not matter (host_time_check_*_s8call6: 17-20 "
+    "ms after 16 tokens, 17-18 after 2048, the full model 19-21)")
 
 
 DISK_KV_AFTER_CEILINGS = (
@@ -291,6 +294,7 @@ KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call1_h200.json" for run in ("cpu", "cpu_attention", "disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s8call3_h200.json", "llama3_8b_int4_b32x1024_kv_disk_int8_s8call3_h200.json",
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
+    "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
 ]
 
 
@@ -314,6 +318,7 @@ KV_TIER_SAME_RUN = [
                    "llama3_8b_int4_b32x1024_kv_disk_int8_s8call3_h200.json")),
     "llama3_8b_int4_b16x2048_kv_gpu_s8call3_h200.json",
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
+    "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
 ]
 
 

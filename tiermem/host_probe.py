@@ -69,8 +69,9 @@ def narrow_config(hf_config: dict, num_layers: int, quant_group: int = 128) -> d
 
 
 def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
-                  kv_group_size: int | None, rows: int, device: str) -> float:
-    """Median wall seconds of a decode step of the model (random weights, all resident on `device`)."""
+                  kv_group_size: int | None, rows: int, device: str, prompt_len: int = PROMPT_LEN) -> float:
+    """Median wall seconds of a decode step of the model (random weights, all resident on `device`) after a prompt
+    of prompt_len tokens."""
     from tiermem.api import load_from_reader
     from tiermem.synthetic import SyntheticStore
 
@@ -83,9 +84,9 @@ def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype
         stamps.append(time.perf_counter())
 
     with load_from_reader(store, device, None, None, dtype=dtype, max_batch_size=rows,
-                          max_seq_len=PROMPT_LEN + total, kv_quant=kv_quant, kv_group_size=kv_group_size,
+                          max_seq_len=prompt_len + total, kv_quant=kv_quant, kv_group_size=kv_group_size,
                           plan=None) as model:
-        ids = torch.randint(3, TINY_VOCAB, (rows, PROMPT_LEN))
+        ids = torch.randint(3, TINY_VOCAB, (rows, prompt_len))
         model.generate(ids, total, eos_token_id=[], on_step=on_step)
     torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
     steps = [b - a for a, b in zip(stamps[WARM_STEPS - 1:-1], stamps[WARM_STEPS:], strict=True)]
@@ -94,22 +95,23 @@ def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype
 
 @functools.lru_cache(maxsize=256)
 def _measure(config_json: str, quant_name: str | None, quant_group: int, dtype_name: str, kv_quant: str | None,
-             kv_group_size: int | None, rows: int, device: str) -> HostTime:
+             kv_group_size: int | None, rows: int, device: str, prompt_len: int) -> HostTime:
     hf_config = json.loads(config_json)
     quant = QuantScheme.from_name(quant_name, quant_group) if quant_name else None
     num_layers = model_config_from_hf(hf_config).num_layers
     seconds = _step_seconds(narrow_config(hf_config, num_layers, quant_group), quant, getattr(torch, dtype_name),
-                            kv_quant, kv_group_size, rows, device)
+                            kv_quant, kv_group_size, rows, device, prompt_len)
     return HostTime(rows, num_layers, seconds)
 
 
 def measure_host_time(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
-                      kv_group_size: int | None, rows: int, device: str = "cuda") -> HostTime:
-    """HostTime of hf_config's decode step at `rows` rows per micro-batch on `device` (needs CUDA; about
-    20 decode steps of the narrow copy, 0.5-2 s per call, remembered for the process)."""
+                      kv_group_size: int | None, rows: int, device: str = "cuda",
+                      prompt_len: int = PROMPT_LEN) -> HostTime:
+    """HostTime of hf_config's decode step at `rows` rows per micro-batch on `device` after a prompt of prompt_len
+    tokens (needs CUDA; about 20 decode steps of the narrow copy, 0.5-2 s per call, remembered for the process)."""
     return _measure(json.dumps(hf_config, sort_keys=True), quant.name if quant else None,
                     quant.group_size if quant else 128, str(dtype).removeprefix("torch."), kv_quant, kv_group_size,
-                    rows, device)
+                    rows, device, prompt_len)
 
 
 def host_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype,
