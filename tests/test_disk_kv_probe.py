@@ -120,3 +120,29 @@ def test_the_disk_kv_tier_is_timed_on_the_gpu(tmp_path):
     seconds = disk_kv_probe.disk_kv_step_seconds(preset("llama3-8b"), torch.bfloat16, None, 4, 256, tmp_path)
     assert 32 * 1e-5 < seconds < 30
     assert not [p for p in os.listdir(tmp_path) if p.startswith(PREFIX)]
+
+
+def test_no_probe_where_the_cache_would_not_fit_and_a_clear_error_for_no_directory(monkeypatch, tmp_path):
+    """An offload_dir without room for the whole cache is not probed (the planner's byte estimate stands, and the
+    load's own space check says what to do if it picks the disk); one that does not exist is a ConfigError."""
+    import shutil
+    from collections import namedtuple
+
+    from tiermem import host_probe
+    from tiermem.errors import ConfigError
+    from tiermem.synthetic import SyntheticStore
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
+    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 1e-3)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1000))
+    store = SyntheticStore(preset("tiny-llama"), None, torch.bfloat16)
+    cfg = model_config_from_hf(store.model_config)
+    full = host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
+                                     offload_dir=tmp_path)
+    assert full.kv_reserved_bytes > 1000 and full.disk_kv_s == 0.0 and not asked
+    with pytest.raises(ConfigError, match="does not exist"):
+        host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
+                                  offload_dir=tmp_path / "missing")

@@ -101,7 +101,9 @@ def load(
     offload_dir (CUDA): a directory (on a fast local disk) where the KV cache may live, in one scratch
     file per generation under a unique name, deleted when the generation (or session) ends; with it the
     planner may choose kv_placement="disk", and kv_placement="disk" needs it. Each layer's filled KV is
-    read back while the layer before it computes, and dropped from the page cache once read.
+    read back while the layer before it computes, and dropped from the page cache once read. With
+    plan="auto" the load times that tier in offload_dir first (a few seconds: up to 1 GiB written and read
+    back, then deleted), where the whole cache would fit there.
     kv_quant: None (K and V in the compute dtype), "int8" or "int4": the KV cache stores K and V
     quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
     zero per kv_group_size values (None = one group per head, else a divisor of head_dim); decode

@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure this machine's rates again (the disk's on STORE) instead of using the cached probe")
     p.add_argument("--kv", choices=["gpu", "cpu", "disk"], default=None, help="fix the KV cache placement")
     p.add_argument("--offload-dir", default=None, metavar="DIR",
-                   help="the KV cache may live in a file here (load with the same offload_dir)")
+                   help="the KV cache may live in a file here (load with the same offload_dir); on CUDA that tier is "
+                        "timed here first: up to 1 GiB written, synced and read back")
     p.add_argument("--kv-quant", choices=["int8", "int4"], default=None,
                    help="the KV cache is stored quantized (one group per head); pass the same to load / bench")
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")

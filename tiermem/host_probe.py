@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -184,12 +185,14 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
     """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
     `batch` rows, with this machine's host time of a step (host_step_seconds), where cpu_attention that of its
     attention on the host (cpu_attention_step_seconds), and with an offload_dir (the KV cache may live in a file
-    there) that of its KV I/O on disk (tiermem.disk_kv_probe), all measured on `device` (nothing without CUDA)."""
+    there) that has room for the cache, that of its KV I/O on disk (tiermem.disk_kv_probe), all measured on `device`
+    (nothing without CUDA). ConfigError when offload_dir is not a writable directory."""
     from dataclasses import replace
 
     from tiermem.cost_model import Workload
     from tiermem.disk_kv_probe import disk_kv_step_seconds
     from tiermem.engine.config import gpu_compute_dtype
+    from tiermem.scratch_file import check_offload_dir
 
     dtype = gpu_compute_dtype(cfg, dtype)
     workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, batch, prompt_len,
@@ -200,6 +203,8 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
         workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
             reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))
     if offload_dir is not None:
-        workload = replace(workload, disk_kv_s=disk_kv_step_seconds(
-            reader.model_config, dtype, kv_quant, batch, workload.mean_context, offload_dir, device))
+        check_offload_dir(offload_dir)  # ConfigError for what is not a writable directory
+        if shutil.disk_usage(offload_dir).free >= workload.kv_reserved_bytes:  # else no disk KV cache fits there
+            workload = replace(workload, disk_kv_s=disk_kv_step_seconds(
+                reader.model_config, dtype, kv_quant, batch, workload.mean_context, offload_dir, device))
     return workload
