@@ -146,3 +146,49 @@ def test_no_probe_where_the_cache_would_not_fit_and_a_clear_error_for_no_directo
     with pytest.raises(ConfigError, match="does not exist"):
         host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
                                   offload_dir=tmp_path / "missing")
+
+
+def test_no_probe_where_the_disk_tiers_own_buffers_go_over_a_budget(monkeypatch, tmp_path):
+    """The probe takes the tier's buffers (two layers pinned, two and a half on the GPU): where they do not fit the
+    budgets no plan can put the cache on disk, and timing it would go over a hard limit."""
+    from tiermem import host_probe
+    from tiermem.cost_model import kv_memory
+    from tiermem.synthetic import SyntheticStore
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
+    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 1e-3)
+    store = SyntheticStore(preset("tiny-llama"), None, torch.bfloat16)
+    cfg = model_config_from_hf(store.model_config)
+
+    def timed(budgets):
+        return host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
+                                         offload_dir=tmp_path, budgets=budgets)
+
+    gpu, pinned = kv_memory(timed(None).kv_reserved_bytes, cfg.num_layers, "disk", False)
+    assert len(asked) == 1
+    assert timed((gpu, pinned - 1)).disk_kv_s == 0.0 and timed((gpu - 1, pinned)).disk_kv_s == 0.0
+    assert len(asked) == 1
+    assert timed((gpu, pinned)).disk_kv_s > 0 and len(asked) == 2
+
+
+def test_load_time_planning_times_the_disk_tier_within_its_budgets(monkeypatch, tmp_path):
+    """placement.auto_plan (what load(plan="auto") runs) passes offload_dir and its budgets to the probe: the disk
+    KV figure it plans with is the timed one."""
+    from tiermem import host_probe
+    from tiermem.kernels.quant import QuantScheme
+    from tiermem.placement import auto_plan
+    from tiermem.synthetic import SyntheticStore
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
+    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 0.5)
+    monkeypatch.setattr("tiermem.probe.cached_hardware", lambda **kw: HW)
+    store = SyntheticStore(preset("tiny-llama"), QuantScheme.from_name("int4", 32), torch.bfloat16)
+    cfg = model_config_from_hf(store.model_config)
+    plan = auto_plan(store, cfg, torch.bfloat16, 1 << 30, 1 << 30, 2, 64, None, "disk", None, None,
+                     offload_dir=tmp_path, device="cuda")
+    assert plan.kv == "disk" and len(asked) == 1
+    assert plan.breakdown["disk"] == pytest.approx(cfg.num_layers * 0.5)  # every weight resident: all of it KV

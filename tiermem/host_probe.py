@@ -181,15 +181,19 @@ def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: Qu
 
 
 def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype: torch.dtype | None,
-                   kv_quant: QuantScheme | None, cpu_attention: bool, device: str = "cuda", offload_dir=None):
+                   kv_quant: QuantScheme | None, cpu_attention: bool, device: str = "cuda", offload_dir=None,
+                   budgets: tuple[int, int] | None = None):
     """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
     `batch` rows, with this machine's host time of a step (host_step_seconds), where cpu_attention that of its
     attention on the host (cpu_attention_step_seconds), and with an offload_dir (the KV cache may live in a file
     there) that has room for the cache, that of its KV I/O on disk (tiermem.disk_kv_probe), all measured on `device`
-    (nothing without CUDA). ConfigError when offload_dir is not a writable directory."""
+    (nothing without CUDA). budgets: the (GPU, pinned host) bytes the disk KV tier's own buffers must fit for it to
+    be timed (cost_model.kv_memory; where they do not, no plan can put the cache on disk, and the probe, which
+    takes those buffers, would go over a budget); None: no limit. ConfigError when offload_dir is not a writable
+    directory."""
     from dataclasses import replace
 
-    from tiermem.cost_model import Workload
+    from tiermem.cost_model import Workload, kv_memory
     from tiermem.disk_kv_probe import disk_kv_step_seconds
     from tiermem.engine.config import gpu_compute_dtype
     from tiermem.scratch_file import check_offload_dir
@@ -204,7 +208,9 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
             reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))
     if offload_dir is not None:
         check_offload_dir(offload_dir)  # ConfigError for what is not a writable directory
-        if shutil.disk_usage(offload_dir).free >= workload.kv_reserved_bytes:  # else no disk KV cache fits there
+        buffers = kv_memory(workload.kv_reserved_bytes, workload.num_layers, "disk", False)  # (GPU, pinned)
+        fits = budgets is None or all(need <= budget for need, budget in zip(buffers, budgets, strict=True))
+        if fits and shutil.disk_usage(offload_dir).free >= workload.kv_reserved_bytes:  # else it cannot go there
             workload = replace(workload, disk_kv_s=disk_kv_step_seconds(
                 reader.model_config, dtype, kv_quant, batch, workload.mean_context, offload_dir, device))
     return workload
