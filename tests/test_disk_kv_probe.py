@@ -95,22 +95,40 @@ def test_the_measured_disk_kv_time_replaces_the_bytes_at_the_read_rate():
     assert on_gpu["disk"] == pytest.approx(4_000_000 / HW.disk_read_Bps)  # only a disk KV cache costs it
 
 
-def test_timed_workload_times_the_disk_kv_tier_only_with_an_offload_dir(monkeypatch, tmp_path):
-    from tiermem import host_probe
-    from tiermem.synthetic import SyntheticStore
+LAYER_S = 1e-3  # what the stand-in probe of a layer returns
 
-    asked = []
+
+@pytest.fixture
+def probe_calls(monkeypatch) -> list[tuple]:
+    """CUDA taken as present, no host time measured, and disk_kv_layer_seconds standing in (it returns LAYER_S):
+    the arguments of each of its calls."""
+    from tiermem import host_probe
+
+    asked: list[tuple] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
-    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 1e-3)
-    store = SyntheticStore(preset("tiny-llama"), None, torch.bfloat16)
-    cfg = model_config_from_hf(store.model_config)
+    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or LAYER_S)
+    return asked
+
+
+def tiny_store(quant: QuantScheme | None = None):
+    """tiny-llama's SyntheticStore (sizes only) and its ModelConfig."""
+    from tiermem.synthetic import SyntheticStore
+
+    store = SyntheticStore(preset("tiny-llama"), quant, torch.bfloat16)
+    return store, model_config_from_hf(store.model_config)
+
+
+def test_timed_workload_times_the_disk_kv_tier_only_with_an_offload_dir(probe_calls, tmp_path):
+    from tiermem import host_probe
+
+    store, cfg = tiny_store()
     without = host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False)
-    assert without.disk_kv_s == 0.0 and not asked
+    assert without.disk_kv_s == 0.0 and not probe_calls
     timed = host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
                                       offload_dir=tmp_path)
-    assert timed.disk_kv_s == pytest.approx(cfg.num_layers * 1e-3)
-    (args,) = asked
+    assert timed.disk_kv_s == pytest.approx(cfg.num_layers * LAYER_S)
+    (args,) = probe_calls
     assert args[3:6] == (2, 32, tmp_path)  # batch, the mean context (30 + 4 / 2), offload_dir
 
 
@@ -122,7 +140,8 @@ def test_the_disk_kv_tier_is_timed_on_the_gpu(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(PREFIX)]
 
 
-def test_no_probe_where_the_cache_would_not_fit_and_a_clear_error_for_no_directory(monkeypatch, tmp_path):
+def test_no_probe_where_the_cache_would_not_fit_and_a_clear_error_for_no_directory(probe_calls, monkeypatch,
+                                                                                  tmp_path):
     """An offload_dir without room for the whole cache is not probed (the planner's byte estimate stands, and the
     load's own space check says what to do if it picks the disk); one that does not exist is a ConfigError."""
     import shutil
@@ -130,65 +149,59 @@ def test_no_probe_where_the_cache_would_not_fit_and_a_clear_error_for_no_directo
 
     from tiermem import host_probe
     from tiermem.errors import ConfigError
-    from tiermem.synthetic import SyntheticStore
 
-    asked = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
-    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 1e-3)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1000))
-    store = SyntheticStore(preset("tiny-llama"), None, torch.bfloat16)
-    cfg = model_config_from_hf(store.model_config)
+    store, cfg = tiny_store()
     full = host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
                                      offload_dir=tmp_path)
-    assert full.kv_reserved_bytes > 1000 and full.disk_kv_s == 0.0 and not asked
+    assert full.kv_reserved_bytes > 1000 and full.disk_kv_s == 0.0 and not probe_calls
     with pytest.raises(ConfigError, match="does not exist"):
         host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
                                   offload_dir=tmp_path / "missing")
 
 
-def test_no_probe_where_the_disk_tiers_own_buffers_go_over_a_budget(monkeypatch, tmp_path):
+def test_no_probe_where_the_disk_tiers_own_buffers_go_over_a_budget(probe_calls, tmp_path):
     """The probe takes the tier's buffers (two layers pinned, two and a half on the GPU): where they do not fit the
     budgets no plan can put the cache on disk, and timing it would go over a hard limit."""
     from tiermem import host_probe
     from tiermem.cost_model import kv_memory
-    from tiermem.synthetic import SyntheticStore
 
-    asked = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
-    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 1e-3)
-    store = SyntheticStore(preset("tiny-llama"), None, torch.bfloat16)
-    cfg = model_config_from_hf(store.model_config)
+    store, cfg = tiny_store()
 
     def timed(budgets):
         return host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, cpu_attention=False,
                                          offload_dir=tmp_path, budgets=budgets)
 
     gpu, pinned = kv_memory(timed(None).kv_reserved_bytes, cfg.num_layers, "disk", False)
-    assert len(asked) == 1
+    assert len(probe_calls) == 1
     assert timed((gpu, pinned - 1)).disk_kv_s == 0.0 and timed((gpu - 1, pinned)).disk_kv_s == 0.0
-    assert len(asked) == 1
-    assert timed((gpu, pinned)).disk_kv_s > 0 and len(asked) == 2
+    assert len(probe_calls) == 1
+    assert timed((gpu, pinned)).disk_kv_s > 0 and len(probe_calls) == 2
 
 
-def test_load_time_planning_times_the_disk_tier_within_its_budgets(monkeypatch, tmp_path):
+def test_load_time_planning_times_the_disk_tier_within_its_budgets(probe_calls, monkeypatch, tmp_path):
     """placement.auto_plan (what load(plan="auto") runs) passes offload_dir and its budgets to the probe: the disk
     KV figure it plans with is the timed one."""
-    from tiermem import host_probe
-    from tiermem.kernels.quant import QuantScheme
     from tiermem.placement import auto_plan
-    from tiermem.synthetic import SyntheticStore
 
-    asked = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
-    monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or 0.5)
     monkeypatch.setattr("tiermem.probe.cached_hardware", lambda **kw: HW)
-    store = SyntheticStore(preset("tiny-llama"), QuantScheme.from_name("int4", 32), torch.bfloat16)
-    cfg = model_config_from_hf(store.model_config)
+    store, cfg = tiny_store(QuantScheme.from_name("int4", 32))
     plan = auto_plan(store, cfg, torch.bfloat16, 1 << 30, 1 << 30, 2, 64, None, "disk", None, None,
                      offload_dir=tmp_path, device="cuda")
-    assert plan.kv == "disk" and len(asked) == 1
-    assert plan.breakdown["disk"] == pytest.approx(cfg.num_layers * 0.5)  # every weight resident: all of it KV
+    assert plan.kv == "disk" and len(probe_calls) == 1
+    assert plan.breakdown["disk"] == pytest.approx(cfg.num_layers * LAYER_S)  # every weight resident: all of it KV
+
+
+def test_a_fixed_placement_elsewhere_or_cpu_attention_is_not_timed_on_disk(probe_calls, monkeypatch, tmp_path):
+    """timed_workload times the disk KV tier only where the plan may put the cache there: not with the KV placement
+    fixed on the GPU or in host RAM, nor with CPU attention fixed (its cache lives in host RAM)."""
+    from tiermem import host_probe
+
+    monkeypatch.setattr(host_probe, "cpu_attention_step_seconds", lambda *args: {1: 0.1})
+    store, cfg = tiny_store()
+    for kv, attention in (("gpu", False), ("cpu", False), (None, True)):
+        workload = host_probe.timed_workload(store, cfg, 2, 30, 4, torch.bfloat16, None, kv=kv,
+                                             cpu_attention=attention, offload_dir=tmp_path)
+        assert workload.disk_kv_s == 0.0, (kv, attention)
+    assert not probe_calls

@@ -245,10 +245,9 @@ def same_run_workload(model, batch: int, prompt_len: int, gen_len: int):
     (host_probe.timed_workload), after the timed runs."""
     from tiermem.host_probe import timed_workload
 
-    plan = getattr(model.source, "followed_plan", None)
     return timed_workload(model.reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
-                          cpu_attention=model.cpu_attention, device=str(model.device),
-                          offload_dir=model.offload_dir if plan is not None and plan.kv == "disk" else None)
+                          kv=model.kv_placement, cpu_attention=model.cpu_attention, device=str(model.device),
+                          offload_dir=model.offload_dir)
 
 
 def same_run_prediction(model, ceilings: dict, workload, batch: int) -> dict:

@@ -101,9 +101,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     cfg = model_config_from_hf(reader.model_config)
     kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
     cpu_attention = cpu_attention_choice(None, kv_quant is not None)
-    workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant,
-                              cpu_attention=cpu_attention is not False and args.kv in (None, "cpu"),
-                              offload_dir=args.offload_dir if args.kv in (None, "disk") else None,
+    workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
+                              cpu_attention=cpu_attention, offload_dir=args.offload_dir,
                               budgets=(parse_size(args.gpu_memory), parse_size(args.cpu_memory)))
     if args.hardware:
         hardware: Hardware = read_cache(args.hardware)[0]

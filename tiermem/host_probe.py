@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -181,21 +180,26 @@ def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: Qu
 
 
 def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype: torch.dtype | None,
-                   kv_quant: QuantScheme | None, cpu_attention: bool, device: str = "cuda", offload_dir=None,
-                   budgets: tuple[int, int] | None = None):
+                   kv_quant: QuantScheme | None, *, kv: str | None = None, cpu_attention: bool | None = None,
+                   device: str = "cuda", offload_dir=None, budgets: tuple[int, int] | None = None):
     """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
-    `batch` rows, with this machine's host time of a step (host_step_seconds), where cpu_attention that of its
-    attention on the host (cpu_attention_step_seconds), and with an offload_dir (the KV cache may live in a file
-    there) that has room for the cache, that of its KV I/O on disk (tiermem.disk_kv_probe), all measured on `device`
-    (nothing without CUDA). budgets: the (GPU, pinned host) bytes the disk KV tier's own buffers must fit for it to
-    be timed (cost_model.kv_memory; where they do not, no plan can put the cache on disk, and the probe, which
-    takes those buffers, would go over a budget); None: no limit. ConfigError when offload_dir is not a writable
+    `batch` rows, with what this machine takes, measured on `device` (nothing without CUDA), for what the plan may
+    do: the host time of a step (host_step_seconds); where attention may run on the host, that attention
+    (cpu_attention_step_seconds); where the KV cache may live in a file in offload_dir, that tier's I/O
+    (tiermem.disk_kv_probe).
+
+    kv: the KV placement fixed by the caller (None: the planner's to choose); cpu_attention: CPU attention fixed
+    (True / False) or left to the planner (None; planner.cpu_attention_choice). The disk KV tier is timed only
+    where offload_dir has room for the whole cache and the tier's own buffers (cost_model.kv_memory) fit budgets,
+    the (GPU, pinned host) bytes of the load (None: no limit): elsewhere no plan can put the cache there, and the
+    probe, which takes those buffers, could go over a budget. ConfigError when offload_dir is not a writable
     directory."""
     from dataclasses import replace
 
     from tiermem.cost_model import Workload, kv_memory
     from tiermem.disk_kv_probe import disk_kv_step_seconds
     from tiermem.engine.config import gpu_compute_dtype
+    from tiermem.errors import BudgetError
     from tiermem.scratch_file import check_offload_dir
 
     dtype = gpu_compute_dtype(cfg, dtype)
@@ -203,14 +207,17 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
                                     gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant,
                                     host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
                                                                   batch, device))
-    if cpu_attention:
+    if cpu_attention is not False and kv in (None, "cpu"):
         workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
             reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))
-    if offload_dir is not None:
-        check_offload_dir(offload_dir)  # ConfigError for what is not a writable directory
-        buffers = kv_memory(workload.kv_reserved_bytes, workload.num_layers, "disk", False)  # (GPU, pinned)
-        fits = budgets is None or all(need <= budget for need, budget in zip(buffers, budgets, strict=True))
-        if fits and shutil.disk_usage(offload_dir).free >= workload.kv_reserved_bytes:  # else it cannot go there
-            workload = replace(workload, disk_kv_s=disk_kv_step_seconds(
-                reader.model_config, dtype, kv_quant, batch, workload.mean_context, offload_dir, device))
-    return workload
+    if offload_dir is None or cpu_attention or kv not in (None, "disk"):
+        return workload
+    try:
+        check_offload_dir(offload_dir, workload.kv_reserved_bytes)
+    except BudgetError:  # too little free space there for the cache
+        return workload
+    buffers = kv_memory(workload.kv_reserved_bytes, workload.num_layers, "disk", False)  # (GPU, pinned)
+    if budgets is not None and any(need > budget for need, budget in zip(buffers, budgets, strict=True)):
+        return workload
+    return replace(workload, disk_kv_s=disk_kv_step_seconds(reader.model_config, dtype, kv_quant, batch,
+                                                            workload.mean_context, offload_dir, device))

@@ -266,9 +266,8 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     gen_len = max(1, max_seq // 16)
     attention = cpu_attention_choice(cpu_attention, kv_quant is not None)
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
-    workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant,
-                              cpu_attention=attention is not False and kv_placement in (None, "cpu"), device=device,
-                              offload_dir=offload_dir if not cpu_attention and kv_placement in (None, "disk") else None,
+    workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant, kv=kv_placement,
+                              cpu_attention=attention, device=device, offload_dir=offload_dir,
                               budgets=(gpu_budget, cpu_budget))
     return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                      cpu_cache_compute=attention,
