@@ -267,6 +267,13 @@ DISK_KV_AFTER_CEILINGS = (
     "the run, is within 13%. bench now times the tier first (the _s8call4 files: within 13%)")
 
 
+S9_DISK_KV = [  # session 9, call 1: KV on disk fixed (weights in HBM), and the plan's under budgets (weights in HBM
+    # and pinned RAM, KV on disk: it fits nowhere else)
+    *(f"llama3_8b_int4_b16x2048_kv_{run}_s9call1_h200.json" for run in ("disk", "disk_int4")),
+    *(f"llama3_8b_int4_b16x2048_kv_plan_gpu{g}_cpu{c}_offload_s9call1_h200.json" for g, c in ((7, 3), (6, 2))),
+]
+
+
 KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_h200.json", PROBE_DRIFT),
@@ -295,6 +302,7 @@ KV_TIER_PLAN_TIME = [
     "llama3_8b_int4_b16x2048_kv_gpu_s8call3_h200.json", "llama3_8b_int4_b32x1024_kv_disk_int8_s8call3_h200.json",
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
+    *S9_DISK_KV,
 ]
 
 
@@ -319,13 +327,14 @@ KV_TIER_SAME_RUN = [
     "llama3_8b_int4_b16x2048_kv_gpu_s8call3_h200.json",
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
+    *S9_DISK_KV,
 ]
 
 
 def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
-    """(predicted, measured) decode step of a recorded llama3-8b int4 run (batch 16 x 2048 but one) with every weight
-    in HBM: the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings measured in
-    the run, with the host time (and CPU attention, disk KV tier where timed) measured by the probes then."""
+    """(predicted, measured) decode step of a recorded llama3-8b int4 run (batch 16 x 2048 but one) with no weight
+    read from disk: the placement it followed under the probe figures of its plan (plan_hardware) or the ceilings
+    measured in the run, with the host time (and CPU attention, disk KV tier where timed) timed by the probes then."""
     from tiermem.ceilings import backend_disk_read
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
@@ -333,16 +342,15 @@ def _kv_tier_prediction(name: str, same_run: bool) -> tuple[float, float]:
     breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
     # runs since session 7 time CPU attention (at load and after the run); before, it was the KV bytes' copy time
     attention = {1: breakdown["cpu_attention"]} if "cpu_attention_step_s_same_run" in run else None
-    # runs since session 8 time the disk KV tier (at load and after the run); the weights are resident, so the disk
-    # term is all KV
+    # runs since session 8 time the disk KV tier (at load and after the run); no weight is read from disk, so the
+    # disk term is all KV
+    assert placement["disk_blocks"] == 0
     disk_kv = breakdown["disk"] if "disk_kv_step_s_same_run" in run else 0.0
     w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=run["batch"], prompt_len=run["prompt_len"],
                  gen_len=run["gen_len"], kv_quant=kv_quant, host_step_s={1: breakdown["host"]},
                  cpu_attention_s=attention)
     w = replace(w, disk_kv_s=disk_kv)
-    assert placement["gpu_resident_blocks"] == len(w.streamable)  # every weight in HBM
-    used = Plan.build(w, len(w.streamable), kv=placement["kv_placement"], cpu_cache_compute=placement["cpu_attention"],
-                      lookahead=placement["lookahead"])
+    used = _placement_of(w, placement)
     if same_run:
         disk = backend_disk_read(result["ceilings"], placement["read_backend"])
         hw = Hardware.from_ceilings(result["ceilings"], **({} if math.isnan(disk) else {"disk_read_Bps": disk}))
