@@ -212,3 +212,57 @@ def test_writers_at_once_leave_one_whole_cache_and_no_temp_file(tmp_path):
     assert failures == []
     assert probe.read_cache(path)[0] in figures
     assert [p.name for p in tmp_path.iterdir()] == ["hw.json"]
+
+
+def _age_store_rate(path, store, seconds: float) -> None:
+    body = json.loads(path.read_text())
+    body["disk_read_by_store"][str(store.resolve())]["measured_at"] -= seconds
+    path.write_text(json.dumps(body))
+
+
+def test_a_plan_that_reads_the_store_every_step_takes_its_rate_measured_in_the_last_minute(tmp_path):
+    """plan_with_fresh_disk_rate: the 13B int4 model in 4 GiB of GPU and 2 GiB of RAM reads weights from disk every
+    step; a store rate cached two minutes ago is measured again and the plan made again with it (its disk term is
+    the disk blocks' bytes at the new rate); one measured seconds ago is kept."""
+    from test_planner import weights, workload
+
+    from tiermem.planner import plan
+
+    path, store = tmp_path / "hw.json", fake_store(tmp_path / "s")
+    disk = DiskCounter({})
+    cached = probe.cached_hardware(path, measure=Counter(), store_dir=store)  # the store's rate: FIGURES'
+    w = workload("llama-13b", "int4", 128, torch.bfloat16, batch=4, prompt_len=256, gen_len=16)
+    made: list[float] = []
+
+    def planned(hw: Hardware):
+        made.append(hw.disk_read_Bps)
+        return plan(w, hw, 4 << 30, 2 << 30)
+
+    chosen, used = probe.plan_with_fresh_disk_rate(planned, cached, store, path=path, measure=Counter(),
+                                                   measure_disk=disk)
+    assert chosen.disk_blocks and used is cached and made == [FIGURES.disk_read_Bps] and disk.asked == []
+    _age_store_rate(path, store, 120)
+    disk.rates["s"] = 1.5e9
+    chosen, used = probe.plan_with_fresh_disk_rate(planned, cached, store, path=path, measure=Counter(),
+                                                   measure_disk=disk)
+    assert disk.asked == ["s"] and made == [FIGURES.disk_read_Bps] * 2 + [1.5e9] and used.disk_read_Bps == 1.5e9
+    assert chosen.breakdown["disk"] == pytest.approx(weights(w, chosen.disk_blocks) / 1.5e9)
+    assert probe.read_cache_for_store(path, store)[0].disk_read_Bps == 1.5e9  # the cache keeps the new rate
+
+
+def test_a_plan_that_reads_no_weight_from_disk_measures_nothing(tmp_path):
+    from test_planner import workload
+
+    from tiermem.planner import plan
+
+    path, store = tmp_path / "hw.json", fake_store(tmp_path / "s")
+    disk = DiskCounter({})
+    cached = probe.cached_hardware(path, measure=Counter(), store_dir=store)
+    _age_store_rate(path, store, 3600)
+    w = workload("llama-13b", "int4", 128, torch.bfloat16, batch=4, prompt_len=256, gen_len=16)
+    chosen, used = probe.plan_with_fresh_disk_rate(lambda hw: plan(w, hw, 40 << 30, 2 << 30), cached, store,
+                                                   path=path, measure=Counter(), measure_disk=disk)
+    assert not chosen.disk_blocks and used is cached and disk.asked == []
+    chosen, used = probe.plan_with_fresh_disk_rate(lambda hw: plan(w, hw, 4 << 30, 2 << 30), cached, None,
+                                                   path=path, measure=Counter(), measure_disk=disk)
+    assert chosen.disk_blocks and used is cached and disk.asked == []  # no store: nothing to measure

@@ -76,7 +76,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from tiermem.host_probe import timed_workload
     from tiermem.kernels.kv_quant import kv_scheme
     from tiermem.planner import Hardware, cpu_attention_choice, plan
-    from tiermem.probe import cached_hardware, read_cache
+    from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate, read_cache
 
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
@@ -104,20 +104,27 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
                               cpu_attention=cpu_attention, offload_dir=args.offload_dir,
                               budgets=(parse_size(args.gpu_memory), parse_size(args.cpu_memory)))
-    if args.hardware:
-        hardware: Hardware = read_cache(args.hardware)[0]
-        source = args.hardware
-    else:
-        hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
-        source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
     disk_kv = args.offload_dir is not None
     if disk_kv:
         from tiermem.scratch_file import check_offload_dir
 
         check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
-    chosen = plan(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
-                  cpu_cache_compute=cpu_attention, micro_batches=args.micro_batches, lookahead=args.lookahead,
-                  disk_kv=disk_kv)
+
+    def planned(hw: Hardware):
+        return plan(workload, hw, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
+                    cpu_cache_compute=cpu_attention, micro_batches=args.micro_batches, lookahead=args.lookahead,
+                    disk_kv=disk_kv)
+
+    if args.hardware:
+        hardware: Hardware = read_cache(args.hardware)[0]
+        source = args.hardware
+        chosen = planned(hardware)
+    else:
+        cached = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
+        source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
+        chosen, hardware = plan_with_fresh_disk_rate(planned, cached, args.store)
+        if hardware is not cached:
+            source += "; the disk's on the store measured again: the plan reads from it every step"
     print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
           f"{f' on {hardware.name}' if hardware.name else ''}")
     print(f"rates ({source}): disk {hardware.disk_read_Bps / 1e9:.2f} GB/s, PCIe {hardware.h2d_Bps / 1e9:.1f} GB/s, "

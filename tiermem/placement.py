@@ -24,7 +24,7 @@ from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
 from tiermem.kernels.kv_quant import kv_bytes_per_vector
 from tiermem.kernels.quant import QuantScheme
 from tiermem.pinned import PinnedArena
-from tiermem.planner import Plan
+from tiermem.planner import Hardware, Plan
 from tiermem.read_backend import choose_backend, make_backend
 from tiermem.residency import TieredWeights, plan_residency
 from tiermem.scratch_file import check_offload_dir
@@ -251,15 +251,16 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures and
     host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split; where the
     planner may choose CPU attention, that attention timed at the step's rows and context too; where it may put the
-    KV cache on disk, that tier's I/O timed in offload_dir),
-    decode steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
+    KV cache on disk, that tier's I/O timed in offload_dir; where the plan reads weights from the store every step,
+    the store's read rate measured within the last minute: probe.plan_with_fresh_disk_rate), decode steps of
+    max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
     cache goes on disk only with an offload_dir (for its file)."""
     from tiermem.host_probe import timed_workload
     from tiermem.planner import cpu_attention_choice
     from tiermem.planner import plan as make_plan
-    from tiermem.probe import cached_hardware
+    from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate
 
     store_dir = getattr(reader, "path", None)
     hardware = cached_hardware(store_dir=store_dir)
@@ -269,9 +270,12 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant, kv=kv_placement,
                               cpu_attention=attention, device=device, offload_dir=offload_dir,
                               budgets=(gpu_budget, cpu_budget))
-    return make_plan(workload, hardware, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
-                     cpu_cache_compute=attention,
-                     micro_batches=micro_batches, lookahead=lookahead, disk_kv=offload_dir is not None)
+    def planned(hw: Hardware) -> Plan:
+        return make_plan(workload, hw, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
+                         cpu_cache_compute=attention, micro_batches=micro_batches, lookahead=lookahead,
+                         disk_kv=offload_dir is not None)
+
+    return plan_with_fresh_disk_rate(planned, hardware, store_dir)[0]
 
 
 def available_host_bytes() -> int:

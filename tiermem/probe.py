@@ -23,13 +23,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tiermem.cost_model import Hardware
 from tiermem.errors import ConfigError, TiermemError
 
+if TYPE_CHECKING:
+    from tiermem.planner import Plan
+
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600
+# A plan that reads weights from a store every step takes that store's rate measured within this long (see
+# plan_with_fresh_disk_rate): the GPU machine's disk drifted by 16% between two loads minutes apart.
+DISK_RATE_FRESH_S = 60.0
 CHUNK = 16 << 20  # one read; 4 KiB aligned as O_DIRECT wants
 
 
@@ -221,15 +228,16 @@ def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cud
                     store_dir: str | os.PathLike | None = None, max_age_s: float = DEFAULT_MAX_AGE_S,
                     refresh: bool = False, measure: Callable[[], Hardware] | None = None,
                     measure_disk: Callable[[Path], float] | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> Hardware:
+                    cache_dir: str | os.PathLike | None = None, disk_max_age_s: float | None = None) -> Hardware:
     """Cached figures when fresh (younger than max_age_s), else measured now and written to the cache.
 
     path: the cache file (default cache_path() of this host and GPU; without CUDA, the only cache
     file of this host if there is exactly one). measure: what measures (default measure_hardware).
     store_dir: the block store the figures are for; its disk read rate is measured on it (measure_disk,
-    default measure_disk_read: a few seconds) unless the cache holds a fresh one for that directory, and
-    replaces the cached disk_read_Bps. Without CUDA and without a measure function a stale cache is still
-    used; no cache is a TiermemError telling the user to pass a Hardware JSON file.
+    default measure_disk_read: a few seconds) unless the cache holds one for that directory younger than
+    disk_max_age_s (default max_age_s), and replaces the cached disk_read_Bps. Without CUDA and without a
+    measure function a stale cache is still used; no cache is a TiermemError telling the user to pass a
+    Hardware JSON file.
     """
     gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
     if path is None:
@@ -259,8 +267,28 @@ def cached_hardware(path: str | os.PathLike | None = None, *, device: str = "cud
         return hw
     if store_dir is None:
         return hw
-    return replace(hw, disk_read_Bps=_store_disk_read(path, hw, measured_at, Path(store_dir), max_age_s,
+    disk_age = max_age_s if disk_max_age_s is None else disk_max_age_s
+    return replace(hw, disk_read_Bps=_store_disk_read(path, hw, measured_at, Path(store_dir), disk_age,
                                                       can_measure, measure_disk or measure_disk_read))
+
+
+def plan_with_fresh_disk_rate(make_plan: Callable[[Hardware], Plan], hardware: Hardware,
+                              store_dir: str | os.PathLike | None, max_age_s: float = DISK_RATE_FRESH_S,
+                              **cache: Any) -> tuple[Plan, Hardware]:
+    """make_plan(hardware), and the figures it was made with; where that plan reads weights from store_dir every
+    step, made again with the store's read rate measured now unless it was measured in the last max_age_s
+    (cache: more arguments of cached_hardware). The cache keeps a store's rate for days, and a disk drifts: on the
+    GPU machine the probe at a device call's first load read the 111B store at 1.81 GB/s; the second run, minutes
+    later, planned with that rate, took 19% longer than predicted, and the disk read 1.52 GB/s after it
+    (benchmarks/results/llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call2_h200.json). The probe reads up to 4 GiB
+    of the store (2-3 s there)."""
+    chosen = make_plan(hardware)
+    if store_dir is None or not chosen.disk_blocks:
+        return chosen, hardware
+    fresh = cached_hardware(store_dir=store_dir, disk_max_age_s=max_age_s, **cache)
+    if fresh.disk_read_Bps == hardware.disk_read_Bps:
+        return chosen, hardware
+    return make_plan(fresh), fresh
 
 
 def _store_disk_read(path: str | os.PathLike, hw: Hardware, measured_at: float, store_dir: Path, max_age_s: float,
