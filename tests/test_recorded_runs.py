@@ -132,6 +132,7 @@ PLANNED_RECORDED = [
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s8call2_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s9call2_h200.json", 64),
 ]
 
 
@@ -167,6 +168,7 @@ PLAN_TIME_RECORDED = [
         "first run 1.77). The same configuration run first on a newly written store (the _s8call5 file): within "
         "13%")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
+    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s9call2_h200.json", 64),
 ]
 
 
