@@ -7,6 +7,7 @@
 #   disk_kvcpu_bf16  the same with the KV cache fixed in host RAM
 #   disk_kvcpu_int4  the same with the KV cache in host RAM, int4
 #   disk_plan_int4   the same with an int4 KV cache placed by the planner
+#   disk_plan_auto   the same with the KV cache's precision chosen by the planner too (--kv-quant auto)
 #   store            only write the store (every run writes the 56 GB int4 store to $STORE if it is not there yet)
 # IO_THREADS sets the disk tier's reader threads (default 4).
 set -euo pipefail
@@ -24,6 +25,7 @@ for name in "$@"; do
         disk_kvcpu_bf16) args=("${DISK[@]}" --kv-placement cpu) ;;
         disk_kvcpu_int4) args=("${DISK[@]}" --kv-placement cpu --kv-quant int4) ;;
         disk_plan_int4) args=("${DISK[@]}" --kv-quant int4) ;;
+        disk_plan_auto) args=("${DISK[@]}" --kv-quant auto) ;;
         store)
             python3 -c "import sys, torch; from tiermem.presets import preset; from tiermem.kernels.quant import \
 QuantScheme; from tiermem.synthetic import write_synthetic_store; from pathlib import Path; \

@@ -29,6 +29,14 @@ def kv_scheme(name: str | None, head_dim: int, group_size: int | None = None) ->
     return scheme
 
 
+KV_QUANT_AUTO = (None, "int8", "int4")  # what kv_quant="auto" lets the planner choose from, most precise first
+
+
+def auto_kv_schemes(head_dim: int, group_size: int | None = None) -> tuple[QuantScheme | None, ...]:
+    """The KV schemes of kv_quant="auto" (KV_QUANT_AUTO), with groups of `group_size` (default: head_dim)."""
+    return tuple(kv_scheme(name, head_dim, group_size) for name in KV_QUANT_AUTO)
+
+
 def check_kv_scheme(scheme: QuantScheme, head_dim: int) -> None:
     """ConfigError unless the group size divides head_dim."""
     if head_dim % scheme.group_size:

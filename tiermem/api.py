@@ -22,7 +22,7 @@ from tiermem.engine.families import output
 from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
-from tiermem.kernels.kv_quant import kv_scheme
+from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
 from tiermem.kernels.quant import QuantScheme
 from tiermem.kv_disk import DiskKVCache
 from tiermem.kv_offload import HostKVCache
@@ -108,7 +108,10 @@ def load(
     quantized per (row, kv head, token) along head_dim, group-wise asymmetric with fp16 scale and
     zero per kv_group_size values (None = one group per head, else a divisor of head_dim); decode
     steps on the GPU dequantize them inside the attention kernel, other steps before attention. The
-    KV budget reservation counts the quantized footprint.
+    KV budget reservation counts the quantized footprint. "auto" (CUDA, plan="auto"): the planner plans with
+    each of None, "int8" and "int4" and takes the most precise one unless a less precise one is predicted at
+    least 5% faster (planner.choose_kv_quant); Model.info()["kv_quant"] says which. It times each one's decode
+    step at load: a few seconds more.
     """
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -131,7 +134,8 @@ def load_from_reader(
     dtype = _dtype_of(dtype)
     _check_disk_kv(device, kv_placement, offload_dir)
     cfg = model_config_from_hf(reader.model_config)
-    kv_q = kv_scheme(kv_quant, cfg.head_dim, kv_group_size)
+    kv_q = auto_kv_schemes(cfg.head_dim, kv_group_size) if kv_quant == "auto" else kv_scheme(
+        kv_quant, cfg.head_dim, kv_group_size)
     check_weights(cfg, {b: reader.tensor_specs(b) for b in reader.block_names})
     max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
     try:
@@ -146,7 +150,11 @@ def load_from_reader(
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
                                   kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention,
                                   offload_dir=offload_dir)
+        kv_q = source.kv_quant
     elif dev.type == "cpu":
+        if kv_quant == "auto":
+            raise ConfigError("kv_quant='auto' lets the GPU path's planner choose the KV cache's precision; on the "
+                              "CPU pass None, 'int8' or 'int4'")
         if gpu_memory is not None:
             raise ConfigError("gpu_memory is a budget of device='cuda'; on the CPU pass cpu_memory only")
         if not (plan is None or plan == "auto") or kv_placement not in (None, "cpu") or cpu_attention:

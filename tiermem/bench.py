@@ -50,7 +50,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="fix where the KV cache lives (default: the plan's; disk needs --offload-dir)")
     p.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="a directory the KV cache may live in (a file per generation): the plan may put it there")
-    p.add_argument("--kv-quant", choices=["int8", "int4"], default=None, help="store the KV cache quantized")
+    p.add_argument("--kv-quant", choices=["int8", "int4", "auto"], default=None,
+                   help="store the KV cache quantized; auto: the planner chooses (tiermem.load's kv_quant)")
     p.add_argument("--cpu-attention", action="store_true", default=None,
                    help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
     p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")

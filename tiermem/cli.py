@@ -72,10 +72,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from tiermem.config import parse_size
     from tiermem.cost_model import DEFAULT_LAYER_OVERHEAD_S
     from tiermem.engine.config import model_config_from_hf
-    from tiermem.errors import ConfigError
+    from tiermem.errors import BudgetError, ConfigError
     from tiermem.host_probe import timed_workload
-    from tiermem.kernels.kv_quant import kv_scheme
-    from tiermem.planner import Hardware, cpu_attention_choice, plan
+    from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
+    from tiermem.planner import Hardware, choose_kv_quant, cpu_attention_choice, plan
     from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate, read_cache
 
     if (args.store is None) == (args.synthetic is None):
@@ -99,32 +99,51 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
         reader = StoreReader(args.store)
     cfg = model_config_from_hf(reader.model_config)
-    kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
-    cpu_attention = cpu_attention_choice(None, kv_quant is not None)
-    workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
-                              cpu_attention=cpu_attention, offload_dir=args.offload_dir,
-                              budgets=(parse_size(args.gpu_memory), parse_size(args.cpu_memory)))
+    gpu_memory, cpu_memory = parse_size(args.gpu_memory), parse_size(args.cpu_memory)
     disk_kv = args.offload_dir is not None
-    if disk_kv:
-        from tiermem.scratch_file import check_offload_dir
 
-        check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
+    def plan_with(kv_quant, none_if_nothing_fits: bool = False):
+        """(plan, hardware, where the rates came from, workload) with the KV cache stored in kv_quant; None where
+        nothing fits the budgets and none_if_nothing_fits."""
+        cpu_attention = cpu_attention_choice(None, kv_quant is not None)
+        workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
+                                  cpu_attention=cpu_attention, offload_dir=args.offload_dir,
+                                  budgets=(gpu_memory, cpu_memory))
+        if disk_kv:
+            from tiermem.scratch_file import check_offload_dir
 
-    def planned(hw: Hardware):
-        return plan(workload, hw, parse_size(args.gpu_memory), parse_size(args.cpu_memory), kv=args.kv,
-                    cpu_cache_compute=cpu_attention, micro_batches=args.micro_batches, lookahead=args.lookahead,
-                    disk_kv=disk_kv)
+            check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
 
-    if args.hardware:
-        hardware: Hardware = read_cache(args.hardware)[0]
-        source = args.hardware
-        chosen = planned(hardware)
-    else:
-        cached = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
-        source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
-        chosen, hardware = plan_with_fresh_disk_rate(planned, cached, args.store)
-        if hardware is not cached:
+        def planned(hw: Hardware):
+            return plan(workload, hw, gpu_memory, cpu_memory, kv=args.kv, cpu_cache_compute=cpu_attention,
+                        micro_batches=args.micro_batches, lookahead=args.lookahead, disk_kv=disk_kv)
+
+        if args.hardware:
+            hardware, source = read_cache(args.hardware)[0], args.hardware
+        else:
+            hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
+            source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
+        try:
+            if args.hardware:
+                return planned(hardware), hardware, source, workload
+            chosen, fresh = plan_with_fresh_disk_rate(planned, hardware, args.store)
+        except BudgetError:
+            if none_if_nothing_fits:
+                return None
+            raise
+        if fresh is not hardware:
             source += "; the disk's on the store measured again: the plan reads from it every step"
+        return chosen, fresh, source, workload
+
+    if args.kv_quant == "auto":
+        schemes = auto_kv_schemes(cfg.head_dim)
+        options = [plan_with(scheme, none_if_nothing_fits=True) for scheme in schemes]
+        pick = choose_kv_quant([o and o[0] for o in options])
+        kv_quant = schemes[pick]
+        chosen, hardware, source, workload = options[pick]
+    else:
+        kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
+        chosen, hardware, source, workload = plan_with(kv_quant)
     print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
           f"{f' on {hardware.name}' if hardware.name else ''}")
     print(f"rates ({source}): disk {hardware.disk_read_Bps / 1e9:.2f} GB/s, PCIe {hardware.h2d_Bps / 1e9:.1f} GB/s, "
@@ -138,18 +157,28 @@ def _cmd_plan(args: argparse.Namespace) -> None:
               "micro-batch assumed; a decode step issued from Python took 15-40 ms for 32 resident layers on an "
               "H200 machine, so a host-bound prediction made here is optimistic")
     print(f"predicted: {chosen.predicted_step_s:.4f} s per decode step, {chosen.predicted_tok_per_s:.2f} tok/s")
+    if args.kv_quant == "auto":
+        steps = ", ".join(f"{_kv_name(sc)} {'does not fit' if o is None else f'{o[0].predicted_step_s:.4f} s'}"
+                          for sc, o in zip(schemes, options, strict=True))
+        print(f"KV cache stored as {_kv_name(kv_quant)}, chosen by --kv-quant auto (per step: {steps})")
     if args.alternatives:
         from tiermem.planner import alternatives
 
         print("the best plan with one choice fixed (predicted s per step, tok/s):")
-        for name, alt in alternatives(workload, hardware, parse_size(args.gpu_memory), parse_size(args.cpu_memory),
-                                      cpu_cache_compute=cpu_attention, disk_kv=disk_kv):
+        for name, alt in alternatives(workload, hardware, gpu_memory, cpu_memory,
+                                      cpu_cache_compute=cpu_attention_choice(None, kv_quant is not None),
+                                      disk_kv=disk_kv):
             figures = "does not fit" if alt is None else f"{alt.predicted_step_s:.4f} s, {alt.predicted_tok_per_s:.2f}"
             print(f"  {name:<32} {figures}")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": json.loads(hardware.to_json()), "plan": {
             k: v for k, v in vars(chosen).items()}, "batch": args.batch, "prompt_len": args.prompt_len,
-            "gen_len": args.gen_len}, indent=1))
+            "gen_len": args.gen_len, "kv_quant": _kv_name(kv_quant)}, indent=1))
+
+
+def _kv_name(scheme) -> str:
+    """A KV scheme as the CLI prints it: "int4 (group 128)", or "the compute dtype" for None."""
+    return "the compute dtype" if scheme is None else f"{scheme.name} (group {scheme.group_size})"
 
 
 def _cmd_checkpoint_verify(args: argparse.Namespace) -> None:
@@ -226,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="the KV cache may live in a file here (load with the same offload_dir); on CUDA that tier is "
                         "timed here first: up to 1 GiB written, synced and read back")
-    p.add_argument("--kv-quant", choices=["int8", "int4"], default=None,
-                   help="the KV cache is stored quantized (one group per head); pass the same to load / bench")
+    p.add_argument("--kv-quant", choices=["int8", "int4", "auto"], default=None,
+                   help="the KV cache is stored quantized (one group per head); auto: the planner chooses among the "
+                        "compute dtype, int8 and int4 (a less precise one only when 5%% faster); pass the same to "
+                        "load / bench")
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")
     p.add_argument("--lookahead", type=int, default=None, help="fix the prefetch lookahead")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")

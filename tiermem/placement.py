@@ -123,6 +123,7 @@ class GpuSource:
         self.prefill_micro_batches = prefill_micro_batches or micro_batches  # ... and of the prompt
         self.cpu_attention = cpu_attention  # KV in host memory and attention computed there
         self.followed_plan: Plan | None = None  # the planner's Plan this placement follows (None: greedy)
+        self.kv_quant: QuantScheme | None = None  # the KV cache's scheme this placement was made for
 
     def stream(self, names):
         return self.weights.stream(names)
@@ -140,8 +141,9 @@ def build_gpu_source(
     reader: StoreReader, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, gpu_memory: int | None,
     cpu_memory: int | None, max_batch: int, max_seq: int, micro_batches: int | None, lookahead: int | None,
     io_threads: int, resident_cap: int | None, progress: bool, read_backend: str = "auto",
-    kv_quant: QuantScheme | None = None, plan: Plan | str | None = "auto", kv_placement: str | None = None,
-    cpu_attention: bool | None = None, offload_dir: str | os.PathLike | None = None,
+    kv_quant: QuantScheme | tuple[QuantScheme | None, ...] | None = None, plan: Plan | str | None = "auto",
+    kv_placement: str | None = None, cpu_attention: bool | None = None,
+    offload_dir: str | os.PathLike | None = None,
 ) -> GpuSource:
     """Place blocks and the KV cache in HBM / pinned host memory / disk within the budgets, and load them.
 
@@ -152,11 +154,20 @@ def build_gpu_source(
     keeps the KV cache in a file in offload_dir, which the planner considers only when it is given);
     cpu_attention (KV on the CPU and attention computed there, FlexGen's cpu_cache_compute): True / False fix
     it; None leaves it to the planner (plan="auto"), which may choose it for a dense KV cache;
-    resident_cap (bytes of HBM-resident weights) implies the greedy placement.
+    resident_cap (bytes of HBM-resident weights) implies the greedy placement. kv_quant: the KV cache's scheme
+    (None: the compute dtype), or a tuple of them (plan "auto" only: the planner chooses, auto_plan_kv_quant); the
+    source's kv_quant is the one used.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
-    if plan == "auto":  # load() checked that plan is "auto", a Plan or None
+    if isinstance(kv_quant, tuple) and (plan != "auto" or resident_cap is not None):
+        raise ConfigError("kv_quant='auto' lets the planner choose the KV cache's precision: it needs plan='auto' "
+                          "and no resident_weights; pass kv_quant None, 'int8' or 'int4' with a fixed placement")
+    if isinstance(kv_quant, tuple):
+        plan, kv_quant = auto_plan_kv_quant(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant,
+                                            kv_placement, micro_batches, lookahead, cpu_attention,
+                                            offload_dir=offload_dir, device=str(device))
+    elif plan == "auto":  # load() checked that plan is "auto", a Plan or None
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
             lookahead, cpu_attention, offload_dir=offload_dir, device=str(device))
@@ -241,6 +252,7 @@ def build_gpu_source(
     source = GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches,
                        cpu_attention, offload_dir)
     source.followed_plan = plan
+    source.kv_quant = kv_quant
     return source
 
 
@@ -276,6 +288,25 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
                          disk_kv=offload_dir is not None)
 
     return plan_with_fresh_disk_rate(planned, hardware, store_dir)[0]
+
+
+def auto_plan_kv_quant(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int,
+                       cpu_memory: int | None, max_batch: int, max_seq: int, schemes: tuple[QuantScheme | None, ...],
+                       *choices, **options) -> tuple[Plan, QuantScheme | None]:
+    """kv_quant="auto": auto_plan with the KV cache in each of `schemes` (most precise first; choices and options
+    as auto_plan takes them after kv_quant), and the plan and scheme planner.choose_kv_quant picks. Each scheme's
+    host time (and disk KV tier, CPU attention where they may be used) is timed: a few seconds each."""
+    from tiermem.planner import choose_kv_quant
+
+    plans: list[Plan | None] = []
+    for scheme in schemes:
+        try:
+            plans.append(auto_plan(reader, cfg, dtype, gpu_budget, cpu_memory, max_batch, max_seq, scheme, *choices,
+                                   **options))
+        except BudgetError:
+            plans.append(None)
+    chosen = choose_kv_quant(plans)
+    return plans[chosen], schemes[chosen]
 
 
 def available_host_bytes() -> int:

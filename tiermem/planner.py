@@ -60,7 +60,7 @@ from tiermem.cost_model import (
 )
 from tiermem.errors import BudgetError, ConfigError
 
-__all__ = ["Hardware", "Workload", "Plan", "alternatives", "cpu_attention_choice", "plan", "predict"]
+__all__ = ["Hardware", "Workload", "Plan", "alternatives", "choose_kv_quant", "cpu_attention_choice", "plan", "predict"]
 
 LOOKAHEADS = (1, 2, 3)
 # With one disk read in flight each block's read and its checksum run one after the other (measured: 1.49 GB/s
@@ -367,6 +367,25 @@ def cpu_attention_choice(asked: bool | None, kv_quantized: bool) -> bool | None:
     if asked is not None:
         return asked
     return False if kv_quantized else None
+
+
+KV_QUANT_MIN_GAIN = 0.05  # kv_quant="auto" takes a less precise KV cache only for a plan at least this much faster
+
+
+def choose_kv_quant(plans: Sequence[Plan | None]) -> int:
+    """kv_quant="auto": the index of the KV cache's scheme to use, given the best plan with each (most precise first,
+    None where nothing fits): the most precise one, unless a less precise one's plan is predicted at least
+    KV_QUANT_MIN_GAIN faster than the one chosen so far (quantizing the cache costs accuracy, so a win within the
+    cost model's error does not buy it). BudgetError when no plan fits."""
+    chosen = None
+    for i, p in enumerate(plans):
+        if p is not None and (chosen is None or
+                              p.predicted_step_s < (1 - KV_QUANT_MIN_GAIN) * plans[chosen].predicted_step_s):
+            chosen = i
+    if chosen is None:
+        raise BudgetError("no placement fits the budgets with the KV cache in the compute dtype, int8 or int4: "
+                          "raise gpu_memory / cpu_memory, or lower the batch or the sequence length")
+    return chosen
 
 
 ALTERNATIVES = (
