@@ -133,6 +133,7 @@ PLANNED_RECORDED = [
     *((f"llama111b_int4_gpu24_cpu32_{run}_s8call2_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
     ("llama111b_int4_gpu24_cpu32_plan_int4kv_s9call2_h200.json", 64),
+    *((f"llama111b_int4_gpu24_cpu32_{run}_s9call3_h200.json", 64) for run in ("plan_autokv", "kvcpu_int4")),
 ]
 
 
@@ -169,6 +170,7 @@ PLAN_TIME_RECORDED = [
         "13%")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
     ("llama111b_int4_gpu24_cpu32_plan_int4kv_s9call2_h200.json", 64),
+    *((f"llama111b_int4_gpu24_cpu32_{run}_s9call3_h200.json", 64) for run in ("plan_autokv", "kvcpu_int4")),
 ]
 
 
@@ -405,3 +407,32 @@ def test_session_8_plans_beat_every_hand_written_alternative_tried():
     assert "--kv-placement" not in planned["command"] and planned["placement"]["kv_placement"] == "gpu"
     for kind in ("cpu", "cpu_attention", "disk", "disk_int4"):
         assert _steps(tiers.format("gpu"))[16] < _steps(tiers.format(kind))[16], kind
+
+
+S9_111B_DISK = [f"llama111b_int4_gpu24_cpu32_{run}_s9call{call}_h200.json"
+                for run, call in (("plan_int4kv", 2), ("plan_autokv", 3), ("kvcpu_int4", 3))]
+
+
+@pytest.mark.parametrize("name", S9_111B_DISK)
+def test_session_9_111b_disk_runs_meet_issue_5(name):
+    """Issue 5 (b): 111B int4, gpu_memory 24 GiB, cpu_memory 32 GiB, the rest streamed from disk, batch 64, KV
+    offloaded or quantized where the plan says so: at least 0.85 of the disk roofline, peak GPU memory within 24 GiB
+    and pinned host memory within 32 GiB, each measured in its run."""
+    result = json.loads((RESULTS / name).read_text())
+    placement, (run,) = result["placement"], result["runs"]
+    assert run["roofline_link"] == "disk" and run["fraction_of_roofline"] >= 0.85
+    assert run["peak_gpu_bytes"] <= 24 * 2**30 and placement["pinned_host_bytes"] <= 32 * 2**30
+    assert placement["disk_bytes_per_step"] > 0 and run["batch"] == 64
+
+
+def test_session_9_kv_quant_auto_chose_int4_on_the_gpu_which_tied_with_int4_kv_in_ram():
+    """Call 3: bench --kv-quant auto chose an int4 cache on the GPU (6.24 s predicted), the planner's pick among bf16,
+    int8 and int4; int4 KV fixed in host RAM, the call's second run, was predicted 7.21 s from the disk rate measured
+    again at its load and took the same time: 6.630 s against 6.626 (medians 6.59 against 6.74). Either cache takes
+    its bytes from the weights' room in one budget or the other, so the disk reads the same per step; the planner's
+    1.19x win of session 8 was the disk's drift between the two runs."""
+    auto = json.loads((RESULTS / S9_111B_DISK[1]).read_text())
+    assert "--kv-quant auto" in auto["command"] and "--kv-placement" not in auto["command"]
+    assert auto["placement"]["kv_quant"] == "int4 (group 128)" and auto["placement"]["kv_placement"] == "gpu"
+    ram = _steps(S9_111B_DISK[2])[64]
+    assert abs(_steps(S9_111B_DISK[1])[64] - ram) / ram < 0.01
