@@ -265,6 +265,14 @@ HOST_PROBE_S8 = (
     "ms after 16 tokens, 17-18 after 2048, the full model 19-21)")
 
 
+HOST_UNSTABLE_S9 = (
+    "three identical bench runs back to back on one fresh machine (session 9, call 4) decoded in 19.5, 44.1 and 37.7 "
+    "ms per step (their steps 18-23, 40-47 and 32-43 ms), where the narrow-model host probe at their loads read "
+    "28.3, 18.3 and 19.4 ms: the host's speed of issuing a step's ~600 launches from Python changes between runs "
+    "seconds apart, and no probe before the run predicts it. A step that is not host-bound (one CUDA graph) would "
+    "not depend on it")
+
+
 DISK_KV_AFTER_CEILINGS = (
     "bench timed the disk KV tier for its same-run figure after the disk's ceilings had read 5 GB of the store, "
     "which slows the disk's next reads (see PROBE_DRIFT): 20-26% slower than the run; the plan-time probe, before "
@@ -307,6 +315,7 @@ KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
     *S9_DISK_KV,
+    *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_gpu_s9call4_run{k}_h200.json", HOST_UNSTABLE_S9) for k in (1, 2, 3)),
 ]
 
 
@@ -332,6 +341,7 @@ KV_TIER_SAME_RUN = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_s8call4_h200.json" for run in ("disk", "disk_int4")),
     "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
     *S9_DISK_KV,
+    *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_gpu_s9call4_run{k}_h200.json", HOST_UNSTABLE_S9) for k in (1, 2, 3)),
 ]
 
 
