@@ -138,3 +138,24 @@ def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeyp
     assert order == ["run", "run", "run", "ceilings"]  # the warm-up, two batches, then the ceilings
     runs = json.loads(out.read_text())["runs"]
     assert [r["batch"] for r in runs] == [1, 2] and all(len(r["decode_steps_s"]) == 2 for r in runs)
+
+
+def test_bench_records_each_decode_steps_host_issue_time_and_the_cpu_steal(tmp_path, monkeypatch):
+    """time_generation: for every decode step, the seconds until the host had issued it (here, on the CPU, where
+    nothing runs behind the host, the whole step but its sync), and the share of CPU time the VM's host stole."""
+    import tiermem
+    from tiermem import bench
+
+    store = tiermem.pack(build_tiny("llama2", tmp_path / "hf"), tmp_path / "store", progress=False)
+    with tiermem.load(store, max_batch_size=2, max_seq_len=32) as m:
+        run = bench.time_generation(m, 2, None, 8, 5)
+    assert len(run["decode_host_issue_s"]) == len(run["decode_steps_s"]) == 4
+    assert all(0 < i <= s for i, s in zip(run["decode_host_issue_s"], run["decode_steps_s"], strict=True))
+    ticks = bench.cpu_steal_ticks()
+    if ticks is None:
+        assert run["decode_cpu_steal_fraction"] is None
+    else:
+        assert 0 <= ticks[0] <= ticks[1]
+        assert run["decode_cpu_steal_fraction"] is None or 0 <= run["decode_cpu_steal_fraction"] <= 1
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert bench.cpu_steal_ticks() is None

@@ -151,35 +151,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_steal_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat (None where there is none): the time a
+    virtual machine's CPUs were ready to run but its host ran something else."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def time_generation(model, batch: int, micro_batches: int | None, prompt_len: int, gen_len: int,
                     drop_cache_after_prompt: bool = False) -> dict:
-    """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds.
+    """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds, and for each decode
+    step the seconds until the host had issued it (before the sync: a step whose issue takes as long as the step is
+    host-bound), and the share of the machine's CPU time stolen by the VM's host while the decode steps ran.
     drop_cache_after_prompt: write back and drop the page cache after the prompt (inside its time), so that decode
     steps read a KV cache on disk from the disk, not from the pages the prompt just wrote."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     stamps: list[float] = []
+    issued: list[float] = []
+    steal: list[tuple[int, int] | None] = []
     dropped: list[bool] = []
 
     def on_step(k: int) -> None:
+        issued.append(time.perf_counter())
         _sync(model.device)
         if k == 1 and drop_cache_after_prompt:
             dropped.append(drop_page_cache())
         stamps.append(time.perf_counter())
+        if k == 1:
+            steal.append(cpu_steal_ticks())
 
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     _sync(model.device)
     start = time.perf_counter()
     model.generate(ids, gen_len, eos_token_id=[], micro_batches=micro_batches, on_step=on_step)
+    end_ticks = cpu_steal_ticks()
     steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     decode = steps[1:]
+    decode_issue = [i - a for a, i in zip(stamps[:-1], issued[1:], strict=True)]
+    stolen = None
+    if steal and steal[0] is not None and end_ticks is not None and end_ticks[1] > steal[0][1]:
+        stolen = (end_ticks[0] - steal[0][0]) / (end_ticks[1] - steal[0][1])
     return {
         "batch": batch, "micro_batches": micro_batches or model.micro_batches,
         "prefill_micro_batches": micro_batches or model.prefill_micro_batches, "prompt_len": prompt_len,
         "gen_len": gen_len,
         "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
         "decode_step_median_s": statistics.median(decode), "decode_steps_s": decode,
+        "decode_host_issue_s": decode_issue, "decode_cpu_steal_fraction": stolen,
         "decode_tok_per_s": batch / statistics.mean(decode),
         "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
