@@ -96,6 +96,58 @@ def test_each_layer_prefix_is_fetched_once_per_step_and_only_new_slots_go_back(s
     assert len(back) == 2 * 2 * L and all((rows, s, e) == (1, 10, 11) for _, rows, s, e in back)
 
 
+class LayerLog(SyncMover):
+    """SyncMover that records each copy as (direction, layer, GPU buffer, end slot), K copies only."""
+
+    def __init__(self, cache: HostKVCache):
+        self.layer_of = {id(k): layer for layer, k in enumerate(cache.keys)}
+        self.buffer_of = {id(k): b for b, (k, _v) in enumerate(cache.buffers)}
+        self.log: list[tuple[str, int, int, int]] = []
+
+    def copy_slots(self, dst, src, rows, start, end):
+        if id(src) in self.layer_of:
+            self.log.append(("in", self.layer_of[id(src)], self.buffer_of[id(dst)], end))
+        elif id(dst) in self.layer_of:
+            self.log.append(("back", self.layer_of[id(dst)], self.buffer_of[id(src)], end))
+        super().copy_slots(dst, src, rows, start, end)
+
+
+def test_the_two_gpu_buffers_evict_reload_and_write_back_in_order():
+    """The KV blocks of a host cache are its layers; two GPU buffers hold the layers in flight. Over two decode
+    steps of a 4-layer model: eviction (each fetch takes the buffer the layer before last used), reload (every layer
+    comes back once a step, one slot longer), ordering (a buffer is fetched into only after the new slots of the
+    layer it held went back to the host, and every layer's went back)."""
+    from tiermem.api import load_from_reader
+    from tiermem.presets import preset
+    from tiermem.synthetic import SyntheticStore
+
+    ids, mask = left_padded_batch()
+    store = SyntheticStore(preset("tiny-llama"), None, torch.float32)
+    with load_from_reader(store, "cpu", None, None, dtype=torch.float32, max_batch_size=2, max_seq_len=64) as m:
+        L = m.config.num_layers
+        cache = HostKVCache.allocate(m.config, 2, 32, m.dtype, "cpu")
+        m.executor.forward(ids, mask, cache)  # prefill 10 tokens
+        cache.mover = mover = LayerLog(cache)
+        for t in range(2):
+            m.executor.forward(ids[:, t:t + 1], mask[:, t:t + 1], cache)
+    assert L == 4
+    fetched = [(layer, buffer, end) for kind, layer, buffer, end in mover.log if kind == "in"]
+    # layer 0 was primed at the end of the prefill; each step fetches layers 1..L-1, then primes layer 0
+    assert [f[0] for f in fetched] == [*range(1, L), 0] * 2
+    buffers = [f[1] for f in fetched]
+    assert all(a != b for a, b in zip(buffers, buffers[1:], strict=False))  # alternating: j + 2 evicts layer j
+    assert [f[2] for f in fetched] == [10] * (L - 1) + [11] + [11] * (L - 1) + [12]  # reload, one slot longer
+    held = {1 - fetched[0][1]: 0}  # GPU buffer -> layer whose new slots it holds (layer 0 was primed there)
+    for kind, layer, buffer, _end in mover.log:
+        if kind == "in":
+            assert buffer not in held, f"buffer {buffer} fetched into before layer {held[buffer]} went back"
+            held[buffer] = layer
+        else:
+            assert held.pop(buffer) == layer
+    backs = [layer for kind, layer, _b, _e in mover.log if kind == "back"]
+    assert sorted(backs) == sorted(list(range(L)) * 2)
+
+
 def test_a_rolled_back_step_is_fetched_again(stores):
     ids, mask = left_padded_batch()
     with tiermem.load(stores["opt"], max_batch_size=2, max_seq_len=64) as m:
