@@ -15,6 +15,7 @@ import torch
 
 from tiermem.engine.executor import Executor
 from tiermem.engine.kv_cache import KVCache
+from tiermem.engine.static_decode import StaticDecoder
 from tiermem.errors import ConfigError
 
 
@@ -138,6 +139,7 @@ class DecodeState:
 def decode(
     executor: Executor, state: DecodeState, sampling: Sampling, max_new_tokens: int, micro_batches: int = 1,
     on_step: Callable[[int], None] | None = None, prefill_micro_batches: int | None = None,
+    step_decoder: StaticDecoder | None = None,
 ) -> int:
     """Choose up to `max_new_tokens` more tokens, advancing `state` in place; returns how many were chosen.
 
@@ -146,7 +148,8 @@ def decode(
     that step (the cache length is rolled back; the generator may have advanced if sampling ran).
     on_step(k) is called after the k-th token of this call (k = 1 .. n) has been chosen. A step over
     more than one new token (the prompt) splits the batch into prefill_micro_batches (default:
-    micro_batches), a one-token step into micro_batches.
+    micro_batches), a one-token step into micro_batches. step_decoder (over state.cache): what runs the
+    one-token steps of a whole batch instead of the executor (CUDA graph replays).
     """
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -161,8 +164,11 @@ def decode(
         past = cache.length
         split = prefill_micro_batches if prefill_micro_batches and state.tokens.shape[1] - past > 1 else micro_batches
         try:
-            logits = executor.forward(state.tokens[:, past:], state.mask[:, past:], cache,
-                                      micro_batches=split, last_only=True)
+            if step_decoder is not None and split == 1 and state.tokens.shape[1] - past == 1:
+                logits = step_decoder.forward(state.tokens[:, past:], state.mask[:, past:])
+            else:
+                logits = executor.forward(state.tokens[:, past:], state.mask[:, past:], cache,
+                                          micro_batches=split, last_only=True)
             token = next_tokens(logits[:, -1], sampling.do_sample, sampling.temperature, sampling.top_k,
                                 sampling.top_p, state.generator)  # [B]
         except BaseException:

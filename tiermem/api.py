@@ -21,6 +21,7 @@ from tiermem.engine.executor import Executor
 from tiermem.engine.families import output
 from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
+from tiermem.engine.static_decode import StaticDecoder, check_resident
 from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
 from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
 from tiermem.kernels.quant import QuantScheme
@@ -66,7 +67,7 @@ def load(
     micro_batches: int | None = None, lookahead: int | None = None, io_threads: int = 4,
     resident_weights: int | str | None = None, read_backend: str = "auto", progress: bool = False,
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
-    kv_placement: str | None = None, cpu_attention: bool | None = None,
+    kv_placement: str | None = None, cpu_attention: bool | None = None, cuda_graphs: bool = False,
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
@@ -112,13 +113,18 @@ def load(
     each of None, "int8" and "int4" and takes the most precise one unless a less precise one is predicted at
     least 5% faster (planner.choose_kv_quant); Model.info()["kv_quant"] says which. It times each one's decode
     step at load: a few seconds more.
+    cuda_graphs (experimental, not yet measured on a GPU): decode steps with every block in HBM and a dense KV
+    cache on the GPU run as CUDA graphs, captured once per 256 slots of context and replayed
+    (tiermem.engine.static_decode), so that the host does not issue each step's kernels one by one; a
+    placement that streams blocks or offloads or quantizes the KV cache is a ConfigError.
     """
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                             micro_batches=micro_batches, lookahead=lookahead, io_threads=io_threads,
                             resident_weights=parse_size(resident_weights), read_backend=read_backend,
                             progress=progress, kv_quant=kv_quant, kv_group_size=kv_group_size, plan=plan,
-                            kv_placement=kv_placement, cpu_attention=cpu_attention, offload_dir=offload_dir)
+                            kv_placement=kv_placement, cpu_attention=cpu_attention, offload_dir=offload_dir,
+                            cuda_graphs=cuda_graphs)
 
 
 def load_from_reader(
@@ -127,7 +133,7 @@ def load_from_reader(
     io_threads: int = 4, resident_weights: int | None = None, progress: bool = False, read_backend: str = "auto",
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
     kv_placement: str | None = None, cpu_attention: bool | None = None,
-    offload_dir: str | os.PathLike | None = None,
+    offload_dir: str | os.PathLike | None = None, cuda_graphs: bool = False,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     _check_load_options(max_batch_size, max_seq_len, lookahead, micro_batches, read_backend, plan)
@@ -152,6 +158,8 @@ def load_from_reader(
                                   offload_dir=offload_dir)
         kv_q = source.kv_quant
     elif dev.type == "cpu":
+        if cuda_graphs:
+            raise ConfigError("cuda_graphs replays decode steps on a GPU: use device='cuda'")
         if kv_quant == "auto":
             raise ConfigError("kv_quant='auto' lets the GPU path's planner choose the KV cache's precision; on the "
                               "CPU pass None, 'int8' or 'int4'")
@@ -168,7 +176,17 @@ def load_from_reader(
         raise ConfigError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
     head_has_lm_head = output.LM_HEAD in reader.tensor_specs("head")
     executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
-    return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q)
+    if cuda_graphs:
+        _check_graph_placement(executor, source, kv_q)
+    return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q, cuda_graphs=cuda_graphs)
+
+
+def _check_graph_placement(executor: Executor, source, kv_quant: QuantScheme | None) -> None:
+    """ConfigError unless decode steps can run as CUDA graphs: every block in HBM, a dense KV cache on the GPU."""
+    check_resident(executor)
+    if source.kv_placement != "gpu" or kv_quant is not None:
+        raise ConfigError(f"cuda_graphs needs a dense KV cache on the GPU; this load keeps it {source.kv_placement!r}"
+                          f" with kv_quant {kv_quant}: leave kv_placement / kv_quant out, or cuda_graphs")
 
 
 def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead: int | None,
@@ -217,7 +235,8 @@ class Model:
     """A loaded model: forward(), generate(), generate_text(); close() or use as a context manager."""
 
     def __init__(self, cfg: ModelConfig, executor: Executor, source, reader,
-                 max_batch_size: int, max_seq_len: int, kv_quant: QuantScheme | None = None) -> None:
+                 max_batch_size: int, max_seq_len: int, kv_quant: QuantScheme | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.config = cfg
         self.executor = executor
         self.source = source
@@ -225,6 +244,7 @@ class Model:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.kv_quant = kv_quant  # scheme of the KV caches generate() allocates (None: dense)
+        self.cuda_graphs = cuda_graphs  # decode steps as CUDA graph replays (engine.static_decode)
         self.kv_placement = getattr(source, "kv_placement", "cpu" if self.device.type == "cpu" else "gpu")
         self.micro_batches = getattr(source, "micro_batches", 1)  # decode steps' default split (the plan's)
         self.prefill_micro_batches = getattr(source, "prefill_micro_batches", self.micro_batches)  # the prompt's
@@ -353,9 +373,11 @@ class Model:
             state = DecodeState.start(input_ids, attention_mask, cache, generator)
             if session is not None:
                 session._start(self.config, state, sampling)
+        split = micro_batches or self.micro_batches
+        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if self.cuda_graphs and split == 1 else None
         try:
-            decode(self.executor, state, sampling, max_new_tokens, micro_batches or self.micro_batches, on_step,
-                   prefill_micro_batches=micro_batches or self.prefill_micro_batches)
+            decode(self.executor, state, sampling, max_new_tokens, split, on_step,
+                   prefill_micro_batches=micro_batches or self.prefill_micro_batches, step_decoder=graphs)
         finally:
             if isinstance(state.cache, HostKVCache):  # also DiskKVCache
                 if session is None:
@@ -428,7 +450,7 @@ class Model:
         """Placement and sizes: where each block lives, budgets, KV reservation."""
         kv = "none" if self.kv_quant is None else f"{self.kv_quant.name} (group {self.kv_quant.group_size})"
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."), "kv_quant": kv,
-                **self.source.describe()}
+                "cuda_graphs": self.cuda_graphs, **self.source.describe()}
 
     def close(self) -> None:
         if not self._closed:

@@ -54,6 +54,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="store the KV cache quantized; auto: the planner chooses (tiermem.load's kv_quant)")
     p.add_argument("--cpu-attention", action="store_true", default=None,
                    help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode steps as CUDA graph replays (every block in HBM, dense KV on the GPU; experimental)")
     p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
@@ -115,7 +117,7 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
         read_backend=args.read_backend, progress=True, plan=_plan(args),
         kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=args.kv_quant,
-        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir)
+        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir, cuda_graphs=args.cuda_graphs)
 
 
 def _plan(args: argparse.Namespace):

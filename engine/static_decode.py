@@ -1,0 +1,173 @@
+"""Decode steps of fixed shape, so that a step can be captured once as a CUDA graph and replayed.
+
+With every block in HBM and a dense KV cache on the GPU, a decode step (one token per row) launches
+the same ~20 kernels per layer every step; issuing them from Python took 19-45 ms per step for
+llama3-8b int4 at batch 16 on an H200 machine, where the GPU computed for about 9 ms
+(benchmarks/results/llama3_8b_int4_b16x2048_*_profile_*.json, *_kv_gpu_s9call4_*). Only a few values
+change from step to step: the new token's slot, the rows' positions and which keys are real. Here
+they live in device tensors that the step reads (`slot` [1], `positions` [B, 1], the cache's key
+mask), the new K and V go into the cache by index_copy_ at `slot`, and attention covers a fixed span
+of slots (the filled ones rounded up to `bucket`; keys past the new slot are masked out), so that the
+launches of a step and their arguments are the same for every step within a span.
+
+StaticDecoder.forward is a decode step of Executor.forward over a KVCache. On the CPU it runs the step
+as it is (what tests compare with Executor.forward). With `graphs=True` (CUDA) the first step of
+each span runs as it is and is captured; later steps of that span replay the capture. The embedding
+(gathered on the host) and the sampling stay outside the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
+
+from tiermem.engine import rope
+from tiermem.engine.attention import SDPA_BACKENDS, positions_from_mask
+from tiermem.engine.executor import Executor
+from tiermem.engine.kv_cache import KVCache
+from tiermem.errors import ConfigError
+from tiermem.kernels import ops
+
+DEFAULT_BUCKET = 256  # slots: attention reads up to this many more than filled, a graph serves this many steps
+
+
+def check_resident(executor: Executor) -> None:
+    """ConfigError unless every block of `executor`'s model stays in HBM (the embedding may stay on the host):
+    a CUDA graph replays a step's kernels, not the copies of streamed blocks."""
+    weights = getattr(executor.source, "weights", None)
+    streamed = [n for n in executor.block_order
+                if weights is None or (n not in weights.resident and n not in weights.host_only)]
+    if streamed:
+        raise ConfigError(f"CUDA graphs need every block resident in HBM; {len(streamed)} blocks of this placement "
+                          "are streamed: raise gpu_memory, or leave cuda_graphs out")
+
+
+@dataclass
+class StaticAttention:
+    """Attention of a decode step at the slot held in `slot`, over slots 0..span-1 of `cache` (all rows)."""
+
+    cache: KVCache
+    slot: torch.Tensor  # long [1] on the device: where the new token's K and V go
+    span: int
+    cos: torch.Tensor | None  # [B, 1, Dh]
+    sin: torch.Tensor | None
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [B, H, 1, Dh] at the step's positions."""
+        return ops.apply_rope(x, self.cos, self.sin)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[B, 1, 1, span] (True = attend): real keys up to the new slot (within `window`), and the new slot."""
+        if window not in self._masks:
+            k_idx = torch.arange(self.span, device=self.slot.device)  # [span]
+            allowed = (k_idx <= self.slot) & self.cache.key_mask[:, :self.span]  # [B, span]
+            if window is not None:
+                allowed = allowed & (k_idx > self.slot - window)
+            self._masks[window] = (allowed | (k_idx == self.slot))[:, None, None]
+        return self._masks[window]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None = None) -> torch.Tensor:
+        """q [B, H, 1, Dh], new k/v [B, Hkv, 1, Dh] -> attention output [B, 1, H * Dh]."""
+        B, H, _, Dh = q.shape
+        keys, values = self.cache.keys[layer], self.cache.values[layer]  # [B, Hkv, S_max, Dh]
+        keys.index_copy_(2, self.slot, k)
+        values.index_copy_(2, self.slot, v)
+        kv_heads = k.shape[1]
+        with sdpa_kernel(list(SDPA_BACKENDS)):
+            out = F.scaled_dot_product_attention(
+                q.reshape(B, kv_heads, H // kv_heads, Dh), keys[:, :, :self.span], values[:, :, :self.span],
+                attn_mask=self.mask(window), scale=Dh**-0.5)  # [B, Hkv, group, Dh]
+        return out.reshape(B, 1, H * Dh)
+
+
+class StaticDecoder:
+    """Decode steps of `executor`'s model over `cache` (dense, on the executor's device, every row at once)."""
+
+    def __init__(self, executor: Executor, cache: KVCache, bucket: int = DEFAULT_BUCKET, graphs: bool = False):
+        if cache.kv_quant is not None or cache.cpu_attention or type(cache) is not KVCache:
+            raise ConfigError("static decode steps need a dense KVCache on the device (not quantized, offloaded "
+                              "or attended on the host)")
+        if cache.key_mask.device != executor.device:
+            raise ConfigError(f"the KV cache is on {cache.key_mask.device}, the model on {executor.device}")
+        if bucket < 1:
+            raise ConfigError(f"bucket must be >= 1, got {bucket}")
+        if graphs and executor.device.type != "cuda":
+            raise ConfigError("CUDA graphs need device='cuda'")
+        if graphs:
+            check_resident(executor)
+        self.executor, self.cache, self.bucket, self.graphs = executor, cache, bucket, graphs
+        B, device = cache.batch, executor.device
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.hidden = torch.zeros(B, 1, executor.cfg.embed_dim, dtype=executor.dtype, device=device)
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._cache_ptr = cache.keys[0].data_ptr()
+        self._pool = None
+
+    def span(self, length: int) -> int:
+        """Slots attention covers for a step that fills slot `length`: length + 1 rounded up to the bucket."""
+        return min(self.cache.max_len, math.ceil((length + 1) / self.bucket) * self.bucket)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step: input_ids [B, 1] after the cached tokens -> logits [B, 1, V] (Executor.forward)."""
+        ex, cache = self.executor, self.cache
+        if input_ids.shape != (cache.batch, 1):
+            raise ConfigError(f"a static decode step takes input_ids [{cache.batch}, 1], got {tuple(input_ids.shape)}")
+        if cache.keys[0].data_ptr() != self._cache_ptr:
+            raise ConfigError("the KV cache's tensors changed (grown or moved) since this decoder was made")
+        past = cache.length
+        new_mask = ex._new_mask(attention_mask, cache.batch, 1, past)
+        key_mask = cache.begin_step(new_mask)  # [B, past + 1]
+        self.slot.fill_(past)
+        self.positions.copy_(positions_from_mask(key_mask, past))
+        if ex.cfg.rope is None and int(self.positions.max()) >= ex.cfg.max_position_embeddings:
+            raise ConfigError(f"{ex.cfg.model_type} has learned positions up to {ex.cfg.max_position_embeddings}; "
+                              f"position {int(self.positions.max())} requested: shorten the sequence")
+        with ex.source.stream(ex.block_order[:1]) as blocks:
+            (_, w), = blocks
+            self.hidden.copy_(ex.family.embed(ex.cfg, w, input_ids.to(ex.device), self.positions, ex.device,
+                                              ex.dtype))
+        span = self.span(past)
+        if span in self._captured:
+            graph, logits = self._captured[span]
+            graph.replay()
+        else:
+            logits = self._layers_and_head(span)
+            if self.graphs:
+                self._captured[span] = self._capture(span)
+        cache.end_step(1)
+        return logits
+
+    def _layers_and_head(self, span: int) -> torch.Tensor:
+        """Every block after the embedding, from the static inputs -> logits [B, 1, V]."""
+        ex = self.executor
+        cos, sin = rope.cos_sin(ex.inv_freq, self.positions, ex.dtype) if ex.cfg.rope else (None, None)
+        attn = StaticAttention(self.cache, self.slot, span, cos, sin)
+        h = self.hidden
+        with ex.source.stream(ex.block_order[1:]) as blocks:
+            for name, w in blocks:
+                if name.startswith("layers."):
+                    h = ex.family.layer(ex.cfg, int(name.split(".")[1]), w, h, attn)
+                elif name == "head":
+                    h = ex.family.final(ex.cfg, w, h)
+                    if ex.block_order[-1] == "head":
+                        h = ex.family.logits(ex.cfg, w, h)
+                else:
+                    h = ex.family.logits(ex.cfg, w, h)  # tied: the embedding block again
+        return h
+
+    def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A CUDA graph of _layers_and_head(span) and the logits tensor its replays write (capturing runs
+        nothing: the step was just run as it is, which also warmed up every kernel the graph records)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._layers_and_head(span)
+        self._pool = graph.pool()
+        return graph, logits

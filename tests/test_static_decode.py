@@ -1,0 +1,133 @@
+"""engine.static_decode: decode steps of fixed shape (what a CUDA graph captures) against Executor.forward."""
+
+import pytest
+import torch
+from hf_models import left_padded_batch, packed_stores
+
+import tiermem
+from tiermem.engine.kv_cache import KVCache
+from tiermem.engine.static_decode import StaticDecoder
+from tiermem.errors import ConfigError
+from tiermem.kernels.kv_quant import kv_scheme
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    return packed_stores(tmp_path_factory.mktemp("static-decode"), ("llama3", "mistral", "opt", "llama-tied"))
+
+
+def _twin_caches(m, ids, mask, max_len):
+    """Two caches after the same prompt."""
+    caches = [KVCache.allocate(m.config, ids.shape[0], max_len, m.dtype, m.device) for _ in range(2)]
+    for c in caches:
+        m.executor.forward(ids, mask, c)
+    return caches
+
+
+def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float = 1e-5):
+    ids, mask = left_padded_batch()
+    ids, mask = ids.to(m.device), mask.to(m.device)
+    ref_cache, cache = _twin_caches(m, ids, mask, 40)
+    decoder = StaticDecoder(m.executor, cache, bucket=bucket, graphs=graphs)
+    token = ids[:, -1:]
+    for t in range(steps):
+        new_mask = torch.ones_like(token)
+        ref = m.executor.forward(token, new_mask, ref_cache)
+        out = decoder.forward(token, new_mask)
+        torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5, msg=f"step {t}")
+        token = ref[:, -1].argmax(-1, keepdim=True)
+    assert cache.length == ref_cache.length == ids.shape[1] + steps
+    filled = cache.length
+    for a, b in zip([*cache.keys, *cache.values], [*ref_cache.keys, *ref_cache.values], strict=True):
+        torch.testing.assert_close(a[:, :, :filled], b[:, :, :filled], atol=atol, rtol=1e-5)
+    return decoder
+
+
+@pytest.mark.parametrize("variant", ["llama3", "mistral", "opt", "llama-tied"])
+def test_static_steps_give_the_logits_and_cache_of_dynamic_steps(stores, variant):
+    """Left padding, GQA, llama3 RoPE (llama3), a sliding window shorter than the context (mistral: 16 slots, 22
+    tokens), learned positions (opt), a tied head (llama-tied); a bucket of 4 slots crosses span boundaries."""
+    with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
+        decoder = _compare_steps(m, 12, bucket=4)
+    assert [decoder.span(n) for n in (9, 10, 11, 12, 39)] == [12, 12, 12, 16, 40]
+
+
+def test_static_decode_refuses_what_it_cannot_run(stores):
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        quantized = KVCache.allocate(m.config, 2, 32, m.dtype, kv_quant=kv_scheme("int8", m.config.head_dim))
+        with pytest.raises(ConfigError, match="dense KVCache"):
+            StaticDecoder(m.executor, quantized)
+        cache = KVCache.allocate(m.config, 2, 32, m.dtype)
+        with pytest.raises(ConfigError, match="device='cuda'"):
+            StaticDecoder(m.executor, cache, graphs=True)
+        with pytest.raises(ConfigError, match="bucket"):
+            StaticDecoder(m.executor, cache, bucket=0)
+        decoder = StaticDecoder(m.executor, cache)
+        with pytest.raises(ConfigError, match=r"input_ids \[2, 1\]"):
+            decoder.forward(torch.ones(2, 3, dtype=torch.long))
+        cache.grow(48)
+        with pytest.raises(ConfigError, match="changed"):
+            decoder.forward(torch.ones(2, 1, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["llama3", "opt"])
+def test_gpu_graph_replays_give_the_logits_of_dynamic_steps(stores, variant):
+    """Every block resident: the first step of each span runs as it is and is captured, the others replay it."""
+    with tiermem.load(stores[variant], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64) as m:
+        decoder = _compare_steps(m, 12, bucket=4, graphs=True, atol=1e-4)
+        assert sorted(decoder._captured) == [12, 16, 20, 24]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graphs_need_every_block_in_hbm(stores):
+    with tiermem.load(stores["llama3"], device="cuda", max_batch_size=2, max_seq_len=64, resident_weights=0) as m:
+        cache = KVCache.allocate(m.config, 2, 32, m.dtype, m.device)
+        with pytest.raises(ConfigError, match="resident in HBM"):
+            StaticDecoder(m.executor, cache, graphs=True)
+
+
+class CountingDecoder(StaticDecoder):
+    """A StaticDecoder that records the cache length at each of its steps."""
+
+    def forward(self, input_ids, attention_mask=None):
+        self.steps = [*getattr(self, "steps", []), self.cache.length]
+        return super().forward(input_ids, attention_mask)
+
+
+def test_decode_runs_its_one_token_steps_through_a_step_decoder(stores):
+    """engine.generate.decode with step_decoder (what generate passes with cuda_graphs): the prompt through the
+    executor, every one-token step through the decoder, the tokens of a decode without it."""
+    from tiermem.engine.generate import DecodeState, Sampling, decode
+
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        plain = DecodeState.start(ids, mask, KVCache.allocate(m.config, 2, 32, m.dtype))
+        decode(m.executor, plain, Sampling.make(eos_token_id=[]), 8)
+        state = DecodeState.start(ids, mask, KVCache.allocate(m.config, 2, 32, m.dtype))
+        decoder = CountingDecoder(m.executor, state.cache, bucket=8)
+        decode(m.executor, state, Sampling.make(eos_token_id=[]), 8, step_decoder=decoder)
+    assert torch.equal(state.tokens, plain.tokens)
+    assert decoder.steps == list(range(10, 17))  # the 7 one-token steps after the prompt's 10 slots
+
+
+def test_cuda_graphs_is_a_gpu_option(stores):
+    with pytest.raises(ConfigError, match="device='cuda'"):
+        tiermem.load(stores["llama3"], cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_generate_with_cuda_graphs_gives_the_tokens_without(stores):
+    ids, mask = left_padded_batch()
+    kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64)
+    with tiermem.load(stores["llama3"], **kw) as m:
+        ref = m.generate(ids, 20, attention_mask=mask, eos_token_id=[])
+    with tiermem.load(stores["llama3"], cuda_graphs=True, **kw) as m:
+        assert m.info()["cuda_graphs"]
+        assert torch.equal(m.generate(ids, 20, attention_mask=mask, eos_token_id=[]), ref)
+    for bad in (dict(resident_weights=0), dict(kv_placement="cpu"), dict(kv_quant="int8")):
+        with pytest.raises(ConfigError, match="cuda_graphs|CUDA graphs"):
+            tiermem.load(stores["llama3"], cuda_graphs=True, **kw, **bad)
