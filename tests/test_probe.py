@@ -266,3 +266,16 @@ def test_a_plan_that_reads_no_weight_from_disk_measures_nothing(tmp_path):
     chosen, used = probe.plan_with_fresh_disk_rate(lambda hw: plan(w, hw, 4 << 30, 2 << 30), cached, None,
                                                    path=path, measure=Counter(), measure_disk=disk)
     assert chosen.disk_blocks and used is cached and disk.asked == []  # no store: nothing to measure
+
+
+def test_the_rates_of_stores_that_are_gone_leave_the_cache_at_its_next_write(tmp_path):
+    import shutil
+
+    path = tmp_path / "hw.json"
+    probe.cached_hardware(path, measure=Counter())
+    disk = DiskCounter({"a": 1.5e9, "b": 1.6e9})
+    a, b = fake_store(tmp_path / "a"), fake_store(tmp_path / "b")
+    probe.cached_hardware(path, measure=Counter(), store_dir=a, measure_disk=disk)
+    shutil.rmtree(a)
+    probe.cached_hardware(path, measure=Counter(), store_dir=b, measure_disk=disk)
+    assert list(probe.store_disk_rates(path)) == [str(b.resolve())]

@@ -206,13 +206,13 @@ def store_disk_rates(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 def write_cache(path: str | os.PathLike, hw: Hardware, disk_read_by_store: dict[str, dict[str, float]] | None = None,
                 measured_at: float | None = None) -> Path:
     """Write figures with the time they were measured (default now) and the host, and the disk read rates by
-    store (a temp file of this writer's own + rename, so that readers never see half a file and processes that
-    write at once do not take each other's temp file)."""
+    store, less those of stores that are gone (a temp file of this writer's own + rename, so that readers never
+    see half a file and processes that write at once do not take each other's temp file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    stores = {d: rate for d, rate in (disk_read_by_store or {}).items() if Path(d).is_dir()}
     body = {"hardware": asdict(hw), "measured_at": time.time() if measured_at is None else measured_at,
-            "host": socket.gethostname(),
-            "disk_read_by_store": disk_read_by_store or {}}
+            "host": socket.gethostname(), "disk_read_by_store": stores}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # one per writer
     try:
         with os.fdopen(fd, "w") as f:
