@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600
 # A plan that reads weights from a store every step takes that store's rate measured within this long (see
-# plan_with_fresh_disk_rate): the GPU machine's disk drifted by 16% between two loads minutes apart.
+# plan_with_fresh_disk_rate): the GPU machine's disk read 1.65 and 1.53 GB/s at two loads six minutes apart.
 DISK_RATE_FRESH_S = 60.0
 CHUNK = 16 << 20  # one read; 4 KiB aligned as O_DIRECT wants
 
