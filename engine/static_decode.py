@@ -105,7 +105,7 @@ class StaticDecoder:
         B, device = cache.batch, executor.device
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.hidden = torch.zeros(B, 1, executor.cfg.embed_dim, dtype=executor.dtype, device=device)
+        self.hidden = torch.zeros(B, 1, executor.cfg.hidden_size, dtype=executor.dtype, device=device)  # embedded
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._cache_ptr = cache.keys[0].data_ptr()
         self._pool = None

@@ -142,7 +142,7 @@ def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeyp
 
 def test_bench_records_each_decode_steps_host_issue_time_and_the_cpu_steal(tmp_path, monkeypatch):
     """time_generation: for every decode step, the seconds until the host had issued it (here, on the CPU, where
-    nothing runs behind the host, the whole step but its sync), and the share of CPU time the VM's host stole."""
+    nothing runs behind the host, the whole step but its sync), and the share of busy CPU time the VM's host stole."""
     import tiermem
     from tiermem import bench
 
@@ -153,9 +153,9 @@ def test_bench_records_each_decode_steps_host_issue_time_and_the_cpu_steal(tmp_p
     assert all(0 < i <= s for i, s in zip(run["decode_host_issue_s"], run["decode_steps_s"], strict=True))
     ticks = bench.cpu_steal_ticks()
     if ticks is None:
-        assert run["decode_cpu_steal_fraction"] is None
+        assert run["decode_cpu_steal_of_busy"] is None
     else:
         assert 0 <= ticks[0] <= ticks[1]
-        assert run["decode_cpu_steal_fraction"] is None or 0 <= run["decode_cpu_steal_fraction"] <= 1
+        assert run["decode_cpu_steal_of_busy"] is None or 0 <= run["decode_cpu_steal_of_busy"] <= 1
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert bench.cpu_steal_ticks() is None

@@ -152,6 +152,9 @@ def load_from_reader(
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
         dtype = gpu_compute_dtype(cfg, dtype)
+        if cuda_graphs:  # the plan keeps the KV cache dense on the GPU and runs decode steps on the whole batch
+            _check_graph_options(kv_quant, kv_placement, cpu_attention, micro_batches)
+            kv_placement, cpu_attention, micro_batches = "gpu", False, 1
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
                                   kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention,
@@ -177,16 +180,22 @@ def load_from_reader(
     head_has_lm_head = output.LM_HEAD in reader.tensor_specs("head")
     executor = Executor(cfg, source, dev, dtype, head_has_lm_head=head_has_lm_head)
     if cuda_graphs:
-        _check_graph_placement(executor, source, kv_q)
+        try:
+            check_resident(executor)
+        except ConfigError:
+            source.close()
+            raise
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q, cuda_graphs=cuda_graphs)
 
 
-def _check_graph_placement(executor: Executor, source, kv_quant: QuantScheme | None) -> None:
-    """ConfigError unless decode steps can run as CUDA graphs: every block in HBM, a dense KV cache on the GPU."""
-    check_resident(executor)
-    if source.kv_placement != "gpu" or kv_quant is not None:
-        raise ConfigError(f"cuda_graphs needs a dense KV cache on the GPU; this load keeps it {source.kv_placement!r}"
-                          f" with kv_quant {kv_quant}: leave kv_placement / kv_quant out, or cuda_graphs")
+def _check_graph_options(kv_quant: str | None, kv_placement: str | None, cpu_attention: bool | None,
+                         micro_batches: int | None) -> None:
+    """ConfigError, before anything is loaded, for choices CUDA graphs cannot replay: the graphs capture whole-batch
+    decode steps over a dense KV cache on the GPU."""
+    if kv_quant is not None or kv_placement not in (None, "gpu") or cpu_attention or micro_batches not in (None, 1):
+        raise ConfigError("cuda_graphs replays whole-batch decode steps over a dense KV cache on the GPU: leave "
+                          f"kv_quant ({kv_quant!r}), kv_placement ({kv_placement!r}), cpu_attention and micro_batches "
+                          f"({micro_batches!r}) out, or cuda_graphs")
 
 
 def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead: int | None,
@@ -374,7 +383,11 @@ class Model:
             if session is not None:
                 session._start(self.config, state, sampling)
         split = micro_batches or self.micro_batches
-        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if self.cuda_graphs and split == 1 else None
+        if self.cuda_graphs and split != 1:
+            raise ConfigError(f"cuda_graphs replays whole-batch decode steps: micro_batches={split} cannot run so; "
+                              "leave micro_batches out")
+        dense = type(state.cache) is KVCache and state.cache.kv_quant is None  # a restored session may not be
+        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if self.cuda_graphs and dense else None
         try:
             decode(self.executor, state, sampling, max_new_tokens, split, on_step,
                    prefill_micro_batches=micro_batches or self.prefill_micro_batches, step_decoder=graphs)

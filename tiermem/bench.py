@@ -154,21 +154,24 @@ def _sync(device: torch.device) -> None:
 
 
 def cpu_steal_ticks() -> tuple[int, int] | None:
-    """(steal, total) clock ticks of all CPUs so far, from /proc/stat (None where there is none): the time a
-    virtual machine's CPUs were ready to run but its host ran something else."""
+    """(steal, busy) clock ticks of all CPUs so far, from /proc/stat (None where there is none): steal is the time a
+    virtual machine's CPUs were ready to run but its host ran something else; busy is every tick but idle and I/O
+    wait, steal included (over busy ticks, one stalled thread among many idle CPUs still shows)."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+    fields += [0] * (8 - len(fields))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return steal, user + nice + system + irq + softirq + steal
 
 
 def time_generation(model, batch: int, micro_batches: int | None, prompt_len: int, gen_len: int,
                     drop_cache_after_prompt: bool = False) -> dict:
     """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds, and for each decode
     step the seconds until the host had issued it (before the sync: a step whose issue takes as long as the step is
-    host-bound), and the share of the machine's CPU time stolen by the VM's host while the decode steps ran.
+    host-bound), and the share of the machine's busy CPU time stolen by the VM's host while the decode steps ran.
     drop_cache_after_prompt: write back and drop the page cache after the prompt (inside its time), so that decode
     steps read a KV cache on disk from the disk, not from the pages the prompt just wrote."""
     vocab = model.config.vocab_size
@@ -205,7 +208,7 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
         "gen_len": gen_len,
         "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
         "decode_step_median_s": statistics.median(decode), "decode_steps_s": decode,
-        "decode_host_issue_s": decode_issue, "decode_cpu_steal_fraction": stolen,
+        "decode_host_issue_s": decode_issue, "decode_cpu_steal_of_busy": stolen,
         "decode_tok_per_s": batch / statistics.mean(decode),
         "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,

@@ -102,28 +102,29 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     gpu_memory, cpu_memory = parse_size(args.gpu_memory), parse_size(args.cpu_memory)
     disk_kv = args.offload_dir is not None
 
+    if args.hardware:
+        hardware, source = read_cache(args.hardware)[0], args.hardware
+    else:
+        hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
+        source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
+
     def plan_with(kv_quant, none_if_nothing_fits: bool = False):
         """(plan, hardware, where the rates came from, workload) with the KV cache stored in kv_quant; None where
-        nothing fits the budgets and none_if_nothing_fits."""
+        nothing fits the budgets (or the offload dir) and none_if_nothing_fits."""
         cpu_attention = cpu_attention_choice(None, kv_quant is not None)
         workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
                                   cpu_attention=cpu_attention, offload_dir=args.offload_dir,
                                   budgets=(gpu_memory, cpu_memory))
-        if disk_kv:
-            from tiermem.scratch_file import check_offload_dir
-
-            check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
 
         def planned(hw: Hardware):
             return plan(workload, hw, gpu_memory, cpu_memory, kv=args.kv, cpu_cache_compute=cpu_attention,
                         micro_batches=args.micro_batches, lookahead=args.lookahead, disk_kv=disk_kv)
 
-        if args.hardware:
-            hardware, source = read_cache(args.hardware)[0], args.hardware
-        else:
-            hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
-            source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
         try:
+            if disk_kv:
+                from tiermem.scratch_file import check_offload_dir
+
+                check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
             if args.hardware:
                 return planned(hardware), hardware, source, workload
             chosen, fresh = plan_with_fresh_disk_rate(planned, hardware, args.store)
@@ -131,9 +132,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             if none_if_nothing_fits:
                 return None
             raise
-        if fresh is not hardware:
-            source += "; the disk's on the store measured again: the plan reads from it every step"
-        return chosen, fresh, source, workload
+        note = "; the disk's on the store measured again: the plan reads from it every step"
+        return chosen, fresh, source + (note if fresh is not hardware else ""), workload
 
     if args.kv_quant == "auto":
         schemes = auto_kv_schemes(cfg.head_dim)
