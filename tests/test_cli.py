@@ -151,6 +151,7 @@ def test_bench_records_each_decode_steps_host_issue_time_and_the_cpu_steal(tmp_p
         run = bench.time_generation(m, 2, None, 8, 5)
     assert len(run["decode_host_issue_s"]) == len(run["decode_steps_s"]) == 4
     assert all(0 < i <= s for i, s in zip(run["decode_host_issue_s"], run["decode_steps_s"], strict=True))
+    assert run["gpu_sm_clock_mhz_after"] is None  # a CPU model
     ticks = bench.cpu_steal_ticks()
     if ticks is None:
         assert run["decode_cpu_steal_of_busy"] is None

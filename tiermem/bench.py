@@ -167,11 +167,23 @@ def cpu_steal_ticks() -> tuple[int, int] | None:
     return steal, user + nice + system + irq + softirq + steal
 
 
+def gpu_sm_clock_mhz(device: torch.device) -> int | None:
+    """The GPU's SM clock over its last sample period (up to 1 s, through NVML: torch.cuda.clock_rate), None
+    without CUDA or NVML: a GPU that lowered its clock stretches kernels that otherwise hide behind the host."""
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.clock_rate(device))
+    except Exception:  # no NVML bindings (pynvml) here: the figure is only informative
+        return None
+
+
 def time_generation(model, batch: int, micro_batches: int | None, prompt_len: int, gen_len: int,
                     drop_cache_after_prompt: bool = False) -> dict:
     """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds, and for each decode
     step the seconds until the host had issued it (before the sync: a step whose issue takes as long as the step is
-    host-bound), and the share of the machine's busy CPU time stolen by the VM's host while the decode steps ran.
+    host-bound), the share of the machine's busy CPU time stolen by the VM's host while the decode steps ran, and the
+    GPU's SM clock right after them.
     drop_cache_after_prompt: write back and drop the page cache after the prompt (inside its time), so that decode
     steps read a KV cache on disk from the disk, not from the pages the prompt just wrote."""
     vocab = model.config.vocab_size
@@ -196,6 +208,7 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
     start = time.perf_counter()
     model.generate(ids, gen_len, eos_token_id=[], micro_batches=micro_batches, on_step=on_step)
     end_ticks = cpu_steal_ticks()
+    clock = gpu_sm_clock_mhz(model.device)
     steps = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     decode = steps[1:]
     decode_issue = [i - a for a, i in zip(stamps[:-1], issued[1:], strict=True)]
@@ -208,7 +221,7 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
         "gen_len": gen_len,
         "prefill_s": steps[0], "decode_step_s": statistics.mean(decode),
         "decode_step_median_s": statistics.median(decode), "decode_steps_s": decode,
-        "decode_host_issue_s": decode_issue, "decode_cpu_steal_of_busy": stolen,
+        "decode_host_issue_s": decode_issue, "decode_cpu_steal_of_busy": stolen, "gpu_sm_clock_mhz_after": clock,
         "decode_tok_per_s": batch / statistics.mean(decode),
         "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
