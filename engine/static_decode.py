@@ -1,12 +1,13 @@
 """Decode steps of fixed shape, so that a step can be captured once as a CUDA graph and replayed.
 
-With every block in HBM and a dense KV cache on the GPU, a decode step (one token per row) launches
+With every block in HBM and the KV cache on the GPU, a decode step (one token per row) launches
 the same ~20 kernels per layer every step; issuing them from Python took 19-45 ms per step for
 llama3-8b int4 at batch 16 on an H200 machine, where the GPU computed for about 9 ms
 (benchmarks/results/llama3_8b_int4_b16x2048_*_profile_*.json, *_kv_gpu_s9call4_*). Only a few values
 change from step to step: the new token's slot, the rows' positions and which keys are real. Here
 they live in device tensors that the step reads (`slot` [1], `positions` [B, 1], the cache's key
-mask), the new K and V go into the cache by index_copy_ at `slot`, and attention covers a fixed span
+mask), the new K and V go into the cache by index_copy_ at `slot` (quantized first for an int8/int4 cache,
+which is then dequantized over the span for SDPA), and attention covers a fixed span
 of slots (the filled ones rounded up to `bucket`; keys past the new slot are masked out), so that the
 launches of a step and their arguments are the same for every step within a span.
 
@@ -28,11 +29,17 @@ from torch.nn.attention import sdpa_kernel
 from tiermem.engine import rope
 from tiermem.engine.attention import SDPA_BACKENDS, positions_from_mask
 from tiermem.engine.executor import Executor
-from tiermem.engine.kv_cache import KVCache
+from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
 from tiermem.errors import ConfigError
 from tiermem.kernels import ops
 
 DEFAULT_BUCKET = 256  # slots: attention reads up to this many more than filled, a graph serves this many steps
+
+
+def _first_tensor(cache: KVCache) -> torch.Tensor:
+    """Layer 0's K (its codes when quantized): what changes when the cache is grown or moved."""
+    first = cache.keys[0]
+    return first.codes if isinstance(first, QuantizedKV) else first
 
 
 def check_resident(executor: Executor) -> None:
@@ -75,24 +82,35 @@ class StaticAttention:
                  window: int | None = None) -> torch.Tensor:
         """q [B, H, 1, Dh], new k/v [B, Hkv, 1, Dh] -> attention output [B, 1, H * Dh]."""
         B, H, _, Dh = q.shape
-        keys, values = self.cache.keys[layer], self.cache.values[layer]  # [B, Hkv, S_max, Dh]
-        keys.index_copy_(2, self.slot, k)
-        values.index_copy_(2, self.slot, v)
+        keys, values = (self._write(stored, x) for stored, x in ((self.cache.keys[layer], k),
+                                                                  (self.cache.values[layer], v)))
         kv_heads = k.shape[1]
         with sdpa_kernel(list(SDPA_BACKENDS)):
             out = F.scaled_dot_product_attention(
-                q.reshape(B, kv_heads, H // kv_heads, Dh), keys[:, :, :self.span], values[:, :, :self.span],
-                attn_mask=self.mask(window), scale=Dh**-0.5)  # [B, Hkv, group, Dh]
+                q.reshape(B, kv_heads, H // kv_heads, Dh), keys, values, attn_mask=self.mask(window),
+                scale=Dh**-0.5)  # [B, Hkv, group, Dh]
         return out.reshape(B, 1, H * Dh)
+
+    def _write(self, stored: Stored, x: torch.Tensor) -> torch.Tensor:
+        """Put x [B, Hkv, 1, Dh] into slot `slot` of one layer's K or V; return slots 0..span-1 [B, Hkv, span, Dh]
+        in the compute dtype. A quantized cache gets x quantized (as the dynamic step writes it) and is dequantized
+        over the span: the fused attention kernel takes its length as a launch argument, which a graph would fix."""
+        if not isinstance(stored, QuantizedKV):
+            stored.index_copy_(2, self.slot, x)
+            return stored[:, :, :self.span]
+        new = stored.map(lambda t: t.new_empty((*x.shape[:3], t.shape[3])))  # [B, Hkv, 1, *] codes, scale, zero
+        new.write(slice(None), 0, x)
+        for dst, src in zip(stored.tensors, new.tensors, strict=True):
+            dst.index_copy_(2, self.slot, src)
+        return stored.dequantize(slice(None), self.span)
 
 
 class StaticDecoder:
-    """Decode steps of `executor`'s model over `cache` (dense, on the executor's device, every row at once)."""
+    """Decode steps of `executor`'s model over `cache` (on the executor's device, every row at once)."""
 
     def __init__(self, executor: Executor, cache: KVCache, bucket: int = DEFAULT_BUCKET, graphs: bool = False):
-        if cache.kv_quant is not None or cache.cpu_attention or type(cache) is not KVCache:
-            raise ConfigError("static decode steps need a dense KVCache on the device (not quantized, offloaded "
-                              "or attended on the host)")
+        if type(cache) is not KVCache:
+            raise ConfigError("static decode steps need a KVCache on the device (not offloaded to host RAM or disk)")
         if cache.key_mask.device != executor.device:
             raise ConfigError(f"the KV cache is on {cache.key_mask.device}, the model on {executor.device}")
         if bucket < 1:
@@ -107,7 +125,7 @@ class StaticDecoder:
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.hidden = torch.zeros(B, 1, executor.cfg.hidden_size, dtype=executor.dtype, device=device)  # embedded
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._cache_ptr = cache.keys[0].data_ptr()
+        self._cache_ptr = _first_tensor(cache).data_ptr()
         self._pool = None
 
     def span(self, length: int) -> int:
@@ -120,7 +138,7 @@ class StaticDecoder:
         ex, cache = self.executor, self.cache
         if input_ids.shape != (cache.batch, 1):
             raise ConfigError(f"a static decode step takes input_ids [{cache.batch}, 1], got {tuple(input_ids.shape)}")
-        if cache.keys[0].data_ptr() != self._cache_ptr:
+        if _first_tensor(cache).data_ptr() != self._cache_ptr:
             raise ConfigError("the KV cache's tensors changed (grown or moved) since this decoder was made")
         past = cache.length
         new_mask = ex._new_mask(attention_mask, cache.batch, 1, past)

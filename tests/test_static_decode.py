@@ -17,18 +17,21 @@ def stores(tmp_path_factory):
                                                                     "llama-tied"))
 
 
-def _twin_caches(m, ids, mask, max_len):
+def _twin_caches(m, ids, mask, max_len, kv_quant=None):
     """Two caches after the same prompt."""
-    caches = [KVCache.allocate(m.config, ids.shape[0], max_len, m.dtype, m.device) for _ in range(2)]
+    scheme = kv_scheme(kv_quant, m.config.head_dim)
+    caches = [KVCache.allocate(m.config, ids.shape[0], max_len, m.dtype, m.device, kv_quant=scheme)
+              for _ in range(2)]
     for c in caches:
         m.executor.forward(ids, mask, c)
     return caches
 
 
-def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float = 1e-5, rtol: float = 1e-5):
+def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float = 1e-5, rtol: float = 1e-5,
+                   kv_quant: str | None = None):
     ids, mask = left_padded_batch()
     ids, mask = ids.to(m.device), mask.to(m.device)
-    ref_cache, cache = _twin_caches(m, ids, mask, 40)
+    ref_cache, cache = _twin_caches(m, ids, mask, 40, kv_quant)
     decoder = StaticDecoder(m.executor, cache, bucket=bucket, graphs=graphs)
     token = ids[:, -1:]
     for t in range(steps):
@@ -40,7 +43,8 @@ def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float
     assert cache.length == ref_cache.length == ids.shape[1] + steps
     filled = cache.length
     for a, b in zip([*cache.keys, *cache.values], [*ref_cache.keys, *ref_cache.values], strict=True):
-        torch.testing.assert_close(a[:, :, :filled], b[:, :, :filled], atol=atol, rtol=rtol)
+        for x, y in zip(*((t.tensors if kv_quant else (t,)) for t in (a, b)), strict=True):
+            torch.testing.assert_close(x[:, :, :filled], y[:, :, :filled], atol=atol, rtol=rtol)
     return decoder
 
 
@@ -54,11 +58,20 @@ def test_static_steps_give_the_logits_and_cache_of_dynamic_steps(stores, variant
     assert [decoder.span(n) for n in (9, 10, 11, 12, 39)] == [12, 12, 12, 16, 40]
 
 
-def test_static_decode_refuses_what_it_cannot_run(stores):
+@pytest.mark.parametrize("kv_quant", ["int8", "int4"])
+def test_static_steps_over_a_quantized_cache_write_and_attend_as_dynamic_steps(stores, kv_quant):
+    """The new K and V quantized as the dynamic step quantizes them (the codes, scales and zeros equal), attention
+    over the span dequantized."""
     with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
-        quantized = KVCache.allocate(m.config, 2, 32, m.dtype, kv_quant=kv_scheme("int8", m.config.head_dim))
-        with pytest.raises(ConfigError, match="dense KVCache"):
-            StaticDecoder(m.executor, quantized)
+        _compare_steps(m, 12, bucket=4, kv_quant=kv_quant)
+
+
+def test_static_decode_refuses_what_it_cannot_run(stores):
+    from tiermem.kv_offload import HostKVCache
+
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        with pytest.raises(ConfigError, match="not offloaded"):
+            StaticDecoder(m.executor, HostKVCache.allocate(m.config, 2, 32, m.dtype))
         cache = KVCache.allocate(m.config, 2, 32, m.dtype)
         with pytest.raises(ConfigError, match="device='cuda'"):
             StaticDecoder(m.executor, cache, graphs=True)
@@ -144,7 +157,11 @@ def test_gpu_generate_with_cuda_graphs_gives_the_tokens_without(stores):
     with tiermem.load(stores["llama3"], cuda_graphs=True, **kw) as m:
         assert m.info()["cuda_graphs"]
         assert torch.equal(m.generate(ids, 20, attention_mask=mask, eos_token_id=[]), ref)
-    for bad in (dict(resident_weights=0), dict(kv_placement="cpu"), dict(kv_quant="int8")):
+    with tiermem.load(stores["llama3"], cuda_graphs=True, kv_quant="int4", **kw) as m:
+        quantized = m.generate(ids, 20, attention_mask=mask, eos_token_id=[])
+    with tiermem.load(stores["llama3"], kv_quant="int4", **kw) as m:
+        assert torch.equal(m.generate(ids, 20, attention_mask=mask, eos_token_id=[]), quantized)
+    for bad in (dict(resident_weights=0), dict(kv_placement="cpu")):
         with pytest.raises(ConfigError, match="cuda_graphs|CUDA graphs"):
             tiermem.load(stores["llama3"], cuda_graphs=True, **kw, **bad)
 
@@ -152,8 +169,7 @@ def test_gpu_generate_with_cuda_graphs_gives_the_tokens_without(stores):
 def test_cuda_graphs_options_are_checked_before_anything_loads():
     from tiermem.api import _check_graph_options
 
-    _check_graph_options(None, "gpu", False, 1)
-    for bad in (("int4", None, None, None), ("auto", None, None, None), (None, "cpu", None, None),
-                (None, None, True, None), (None, None, None, 2)):
+    _check_graph_options("gpu", False, 1)
+    for bad in (("cpu", None, None), ("disk", None, None), (None, True, None), (None, None, 2)):
         with pytest.raises(ConfigError, match="cuda_graphs replays whole-batch decode steps"):
             _check_graph_options(*bad)

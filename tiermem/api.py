@@ -113,10 +113,11 @@ def load(
     each of None, "int8" and "int4" and takes the most precise one unless a less precise one is predicted at
     least 5% faster (planner.choose_kv_quant); Model.info()["kv_quant"] says which. It times each one's decode
     step at load: a few seconds more.
-    cuda_graphs (experimental, not yet measured on a GPU): decode steps with every block in HBM and a dense KV
+    cuda_graphs (experimental, not yet measured on a GPU): decode steps with every block in HBM and the KV
     cache on the GPU run as CUDA graphs, captured once per 256 slots of context and replayed
     (tiermem.engine.static_decode), so that the host does not issue each step's kernels one by one; a
-    placement that streams blocks or offloads or quantizes the KV cache is a ConfigError.
+    placement that streams blocks or offloads the KV cache is a ConfigError (a quantized cache is dequantized
+    over the span each step there, not read by the fused kernel).
     """
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -152,8 +153,8 @@ def load_from_reader(
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
         dtype = gpu_compute_dtype(cfg, dtype)
-        if cuda_graphs:  # the plan keeps the KV cache dense on the GPU and runs decode steps on the whole batch
-            _check_graph_options(kv_quant, kv_placement, cpu_attention, micro_batches)
+        if cuda_graphs:  # the plan keeps the KV cache on the GPU and runs decode steps on the whole batch
+            _check_graph_options(kv_placement, cpu_attention, micro_batches)
             kv_placement, cpu_attention, micro_batches = "gpu", False, 1
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
@@ -188,14 +189,13 @@ def load_from_reader(
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q, cuda_graphs=cuda_graphs)
 
 
-def _check_graph_options(kv_quant: str | None, kv_placement: str | None, cpu_attention: bool | None,
-                         micro_batches: int | None) -> None:
+def _check_graph_options(kv_placement: str | None, cpu_attention: bool | None, micro_batches: int | None) -> None:
     """ConfigError, before anything is loaded, for choices CUDA graphs cannot replay: the graphs capture whole-batch
-    decode steps over a dense KV cache on the GPU."""
-    if kv_quant is not None or kv_placement not in (None, "gpu") or cpu_attention or micro_batches not in (None, 1):
-        raise ConfigError("cuda_graphs replays whole-batch decode steps over a dense KV cache on the GPU: leave "
-                          f"kv_quant ({kv_quant!r}), kv_placement ({kv_placement!r}), cpu_attention and micro_batches "
-                          f"({micro_batches!r}) out, or cuda_graphs")
+    decode steps over a KV cache on the GPU."""
+    if kv_placement not in (None, "gpu") or cpu_attention or micro_batches not in (None, 1):
+        raise ConfigError("cuda_graphs replays whole-batch decode steps over a KV cache on the GPU: leave "
+                          f"kv_placement ({kv_placement!r}), cpu_attention and micro_batches ({micro_batches!r}) out, "
+                          "or cuda_graphs")
 
 
 def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead: int | None,
@@ -386,8 +386,8 @@ class Model:
         if self.cuda_graphs and split != 1:
             raise ConfigError(f"cuda_graphs replays whole-batch decode steps: micro_batches={split} cannot run so; "
                               "leave micro_batches out")
-        dense = type(state.cache) is KVCache and state.cache.kv_quant is None  # a restored session may not be
-        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if self.cuda_graphs and dense else None
+        on_device = type(state.cache) is KVCache  # a restored session may hold its cache elsewhere
+        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if self.cuda_graphs and on_device else None
         try:
             decode(self.executor, state, sampling, max_new_tokens, split, on_step,
                    prefill_micro_batches=micro_batches or self.prefill_micro_batches, step_decoder=graphs)

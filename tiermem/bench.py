@@ -55,7 +55,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-attention", action="store_true", default=None,
                    help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="decode steps as CUDA graph replays (every block in HBM, dense KV on the GPU; experimental)")
+                   help="decode steps as CUDA graph replays (every block in HBM, KV on the GPU; experimental)")
     p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
