@@ -185,7 +185,8 @@ class StaticDecoder:
         """A CUDA graph of _layers_and_head(span) and the logits tensor its replays write (capturing runs
         nothing: the step was just run as it is, which also warmed up every kernel the graph records)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the I/O threads of other tiers (or of the caller) may use CUDA meanwhile; this thread may not
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._layers_and_head(span)
         self._pool = graph.pool()
         return graph, logits
