@@ -43,11 +43,13 @@ def _first_tensor(cache: KVCache) -> torch.Tensor:
 
 
 def check_resident(executor: Executor) -> None:
-    """ConfigError unless every block of `executor`'s model stays in HBM (the embedding may stay on the host):
-    a CUDA graph replays a step's kernels, not the copies of streamed blocks."""
+    """ConfigError unless every block of `executor`'s model after the embedding stays in HBM (the embedding, which
+    runs before the graph, may stay on the host; a tied output projection that reuses it may not): a CUDA graph
+    replays a step's kernels, not the copies of streamed blocks."""
     weights = getattr(executor.source, "weights", None)
-    streamed = [n for n in executor.block_order
-                if weights is None or (n not in weights.resident and n not in weights.host_only)]
+    first, *graphed = executor.block_order
+    streamed = [n for n in graphed if weights is None or n not in weights.resident]
+    streamed += [first] if weights is None or (first not in weights.resident and first not in weights.host_only) else []
     if streamed:
         raise ConfigError(f"CUDA graphs need every block resident in HBM; {len(streamed)} blocks of this placement "
                           "are streamed: raise gpu_memory, or leave cuda_graphs out")

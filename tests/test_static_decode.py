@@ -173,3 +173,24 @@ def test_cuda_graphs_options_are_checked_before_anything_loads():
     for bad in (("cpu", None, None), ("disk", None, None), (None, True, None), (None, None, 2)):
         with pytest.raises(ConfigError, match="cuda_graphs replays whole-batch decode steps"):
             _check_graph_options(*bad)
+
+
+def test_graphs_take_the_embedding_from_the_host_but_every_later_block_from_hbm():
+    """check_resident: the embedding runs before the graph (gathered on the host); a tied output projection that
+    reuses the embedding block, or any streamed layer, would be a copy inside it."""
+    from types import SimpleNamespace
+
+    from tiermem.engine.static_decode import check_resident
+
+    def executor(order, resident, host_only=("embed",)):
+        weights = SimpleNamespace(resident=set(resident), host_only=frozenset(host_only))
+        return SimpleNamespace(block_order=order, source=SimpleNamespace(weights=weights))
+
+    check_resident(executor(["embed", "layers.0", "head"], ["layers.0", "head"]))
+    check_resident(executor(["embed", "layers.0", "head"], ["embed", "layers.0", "head"], host_only=()))
+    for order, resident in ((["embed", "layers.0", "head", "embed"], ["layers.0", "head"]),
+                            (["embed", "layers.0", "layers.1", "head"], ["layers.0", "head"])):
+        with pytest.raises(ConfigError, match="1 blocks of this placement are streamed"):
+            check_resident(executor(order, resident))
+    with pytest.raises(ConfigError, match="resident in HBM"):
+        check_resident(SimpleNamespace(block_order=["embed", "head"], source=SimpleNamespace()))
