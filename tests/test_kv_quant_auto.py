@@ -1,6 +1,7 @@
 """kv_quant="auto": the planner chooses the KV cache's precision (planner.choose_kv_quant, placement.auto_plan_kv_quant,
 load, tiermem plan)."""
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -82,7 +83,7 @@ def test_cli_plan_kv_quant_auto_prints_every_precision_and_the_choice(tmp_path, 
     dense, int8, int4 = (float(x) for x in re.findall(r"([\d.]+) s", line))
     assert int4 < (1 - KV_QUANT_MIN_GAIN) * int8 < (1 - KV_QUANT_MIN_GAIN) ** 2 * dense
     assert f"predicted: {int4:.4f} s per decode step" in out
-    assert '"kv_quant": "int4 (group 128)"' in out_json.read_text()
+    assert json.loads(out_json.read_text())["kv_quant"] == "int4"
 
 
 def test_kv_quant_auto_is_a_gpu_planner_choice(tmp_path):
@@ -116,3 +117,20 @@ def test_gpu_load_with_kv_quant_auto_generates_what_the_chosen_precision_does(tm
         assert torch.equal(m.generate(ids, 8, eos_token_id=[]), out)
     with pytest.raises(ConfigError, match="needs plan='auto'"):
         tiermem.load(store, kv_quant="auto", plan=None, **kw)
+
+
+def test_bench_follows_the_kv_precision_of_a_plan_file(tmp_path):
+    """bench --plan FILE without --kv-quant takes the precision the plan was made for; a different one is refused."""
+    from argparse import Namespace
+
+    from tiermem.bench import _kv_quant
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"plan": {}, "kv_quant": "int4"}))
+    assert _kv_quant(Namespace(plan=str(plan), kv_quant=None)) == "int4"
+    assert _kv_quant(Namespace(plan=str(plan), kv_quant="int4")) == "int4"
+    with pytest.raises(ConfigError, match="made for an int4 KV cache"):
+        _kv_quant(Namespace(plan=str(plan), kv_quant="int8"))
+    plan.write_text(json.dumps({"plan": {}, "kv_quant": None}))
+    assert _kv_quant(Namespace(plan=str(plan), kv_quant="int8")) == "int8"
+    assert _kv_quant(Namespace(plan="auto", kv_quant=None)) is None

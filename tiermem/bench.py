@@ -116,7 +116,7 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
         lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
         read_backend=args.read_backend, progress=True, plan=_plan(args),
-        kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=args.kv_quant,
+        kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=_kv_quant(args),
         cpu_attention=args.cpu_attention, offload_dir=args.offload_dir, cuda_graphs=args.cuda_graphs)
 
 
@@ -127,6 +127,18 @@ def _plan(args: argparse.Namespace):
     if args.plan in ("auto", "greedy"):
         return None if args.plan == "greedy" else "auto"
     return Plan.from_file(args.plan)
+
+
+def _kv_quant(args: argparse.Namespace) -> str | None:
+    """--kv-quant, or where it is left out and --plan is a file of `tiermem plan --json`, the KV precision that plan
+    was made for (a plan made for an int4 cache does not fit the budgets with a bf16 one)."""
+    if args.plan in ("auto", "greedy"):
+        return args.kv_quant
+    planned = json.loads(Path(args.plan).read_text()).get("kv_quant")
+    if args.kv_quant is not None and planned is not None and args.kv_quant != planned:
+        raise ConfigError(f"--kv-quant {args.kv_quant}, but the plan in {args.plan} was made for an {planned} KV "
+                          "cache: leave --kv-quant out to follow it")
+    return args.kv_quant or planned
 
 
 def _synthetic_source(args: argparse.Namespace):

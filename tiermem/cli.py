@@ -173,7 +173,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": json.loads(hardware.to_json()), "plan": {
             k: v for k, v in vars(chosen).items()}, "batch": args.batch, "prompt_len": args.prompt_len,
-            "gen_len": args.gen_len, "kv_quant": _kv_name(kv_quant)}, indent=1))
+            "gen_len": args.gen_len, "kv_quant": None if kv_quant is None else kv_quant.name}, indent=1))
 
 
 def _kv_name(scheme) -> str:
