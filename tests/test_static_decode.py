@@ -194,3 +194,10 @@ def test_graphs_take_the_embedding_from_the_host_but_every_later_block_from_hbm(
             check_resident(executor(order, resident))
     with pytest.raises(ConfigError, match="resident in HBM"):
         check_resident(SimpleNamespace(block_order=["embed", "head"], source=SimpleNamespace()))
+
+
+def test_bench_cuda_graphs_on_the_cpu_is_a_clear_error(capsys):
+    from tiermem.cli import main
+
+    assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--cuda-graphs"]) == 2
+    assert "use device='cuda'" in capsys.readouterr().err
