@@ -374,12 +374,13 @@ def format_table(result: dict) -> str:
     if placement.get("predicted_step_s"):
         lines.append(f"placement: planner's, predicted {placement['predicted_step_s']:.4f} s per step at the largest "
                      f"batch; KV on {placement.get('kv_placement')}, lookahead {placement.get('lookahead')}")
-    lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'tok/s':>9} {'roofline s':>11} "
-                 f"{'fraction':>8} {'peak GPU':>10} {'predicted s':>11}")
+    lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'issued s':>9} {'tok/s':>9} "
+                 f"{'roofline s':>11} {'fraction':>8} {'peak GPU':>10} {'predicted s':>11}")
     for r in result["runs"]:
         peak = f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") is not None else "-"
+        issued = statistics.median(r["decode_host_issue_s"]) if r.get("decode_host_issue_s") else float("nan")
         lines.append(f"{r['batch']:>6} {r['micro_batches']:>5} {r['prefill_s']:>10.3f} {r['decode_step_s']:>9.4f} "
-                     f"{r['decode_tok_per_s']:>9.2f} {r.get('roofline_step_s', float('nan')):>11.4f} "
+                     f"{issued:>9.4f} {r['decode_tok_per_s']:>9.2f} {r.get('roofline_step_s', float('nan')):>11.4f} "
                      f"{r.get('fraction_of_roofline', float('nan')):>8.3f} {peak:>10} "
                      f"{r.get('predicted_step_s_same_run_rates', float('nan')):>11.4f}")
     over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]
