@@ -70,7 +70,6 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import torch
 
     from tiermem.config import parse_size
-    from tiermem.cost_model import DEFAULT_LAYER_OVERHEAD_S
     from tiermem.engine.config import model_config_from_hf
     from tiermem.errors import BudgetError, ConfigError
     from tiermem.host_probe import timed_workload
@@ -85,19 +84,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if args.hardware and args.refresh_probe:
         raise ConfigError("--refresh-probe measures this machine; --hardware reads figures from a file: pass one")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.synthetic:
-        from tiermem.kernels.quant import QuantScheme
-        from tiermem.presets import preset
-        from tiermem.synthetic import SyntheticStore
-
-        config = preset(args.synthetic)
-        quant = QuantScheme.from_name(None if args.quant == "none" else args.quant, args.group_size)
-        store_dtype = dtype or (torch.float16 if config.get("torch_dtype") == "float16" else torch.bfloat16)
-        reader = SyntheticStore(config, quant, store_dtype)  # sizes only: no block is generated
-    else:
-        from tiermem.storage.format import StoreReader
-
-        reader = StoreReader(args.store)
+    reader = _plan_reader(args, dtype)
     cfg = model_config_from_hf(reader.model_config)
     gpu_memory, cpu_memory = parse_size(args.gpu_memory), parse_size(args.cpu_memory)
     disk_kv = args.offload_dir is not None
@@ -144,19 +131,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     else:
         kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
         chosen, hardware, source, workload = plan_with(kv_quant)
-    print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
-          f"{f' on {hardware.name}' if hardware.name else ''}")
-    print(f"rates ({source}): disk {hardware.disk_read_Bps / 1e9:.2f} GB/s, PCIe {hardware.h2d_Bps / 1e9:.1f} GB/s, "
-          f"HBM {hardware.hbm_Bps / 1e9:.0f} GB/s, matmul {hardware.matmul_flops / 1e12:.0f} TFLOP/s, host copy "
-          f"{hardware.cpu_memcpy_Bps / 1e9:.1f} GB/s")
-    if workload.disk_kv_s:
-        print(f"disk KV cache I/O, timed in {args.offload_dir}: {workload.disk_kv_s:.4f} s per decode step")
-    print("\n".join(chosen.describe()))
-    if not workload.host_step_s:
-        print(f"host time not measured (no CUDA here): {DEFAULT_LAYER_OVERHEAD_S * 1e6:.0f} us per layer and "
-              "micro-batch assumed; a decode step issued from Python took 15-40 ms for 32 resident layers on an "
-              "H200 machine, so a host-bound prediction made here is optimistic")
-    print(f"predicted: {chosen.predicted_step_s:.4f} s per decode step, {chosen.predicted_tok_per_s:.2f} tok/s")
+    _print_plan(args, chosen, hardware, source, workload)
     if args.kv_quant == "auto":
         steps = ", ".join(f"{_kv_name(sc)} {'does not fit' if o is None else f'{o[0].predicted_step_s:.4f} s'}"
                           for sc, o in zip(schemes, options, strict=True))
@@ -174,6 +149,43 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"hardware": json.loads(hardware.to_json()), "plan": {
             k: v for k, v in vars(chosen).items()}, "batch": args.batch, "prompt_len": args.prompt_len,
             "gen_len": args.gen_len, "kv_quant": None if kv_quant is None else kv_quant.name}, indent=1))
+
+
+def _plan_reader(args: argparse.Namespace, dtype):
+    """What `tiermem plan` plans for: the block sizes of --synthetic SHAPE (nothing generated), or of STORE."""
+    import torch
+
+    if args.synthetic:
+        from tiermem.kernels.quant import QuantScheme
+        from tiermem.presets import preset
+        from tiermem.synthetic import SyntheticStore
+
+        config = preset(args.synthetic)
+        quant = QuantScheme.from_name(None if args.quant == "none" else args.quant, args.group_size)
+        store_dtype = dtype or (torch.float16 if config.get("torch_dtype") == "float16" else torch.bfloat16)
+        return SyntheticStore(config, quant, store_dtype)
+    from tiermem.storage.format import StoreReader
+
+    return StoreReader(args.store)
+
+
+def _print_plan(args: argparse.Namespace, chosen, hardware, source: str, workload) -> None:
+    """The plan, the rates and timings it was made from, and its predicted decode step."""
+    from tiermem.cost_model import DEFAULT_LAYER_OVERHEAD_S
+
+    print(f"{args.synthetic or args.store}: batch {args.batch}, prompt {args.prompt_len}, gen {args.gen_len}"
+          f"{f' on {hardware.name}' if hardware.name else ''}")
+    print(f"rates ({source}): disk {hardware.disk_read_Bps / 1e9:.2f} GB/s, PCIe {hardware.h2d_Bps / 1e9:.1f} GB/s, "
+          f"HBM {hardware.hbm_Bps / 1e9:.0f} GB/s, matmul {hardware.matmul_flops / 1e12:.0f} TFLOP/s, host copy "
+          f"{hardware.cpu_memcpy_Bps / 1e9:.1f} GB/s")
+    if workload.disk_kv_s:
+        print(f"disk KV cache I/O, timed in {args.offload_dir}: {workload.disk_kv_s:.4f} s per decode step")
+    print("\n".join(chosen.describe()))
+    if not workload.host_step_s:
+        print(f"host time not measured (no CUDA here): {DEFAULT_LAYER_OVERHEAD_S * 1e6:.0f} us per layer and "
+              "micro-batch assumed; a decode step issued from Python took 15-40 ms for 32 resident layers on an "
+              "H200 machine, so a host-bound prediction made here is optimistic")
+    print(f"predicted: {chosen.predicted_step_s:.4f} s per decode step, {chosen.predicted_tok_per_s:.2f} tok/s")
 
 
 def _kv_name(scheme) -> str:
