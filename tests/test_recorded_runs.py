@@ -100,6 +100,10 @@ def _placement_of(w: Workload, placement: dict) -> Plan:
     raise AssertionError(f"no placement of {g} / {h} / {d} blocks has the recorded byte counts")
 
 
+S9_111B_DISK = [f"llama111b_int4_gpu24_cpu32_{run}_s9call{call}_h200.json"
+                for run, call in (("plan_int4kv", 2), ("plan_autokv", 3), ("kvcpu_int4", 3))]
+
+
 PLANNED_RECORDED = [
     ("llama111b_int4_gpu24_host_plan_h200.json", 1), ("llama111b_int4_gpu24_host_plan_h200.json", 32),
     ("llama111b_int4_gpu24_host_greedy_h200.json", 1), ("llama111b_int4_gpu24_host_greedy_h200.json", 32),
@@ -132,8 +136,7 @@ PLANNED_RECORDED = [
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s8call2_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
-    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s9call2_h200.json", 64),
-    *((f"llama111b_int4_gpu24_cpu32_{run}_s9call3_h200.json", 64) for run in ("plan_autokv", "kvcpu_int4")),
+    *((name, 64) for name in S9_111B_DISK),
 ]
 
 
@@ -169,8 +172,7 @@ PLAN_TIME_RECORDED = [
         "first run 1.77). The same configuration run first on a newly written store (the _s8call5 file): within "
         "13%")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
-    ("llama111b_int4_gpu24_cpu32_plan_int4kv_s9call2_h200.json", 64),
-    *((f"llama111b_int4_gpu24_cpu32_{run}_s9call3_h200.json", 64) for run in ("plan_autokv", "kvcpu_int4")),
+    *((name, 64) for name in S9_111B_DISK),
 ]
 
 
@@ -417,10 +419,6 @@ def test_session_8_plans_beat_every_hand_written_alternative_tried():
     assert "--kv-placement" not in planned["command"] and planned["placement"]["kv_placement"] == "gpu"
     for kind in ("cpu", "cpu_attention", "disk", "disk_int4"):
         assert _steps(tiers.format("gpu"))[16] < _steps(tiers.format(kind))[16], kind
-
-
-S9_111B_DISK = [f"llama111b_int4_gpu24_cpu32_{run}_s9call{call}_h200.json"
-                for run, call in (("plan_int4kv", 2), ("plan_autokv", 3), ("kvcpu_int4", 3))]
 
 
 @pytest.mark.parametrize("name", S9_111B_DISK)

@@ -71,10 +71,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
     from tiermem.config import parse_size
     from tiermem.engine.config import model_config_from_hf
-    from tiermem.errors import BudgetError, ConfigError
+    from tiermem.errors import ConfigError
     from tiermem.host_probe import timed_workload
     from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
-    from tiermem.planner import Hardware, choose_kv_quant, cpu_attention_choice, plan
+    from tiermem.planner import Hardware, choose_kv_quant, cpu_attention_choice, each_that_fits, plan
     from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate, read_cache
 
     if (args.store is None) == (args.synthetic is None):
@@ -95,9 +95,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
         source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
 
-    def plan_with(kv_quant, none_if_nothing_fits: bool = False):
-        """(plan, hardware, where the rates came from, workload) with the KV cache stored in kv_quant; None where
-        nothing fits the budgets (or the offload dir) and none_if_nothing_fits."""
+    def plan_with(kv_quant):
+        """(plan, hardware, where the rates came from, workload) with the KV cache stored in kv_quant; BudgetError
+        where nothing fits the budgets (or the offload dir)."""
         cpu_attention = cpu_attention_choice(None, kv_quant is not None)
         workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
                                   cpu_attention=cpu_attention, offload_dir=args.offload_dir,
@@ -107,24 +107,19 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             return plan(workload, hw, gpu_memory, cpu_memory, kv=args.kv, cpu_cache_compute=cpu_attention,
                         micro_batches=args.micro_batches, lookahead=args.lookahead, disk_kv=disk_kv)
 
-        try:
-            if disk_kv:
-                from tiermem.scratch_file import check_offload_dir
+        if disk_kv:
+            from tiermem.scratch_file import check_offload_dir
 
-                check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
-            if args.hardware:
-                return planned(hardware), hardware, source, workload
-            chosen, fresh = plan_with_fresh_disk_rate(planned, hardware, args.store)
-        except BudgetError:
-            if none_if_nothing_fits:
-                return None
-            raise
+            check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
+        if args.hardware:
+            return planned(hardware), hardware, source, workload
+        chosen, fresh = plan_with_fresh_disk_rate(planned, hardware, args.store)
         note = "; the disk's on the store measured again: the plan reads from it every step"
         return chosen, fresh, source + (note if fresh is not hardware else ""), workload
 
     if args.kv_quant == "auto":
         schemes = auto_kv_schemes(cfg.head_dim)
-        options = [plan_with(scheme, none_if_nothing_fits=True) for scheme in schemes]
+        options = each_that_fits(schemes, plan_with)
         pick = choose_kv_quant([o and o[0] for o in options])
         kv_quant = schemes[pick]
         chosen, hardware, source, workload = options[pick]

@@ -296,15 +296,10 @@ def auto_plan_kv_quant(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype
     """kv_quant="auto": auto_plan with the KV cache in each of `schemes` (most precise first; choices and options
     as auto_plan takes them after kv_quant), and the plan and scheme planner.choose_kv_quant picks. Each scheme's
     host time (and disk KV tier, CPU attention where they may be used) is timed: a few seconds each."""
-    from tiermem.planner import choose_kv_quant
+    from tiermem.planner import choose_kv_quant, each_that_fits
 
-    plans: list[Plan | None] = []
-    for scheme in schemes:
-        try:
-            plans.append(auto_plan(reader, cfg, dtype, gpu_budget, cpu_memory, max_batch, max_seq, scheme, *choices,
-                                   **options))
-        except BudgetError:
-            plans.append(None)
+    plans = each_that_fits(schemes, lambda scheme: auto_plan(reader, cfg, dtype, gpu_budget, cpu_memory, max_batch,
+                                                             max_seq, scheme, *choices, **options))
     chosen = choose_kv_quant(plans)
     return plans[chosen], schemes[chosen]
 

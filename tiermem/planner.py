@@ -42,7 +42,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -367,6 +367,17 @@ def cpu_attention_choice(asked: bool | None, kv_quantized: bool) -> bool | None:
     if asked is not None:
         return asked
     return False if kv_quantized else None
+
+
+def each_that_fits(choices: Sequence, make: Callable) -> list:
+    """[make(c) for c in choices], None for each choice where make raises BudgetError (nothing fits with it)."""
+    made = []
+    for choice in choices:
+        try:
+            made.append(make(choice))
+        except BudgetError:
+            made.append(None)
+    return made
 
 
 KV_QUANT_MIN_GAIN = 0.05  # kv_quant="auto" takes a less precise KV cache only for a plan at least this much faster
