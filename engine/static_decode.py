@@ -107,13 +107,20 @@ class StaticAttention:
         return stored.dequantize(slice(None), self.span)
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index: torch.device("cuda") is the current CUDA device, where tensors say cuda:N."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class StaticDecoder:
     """Decode steps of `executor`'s model over `cache` (on the executor's device, every row at once)."""
 
     def __init__(self, executor: Executor, cache: KVCache, bucket: int = DEFAULT_BUCKET, graphs: bool = False):
         if type(cache) is not KVCache:
             raise ConfigError("static decode steps need a KVCache on the device (not offloaded to host RAM or disk)")
-        if cache.key_mask.device != executor.device:
+        if cache.key_mask.device != _indexed(executor.device):
             raise ConfigError(f"the KV cache is on {cache.key_mask.device}, the model on {executor.device}")
         if bucket < 1:
             raise ConfigError(f"bucket must be >= 1, got {bucket}")
