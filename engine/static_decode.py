@@ -6,10 +6,10 @@ llama3-8b int4 at batch 16 on an H200 machine, where the GPU computed for about 
 (benchmarks/results/llama3_8b_int4_b16x2048_*_profile_*.json, *_kv_gpu_s9call4_*). Only a few values
 change from step to step: the new token's slot, the rows' positions and which keys are real. Here
 they live in device tensors that the step reads (`slot` [1], `positions` [B, 1], the cache's key
-mask), the new K and V go into the cache by index_copy_ at `slot` (quantized first for an int8/int4 cache,
-which is then dequantized over the span for SDPA), and attention covers a fixed span
-of slots (the filled ones rounded up to `bucket`; keys past the new slot are masked out), so that the
-launches of a step and their arguments are the same for every step within a span.
+mask), the new K and V go into the cache by index_copy_ at `slot` (quantized first for an int8/int4
+cache, which the fused attention kernel reads over the span, told the query's slot by `slot`), and
+attention covers a fixed span of slots (the filled ones rounded up to `bucket`; keys past the new
+slot are masked out), so that the launches of a step and their arguments are the same for every step within a span.
 
 StaticDecoder.forward is a decode step of Executor.forward over a KVCache. On the CPU it runs the step
 as it is (what tests compare with Executor.forward). With `graphs=True` (CUDA) the first step of
@@ -82,10 +82,25 @@ class StaticAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: int | None = None) -> torch.Tensor:
-        """q [B, H, 1, Dh], new k/v [B, Hkv, 1, Dh] -> attention output [B, 1, H * Dh]."""
+        """q [B, H, 1, Dh], new k/v [B, Hkv, 1, Dh] -> attention output [B, 1, H * Dh].
+
+        A quantized cache on the GPU is read by the fused kernel (ops.kv_decode_attention) over the span, told the
+        query's slot by `slot`; otherwise (or while ops.FUSED_KV_ATTENTION is off) the span is dequantized for SDPA."""
         B, H, _, Dh = q.shape
-        keys, values = (self._write(stored, x) for stored, x in ((self.cache.keys[layer], k),
-                                                                  (self.cache.values[layer], v)))
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        for stored, x in ((keys, k), (values, v)):
+            self._write(stored, x)
+        if isinstance(keys, QuantizedKV):
+            scheme = keys.scheme
+            if (ops.FUSED_KV_ATTENTION
+                    and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, scheme.group_size, self.span)):
+                out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
+                                              self.cache.key_mask, self.span, window, Dh**-0.5,
+                                              query_slot=self.slot)  # [B, H, 1, Dh]
+                return out.transpose(1, 2).reshape(B, 1, H * Dh)
+            keys, values = keys.dequantize(slice(None), self.span), values.dequantize(slice(None), self.span)
+        else:
+            keys, values = keys[:, :, :self.span], values[:, :, :self.span]  # [B, Hkv, span, Dh]
         kv_heads = k.shape[1]
         with sdpa_kernel(list(SDPA_BACKENDS)):
             out = F.scaled_dot_product_attention(
@@ -93,18 +108,16 @@ class StaticAttention:
                 scale=Dh**-0.5)  # [B, Hkv, group, Dh]
         return out.reshape(B, 1, H * Dh)
 
-    def _write(self, stored: Stored, x: torch.Tensor) -> torch.Tensor:
-        """Put x [B, Hkv, 1, Dh] into slot `slot` of one layer's K or V; return slots 0..span-1 [B, Hkv, span, Dh]
-        in the compute dtype. A quantized cache gets x quantized (as the dynamic step writes it) and is dequantized
-        over the span: the fused attention kernel takes its length as a launch argument, which a graph would fix."""
+    def _write(self, stored: Stored, x: torch.Tensor) -> None:
+        """Put x [B, Hkv, 1, Dh] into slot `slot` of one layer's K or V (quantized first, as the dynamic step
+        writes it, for a quantized cache)."""
         if not isinstance(stored, QuantizedKV):
             stored.index_copy_(2, self.slot, x)
-            return stored[:, :, :self.span]
+            return
         new = stored.map(lambda t: t.new_empty((*x.shape[:3], t.shape[3])))  # [B, Hkv, 1, *] codes, scale, zero
         new.write(slice(None), 0, x)
         for dst, src in zip(stored.tensors, new.tensors, strict=True):
             dst.index_copy_(2, self.slot, src)
-        return stored.dequantize(slice(None), self.span)
 
 
 def _indexed(device: torch.device) -> torch.device:

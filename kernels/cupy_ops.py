@@ -380,11 +380,13 @@ def _sm_count(device_index: int) -> int:
 
 def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                       v: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bits: int, group: int,
-                      key_mask: torch.Tensor, length: int, window: int | None, softmax_scale: float) -> torch.Tensor:
+                      key_mask: torch.Tensor, length: int, window: int | None, softmax_scale: float,
+                      query_slot: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of q [b, H, Dh] over slots 0..length-1 of a quantized K / V, dequantized in the kernel.
 
     k, v: (codes uint8 [b, Hkv, S_max, Dh*bits/8], scale, zero fp16 [b, Hkv, S_max, Dh/group]), contiguous;
-    key_mask: bool [b, >= length] (row stride free); the query is slot length-1 (see kv_attention.cu).
+    key_mask: bool [b, >= length] (row stride free); the query is slot length-1, or the one in query_slot (int64
+    [1] on the device, < length: read when the kernel runs, as a CUDA graph's replays need; see kv_attention.cu).
     The sequence is split (kv_attention_splits); per split, fp32 partial outputs [splits, b, H, Dh] and
     (max, sum) [splits, b, H, 2] are merged by a second kernel. Returns [b, H, Dh] in q's dtype.
     """
@@ -395,6 +397,9 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
             or not 1 <= length <= s_max or q.dtype not in _DTYPE_NAMES):
         raise TiermemError(f"kv_attention_cuda: unsupported q {tuple(q.shape)} {q.dtype}, KV {tuple(codes.shape)} "
                            f"int{bits} group {group}, length {length}")
+    if query_slot is not None and (query_slot.dtype != torch.int64 or query_slot.shape != (1,)):
+        raise TiermemError(f"kv_attention_cuda: query_slot must be int64 [1], got {query_slot.dtype} "
+                           f"{tuple(query_slot.shape)}")
     parts = (*k, *v)
     word = 8 if bits == 8 else 4  # the kernel reads codes 8 / 4 bytes at a time, scales and zeros as fp16
     if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] and _aligned(t, word if t.dtype == torch.uint8
@@ -403,15 +408,15 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
                            f"codes {word}-byte aligned")
     q = q.contiguous()
     mask = key_mask.view(torch.uint8)
-    _check_cuda("kv_attention_cuda", q, mask, *parts)
+    _check_cuda("kv_attention_cuda", q, mask, *parts, *([] if query_slot is None else [query_slot]))
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     splits, chunk = kv_attention_splits(b, heads, kv_heads, head_dim, length, _sm_count(index))
     part_out = torch.empty(splits, b, heads, head_dim, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(splits, b, heads, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    args = (_ptr(q), *(_ptr(t) for t in parts), _ptr(mask), _ptr(part_out), _ptr(part_ml), _i32(b), _i32(heads),
-            _i32(kv_heads), _i32(s_max), _i32(length), _i32(head_dim), _i32(group), _i32(mask.stride(0)),
-            _i32(window or 0), np.float32(softmax_scale), _i32(chunk))
+    args = (_ptr(q), *(_ptr(t) for t in parts), _ptr(mask), _ptr(query_slot), _ptr(part_out), _ptr(part_ml),
+            _i32(b), _i32(heads), _i32(kv_heads), _i32(s_max), _i32(length), _i32(head_dim), _i32(group),
+            _i32(mask.stride(0)), _i32(window or 0), np.float32(softmax_scale), _i32(chunk))
     dtype = _DTYPE_NAMES[q.dtype]
     shared = 4 * (heads // kv_heads) * (head_dim + chunk)
     _launch(q.device, "kv_attention.cu", f"kv_attention_int{bits}_{dtype}", (splits, kv_heads, b),

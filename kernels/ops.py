@@ -134,10 +134,12 @@ def kv_decode_attention_supported(q: torch.Tensor, kv_heads: int, bits: int, gro
 
 def kv_decode_attention(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[torch.Tensor, ...], bits: int,
                         group: int, key_mask: torch.Tensor, length: int, window: int | None,
-                        softmax_scale: float) -> torch.Tensor:
+                        softmax_scale: float, query_slot: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, H, 1, Dh] -> [b, H, 1, Dh]: attention over slots 0..length-1 of K, V given as (codes, scale, zero)
-    (tiermem.kernels.kv_quant layout), the query being slot length-1 (engine.attention.causal_mask's rule)."""
-    out = cupy_ops.kv_attention_cuda(q[:, :, 0], k, v, bits, group, key_mask, length, window, softmax_scale)
+    (tiermem.kernels.kv_quant layout), the query being slot length-1 (engine.attention.causal_mask's rule), or the
+    slot held in query_slot (int64 [1] on the device; later slots are ignored)."""
+    out = cupy_ops.kv_attention_cuda(q[:, :, 0], k, v, bits, group, key_mask, length, window, softmax_scale,
+                                     query_slot)
     return out[:, :, None]
 
 

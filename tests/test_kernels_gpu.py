@@ -326,6 +326,27 @@ def test_kv_decode_attention_matches_dequantize_then_sdpa(case, dtype):
     assert err < tol, f"rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("case", KV_ATTENTION_CASES)
+def test_kv_decode_attention_at_a_query_slot_ignores_the_slots_after_it(case):
+    """With query_slot (a CUDA graph's step: the length is the graph's span, the slot is read on the GPU), the
+    kernel reads up to S_max slots but attends as a call of length slot + 1 does, though every key is marked real."""
+    from tiermem.kernels.kv_quant import quantize_kv
+
+    b, heads, kv_heads, dh, length, s_max, bits, group, window = case
+    gen = _gen("kv-attention-slot", case, torch.bfloat16)
+    scheme = QuantScheme(bits, group)
+    k = quantize_kv(_randn((b, kv_heads, s_max, dh), gen), scheme)
+    v = quantize_kv(_randn((b, kv_heads, s_max, dh), gen), scheme)
+    q = _randn((b, heads, 1, dh), gen, torch.bfloat16)
+    key_mask = torch.ones(b, s_max, dtype=torch.bool, device="cuda")
+    key_mask[0, : length // 3] = False
+    slot = torch.tensor([length - 1], device="cuda")
+    at_slot = ops.kv_decode_attention(q, k, v, bits, group, key_mask, s_max, window, dh**-0.5, query_slot=slot)
+    plain = ops.kv_decode_attention(q, k, v, bits, group, key_mask, length, window, dh**-0.5)
+    err = _rel_err(at_slot, plain.float())
+    assert err < 6e-3, f"rel err {err:.2e}"
+
+
 def _teacher_forced_with_and_without(flag: str, kv_quant: str, monkeypatch, tmp_path) -> dict[bool, torch.Tensor]:
     """Teacher-forced logits [2, 20, V] of a small GQA llama (prompt 8, then 12 decode steps) over a `kv_quant`
     cache, with the kernels.ops switch `flag` off and on."""

@@ -10,8 +10,10 @@
 //   part_out    float  [splits, B, H, Dh]           this split's unnormalised output, sum_s p_s * v_s
 //   part_ml     float  [splits, B, H, 2]            this split's max score and sum of p_s = exp(score_s - max)
 //   out         T      [B, H, Dh]
-// The query sits at slot len-1. It attends to slot s when key_mask[s] and s > len-1-window (window 0: no
-// window), and always to itself, as engine.attention.causal_mask builds it.
+//   query_slot  int64  [1] or NULL                  the query's slot when not len-1 (a CUDA graph's step)
+// The query sits at slot len-1, or at *query_slot when given (slots past it are read but never attended). It
+// attends to slot s < self when key_mask[s] and s > self-window (window 0: no window), and always to itself, as
+// engine.attention.causal_mask builds it.
 //
 // kv_attention_split: one block of 128 threads per (split of `chunk` slots, kv head, row) serves all QPK
 // = H / Hkv query heads of that kv head, so each K and V code is read once. Pass 1: one thread per slot
@@ -68,7 +70,7 @@ __device__ void kv_attention_split(const T* __restrict__ q, const unsigned char*
                                    const __half* __restrict__ ks, const __half* __restrict__ kz,
                                    const unsigned char* __restrict__ vc, const __half* __restrict__ vs,
                                    const __half* __restrict__ vz, const unsigned char* __restrict__ key_mask,
-                                   float* __restrict__ part_out, float* __restrict__ part_ml, int batch, int heads,
+                                   const long long* __restrict__ query_slot, float* __restrict__ part_out, float* __restrict__ part_ml, int batch, int heads,
                                    int kv_heads, int s_max, int len, int head_dim, int group, int mask_stride,
                                    int window, float softmax_scale, int chunk) {
   extern __shared__ float smem[];
@@ -86,10 +88,10 @@ __device__ void kv_attention_split(const T* __restrict__ q, const unsigned char*
   __syncthreads();
 
   // Pass 1: scores[h, i] for slot begin + i, one thread per slot.
-  const int self = len - 1;
+  const int self = query_slot == nullptr ? len - 1 : static_cast<int>(*query_slot);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int s = begin + i;
-    const bool allowed = s == self || (key_mask[static_cast<long long>(row) * mask_stride + s] &&
+    const bool allowed = s == self || (s < self && key_mask[static_cast<long long>(row) * mask_stride + s] &&
                                        (window <= 0 || s > self - window));
     float acc[KV_MAX_QPK];
 #pragma unroll
@@ -209,12 +211,12 @@ __device__ void kv_attention_combine(const float* __restrict__ part_out, const f
 #define TIERMEM_KV_ATTENTION(NAME, T, BITS)                                                                  \
   extern "C" __global__ void __launch_bounds__(tiermem::KV_THREADS) NAME(                                   \
       const T* q, const unsigned char* kc, const __half* ks, const __half* kz, const unsigned char* vc,      \
-      const __half* vs, const __half* vz, const unsigned char* key_mask, float* part_out, float* part_ml,    \
-      int batch, int heads, int kv_heads, int s_max, int len, int head_dim, int group, int mask_stride,      \
-      int window, float softmax_scale, int chunk) {                                                          \
-    tiermem::kv_attention_split<T, BITS>(q, kc, ks, kz, vc, vs, vz, key_mask, part_out, part_ml, batch,     \
-                                         heads, kv_heads, s_max, len, head_dim, group, mask_stride, window,  \
-                                         softmax_scale, chunk);                                              \
+      const __half* vs, const __half* vz, const unsigned char* key_mask, const long long* query_slot,       \
+      float* part_out, float* part_ml, int batch, int heads, int kv_heads, int s_max, int len, int head_dim, \
+      int group, int mask_stride, int window, float softmax_scale, int chunk) {                             \
+    tiermem::kv_attention_split<T, BITS>(q, kc, ks, kz, vc, vs, vz, key_mask, query_slot, part_out,         \
+                                         part_ml, batch, heads, kv_heads, s_max, len, head_dim, group,      \
+                                         mask_stride, window, softmax_scale, chunk);                        \
   }
 
 #define TIERMEM_KV_COMBINE(NAME, T)                                                                          \
