@@ -154,6 +154,10 @@ class StaticDecoder:
         """Slots attention covers for a step that fills slot `length`: length + 1 rounded up to the bucket."""
         return min(self.cache.max_len, math.ceil((length + 1) / self.bucket) * self.bucket)
 
+    def graph(self, span: int) -> torch.cuda.CUDAGraph:
+        """The CUDA graph of steps over `span` slots, captured at the first of them (KeyError before that step)."""
+        return self._captured[span][0]
+
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step: input_ids [B, 1] after the cached tokens -> logits [B, 1, V] (Executor.forward)."""

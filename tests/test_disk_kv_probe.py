@@ -100,13 +100,14 @@ LAYER_S = 1e-3  # what the stand-in probe of a layer returns
 
 @pytest.fixture
 def probe_calls(monkeypatch) -> list[tuple]:
-    """CUDA taken as present, no host time measured, and disk_kv_layer_seconds standing in (it returns LAYER_S):
-    the arguments of each of its calls."""
-    from tiermem import host_probe
+    """CUDA taken as present, no host or kernel time measured, and disk_kv_layer_seconds standing in (it returns
+    LAYER_S): the arguments of each of its calls."""
+    from tiermem import gpu_probe, host_probe
 
     asked: list[tuple] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(host_probe, "host_step_seconds", lambda *args: {})
+    monkeypatch.setattr(gpu_probe, "gpu_step_seconds", lambda *args: {})
     monkeypatch.setattr(disk_kv_probe, "disk_kv_layer_seconds", lambda *args: asked.append(args) or LAYER_S)
     return asked
 

@@ -93,8 +93,8 @@ def test_each_split_is_timed_at_its_rows_and_counted_once_per_micro_batch(monkey
 
     asked = []
 
-    def fake(hf_config, quant, dtype, kv_name, kv_group, rows, device):
-        asked.append(rows)
+    def fake(hf_config, quant, dtype, kv_name, kv_group, rows, device, cuda_graphs):
+        asked.append(("graphs", rows) if cuda_graphs else rows)
         return HostTime(rows, model_config_from_hf(hf_config).num_layers, 1e-3 * (10 + rows))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -102,6 +102,10 @@ def test_each_split_is_timed_at_its_rows_and_counted_once_per_micro_batch(monkey
     steps = host_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 8)
     assert sorted(asked) == [1, 2, 4, 8]
     assert steps == pytest.approx({1: 18e-3, 2: 2 * 14e-3, 4: 4 * 12e-3, 8: 8 * 11e-3})
+    asked.clear()  # CUDA graphs replay whole-batch steps: one split, timed as graph replays
+    assert host_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 8, cuda_graphs=True) == \
+        pytest.approx({1: 18e-3})
+    assert asked == [("graphs", 8)]
 
 
 @pytest.mark.parametrize("kv_quant", [None, "int4"])

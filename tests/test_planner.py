@@ -358,7 +358,7 @@ def test_bench_predicts_the_followed_plan_from_the_runs_own_rates():
     source = SimpleNamespace(followed_plan=chosen, describe=lambda: {"read_backend": "posix"})
     model = SimpleNamespace(source=source, reader=store, config=cfg,
                             dtype=torch.float16, kv_quant=kv_scheme("int8", 64), device=torch.device("cpu"),
-                            cpu_attention=False, offload_dir=None, kv_placement="gpu")
+                            cpu_attention=False, offload_dir=None, kv_placement="gpu", cuda_graphs=False)
     same_run = same_run_workload(model, 8, 64, 8)
     assert same_run == w  # nothing timed on the CPU
     got = same_run_prediction(model, ceilings, same_run, 8)["predicted_step_s_same_run_rates"]

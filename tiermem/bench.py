@@ -302,7 +302,7 @@ def same_run_workload(model, batch: int, prompt_len: int, gen_len: int):
 
     return timed_workload(model.reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
                           kv=model.kv_placement, cpu_attention=model.cpu_attention, device=str(model.device),
-                          offload_dir=model.offload_dir)
+                          offload_dir=model.offload_dir, cuda_graphs=model.cuda_graphs)
 
 
 def same_run_prediction(model, ceilings: dict, workload, batch: int) -> dict:

@@ -23,10 +23,15 @@ kv = KV bytes per token per layer (K and V, compute dtype):
             HostKVCache.attend timed on this machine at the step's rows and context by tiermem.host_probe;
             L*B*c*kv / cpu_memcpy_Bps where not measured (at short contexts that misses the per-call costs)
   host    = the CPU time of issuing the step (Python, torch dispatch, kernel launches): Workload.host_step_s[m],
-            measured on this machine by tiermem.host_probe; per_layer_overhead_s * L * m where not measured
+            measured on this machine by tiermem.host_probe (as CUDA graph replays where the load uses them);
+            per_layer_overhead_s * L * m where not measured
+  kernels = the GPU time of the step's kernels: Workload.gpu_step_s[m], measured on this machine by
+            tiermem.gpu_probe at the model's width, rows and context (the kernels reach a fraction of the HBM
+            copy rate: llama3-8b int4, batch 16 x 2048 on an H200, 15 ms where hbm says 2.9); 0 where not measured,
+            and with CPU attention (the probe's kernels include the attention that runs on the host there)
 
-  step = max(disk, pcie, max(hbm, compute, host))                 GPU attention
-  step = max(disk, pcie, max(hbm, compute, host)) + cpu_att       CPU attention;  tok/s = B / step
+  step = max(disk, pcie, max(hbm, compute, kernels, host))                 GPU attention
+  step = max(disk, pcie, max(hbm, compute, host)) + cpu_att                CPU attention;  tok/s = B / step
 
 Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
 boundaries), and the host issues kernels ahead of the GPU (no decode step waits for the GPU unless
@@ -138,7 +143,8 @@ class Workload:
     step_cost's per_layer_overhead_s stands in). cpu_attention_s: micro-batch count -> host seconds of the step's
     attention computed on the host (tiermem.host_probe.cpu_attention_step_seconds; empty: the KV bytes at the host
     copy rate). disk_kv_s: seconds of the step's KV reads and writes with the KV cache on disk
-    (tiermem.disk_kv_probe.disk_kv_step_seconds; 0: the KV bytes at the disk's read rate). dense_per_stored: bytes
+    (tiermem.disk_kv_probe.disk_kv_step_seconds; 0: the KV bytes at the disk's read rate). gpu_step_s: micro-batch
+    count -> GPU seconds of a decode step's kernels (tiermem.gpu_probe; empty: not counted). dense_per_stored: bytes
     of a quantized weight dequantized to the compute dtype per byte as stored (0: the weights are stored dense).
     """
 
@@ -157,6 +163,7 @@ class Workload:
     decode_workspace_bytes: Mapping[int, int] = field(default_factory=dict)
     host_step_s: Mapping[int, float] = field(default_factory=dict)
     cpu_attention_s: Mapping[int, float] = field(default_factory=dict)
+    gpu_step_s: Mapping[int, float] = field(default_factory=dict)
     disk_kv_s: float = 0.0
     dense_per_stored: float = 0.0
 
@@ -271,14 +278,15 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
         flops += B * L * w.mean_context * w.attn_flops_per_token_ctx_layer
     c = {"disk": disk_bytes / hw.disk_read_Bps + disk_kv_s, "pcie": pcie_bytes / hw.h2d_Bps,
          "hbm": hbm_bytes / hw.hbm_Bps, "compute": flops / hw.matmul_flops, "cpu_attention": cpu_att,
+         "kernels": 0.0 if cpu_cache_compute else w.gpu_step_s.get(m, 0.0),
          "host": w.host_step_s.get(m, per_layer_overhead_s * L * m)}
-    c["step"] = max(c["disk"], c["pcie"], c["hbm"], c["compute"], c["host"]) + cpu_att
+    c["step"] = max(c["disk"], c["pcie"], c["hbm"], c["compute"], c["kernels"], c["host"]) + cpu_att
     return c
 
 
 def bound_of(cost: Mapping[str, float]) -> str:
-    """Name of the largest term of the step time: disk, pcie, hbm, compute, host or cpu_attention."""
-    return max(("disk", "pcie", "hbm", "compute", "host", "cpu_attention"), key=cost.__getitem__)
+    """Name of the largest term of the step time: disk, pcie, hbm, compute, kernels, host or cpu_attention."""
+    return max(("disk", "pcie", "hbm", "compute", "kernels", "host", "cpu_attention"), key=cost.__getitem__)
 
 
 def memory(w: Workload, *, resident: int, host: int, slot: int, staging: int, kv: str, cpu_cache_compute: bool,

@@ -69,9 +69,10 @@ def narrow_config(hf_config: dict, num_layers: int, quant_group: int = 128) -> d
 
 
 def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
-                  kv_group_size: int | None, rows: int, device: str, prompt_len: int = PROMPT_LEN) -> float:
+                  kv_group_size: int | None, rows: int, device: str, prompt_len: int = PROMPT_LEN,
+                  cuda_graphs: bool = False) -> float:
     """Median wall seconds of a decode step of the model (random weights, all resident on `device`) after a prompt
-    of prompt_len tokens."""
+    of prompt_len tokens (with cuda_graphs, steps replayed as CUDA graphs)."""
     from tiermem.api import load_from_reader
     from tiermem.synthetic import SyntheticStore
 
@@ -85,7 +86,7 @@ def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype
 
     with load_from_reader(store, device, None, None, dtype=dtype, max_batch_size=rows,
                           max_seq_len=prompt_len + total, kv_quant=kv_quant, kv_group_size=kv_group_size,
-                          plan=None) as model:
+                          plan=None, cuda_graphs=cuda_graphs) as model:
         ids = torch.randint(3, TINY_VOCAB, (rows, prompt_len))
         model.generate(ids, total, eos_token_id=[], on_step=on_step)
     torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
@@ -95,36 +96,40 @@ def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype
 
 @functools.lru_cache(maxsize=256)
 def _measure(config_json: str, quant_name: str | None, quant_group: int, dtype_name: str, kv_quant: str | None,
-             kv_group_size: int | None, rows: int, device: str, prompt_len: int) -> HostTime:
+             kv_group_size: int | None, rows: int, device: str, prompt_len: int, cuda_graphs: bool) -> HostTime:
     hf_config = json.loads(config_json)
     quant = QuantScheme.from_name(quant_name, quant_group) if quant_name else None
     num_layers = model_config_from_hf(hf_config).num_layers
     seconds = _step_seconds(narrow_config(hf_config, num_layers, quant_group), quant, getattr(torch, dtype_name),
-                            kv_quant, kv_group_size, rows, device, prompt_len)
+                            kv_quant, kv_group_size, rows, device, prompt_len, cuda_graphs)
     return HostTime(rows, num_layers, seconds)
 
 
 def measure_host_time(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
                       kv_group_size: int | None, rows: int, device: str = "cuda",
-                      prompt_len: int = PROMPT_LEN) -> HostTime:
+                      prompt_len: int = PROMPT_LEN, cuda_graphs: bool = False) -> HostTime:
     """HostTime of hf_config's decode step at `rows` rows per micro-batch on `device` after a prompt of prompt_len
-    tokens (needs CUDA; about 20 decode steps of the narrow copy, 0.5-2 s per call, remembered for the process)."""
+    tokens, issued as CUDA graph replays with cuda_graphs (needs CUDA; about 20 decode steps of the narrow copy,
+    0.5-2 s per call, remembered for the process)."""
     return _measure(json.dumps(hf_config, sort_keys=True), quant.name if quant else None,
                     quant.group_size if quant else 128, str(dtype).removeprefix("torch."), kv_quant, kv_group_size,
-                    rows, device, prompt_len)
+                    rows, device, prompt_len, cuda_graphs)
 
 
 def host_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype,
-                      kv_quant: QuantScheme | None, batch: int, device: str = "cuda") -> dict[int, float]:
+                      kv_quant: QuantScheme | None, batch: int, device: str = "cuda",
+                      cuda_graphs: bool = False) -> dict[int, float]:
     """Micro-batch count m -> host seconds of a decode step of `batch` rows split into m, for every divisor m
-    of batch (cost_model.Workload.host_step_s); {} without CUDA (the cost model's default stands in)."""
+    of batch (cost_model.Workload.host_step_s; with cuda_graphs, which replay whole-batch steps, m = 1 only); {}
+    without CUDA (the cost model's default stands in)."""
     from tiermem.cost_model import divisors
 
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         return {}
     kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
-    return {m: measure_host_time(hf_config, quant, dtype, *kv, batch // m, str(device)).step_s(m)
-            for m in divisors(batch)}
+    return {m: measure_host_time(hf_config, quant, dtype, *kv, batch // m, str(device),
+                                 cuda_graphs=cuda_graphs).step_s(m)
+            for m in ([1] if cuda_graphs else divisors(batch))}
 
 
 def _cpu_attention_layer_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: QuantScheme | None, batch: int,
@@ -181,10 +186,12 @@ def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: Qu
 
 def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype: torch.dtype | None,
                    kv_quant: QuantScheme | None, *, kv: str | None = None, cpu_attention: bool | None = None,
-                   device: str = "cuda", offload_dir=None, budgets: tuple[int, int] | None = None):
+                   device: str = "cuda", offload_dir=None, budgets: tuple[int, int] | None = None,
+                   cuda_graphs: bool = False):
     """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
     `batch` rows, with what this machine takes, measured on `device` (nothing without CUDA), for what the plan may
-    do: the host time of a step (host_step_seconds); where attention may run on the host, that attention
+    do: the host time of a step (host_step_seconds; as CUDA graph replays with cuda_graphs) and the GPU time of its
+    kernels (tiermem.gpu_probe); where attention may run on the host, that attention
     (cpu_attention_step_seconds); where the KV cache may live in a file in offload_dir, that tier's I/O
     (tiermem.disk_kv_probe).
 
@@ -200,13 +207,17 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
     from tiermem.disk_kv_probe import disk_kv_step_seconds
     from tiermem.engine.config import gpu_compute_dtype
     from tiermem.errors import BudgetError
+    from tiermem.gpu_probe import gpu_step_seconds
     from tiermem.scratch_file import check_offload_dir
 
     dtype = gpu_compute_dtype(cfg, dtype)
     workload = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, batch, prompt_len,
                                     gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant,
                                     host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
-                                                                  batch, device))
+                                                                  batch, device, cuda_graphs))
+    workload = replace(workload, gpu_step_s=gpu_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
+                                                             batch, workload.mean_context, device,
+                                                             budgets[0] if budgets is not None else None))
     if cpu_attention is not False and kv in (None, "cpu"):
         workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
             reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))

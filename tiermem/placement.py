@@ -143,7 +143,7 @@ def build_gpu_source(
     io_threads: int, resident_cap: int | None, progress: bool, read_backend: str = "auto",
     kv_quant: QuantScheme | tuple[QuantScheme | None, ...] | None = None, plan: Plan | str | None = "auto",
     kv_placement: str | None = None, cpu_attention: bool | None = None,
-    offload_dir: str | os.PathLike | None = None,
+    offload_dir: str | os.PathLike | None = None, cuda_graphs: bool = False,
 ) -> GpuSource:
     """Place blocks and the KV cache in HBM / pinned host memory / disk within the budgets, and load them.
 
@@ -156,7 +156,7 @@ def build_gpu_source(
     it; None leaves it to the planner (plan="auto"), which may choose it for a dense KV cache;
     resident_cap (bytes of HBM-resident weights) implies the greedy placement. kv_quant: the KV cache's scheme
     (None: the compute dtype), or a tuple of them (plan "auto" only: the planner chooses, auto_plan_kv_quant); the
-    source's kv_quant is the one used.
+    source's kv_quant is the one used. cuda_graphs: the planner times the host's part of a step as graph replays.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
@@ -166,11 +166,11 @@ def build_gpu_source(
     if isinstance(kv_quant, tuple):
         plan, kv_quant = auto_plan_kv_quant(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant,
                                             kv_placement, micro_batches, lookahead, cpu_attention,
-                                            offload_dir=offload_dir, device=str(device))
+                                            offload_dir=offload_dir, device=str(device), cuda_graphs=cuda_graphs)
     elif plan == "auto":  # load() checked that plan is "auto", a Plan or None
         plan = None if resident_cap is not None else auto_plan(
             reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead, cpu_attention, offload_dir=offload_dir, device=str(device))
+            lookahead, cpu_attention, offload_dir=offload_dir, device=str(device), cuda_graphs=cuda_graphs)
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
                                     plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
@@ -259,9 +259,10 @@ def build_gpu_source(
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
               micro_batches: int | None, lookahead: int | None, cpu_attention: bool | None = None,
-              offload_dir: str | os.PathLike | None = None, device: str = "cuda") -> Plan:
-    """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures and
-    host time of a decode step (tiermem.host_probe, measured on `device` for every micro-batch split; where the
+              offload_dir: str | os.PathLike | None = None, device: str = "cuda", cuda_graphs: bool = False) -> Plan:
+    """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures, the
+    GPU time of a decode step's kernels (tiermem.gpu_probe) and the host time of a step (tiermem.host_probe, as
+    CUDA graph replays with cuda_graphs; measured on `device` for every micro-batch split; where the
     planner may choose CPU attention, that attention timed at the step's rows and context too; where it may put the
     KV cache on disk, that tier's I/O timed in offload_dir; where the plan reads weights from the store every step,
     the store's read rate measured within the last minute: probe.plan_with_fresh_disk_rate), decode steps of
@@ -281,7 +282,7 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant, kv=kv_placement,
                               cpu_attention=attention, device=device, offload_dir=offload_dir,
-                              budgets=(gpu_budget, cpu_budget))
+                              budgets=(gpu_budget, cpu_budget), cuda_graphs=cuda_graphs)
     def planned(hw: Hardware) -> Plan:
         return make_plan(workload, hw, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                          cpu_cache_compute=attention, micro_batches=micro_batches, lookahead=lookahead,

@@ -1,0 +1,89 @@
+"""The kernel-time probe (tiermem.gpu_probe) and how the cost model uses its figures."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tiermem import gpu_probe
+from tiermem.cost_model import Hardware, Workload, bound_of, step_cost
+from tiermem.kernels.quant import QuantScheme
+from tiermem.presets import preset
+
+HW = Hardware(disk_read_Bps=2e9, h2d_Bps=50e9, hbm_Bps=4e12, matmul_flops=6e14, cpu_memcpy_Bps=10e9)
+SIZES = {"embed": 10, **{f"layers.{i}": 1_000_000 for i in range(4)}, "head": 10}
+W = Workload(SIZES, num_layers=4, kv_bytes_per_token_layer=100, flops_per_token_layer=1e6, batch=4, prompt_len=8,
+             gen_len=4, host_step_s={1: 1e-4, 2: 2e-4, 4: 4e-4})
+RESIDENT = dict(resident=4_000_000, host=0, disk=0, micro_batches=2)
+
+
+def test_measured_kernel_time_sets_the_step_where_it_is_the_slowest_stage():
+    """The kernels' own time bounds a resident step from below where it exceeds the byte counts at the copy rate
+    (max, like every overlapping stage), and is not counted where attention runs on the host."""
+    plain = step_cost(W, HW, kv="gpu", cpu_cache_compute=False, **RESIDENT)
+    assert plain["kernels"] == 0.0 and bound_of(plain) == "host"
+    timed = step_cost(replace(W, gpu_step_s={1: 5e-3, 2: 7e-3, 4: 9e-3}), HW, kv="gpu", cpu_cache_compute=False,
+                      **RESIDENT)
+    assert timed["kernels"] == 7e-3 and timed["step"] == 7e-3 and bound_of(timed) == "kernels"
+    streamed = step_cost(replace(W, gpu_step_s={2: 1e-5}, host_step_s={2: 1e-6}), HW, kv="gpu",
+                         cpu_cache_compute=False, resident=0, host=4_000_000, disk=0, micro_batches=2)
+    assert streamed["step"] == streamed["pcie"] > 1e-5
+    on_host = step_cost(replace(W, gpu_step_s={2: 7e-3}, cpu_attention_s={2: 1e-3}), HW, kv="cpu",
+                        cpu_cache_compute=True, **RESIDENT)
+    assert on_host["kernels"] == 0.0
+
+
+def test_no_kernel_time_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_probe.gpu_step_seconds(preset("llama3-8b"), QuantScheme.from_name("int4", 128), torch.bfloat16,
+                                      None, 8, 1024.0) == {}
+
+
+def test_a_step_is_the_rest_plus_the_depth_times_a_layer_once_per_micro_batch(monkeypatch):
+    """gpu_step_seconds measures each micro-batch's rows once (a layer and the rest at the rounded context) and
+    charges m micro-batches of batch / m rows each."""
+    asked = []
+
+    def fake(config_json, quant_name, quant_group, dtype_name, kv_name, kv_group, rows, context, device, budget):
+        asked.append((quant_name, dtype_name, kv_name, kv_group, rows, context, budget))
+        return {r: (1e-3 * r, 5e-3) for r in rows}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_probe, "_layer_and_rest", fake)
+    steps = gpu_probe.gpu_step_seconds(preset("llama3-8b"), QuantScheme.from_name("int4", 128), torch.bfloat16,
+                                       QuantScheme.from_name("int8", 64), 4, 1031.6, gpu_memory=1 << 30)
+    assert asked == [("int4", "bfloat16", "int8", 64, (1, 2, 4), 1032, 1 << 30)]
+    assert steps == pytest.approx({m: m * (32 * 1e-3 * (4 // m) + 5e-3) for m in (1, 2, 4)})
+
+
+def test_a_copy_that_does_not_fit_leaves_the_kernel_time_unmeasured(monkeypatch):
+    def no_room(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu_probe, "_layer_and_rest", no_room)
+    assert gpu_probe.gpu_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 2, 64.0) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_quant", [None, "int4"])
+def test_gpu_the_one_and_two_layer_copies_predict_a_deeper_model(kv_quant):
+    """The probe's extrapolation (rest + depth x layer) against the captured step of the whole model, 6 layers deep
+    at a width where the kernels take tens of microseconds, int4 weights in bf16, batch 8 after 700 tokens."""
+    from tiermem.api import load_from_reader
+    from tiermem.synthetic import SyntheticStore
+
+    config = dict(preset("llama-1b"), hidden_size=2048, intermediate_size=8192, num_hidden_layers=6,
+                  num_attention_heads=16, num_key_value_heads=4, vocab_size=8192, torch_dtype="bfloat16")
+    int4, kv = QuantScheme.from_name("int4", 128), None if kv_quant is None else QuantScheme.from_name(kv_quant, 64)
+    predicted = gpu_probe.gpu_step_seconds(config, int4, torch.bfloat16, kv, 8, 700.0)
+    assert set(predicted) == {1, 2, 4, 8} and all(s > 0 for s in predicted.values())
+    store = SyntheticStore(config, int4, torch.bfloat16, "cuda")
+    with load_from_reader(store, "cuda", None, None, dtype=torch.bfloat16, max_batch_size=8, max_seq_len=1024,
+                          kv_quant=kv_quant, kv_group_size=kv and 64, plan=None, cuda_graphs=True) as model:
+        measured = gpu_probe._replay_seconds(model, 8, 700)
+    assert predicted[1] == pytest.approx(measured, rel=0.15)

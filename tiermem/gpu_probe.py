@@ -1,0 +1,106 @@
+"""The GPU time of a decode step's kernels at the model's own width, measured on this machine.
+
+The cost model's HBM term counts the bytes a step must move at the copy rate of HBM. The kernels do not move them
+that fast: llama3-8b int4 at batch 16 x 2048 on an H200 computes for 9-15 ms a step where those bytes take 2.9 ms
+(the int4 GEMV at batch 16 reaches about 38% of the copy rate, attention about 32%;
+benchmarks/results/llama3_8b_int4_b16x2048_*_profile_*.json, *_s10call2_*). With every block in HBM and the host
+out of the way (CUDA graphs) that time is the step. So it is measured, on the code path the model runs: a copy of
+the model one and two layers deep at its real width (random weights, same quantization, KV cache in the same
+precision, filled to the step's context), its decode step captured as a CUDA graph (engine.static_decode) and
+replayed. The two depths give the time of a layer and of the rest (the head); the model's step is the rest plus
+its depth times a layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import torch
+
+from tiermem.engine.config import model_config_from_hf
+from tiermem.errors import BudgetError, ConfigError
+from tiermem.kernels.quant import QuantScheme
+
+PROBE_DEPTHS = (1, 2)
+WARM_REPLAYS, TIMED_REPLAYS = 3, 20
+
+
+def _replay_seconds(model, rows: int, context: int) -> float:
+    """Median GPU seconds of one captured decode step of `model` at `rows` rows after `context` cached tokens."""
+    from tiermem.engine.kv_cache import KVCache
+    from tiermem.engine.static_decode import DEFAULT_BUCKET, StaticDecoder
+
+    span = math.ceil((context + 1) / DEFAULT_BUCKET) * DEFAULT_BUCKET  # the slots a graph's attention reads
+    cache = KVCache.allocate(model.config, rows, span, model.dtype, model.device, kv_quant=model.kv_quant)
+    cache.key_mask[:, :context] = True  # the cached keys hold zeros: their values do not change the kernels' work
+    cache.length = context
+    decoder = StaticDecoder(model.executor, cache, graphs=True)
+    decoder.forward(torch.zeros(rows, 1, dtype=torch.long))  # runs the step and captures it
+    graph = decoder.graph(span)
+    for _ in range(WARM_REPLAYS):
+        graph.replay()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED_REPLAYS + 1)]
+    events[0].record()
+    for event in events[1:]:
+        graph.replay()  # the same step again: the same slot is rewritten, the same keys are read
+        event.record()
+    events[-1].synchronize()
+    times = sorted(a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:], strict=False))
+    return times[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_and_rest(config_json: str, quant_name: str | None, quant_group: int, dtype_name: str,
+                    kv_quant: str | None, kv_group_size: int | None, rows: tuple[int, ...], context: int,
+                    device: str, gpu_memory: int | None) -> dict[int, tuple[float, float]]:
+    """rows -> (GPU seconds of one layer, of everything else in a step) at `rows` rows and `context` tokens."""
+    from tiermem.api import load_from_reader
+    from tiermem.engine.static_decode import DEFAULT_BUCKET
+    from tiermem.synthetic import SyntheticStore
+
+    hf_config = json.loads(config_json)
+    quant = QuantScheme.from_name(quant_name, quant_group) if quant_name else None
+    dtype = getattr(torch, dtype_name)
+    seconds: dict[int, list[float]] = {r: [] for r in rows}
+    for depth in PROBE_DEPTHS:
+        store = SyntheticStore(dict(hf_config, num_hidden_layers=depth), quant, dtype, device)
+        with load_from_reader(store, device, gpu_memory, None, dtype=dtype, max_batch_size=max(rows),
+                              max_seq_len=context + DEFAULT_BUCKET, kv_quant=kv_quant, kv_group_size=kv_group_size,
+                              plan=None, cuda_graphs=True) as model:
+            for r in rows:
+                seconds[r].append(_replay_seconds(model, r, context))
+        torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
+    layer_and_rest = {}
+    for r, (one, two) in seconds.items():
+        layer = max(two - one, 0.0)
+        layer_and_rest[r] = (layer, max(one - layer, 0.0))
+    return layer_and_rest
+
+
+def gpu_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: QuantScheme | None,
+                     batch: int, context: float, device: str = "cuda", gpu_memory: int | None = None
+                     ) -> dict[int, float]:
+    """Micro-batch count m -> GPU seconds of the kernels of a decode step of `batch` rows split into m, at `context`
+    cached tokens (cost_model.Workload.gpu_step_s), for every divisor m of batch: m steps of batch / m rows, each
+    the measured rest plus the model's depth times a measured layer. Two loads of a one- and a two-layer copy of
+    the model (a second or two for a 100B shape), remembered for the process. The copies are loaded within
+    gpu_memory (None: the free GPU memory); {} without CUDA, or where they do not fit there in HBM (the cost model's
+    byte counts stand in)."""
+    from tiermem.cost_model import divisors
+
+    if not torch.cuda.is_available() or not str(device).startswith("cuda"):
+        return {}
+    num_layers = model_config_from_hf(hf_config).num_layers
+    ms = divisors(batch)
+    kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
+    try:
+        measured = _layer_and_rest(json.dumps(hf_config, sort_keys=True), quant.name if quant else None,
+                                   quant.group_size if quant else 128, str(dtype).removeprefix("torch."), *kv,
+                                   tuple(sorted({batch // m for m in ms})), max(1, round(context)), str(device),
+                                   gpu_memory)
+    except (torch.cuda.OutOfMemoryError, BudgetError, ConfigError):  # no room for the copy, all of it in HBM
+        torch.cuda.empty_cache()
+        return {}
+    return {m: m * (num_layers * measured[batch // m][0] + measured[batch // m][1]) for m in ms}
