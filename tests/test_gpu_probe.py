@@ -35,6 +35,16 @@ def test_measured_kernel_time_sets_the_step_where_it_is_the_slowest_stage():
     assert on_host["kernels"] == 0.0
 
 
+def test_with_cuda_graphs_the_replay_follows_the_hosts_part_of_the_step():
+    """A graph's replay waits for the host to embed the step's token: the two add up (a sum where the eager step,
+    issued as the GPU runs, costs the larger)."""
+    timed = replace(W, gpu_step_s={1: 9e-3}, host_step_s={1: 2e-3})
+    args = dict(kv="gpu", cpu_cache_compute=False, resident=4_000_000, host=0, disk=0, micro_batches=1)
+    assert step_cost(timed, HW, **args)["step"] == 9e-3
+    graphs = step_cost(replace(timed, cuda_graphs=True), HW, **args)
+    assert graphs["step"] == pytest.approx(11e-3) and bound_of(graphs) == "kernels"
+
+
 def test_no_kernel_time_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_probe.gpu_step_seconds(preset("llama3-8b"), QuantScheme.from_name("int4", 128), torch.bfloat16,

@@ -72,15 +72,18 @@ def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype
                   kv_group_size: int | None, rows: int, device: str, prompt_len: int = PROMPT_LEN,
                   cuda_graphs: bool = False) -> float:
     """Median wall seconds of a decode step of the model (random weights, all resident on `device`) after a prompt
-    of prompt_len tokens (with cuda_graphs, steps replayed as CUDA graphs)."""
+    of prompt_len tokens; with cuda_graphs (steps replayed as CUDA graphs) the seconds of a step before it waits
+    for the GPU: the host's part, which the replay follows rather than overlaps (cost_model's module doc)."""
     from tiermem.api import load_from_reader
     from tiermem.synthetic import SyntheticStore
 
     store = SyntheticStore(hf_config, quant, dtype, device)
     total = WARM_STEPS + TIMED_STEPS
+    issued: list[float] = []
     stamps: list[float] = []
 
     def on_step(k: int) -> None:
+        issued.append(time.perf_counter())
         torch.cuda.synchronize(device)
         stamps.append(time.perf_counter())
 
@@ -90,7 +93,10 @@ def _step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype
         ids = torch.randint(3, TINY_VOCAB, (rows, prompt_len))
         model.generate(ids, total, eos_token_id=[], on_step=on_step)
     torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
-    steps = [b - a for a, b in zip(stamps[WARM_STEPS - 1:-1], stamps[WARM_STEPS:], strict=True)]
+    if cuda_graphs:  # the host's part: from the last step's end to the sync, which then waits for the replay
+        steps = [i - a for a, i in zip(stamps[WARM_STEPS - 1:-1], issued[WARM_STEPS:], strict=True)]
+    else:
+        steps = [b - a for a, b in zip(stamps[WARM_STEPS - 1:-1], stamps[WARM_STEPS:], strict=True)]
     return statistics.median(steps)
 
 
@@ -215,9 +221,9 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
                                     gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant,
                                     host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
                                                                   batch, device, cuda_graphs))
-    workload = replace(workload, gpu_step_s=gpu_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
-                                                             batch, workload.mean_context, device,
-                                                             budgets[0] if budgets is not None else None))
+    kernels = gpu_step_seconds(reader.model_config, reader.quant, dtype, kv_quant, batch, workload.mean_context,
+                               device, budgets[0] if budgets is not None else None)
+    workload = replace(workload, gpu_step_s=kernels, cuda_graphs=cuda_graphs)
     if cpu_attention is not False and kv in (None, "cpu"):
         workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
             reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))
