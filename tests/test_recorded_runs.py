@@ -288,6 +288,20 @@ S9_DISK_KV = [  # session 9, call 1: KV on disk fixed (weights in HBM), and the 
 ]
 
 
+HOST_UNSTABLE_S10 = (
+    "session 10's eager runs of the resident config (KV bf16 or int4 in HBM), 12 over calls 2-5: +37% to -47% off "
+    "their host probe, 4 of 12 within 15%; the eager step is the host's time of issuing ~700 launches, which "
+    "changed 2x between runs seconds apart. The same config as CUDA graphs is predicted within 7% "
+    "(test_session_10_graph_steps_are_predicted_within_15_percent)")
+S10_EAGER_WITHIN_15 = ("kvnone_s10call2_run1", "kvint4_s10call2_run2", "kvnone_s10call3_run1", "kvint4_s10call4_run1")
+S10_EAGER = [
+    name if any(k in name for k in S10_EAGER_WITHIN_15) else _kv_tier_xfail(name, HOST_UNSTABLE_S10)
+    for name in (f"llama3_8b_int4_b16x2048_resident_eager_kv{kv}_s10call{c}_run{k}_h200.json"
+                 for kv, c, k in (("int4", 2, 1), ("int4", 2, 2), ("int4", 3, 1), ("int4", 4, 1), ("int4", 4, 2),
+                                  ("none", 2, 1), ("none", 2, 2), ("none", 3, 1), ("none", 4, 1), ("none", 4, 2),
+                                  ("none", 5, 1), ("none", 5, 2)))]
+
+
 KV_TIER_PLAN_TIME = [
     *(f"llama3_8b_int4_b16x2048_kv_{run}_h200.json" for run in ("gpu", "cpu", "cpu_attention")),
     _kv_tier_xfail("llama3_8b_int4_b16x2048_kv_disk_h200.json", PROBE_DRIFT),
@@ -318,6 +332,7 @@ KV_TIER_PLAN_TIME = [
     "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
     *S9_DISK_KV,
     *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_gpu_s9call4_run{k}_h200.json", HOST_UNSTABLE_S9) for k in (1, 2, 3)),
+    *S10_EAGER,
 ]
 
 
@@ -344,6 +359,7 @@ KV_TIER_SAME_RUN = [
     "llama3_8b_int4_b16x2048_kv_gpu_s8call7_h200.json",
     *S9_DISK_KV,
     *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_gpu_s9call4_run{k}_h200.json", HOST_UNSTABLE_S9) for k in (1, 2, 3)),
+    *S10_EAGER,
 ]
 
 
@@ -444,3 +460,61 @@ def test_session_9_kv_quant_auto_chose_int4_on_the_gpu_which_tied_with_int4_kv_i
     assert auto["placement"]["kv_quant"] == "int4 (group 128)" and auto["placement"]["kv_placement"] == "gpu"
     ram = _steps(S9_111B_DISK[2])[64]
     assert abs(_steps(S9_111B_DISK[1])[64] - ram) / ram < 0.01
+
+
+S10_GRAPHS = [
+    *(f"llama3_8b_int4_b16x2048_resident_graphs_kvint4_s10call4_run{k}_h200.json" for k in (1, 2)),
+    *(f"llama3_8b_int4_b16x2048_resident_graphs_kvnone_s10call5_run{k}_h200.json" for k in (1, 2)),
+    "llama3_8b_int4_b16x2048_resident_graphs_kvnone_gen128_s10call5_h200.json",
+]
+
+
+def _graph_prediction(name: str, same_run: bool) -> tuple[float, dict]:
+    """The predicted step of a recorded CUDA-graph run (every block in HBM, KV on the GPU): the cost model over its
+    placement, with the host's part and the kernels' time its probes measured (at load, or after the run)."""
+    result = json.loads((RESULTS / name).read_text())
+    placement, (run,) = result["placement"], result["runs"]
+    assert placement["cuda_graphs"] and "--cuda-graphs" in result["command"]
+    assert placement["streamed_blocks"] == 0 and placement["kv_placement"] == "gpu"
+    breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
+    w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=run["batch"], prompt_len=run["prompt_len"],
+                 gen_len=run["gen_len"], kv_quant=_kv_quant_of(placement), host_step_s={1: breakdown["host"]})
+    w = replace(w, gpu_step_s={1: breakdown["kernels"]}, cuda_graphs=True)
+    hw = Hardware.from_ceilings(result["ceilings"]) if same_run else Hardware.from_json(run["plan_hardware"])
+    return predict(_placement_of(w, placement), w, hw).predicted_step_s, run
+
+
+@pytest.mark.parametrize("same_run", [False, True])
+@pytest.mark.parametrize("name", S10_GRAPHS)
+def test_session_10_graph_steps_are_predicted_within_15_percent(name, same_run):
+    """Session 10, llama3-8b int4, batch 16 x 2048, every block and the KV cache (bf16 or int4) in HBM, decode steps
+    as CUDA graph replays: the host's part plus the kernels' time, both measured on the machine at load (and again
+    after the run), within 15% of the steady step: the median. The first step of each 256-slot span runs eagerly
+    and is captured (60-65 ms more): 1 step in 15 of a 16-token run, 1 in 127 of the 128-token one, whose mean is
+    held to 15% as well."""
+    predicted, run = _graph_prediction(name, same_run)
+    assert abs(predicted - run["decode_step_median_s"]) / run["decode_step_median_s"] <= 0.15
+    if run["gen_len"] >= 128:
+        assert abs(predicted - run["decode_step_s"]) / run["decode_step_s"] <= 0.15
+    assert predicted == pytest.approx(run["plan_breakdown_s" if not same_run else "predicted_breakdown_same_run_s"]
+                                      ["step"], rel=1e-6)  # what bench itself predicted
+
+
+S10_EAGER_GRAPH_PAIRS = [
+    *((f"llama3_8b_int4_b16x2048_resident_eager_kvint4_s10call4_run{k}_h200.json",
+       f"llama3_8b_int4_b16x2048_resident_graphs_kvint4_s10call4_run{k}_h200.json") for k in (1, 2)),
+    *((f"llama3_8b_int4_b16x2048_resident_eager_kvnone_s10call5_run{k}_h200.json",
+       f"llama3_8b_int4_b16x2048_resident_graphs_kvnone_s10call5_run{k}_h200.json") for k in (1, 2)),
+]
+
+
+@pytest.mark.parametrize("eager,graphs", S10_EAGER_GRAPH_PAIRS)
+def test_session_10_graphs_beat_eager_steps_of_the_same_call(eager, graphs):
+    """Each graph run against the eager run just before it on the same machine, same command but --cuda-graphs:
+    steady steps (medians) 1.26-1.36x faster with an int4 cache, 1.9-3.6x with bf16 (the eager step is the host's
+    time of issuing ~700 launches, which changed 2x between runs)."""
+    def run(name: str) -> dict:
+        return json.loads((RESULTS / name).read_text())["runs"][0]
+
+    ratio = run(eager)["decode_step_median_s"] / run(graphs)["decode_step_median_s"]
+    assert ratio > 1.2, ratio
