@@ -16,7 +16,7 @@ for run in $(seq "$RUNS"); do
     for kv in $KV_QUANTS; do
         for mode in eager graphs; do
             args=()
-            [ "$mode" = graphs ] && args+=(--cuda-graphs)
+            if [ "$mode" = graphs ]; then args+=(--cuda-graphs); else args+=(--no-cuda-graphs); fi
             [ "$kv" != none ] && args+=(--kv-quant "$kv")
             echo "== $mode kv $kv $run: tiermem bench ${MODEL[*]} ${args[*]}"
             tiermem bench "${MODEL[@]}" "${args[@]}" --out "$OUT/resident_kv${kv}_${mode}_$run.json" 2>&1 \

@@ -184,8 +184,8 @@ class StaticDecoder:
             graph.replay()
         else:
             logits = self._layers_and_head(span)
-            if self.graphs:
-                self._captured[span] = self._capture(span)
+            if self.graphs:  # spans only grow: the graphs of shorter ones are not replayed again
+                self._captured = {span: self._capture(span)}
         cache.end_step(1)
         return logits
 

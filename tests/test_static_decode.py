@@ -145,6 +145,25 @@ def test_decode_runs_its_one_token_steps_through_a_step_decoder(stores):
 def test_cuda_graphs_is_a_gpu_option(stores):
     with pytest.raises(ConfigError, match="device='cuda'"):
         tiermem.load(stores["llama3"], cuda_graphs=True)
+    with tiermem.load(stores["llama3"]) as m:  # the default, "auto": never on the CPU
+        assert m.info()["cuda_graphs"] is False
+    with pytest.raises(ConfigError, match="True, False or 'auto'"):
+        tiermem.load(stores["llama3"], cuda_graphs="yes")
+
+
+def test_plans_whose_steps_can_be_graph_replays():
+    """placement.graphable: every block in HBM but the host-only embedding, the KV cache there, whole-batch steps."""
+    from tiermem.placement import graphable
+    from tiermem.planner import Plan
+
+    def plan(**kw):
+        fields = dict(gpu_blocks=("layers.0", "head"), host_blocks=(), disk_blocks=(), host_only=("embed",))
+        return Plan(**{**fields, **kw})
+
+    assert graphable(plan())
+    for kw in (dict(host_blocks=("layers.0",)), dict(disk_blocks=("head",)), dict(kv="cpu"), dict(kv="disk"),
+               dict(micro_batches=2), dict(kv="cpu", cpu_cache_compute=True)):
+        assert not graphable(plan(**kw)), kw
 
 
 @pytest.mark.gpu
@@ -164,6 +183,27 @@ def test_gpu_generate_with_cuda_graphs_gives_the_tokens_without(stores):
     for bad in (dict(resident_weights=0), dict(kv_placement="cpu")):
         with pytest.raises(ConfigError, match="cuda_graphs|CUDA graphs"):
             tiermem.load(stores["llama3"], cuda_graphs=True, **kw, **bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphs_are_the_default_where_the_placement_allows_them(stores):
+    """cuda_graphs="auto": on for a model that fits HBM with its KV cache (planned or greedy), off where blocks
+    stream, the KV cache is offloaded or steps are split; the tokens are those of steps run as they are, and a
+    generate call split into micro-batches runs its steps as they are."""
+    ids, mask = left_padded_batch()
+    kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64)
+    with tiermem.load(stores["llama3"], cuda_graphs=False, **kw) as m:
+        ref = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+    for plan in ("auto", None):
+        with tiermem.load(stores["llama3"], plan=plan, **kw) as m:
+            assert m.info()["cuda_graphs"], plan
+            assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[]), ref)
+            assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[], micro_batches=2), ref)
+    for eager in (dict(resident_weights=0), dict(kv_placement="cpu"), dict(micro_batches=2)):
+        with tiermem.load(stores["llama3"], **kw, **eager) as m:
+            assert not m.info()["cuda_graphs"], eager
+            assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[]), ref)
 
 
 def test_cuda_graphs_options_are_checked_before_anything_loads():

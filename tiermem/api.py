@@ -67,7 +67,7 @@ def load(
     micro_batches: int | None = None, lookahead: int | None = None, io_threads: int = 4,
     resident_weights: int | str | None = None, read_backend: str = "auto", progress: bool = False,
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
-    kv_placement: str | None = None, cpu_attention: bool | None = None, cuda_graphs: bool = False,
+    kv_placement: str | None = None, cpu_attention: bool | None = None, cuda_graphs: bool | str = "auto",
 ) -> Model:
     """Open a block store for execution on `device` ("cpu" or "cuda[:N]").
 
@@ -115,8 +115,12 @@ def load(
     step at load: a few seconds more.
     cuda_graphs: decode steps with every block in HBM and the KV cache on the GPU run as CUDA graphs,
     captured once per 256 slots of context and replayed (tiermem.engine.static_decode), so that the host does
-    not issue each step's kernels one by one (llama3-8b int4, batch 16 x 2048 on an H200: 2.4-2.7x faster
-    steps); a placement that streams blocks or offloads the KV cache is a ConfigError.
+    not issue each step's kernels one by one (llama3-8b int4, batch 16 x 2048 on an H200: 1.3-3.6x faster
+    steady steps; the first step of each 256 runs as it is and is captured, 60-65 ms more). "auto" (the default)
+    uses them where the placement allows (with plan="auto": where the planner, planning again for graph replays,
+    predicts them no slower); True requires them (a placement that streams blocks, offloads the KV cache or splits
+    decode steps into micro-batches is then a ConfigError); False never. Model.info()["cuda_graphs"] says which.
+    A generate() call with micro_batches > 1 runs its steps as they are.
     """
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),
                             dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -133,10 +137,13 @@ def load_from_reader(
     io_threads: int = 4, resident_weights: int | None = None, progress: bool = False, read_backend: str = "auto",
     kv_quant: str | None = None, kv_group_size: int | None = None, plan: Plan | str | None = "auto",
     kv_placement: str | None = None, cpu_attention: bool | None = None,
-    offload_dir: str | os.PathLike | None = None, cuda_graphs: bool = False,
+    offload_dir: str | os.PathLike | None = None, cuda_graphs: bool | str = False,
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     _check_load_options(max_batch_size, max_seq_len, lookahead, micro_batches, read_backend, plan)
+    if cuda_graphs not in (True, False, "auto"):
+        raise ConfigError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+    graphs_required = cuda_graphs is True
     dtype = _dtype_of(dtype)
     _check_disk_kv(device, kv_placement, offload_dir)
     cfg = model_config_from_hf(reader.model_config)
@@ -152,17 +159,20 @@ def load_from_reader(
         if not torch.cuda.is_available():
             raise ConfigError("device='cuda' but CUDA is not available here: use device='cpu'")
         dtype = gpu_compute_dtype(cfg, dtype)
-        if cuda_graphs:  # the plan keeps the KV cache on the GPU and runs decode steps on the whole batch
+        if cuda_graphs is True:  # the plan keeps the KV cache on the GPU and runs decode steps on the whole batch
             _check_graph_options(kv_placement, cpu_attention, micro_batches)
             kv_placement, cpu_attention, micro_batches = "gpu", False, 1
+        elif cuda_graphs == "auto" and not _graph_options_allowed(kv_placement, cpu_attention, micro_batches):
+            cuda_graphs = False
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
                                   kv_quant=kv_q, plan=plan, kv_placement=kv_placement, cpu_attention=cpu_attention,
                                   offload_dir=offload_dir, cuda_graphs=cuda_graphs)
-        kv_q = source.kv_quant
+        kv_q, cuda_graphs = source.kv_quant, source.cuda_graphs
     elif dev.type == "cpu":
-        if cuda_graphs:
+        if cuda_graphs is True:
             raise ConfigError("cuda_graphs replays decode steps on a GPU: use device='cuda'")
+        cuda_graphs = False
         if kv_quant == "auto":
             raise ConfigError("kv_quant='auto' lets the GPU path's planner choose the KV cache's precision; on the "
                               "CPU pass None, 'int8' or 'int4'")
@@ -183,15 +193,22 @@ def load_from_reader(
         try:
             check_resident(executor)
         except ConfigError:
-            source.close()
-            raise
+            if graphs_required:
+                source.close()
+                raise
+            cuda_graphs = False  # "auto": a block the placement left on the host (a tied head's embedding)
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q, cuda_graphs=cuda_graphs)
 
 
+def _graph_options_allowed(kv_placement: str | None, cpu_attention: bool | None, micro_batches: int | None) -> bool:
+    """Whether the choices fixed by the caller leave room for CUDA graphs: they capture whole-batch decode steps over
+    a KV cache on the GPU."""
+    return kv_placement in (None, "gpu") and not cpu_attention and micro_batches in (None, 1)
+
+
 def _check_graph_options(kv_placement: str | None, cpu_attention: bool | None, micro_batches: int | None) -> None:
-    """ConfigError, before anything is loaded, for choices CUDA graphs cannot replay: the graphs capture whole-batch
-    decode steps over a KV cache on the GPU."""
-    if kv_placement not in (None, "gpu") or cpu_attention or micro_batches not in (None, 1):
+    """ConfigError, before anything is loaded, for choices CUDA graphs cannot replay (_graph_options_allowed)."""
+    if not _graph_options_allowed(kv_placement, cpu_attention, micro_batches):
         raise ConfigError("cuda_graphs replays whole-batch decode steps over a KV cache on the GPU: leave "
                           f"kv_placement ({kv_placement!r}), cpu_attention and micro_batches ({micro_batches!r}) out, "
                           "or cuda_graphs")
@@ -382,11 +399,9 @@ class Model:
             if session is not None:
                 session._start(self.config, state, sampling)
         split = micro_batches or self.micro_batches
-        if self.cuda_graphs and split != 1:
-            raise ConfigError(f"cuda_graphs replays whole-batch decode steps: micro_batches={split} cannot run so; "
-                              "leave micro_batches out")
         on_device = type(state.cache) is KVCache  # a restored session may hold its cache elsewhere
-        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if self.cuda_graphs and on_device else None
+        whole_steps = self.cuda_graphs and on_device and split == 1
+        graphs = StaticDecoder(self.executor, state.cache, graphs=True) if whole_steps else None
         try:
             decode(self.executor, state, sampling, max_new_tokens, split, on_step,
                    prefill_micro_batches=micro_batches or self.prefill_micro_batches, step_decoder=graphs)

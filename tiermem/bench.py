@@ -54,8 +54,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="store the KV cache quantized; auto: the planner chooses (tiermem.load's kv_quant)")
     p.add_argument("--cpu-attention", action="store_true", default=None,
                    help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="decode steps as CUDA graph replays (every block in HBM, KV on the GPU; experimental)")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default="auto",
+                        help="require decode steps as CUDA graph replays (every block in HBM, KV on the GPU); "
+                             "default: where the placement allows and the plan predicts them no slower")
+    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                        help="decode steps as they are, never as CUDA graph replays")
     p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
@@ -373,14 +377,18 @@ def format_table(result: dict) -> str:
     placement = result.get("placement", {})
     if placement.get("predicted_step_s"):
         lines.append(f"placement: planner's, predicted {placement['predicted_step_s']:.4f} s per step at the largest "
-                     f"batch; KV on {placement.get('kv_placement')}, lookahead {placement.get('lookahead')}")
-    lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'issued s':>9} {'tok/s':>9} "
+                     f"batch; KV on {placement.get('kv_placement')}, lookahead {placement.get('lookahead')}"
+                     + (", steps as CUDA graph replays" if placement.get("cuda_graphs") else ""))
+    lines.append(f"{'batch':>6} {'micro':>5} {'prefill s':>10} {'step s':>9} {'median s':>9} {'issued s':>9} "
+                 f"{'tok/s':>9} "
                  f"{'roofline s':>11} {'fraction':>8} {'peak GPU':>10} {'predicted s':>11}")
     for r in result["runs"]:
         peak = f"{r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") is not None else "-"
         issued = statistics.median(r["decode_host_issue_s"]) if r.get("decode_host_issue_s") else float("nan")
+        median = r.get("decode_step_median_s", float("nan"))
         lines.append(f"{r['batch']:>6} {r['micro_batches']:>5} {r['prefill_s']:>10.3f} {r['decode_step_s']:>9.4f} "
-                     f"{issued:>9.4f} {r['decode_tok_per_s']:>9.2f} {r.get('roofline_step_s', float('nan')):>11.4f} "
+                     f"{median:>9.4f} {issued:>9.4f} {r['decode_tok_per_s']:>9.2f} "
+                     f"{r.get('roofline_step_s', float('nan')):>11.4f} "
                      f"{r.get('fraction_of_roofline', float('nan')):>8.3f} {peak:>10} "
                      f"{r.get('predicted_step_s_same_run_rates', float('nan')):>11.4f}")
     over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]

@@ -143,7 +143,7 @@ def build_gpu_source(
     io_threads: int, resident_cap: int | None, progress: bool, read_backend: str = "auto",
     kv_quant: QuantScheme | tuple[QuantScheme | None, ...] | None = None, plan: Plan | str | None = "auto",
     kv_placement: str | None = None, cpu_attention: bool | None = None,
-    offload_dir: str | os.PathLike | None = None, cuda_graphs: bool = False,
+    offload_dir: str | os.PathLike | None = None, cuda_graphs: bool | str = False,
 ) -> GpuSource:
     """Place blocks and the KV cache in HBM / pinned host memory / disk within the budgets, and load them.
 
@@ -156,21 +156,35 @@ def build_gpu_source(
     it; None leaves it to the planner (plan="auto"), which may choose it for a dense KV cache;
     resident_cap (bytes of HBM-resident weights) implies the greedy placement. kv_quant: the KV cache's scheme
     (None: the compute dtype), or a tuple of them (plan "auto" only: the planner chooses, auto_plan_kv_quant); the
-    source's kv_quant is the one used. cuda_graphs: the planner times the host's part of a step as graph replays.
+    source's kv_quant is the one used. cuda_graphs: True plans for decode steps as CUDA graph replays (the caller
+    fixed the KV cache on the GPU and whole-batch steps); "auto" makes them so where every block ends up in HBM with
+    the KV cache and whole-batch steps, and with plan "auto" where the planner, planning again for graph replays
+    (graphable), predicts them no slower; the source's cuda_graphs says whether they are.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
     if isinstance(kv_quant, tuple) and (plan != "auto" or resident_cap is not None):
         raise ConfigError("kv_quant='auto' lets the planner choose the KV cache's precision: it needs plan='auto' "
                           "and no resident_weights; pass kv_quant None, 'int8' or 'int4' with a fixed placement")
-    if isinstance(kv_quant, tuple):
-        plan, kv_quant = auto_plan_kv_quant(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant,
-                                            kv_placement, micro_batches, lookahead, cpu_attention,
-                                            offload_dir=offload_dir, device=str(device), cuda_graphs=cuda_graphs)
-    elif plan == "auto":  # load() checked that plan is "auto", a Plan or None
-        plan = None if resident_cap is not None else auto_plan(
-            reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, kv_placement, micro_batches,
-            lookahead, cpu_attention, offload_dir=offload_dir, device=str(device), cuda_graphs=cuda_graphs)
+    if plan == "auto" and resident_cap is None:  # load() checked that plan is "auto", a Plan or None
+        def plan_for(graphs: bool) -> tuple[Plan, QuantScheme | None]:
+            fixed = ("gpu", 1, False) if graphs else (kv_placement, micro_batches, cpu_attention)
+            if isinstance(kv_quant, tuple):
+                return auto_plan_kv_quant(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant,
+                                          fixed[0], fixed[1], lookahead, fixed[2], offload_dir=offload_dir,
+                                          device=str(device), cuda_graphs=graphs)
+            return auto_plan(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, fixed[0],
+                             fixed[1], lookahead, fixed[2], offload_dir=offload_dir, device=str(device),
+                             cuda_graphs=graphs), kv_quant
+
+        plan, kv_quant = plan_for(cuda_graphs is True)
+        if cuda_graphs == "auto" and graphable(plan):  # the same budgets with steps as graph replays
+            graph_plan, graph_kv = plan_for(True)
+            cuda_graphs = graphable(graph_plan) and graph_plan.predicted_step_s <= plan.predicted_step_s
+            if cuda_graphs:
+                plan, kv_quant = graph_plan, graph_kv
+    elif plan == "auto":
+        plan = None
     if plan is not None:
         for name, mine, planned in (("kv_placement", kv_placement, plan.kv), ("micro_batches", micro_batches,
                                     plan.micro_batches), ("lookahead", lookahead, plan.lookahead),
@@ -253,7 +267,16 @@ def build_gpu_source(
                        cpu_attention, offload_dir)
     source.followed_plan = plan
     source.kv_quant = kv_quant
+    whole_steps_in_hbm = not streamed and kv_placement == "gpu" and micro_batches == 1 and not cpu_attention
+    source.cuda_graphs = whole_steps_in_hbm if cuda_graphs == "auto" else bool(cuda_graphs)
     return source
+
+
+def graphable(plan: Plan) -> bool:
+    """Whether the decode steps of `plan` can be CUDA graph replays: every block in HBM (the embedding, gathered on
+    the host, aside), the KV cache there too, whole-batch steps."""
+    return (not plan.host_blocks and not plan.disk_blocks and plan.kv == "gpu" and plan.micro_batches == 1
+            and not plan.cpu_cache_compute)
 
 
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
