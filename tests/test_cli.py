@@ -78,18 +78,20 @@ def test_checkpoint_verify_command(tmp_path, capsys):
 
 def test_bench_table_shows_peak_gpu_memory_and_warns_over_budget():
     """A bench run whose measured peak went past gpu_memory says so in the table, not only in the JSON; the table
-    shows how long the host took to issue a decode step (median), next to the step."""
+    shows the median step and how long the host took to issue a decode step (median), next to the mean step."""
     from tiermem.bench import format_table
 
     def result(peak: int) -> dict:
-        run = {"batch": 64, "micro_batches": 1, "prefill_s": 20.0, "decode_step_s": 5.8, "decode_tok_per_s": 11.0,
+        run = {"batch": 64, "micro_batches": 1, "prefill_s": 20.0, "decode_step_s": 5.8, "decode_step_median_s": 5.7,
+               "decode_tok_per_s": 11.0,
                "peak_gpu_bytes": peak, "within_gpu_budget": peak <= 24 << 30, "decode_host_issue_s": [0.3, 0.1, 0.2]}
         return {"model": "llama-111b", "quant": "int4", "machine": {"gpu": "H200"}, "ceilings": {},
                 "placement": {"gpu_budget_bytes": 24 << 30}, "runs": [run]}
 
     within = format_table(result(23 << 30))
     assert "23.00 GiB" in within and "WARNING" not in within
-    assert "issued s" in within and "    5.8000    0.2000 " in within  # the median step's host issue time
+    assert "median s  issued s" in within  # the median step, and its host issue time
+    assert "    5.8000    5.7000    0.2000 " in within
     over = format_table(result(int(25.6 * 2**30)))
     assert "25.60 GiB" in over and "WARNING: peak GPU memory went over gpu_memory (24.00 GiB) at batch [64]" in over
 
