@@ -466,6 +466,7 @@ S10_GRAPHS = [
     *(f"llama3_8b_int4_b16x2048_resident_graphs_kvint4_s10call4_run{k}_h200.json" for k in (1, 2)),
     *(f"llama3_8b_int4_b16x2048_resident_graphs_kvnone_s10call5_run{k}_h200.json" for k in (1, 2)),
     "llama3_8b_int4_b16x2048_resident_graphs_kvnone_gen128_s10call5_h200.json",
+    "llama3_8b_int4_b16x2048_resident_default_gen128_s10call6_h200.json",
 ]
 
 
@@ -474,7 +475,7 @@ def _graph_prediction(name: str, same_run: bool) -> tuple[float, dict]:
     placement, with the host's part and the kernels' time its probes measured (at load, or after the run)."""
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
-    assert placement["cuda_graphs"] and "--cuda-graphs" in result["command"]
+    assert placement["cuda_graphs"]
     assert placement["streamed_blocks"] == 0 and placement["kv_placement"] == "gpu"
     breakdown = run["predicted_breakdown_same_run_s" if same_run else "plan_breakdown_s"]
     w = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=run["batch"], prompt_len=run["prompt_len"],
@@ -506,6 +507,13 @@ S10_EAGER_GRAPH_PAIRS = [
     *((f"llama3_8b_int4_b16x2048_resident_eager_kvnone_s10call5_run{k}_h200.json",
        f"llama3_8b_int4_b16x2048_resident_graphs_kvnone_s10call5_run{k}_h200.json") for k in (1, 2)),
 ]
+
+
+def test_session_10_the_default_load_replays_graphs_where_everything_fits_hbm():
+    """Call 6: bench with neither --cuda-graphs nor --no-cuda-graphs (load's cuda_graphs="auto") on the resident
+    config chose graph replays, the planner having planned for both."""
+    result = json.loads((RESULTS / S10_GRAPHS[-1]).read_text())
+    assert "cuda-graphs" not in result["command"] and result["placement"]["cuda_graphs"]
 
 
 @pytest.mark.parametrize("eager,graphs", S10_EAGER_GRAPH_PAIRS)
