@@ -443,3 +443,44 @@ def test_quantized_weights_cost_hbm_traffic_by_the_rows_a_micro_batch_has():
     assert weights[8] == pytest.approx(8 * resident / H200.hbm_Bps)  # 8 rows each: one read per micro-batch
     assert weights[4] == pytest.approx(4 * 2 * resident / H200.hbm_Bps)  # 16 rows: two GEMV chunks
     assert weights[1] == pytest.approx((1 + 2 * q.dense_per_stored) * resident / H200.hbm_Bps)  # 64 rows
+
+
+def test_cli_plan_plans_graph_replays_as_load_does(tmp_path, capsys, monkeypatch):
+    """tiermem plan makes load's cuda_graphs="auto" choice (CUDA and the probes faked): a model that fits HBM with
+    its KV cache is planned again for graph replays, whose host part (0.5 ms) and kernels (9 ms) add up to less than
+    the eager step (host-bound, 30 ms), and the JSON says so; --no-cuda-graphs keeps the eager plan; where blocks
+    must stream no replay is planned; --cuda-graphs with the KV cache fixed elsewhere is a clear error."""
+    from dataclasses import replace
+
+    from tiermem import host_probe
+
+    asked = []
+
+    def timed(reader, cfg, batch, prompt_len, gen_len, dtype, kv_quant, *, cuda_graphs=False, **kw):
+        asked.append(cuda_graphs)
+        w = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, batch, prompt_len,
+                                 gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant)
+        return replace(w, host_step_s={m: (5e-4 if cuda_graphs else 30e-3) * m for m in divisors(batch)},
+                       gpu_step_s={m: 9e-3 * m for m in divisors(batch)}, cuda_graphs=cuda_graphs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(host_probe, "timed_workload", timed)
+    hw = tmp_path / "hw.json"
+    hw.write_text(H200.to_json())
+    out_json = tmp_path / "plan.json"
+    args = ["plan", "--synthetic", "llama3-8b", "--quant", "int4", "--group-size", "128", "--batch", "16",
+            "--prompt-len", "2048", "--gen-len", "16", "--hardware", str(hw), "--json", str(out_json)]
+    assert main([*args, "--gpu-memory", "40GiB", "--cpu-memory", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [False, True] and "decode steps as CUDA graph replays" in out
+    saved = json.loads(out_json.read_text())
+    assert saved["cuda_graphs"] and saved["plan"]["predicted_step_s"] == pytest.approx(9.5e-3)
+    asked.clear()
+    assert main([*args, "--gpu-memory", "40GiB", "--cpu-memory", "8GiB", "--no-cuda-graphs"]) == 0
+    assert asked == [False] and "graph replays" not in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["plan"]["predicted_step_s"] == pytest.approx(30e-3)
+    asked.clear()
+    assert main([*args, "--gpu-memory", "6GiB", "--cpu-memory", "8GiB"]) == 0  # weights stream: no replays
+    assert asked == [False] and not json.loads(out_json.read_text())["cuda_graphs"]
+    assert main([*args, "--gpu-memory", "40GiB", "--cpu-memory", "8GiB", "--cuda-graphs", "--kv", "cpu"]) == 2
+    assert "--cuda-graphs plans whole-batch decode steps" in capsys.readouterr().err

@@ -71,9 +71,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
     from tiermem.config import parse_size
     from tiermem.engine.config import model_config_from_hf
-    from tiermem.errors import ConfigError
+    from tiermem.errors import BudgetError, ConfigError
     from tiermem.host_probe import timed_workload
     from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
+    from tiermem.placement import graphable
     from tiermem.planner import Hardware, choose_kv_quant, cpu_attention_choice, each_that_fits, plan
     from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate, read_cache
 
@@ -95,19 +96,21 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         hardware = cached_hardware(store_dir=args.store, refresh=args.refresh_probe)
         source = "measured now" if args.refresh_probe else "this machine's probe (--refresh-probe measures again)"
 
-    def plan_with(kv_quant):
-        """(plan, hardware, where the rates came from, workload) with the KV cache stored in kv_quant; BudgetError
-        where nothing fits the budgets (or the offload dir)."""
-        cpu_attention = cpu_attention_choice(None, kv_quant is not None)
-        workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=args.kv,
-                                  cpu_attention=cpu_attention, offload_dir=args.offload_dir,
-                                  budgets=(gpu_memory, cpu_memory))
+    def plan_with(kv_quant, graphs: bool = False):
+        """(plan, hardware, where the rates came from, workload) with the KV cache stored in kv_quant, for decode
+        steps as CUDA graph replays if `graphs` (the KV cache on the GPU, whole-batch steps); BudgetError where
+        nothing fits the budgets (or the offload dir)."""
+        cpu_attention = False if graphs else cpu_attention_choice(None, kv_quant is not None)
+        kv, micro_batches = ("gpu", 1) if graphs else (args.kv, args.micro_batches)
+        workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=kv,
+                                  cpu_attention=cpu_attention, offload_dir=None if graphs else args.offload_dir,
+                                  budgets=(gpu_memory, cpu_memory), cuda_graphs=graphs)
 
         def planned(hw: Hardware):
-            return plan(workload, hw, gpu_memory, cpu_memory, kv=args.kv, cpu_cache_compute=cpu_attention,
-                        micro_batches=args.micro_batches, lookahead=args.lookahead, disk_kv=disk_kv)
+            return plan(workload, hw, gpu_memory, cpu_memory, kv=kv, cpu_cache_compute=cpu_attention,
+                        micro_batches=micro_batches, lookahead=args.lookahead, disk_kv=disk_kv and not graphs)
 
-        if disk_kv:
+        if disk_kv and not graphs:
             from tiermem.scratch_file import check_offload_dir
 
             check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
@@ -117,25 +120,45 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         note = "; the disk's on the store measured again: the plan reads from it every step"
         return chosen, fresh, source + (note if fresh is not hardware else ""), workload
 
-    if args.kv_quant == "auto":
-        schemes = auto_kv_schemes(cfg.head_dim)
-        options = each_that_fits(schemes, plan_with)
-        pick = choose_kv_quant([o and o[0] for o in options])
-        kv_quant = schemes[pick]
-        chosen, hardware, source, workload = options[pick]
+    schemes = auto_kv_schemes(cfg.head_dim) if args.kv_quant == "auto" else (kv_scheme(args.kv_quant, cfg.head_dim),)
+
+    def best(graphs: bool):
+        """(scheme, plan_with's answer, every scheme's answer) of the KV precision --kv-quant leaves to choose."""
+        options = each_that_fits(schemes, lambda scheme: plan_with(scheme, graphs))
+        pick = choose_kv_quant([o and o[0] for o in options]) if len(schemes) > 1 else 0
+        if options[pick] is None:
+            plan_with(schemes[0], graphs)  # nothing fits: its BudgetError says why
+        return schemes[pick], options[pick], options
+
+    if args.cuda_graphs is True:
+        _check_plan_graph_options(args)
+        kv_quant, (chosen, hardware, source, workload), options = best(True)
+        graphs, eager = True, None
     else:
-        kv_quant = kv_scheme(args.kv_quant, cfg.head_dim)
-        chosen, hardware, source, workload = plan_with(kv_quant)
+        kv_quant, (chosen, hardware, source, workload), options = best(False)
+        graphs = False
+        eager = workload, hardware
+        if args.cuda_graphs == "auto" and torch.cuda.is_available() and graphable(chosen):
+            try:  # load's cuda_graphs="auto": the same budgets planned again for graph replays
+                replayed = best(True)
+            except BudgetError:
+                replayed = None
+            if replayed and graphable(replayed[1][0]) and replayed[1][0].predicted_step_s <= chosen.predicted_step_s:
+                kv_quant, (chosen, hardware, source, workload), options = replayed
+                graphs = True
     _print_plan(args, chosen, hardware, source, workload)
+    if graphs:
+        print("decode steps as CUDA graph replays (load's cuda_graphs='auto' makes the same choice; "
+              "--no-cuda-graphs plans without them)")
     if args.kv_quant == "auto":
         steps = ", ".join(f"{_kv_name(sc)} {'does not fit' if o is None else f'{o[0].predicted_step_s:.4f} s'}"
                           for sc, o in zip(schemes, options, strict=True))
         print(f"KV cache stored as {_kv_name(kv_quant)}, chosen by --kv-quant auto (per step: {steps})")
-    if args.alternatives:
+    if args.alternatives and eager is not None:
         from tiermem.planner import alternatives
 
-        print("the best plan with one choice fixed (predicted s per step, tok/s):")
-        for name, alt in alternatives(workload, hardware, gpu_memory, cpu_memory,
+        print("the best plan with one choice fixed, decode steps issued from Python (predicted s per step, tok/s):")
+        for name, alt in alternatives(*eager, gpu_memory, cpu_memory,
                                       cpu_cache_compute=cpu_attention_choice(None, kv_quant is not None),
                                       disk_kv=disk_kv):
             figures = "does not fit" if alt is None else f"{alt.predicted_step_s:.4f} s, {alt.predicted_tok_per_s:.2f}"
@@ -143,7 +166,17 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": json.loads(hardware.to_json()), "plan": {
             k: v for k, v in vars(chosen).items()}, "batch": args.batch, "prompt_len": args.prompt_len,
-            "gen_len": args.gen_len, "kv_quant": None if kv_quant is None else kv_quant.name}, indent=1))
+            "gen_len": args.gen_len, "kv_quant": None if kv_quant is None else kv_quant.name,
+            "cuda_graphs": graphs}, indent=1))
+
+
+def _check_plan_graph_options(args: argparse.Namespace) -> None:
+    """ConfigError for `tiermem plan --cuda-graphs` with choices graph replays cannot make."""
+    from tiermem.errors import ConfigError
+
+    if args.kv not in (None, "gpu") or args.micro_batches not in (None, 1):
+        raise ConfigError("--cuda-graphs plans whole-batch decode steps over a KV cache on the GPU: leave --kv "
+                          f"({args.kv!r}) and --micro-batches ({args.micro_batches!r}) out, or --cuda-graphs")
 
 
 def _plan_reader(args: argparse.Namespace, dtype):
@@ -269,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")
     p.add_argument("--lookahead", type=int, default=None, help="fix the prefetch lookahead")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default="auto",
+                        help="plan decode steps as CUDA graph replays (every block in HBM, KV on the GPU); default: "
+                             "as load does, where the plan allows them and they are predicted no slower (CUDA only)")
+    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                        help="plan decode steps as they are issued from Python")
     p.add_argument("--alternatives", action="store_true",
                    help="also print the best plan with one choice fixed (KV placement, micro-batches, lookahead)")
     p.set_defaults(func=_cmd_plan)
