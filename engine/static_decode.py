@@ -30,7 +30,7 @@ from tiermem.engine import rope
 from tiermem.engine.attention import SDPA_BACKENDS, positions_from_mask
 from tiermem.engine.executor import Executor
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
-from tiermem.errors import ConfigError
+from tiermem.errors import ConfigError, NotResidentError
 from tiermem.kernels import ops
 
 DEFAULT_BUCKET = 256  # slots: attention reads up to this many more than filled, a graph serves this many steps
@@ -43,7 +43,7 @@ def _first_tensor(cache: KVCache) -> torch.Tensor:
 
 
 def check_resident(executor: Executor) -> None:
-    """ConfigError unless every block of `executor`'s model after the embedding stays in HBM (the embedding, which
+    """NotResidentError unless every block of `executor`'s model after the embedding stays in HBM (the embedding, which
     runs before the graph, may stay on the host; a tied output projection that reuses it may not): a CUDA graph
     replays a step's kernels, not the copies of streamed blocks."""
     weights = getattr(executor.source, "weights", None)
@@ -51,8 +51,8 @@ def check_resident(executor: Executor) -> None:
     streamed = [n for n in graphed if weights is None or n not in weights.resident]
     streamed += [first] if weights is None or (first not in weights.resident and first not in weights.host_only) else []
     if streamed:
-        raise ConfigError(f"CUDA graphs need every block resident in HBM; {len(streamed)} blocks of this placement "
-                          "are streamed: raise gpu_memory, or leave cuda_graphs out")
+        raise NotResidentError(f"CUDA graphs need every block resident in HBM; {len(streamed)} blocks of this "
+                               "placement are streamed: raise gpu_memory, or leave cuda_graphs out")
 
 
 @dataclass
@@ -155,7 +155,8 @@ class StaticDecoder:
         return min(self.cache.max_len, math.ceil((length + 1) / self.bucket) * self.bucket)
 
     def graph(self, span: int) -> torch.cuda.CUDAGraph:
-        """The CUDA graph of steps over `span` slots, captured at the first of them (KeyError before that step)."""
+        """The CUDA graph of steps over `span` slots, captured at the first of them (KeyError before that step, and
+        after the first step of a longer span, which drops it)."""
         return self._captured[span][0]
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import torch
 
 from tiermem import gpu_probe
 from tiermem.cost_model import Hardware, Workload, bound_of, step_cost
+from tiermem.errors import BudgetError, ConfigError, NotResidentError
 from tiermem.kernels.quant import QuantScheme
 from tiermem.presets import preset
 
@@ -56,26 +57,43 @@ def test_a_step_is_the_rest_plus_the_depth_times_a_layer_once_per_micro_batch(mo
     charges m micro-batches of batch / m rows each."""
     asked = []
 
-    def fake(config_json, quant_name, quant_group, dtype_name, kv_name, kv_group, rows, context, device, budget):
-        asked.append((quant_name, dtype_name, kv_name, kv_group, rows, context, budget))
+    def fake(hf_config, quant, dtype, kv_name, kv_group, rows, context, device, budgets):
+        asked.append((quant.name, dtype, kv_name, kv_group, rows, context, budgets))
         return {r: (1e-3 * r, 5e-3) for r in rows}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_probe, "_layer_and_rest", fake)
-    steps = gpu_probe.gpu_step_seconds(preset("llama3-8b"), QuantScheme.from_name("int4", 128), torch.bfloat16,
-                                       QuantScheme.from_name("int8", 64), 4, 1031.6, gpu_memory=1 << 30)
-    assert asked == [("int4", "bfloat16", "int8", 64, (1, 2, 4), 1032, 1 << 30)]
+    monkeypatch.setattr(gpu_probe, "_MEASURED", {})
+    args = (preset("llama3-8b"), QuantScheme.from_name("int4", 128), torch.bfloat16, QuantScheme.from_name("int8", 64),
+            4, 1031.6)
+    steps = gpu_probe.gpu_step_seconds(*args, gpu_memory=1 << 30, cpu_memory=2 << 30)
+    assert asked == [("int4", torch.bfloat16, "int8", 64, (1, 2, 4), 1032, (1 << 30, 2 << 30))]
     assert steps == pytest.approx({m: m * (32 * 1e-3 * (4 // m) + 5e-3) for m in (1, 2, 4)})
+    assert gpu_probe.gpu_step_seconds(*args) == steps and len(asked) == 1  # measured once, whatever the budgets
 
 
-def test_a_copy_that_does_not_fit_leaves_the_kernel_time_unmeasured(monkeypatch):
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory"), BudgetError("too small"),
+                                   NotResidentError("3 blocks of this placement are streamed")])
+def test_a_copy_that_does_not_fit_leaves_the_kernel_time_unmeasured_and_says_so(monkeypatch, error):
     def no_room(*args):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        raise error
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(gpu_probe, "_layer_and_rest", no_room)
-    assert gpu_probe.gpu_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 2, 64.0) == {}
+    monkeypatch.setattr(gpu_probe, "_MEASURED", {})
+    with pytest.warns(UserWarning, match="not measured"):
+        assert gpu_probe.gpu_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 2, 64.0) == {}
+
+
+def test_other_errors_of_the_probe_are_not_hidden(monkeypatch):
+    def broken(*args):
+        raise ConfigError("the KV cache is on cuda:0, the model on cuda")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_probe, "_layer_and_rest", broken)
+    monkeypatch.setattr(gpu_probe, "_MEASURED", {})
+    with pytest.raises(ConfigError, match="cuda:0"):
+        gpu_probe.gpu_step_seconds(preset("llama3-8b"), None, torch.bfloat16, None, 2, 64.0)
 
 
 @pytest.mark.gpu

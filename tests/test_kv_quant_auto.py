@@ -134,3 +134,48 @@ def test_bench_follows_the_kv_precision_of_a_plan_file(tmp_path):
     plan.write_text(json.dumps({"plan": {}, "kv_quant": None}))
     assert _kv_quant(Namespace(plan=str(plan), kv_quant="int8")) == "int8"
     assert _kv_quant(Namespace(plan="auto", kv_quant=None)) is None
+
+
+def test_bench_follows_the_kind_of_step_a_plan_file_was_made_for(tmp_path):
+    """bench --plan FILE without --cuda-graphs / --no-cuda-graphs replays graphs if and only if the plan was made for
+    them (tiermem plan --json records it); a file without the record leaves it to load's "auto"; a flag wins."""
+    from argparse import Namespace
+
+    from tiermem.bench import _cuda_graphs
+
+    plan = tmp_path / "plan.json"
+    for recorded in (True, False):
+        plan.write_text(json.dumps({"plan": {}, "kv_quant": None, "cuda_graphs": recorded}))
+        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) is recorded
+        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs=not recorded)) is (not recorded)
+    plan.write_text(json.dumps({"plan": {}, "kv_quant": None}))
+    assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) == "auto"
+    assert _cuda_graphs(Namespace(plan="auto", cuda_graphs="auto")) == "auto"
+
+
+def test_load_plans_graph_replays_with_every_kv_precision_too(monkeypatch):
+    """kv_quant="auto" with cuda_graphs="auto": build_gpu_source plans eager steps with the KV cache in each
+    precision, and, that plan keeping everything in HBM, graph replays with each precision again (not only with the
+    one chosen for eager steps). The planner is faked; the load stops after the second planning."""
+    from tiermem import placement
+    from tiermem.planner import Plan
+
+    class Planned(Exception):
+        pass
+
+    schemes = auto_kv_schemes(128)
+    asked = []
+
+    def fake(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_schemes, *choices, cuda_graphs, **kw):
+        asked.append((kv_schemes, cuda_graphs))
+        if cuda_graphs:
+            raise Planned
+        return Plan(("layers.0", "head"), (), (), predicted_step_s=0.03), schemes[2]
+
+    monkeypatch.setattr(placement, "auto_plan_kv_quant", fake)
+    reader = SyntheticStore(dict(preset("tiny-llama")), None, torch.float32)
+    cfg = model_config_from_hf(reader.model_config)
+    with pytest.raises(Planned):
+        placement.build_gpu_source(reader, cfg, torch.device("cpu"), torch.float32, 1 << 30, None, 1, 64, None, None,
+                                   1, None, False, kv_quant=schemes, cuda_graphs="auto")
+    assert asked == [(schemes, False), (schemes, True)]

@@ -22,7 +22,7 @@ from tiermem.engine.families import output
 from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
 from tiermem.engine.static_decode import StaticDecoder, check_resident
-from tiermem.errors import BudgetError, ConfigError, PackError, TiermemError
+from tiermem.errors import BudgetError, ConfigError, NotResidentError, PackError, TiermemError
 from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
 from tiermem.kernels.quant import QuantScheme
 from tiermem.kv_disk import DiskKVCache
@@ -141,7 +141,7 @@ def load_from_reader(
 ) -> Model:
     """load() over anything that reads like a StoreReader (a store, or tiermem.synthetic's SyntheticStore)."""
     _check_load_options(max_batch_size, max_seq_len, lookahead, micro_batches, read_backend, plan)
-    if cuda_graphs not in (True, False, "auto"):
+    if not (cuda_graphs is True or cuda_graphs is False or cuda_graphs == "auto"):
         raise ConfigError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
     graphs_required = cuda_graphs is True
     dtype = _dtype_of(dtype)
@@ -192,7 +192,7 @@ def load_from_reader(
     if cuda_graphs:
         try:
             check_resident(executor)
-        except ConfigError:
+        except NotResidentError:
             if graphs_required:
                 source.close()
                 raise

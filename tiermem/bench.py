@@ -121,7 +121,7 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
         read_backend=args.read_backend, progress=True, plan=_plan(args),
         kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=_kv_quant(args),
-        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir, cuda_graphs=args.cuda_graphs)
+        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir, cuda_graphs=_cuda_graphs(args))
 
 
 def _plan(args: argparse.Namespace):
@@ -143,6 +143,14 @@ def _kv_quant(args: argparse.Namespace) -> str | None:
         raise ConfigError(f"--kv-quant {args.kv_quant}, but the plan in {args.plan} was made for an {planned} KV "
                           "cache: leave --kv-quant out to follow it")
     return args.kv_quant or planned
+
+
+def _cuda_graphs(args: argparse.Namespace) -> bool | str:
+    """--cuda-graphs / --no-cuda-graphs, or where both are left out and --plan is a file of `tiermem plan --json`,
+    whether that plan was made for graph replays (its predicted step is for the one kind of step); else "auto"."""
+    if args.cuda_graphs != "auto" or args.plan in ("auto", "greedy"):
+        return args.cuda_graphs
+    return json.loads(Path(args.plan).read_text()).get("cuda_graphs", "auto")
 
 
 def _synthetic_source(args: argparse.Namespace):

@@ -152,8 +152,8 @@ class Workload:
     (tiermem.disk_kv_probe.disk_kv_step_seconds; 0: the KV bytes at the disk's read rate). gpu_step_s: micro-batch
     count -> GPU seconds of a decode step's kernels (tiermem.gpu_probe; empty: not counted). cuda_graphs: decode
     steps are CUDA graph replays, which follow the host's part of the step (host_step_s is that part then).
-    dense_per_stored: bytes
-    of a quantized weight dequantized to the compute dtype per byte as stored (0: the weights are stored dense).
+    dense_per_stored: bytes of a quantized weight dequantized to the compute dtype per byte as stored (0: the
+    weights are stored dense).
     """
 
     block_bytes: Mapping[str, int]

@@ -13,6 +13,10 @@ class UnsupportedArchitectureError(ConfigError):
     """The checkpoint's architecture is not one tiermem implements."""
 
 
+class NotResidentError(ConfigError):
+    """CUDA graphs were asked for where the placement streams blocks (they replay kernels, not copies)."""
+
+
 class WeightsError(TiermemError):
     """Weights are missing, unexpected, or of the wrong shape or dtype."""
 

@@ -13,14 +13,14 @@ its depth times a layer.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
+import warnings
 
 import torch
 
 from tiermem.engine.config import model_config_from_hf
-from tiermem.errors import BudgetError, ConfigError
+from tiermem.errors import BudgetError, NotResidentError
 from tiermem.kernels.quant import QuantScheme
 
 PROBE_DEPTHS = (1, 2)
@@ -51,27 +51,26 @@ def _replay_seconds(model, rows: int, context: int) -> float:
     return times[len(times) // 2]
 
 
-@functools.lru_cache(maxsize=64)
-def _layer_and_rest(config_json: str, quant_name: str | None, quant_group: int, dtype_name: str,
-                    kv_quant: str | None, kv_group_size: int | None, rows: tuple[int, ...], context: int,
-                    device: str, gpu_memory: int | None) -> dict[int, tuple[float, float]]:
-    """rows -> (GPU seconds of one layer, of everything else in a step) at `rows` rows and `context` tokens."""
+def _layer_and_rest(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: str | None,
+                    kv_group_size: int | None, rows: tuple[int, ...], context: int, device: str,
+                    budgets: tuple[int | None, int | None]) -> dict[int, tuple[float, float]]:
+    """rows -> (GPU seconds of one layer, of everything else in a step) at `rows` rows and `context` tokens, the
+    copies loaded within budgets (gpu_memory, cpu_memory)."""
     from tiermem.api import load_from_reader
     from tiermem.engine.static_decode import DEFAULT_BUCKET
     from tiermem.synthetic import SyntheticStore
 
-    hf_config = json.loads(config_json)
-    quant = QuantScheme.from_name(quant_name, quant_group) if quant_name else None
-    dtype = getattr(torch, dtype_name)
     seconds: dict[int, list[float]] = {r: [] for r in rows}
     for depth in PROBE_DEPTHS:
         store = SyntheticStore(dict(hf_config, num_hidden_layers=depth), quant, dtype, device)
-        with load_from_reader(store, device, gpu_memory, None, dtype=dtype, max_batch_size=max(rows),
-                              max_seq_len=context + DEFAULT_BUCKET, kv_quant=kv_quant, kv_group_size=kv_group_size,
-                              plan=None, cuda_graphs=True) as model:
-            for r in rows:
-                seconds[r].append(_replay_seconds(model, r, context))
-        torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
+        try:
+            with load_from_reader(store, device, *budgets, dtype=dtype, max_batch_size=max(rows),
+                                  max_seq_len=context + DEFAULT_BUCKET, kv_quant=kv_quant, kv_group_size=kv_group_size,
+                                  plan=None, cuda_graphs=True) as model:
+                for r in rows:
+                    seconds[r].append(_replay_seconds(model, r, context))
+        finally:
+            torch.cuda.empty_cache()  # a load that sizes its budget by the free memory sees none of this
     layer_and_rest = {}
     for r, (one, two) in seconds.items():
         layer = max(two - one, 0.0)
@@ -79,28 +78,37 @@ def _layer_and_rest(config_json: str, quant_name: str | None, quant_group: int, 
     return layer_and_rest
 
 
+_MEASURED: dict[tuple, dict[int, tuple[float, float]]] = {}  # what the process measured, by all but the budgets
+
+
 def gpu_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: QuantScheme | None,
-                     batch: int, context: float, device: str = "cuda", gpu_memory: int | None = None
-                     ) -> dict[int, float]:
+                     batch: int, context: float, device: str = "cuda", gpu_memory: int | None = None,
+                     cpu_memory: int | None = None) -> dict[int, float]:
     """Micro-batch count m -> GPU seconds of the kernels of a decode step of `batch` rows split into m, at `context`
     cached tokens (cost_model.Workload.gpu_step_s), for every divisor m of batch: m steps of batch / m rows, each
     the measured rest plus the model's depth times a measured layer. Two loads of a one- and a two-layer copy of
-    the model (a second or two for a 100B shape), remembered for the process. The copies are loaded within
-    gpu_memory (None: the free GPU memory); {} without CUDA, or where they do not fit there in HBM (the cost model's
-    byte counts stand in)."""
+    the model (a second or two for a 100B shape), remembered for the process. The copies are placed within
+    gpu_memory and cpu_memory (None: no limit but the free memory); their blocks are generated on the GPU one at a
+    time first (a block's transient memory, up to a few GB for a 100B shape, before anything of the model is
+    loaded). {} without CUDA; {} with a warning where the copies do not fit the budgets in HBM (the cost model's
+    byte counts stand in then: optimistic for a step that the kernels bound)."""
     from tiermem.cost_model import divisors
 
     if not torch.cuda.is_available() or not str(device).startswith("cuda"):
         return {}
-    num_layers = model_config_from_hf(hf_config).num_layers
     ms = divisors(batch)
     kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
-    try:
-        measured = _layer_and_rest(json.dumps(hf_config, sort_keys=True), quant.name if quant else None,
-                                   quant.group_size if quant else 128, str(dtype).removeprefix("torch."), *kv,
-                                   tuple(sorted({batch // m for m in ms})), max(1, round(context)), str(device),
-                                   gpu_memory)
-    except (torch.cuda.OutOfMemoryError, BudgetError, ConfigError):  # no room for the copy, all of it in HBM
-        torch.cuda.empty_cache()
-        return {}
+    rows = tuple(sorted({batch // m for m in ms}))
+    key = (json.dumps(hf_config, sort_keys=True), quant, str(dtype), *kv, rows, max(1, round(context)), str(device))
+    if key not in _MEASURED:
+        try:
+            _MEASURED[key] = _layer_and_rest(hf_config, quant, dtype, *kv, rows, max(1, round(context)), str(device),
+                                             (gpu_memory, cpu_memory))
+        except (torch.cuda.OutOfMemoryError, BudgetError, NotResidentError) as exc:
+            warnings.warn(f"tiermem: the kernels' time of a decode step is not measured: a one- and a two-layer "
+                          f"copy of the model do not fit the budgets in HBM ({exc}); the plan counts bytes at "
+                          "HBM's copy rate instead", stacklevel=2)
+            return {}
+    measured = _MEASURED[key]
+    num_layers = model_config_from_hf(hf_config).num_layers
     return {m: m * (num_layers * measured[batch // m][0] + measured[batch // m][1]) for m in ms}

@@ -222,7 +222,7 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
                                     host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
                                                                   batch, device, cuda_graphs))
     kernels = gpu_step_seconds(reader.model_config, reader.quant, dtype, kv_quant, batch, workload.mean_context,
-                               device, budgets[0] if budgets is not None else None)
+                               device, *(budgets or (None, None)))
     workload = replace(workload, gpu_step_s=kernels, cuda_graphs=cuda_graphs)
     if cpu_attention is not False and kv in (None, "cpu"):
         workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from tiermem.config import PrefetchConfig, format_size
 from tiermem.cost_model import kv_memory
 from tiermem.disk_tier import DiskStager
 from tiermem.engine.config import ModelConfig
-from tiermem.errors import BudgetError, ConfigError
+from tiermem.errors import BudgetError, ConfigError, TiermemError
 from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
 from tiermem.kernels.kv_quant import kv_bytes_per_vector
 from tiermem.kernels.quant import QuantScheme
@@ -167,20 +168,28 @@ def build_gpu_source(
         raise ConfigError("kv_quant='auto' lets the planner choose the KV cache's precision: it needs plan='auto' "
                           "and no resident_weights; pass kv_quant None, 'int8' or 'int4' with a fixed placement")
     if plan == "auto" and resident_cap is None:  # load() checked that plan is "auto", a Plan or None
+        schemes = kv_quant  # a tuple: the planner chooses among them, for each kind of step
+
         def plan_for(graphs: bool) -> tuple[Plan, QuantScheme | None]:
             fixed = ("gpu", 1, False) if graphs else (kv_placement, micro_batches, cpu_attention)
-            if isinstance(kv_quant, tuple):
-                return auto_plan_kv_quant(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant,
+            if isinstance(schemes, tuple):
+                return auto_plan_kv_quant(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, schemes,
                                           fixed[0], fixed[1], lookahead, fixed[2], offload_dir=offload_dir,
                                           device=str(device), cuda_graphs=graphs)
-            return auto_plan(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, kv_quant, fixed[0],
+            return auto_plan(reader, cfg, dtype, budget, cpu_memory, max_batch, max_seq, schemes, fixed[0],
                              fixed[1], lookahead, fixed[2], offload_dir=offload_dir, device=str(device),
-                             cuda_graphs=graphs), kv_quant
+                             cuda_graphs=graphs), schemes
 
         plan, kv_quant = plan_for(cuda_graphs is True)
         if cuda_graphs == "auto" and graphable(plan):  # the same budgets with steps as graph replays
-            graph_plan, graph_kv = plan_for(True)
-            cuda_graphs = graphable(graph_plan) and graph_plan.predicted_step_s <= plan.predicted_step_s
+            try:
+                graph_plan, graph_kv = plan_for(True)
+            except (TiermemError, RuntimeError) as exc:  # a probe of graph replays failed: steps as they are
+                warnings.warn(f"tiermem: decode steps run without CUDA graphs: planning for them failed ({exc})",
+                              stacklevel=2)
+                graph_plan = None
+            cuda_graphs = (graph_plan is not None and graphable(graph_plan)
+                           and graph_plan.predicted_step_s <= plan.predicted_step_s)
             if cuda_graphs:
                 plan, kv_quant = graph_plan, graph_kv
     elif plan == "auto":
