@@ -164,3 +164,18 @@ def test_bench_records_each_decode_steps_host_issue_time_and_the_cpu_steal(tmp_p
         assert run["decode_cpu_steal_of_busy"] is None or 0 <= run["decode_cpu_steal_of_busy"] <= 1
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert bench.cpu_steal_ticks() is None
+
+
+def test_the_hbm_roofline_counts_a_kv_cache_in_hbm():
+    """A step over a KV cache in HBM reads every filled slot of it as well as the weights: both bound the step at
+    HBM's rate (llama3-8b int4 at batch 16 x 2048: 4.0 GB of weights, 4.3 GB of bf16 KV)."""
+    from tiermem.bench import roofline
+
+    info = {"gpu_weight_bytes": 4.0e9, "streamed_bytes_per_step": 0}
+    ceilings = {"h2d_pinned_Bps": 55e9, "hbm_Bps": 4.0e12}
+    weights_only = roofline(info, ceilings, 0.01)
+    with_kv = roofline(info, ceilings, 0.01, kv_hbm_bytes=4.3e9)
+    assert weights_only["roofline_link"] == with_kv["roofline_link"] == "hbm"
+    assert weights_only["roofline_step_s"] == pytest.approx(1e-3)
+    assert with_kv["roofline_step_s"] == pytest.approx(2.075e-3) and with_kv["fraction_of_roofline"] == \
+        pytest.approx(0.2075)

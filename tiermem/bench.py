@@ -3,7 +3,8 @@
 Measures, in one run: the link ceilings (pinned host -> HBM, HBM copy), then for each batch size
 the prefill and decode step times of the model, then (after the timed runs, which they could perturb) the
 disk's read ceilings where blocks or the KV cache are on disk, and reports tok/s and achieved / roofline, where
-roofline step time = max(bytes streamed per step / pinned H2D bandwidth, weight bytes / HBM bandwidth).
+roofline step time = max(bytes streamed per step / pinned H2D bandwidth, (weight bytes + the KV cache's bytes where
+it is in HBM) / HBM bandwidth, disk bytes / the disk's read rate).
 Results go to JSON; a PNG plot of tok/s against batch size with the roofline is drawn when asked.
 """
 
@@ -279,7 +280,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             offloaded = model._offloads_kv() and not model.cpu_attention  # attention on the GPU reads KV over PCIe
             kv_read = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if offloaded else 0
             kv_disk = kv_read + kv_per_token * batch if model.kv_placement == "disk" else 0  # + new slots written
-            run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk))
+            in_hbm = model.kv_placement == "gpu"
+            kv_hbm = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if in_hbm else 0
+            run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk, kv_hbm))
             if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
                 run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]
             run.update(same_run_prediction(model, ceilings, workloads[batch], batch))
@@ -357,24 +360,28 @@ def probed_hardware(store_dir) -> dict | None:
     return {**asdict(hw), "measured_at": measured_at}
 
 
-def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0, kv_disk_bytes: float = 0) -> dict:
+def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0, kv_disk_bytes: float = 0,
+             kv_hbm_bytes: float = 0) -> dict:
     """Roofline step time of the placement and the achieved fraction of it.
 
     kv_read_bytes: KV bytes a decode step reads over PCIe (KV in host memory or on disk, attention on the GPU);
-    kv_disk_bytes: KV bytes it reads from and writes to disk (KV on disk; counted where a disk rate was measured).
+    kv_disk_bytes: KV bytes it reads from and writes to disk (KV on disk; counted where a disk rate was measured);
+    kv_hbm_bytes: KV bytes it reads from HBM where the cache lives there (every filled slot, every step).
     """
     if not ceilings:
         return {}
     streamed = info.get("streamed_bytes_per_step", 0)
     weights = streamed + info.get("gpu_weight_bytes", 0)
-    links = {"pcie": (streamed + kv_read_bytes) / ceilings["h2d_pinned_Bps"], "hbm": weights / ceilings["hbm_Bps"]}
+    links = {"pcie": (streamed + kv_read_bytes) / ceilings["h2d_pinned_Bps"],
+             "hbm": (weights + kv_hbm_bytes) / ceilings["hbm_Bps"]}
     disk = info.get("disk_bytes_per_step", 0) + kv_disk_bytes
     if disk and not math.isnan(best_disk_read(ceilings)):
         links["disk"] = disk / best_disk_read(ceilings)
     link = max(links, key=links.__getitem__)
     return {"roofline_step_s": links[link], "roofline_link": link, "link_seconds": links,
             "fraction_of_roofline": links[link] / step_s, "streamed_bytes_per_step": streamed,
-            "kv_read_bytes_per_step": kv_read_bytes, "kv_disk_bytes_per_step": kv_disk_bytes}
+            "kv_read_bytes_per_step": kv_read_bytes, "kv_disk_bytes_per_step": kv_disk_bytes,
+            "kv_hbm_bytes_per_step": kv_hbm_bytes}
 
 
 def format_table(result: dict) -> str:
