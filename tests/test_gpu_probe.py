@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiermem import gpu_probe
-from tiermem.cost_model import Hardware, Workload, bound_of, step_cost
+from tiermem.cost_model import Hardware, Workload, bound_of, kernels_may_bound, step_cost
 from tiermem.errors import BudgetError, ConfigError, NotResidentError
 from tiermem.kernels.quant import QuantScheme
 from tiermem.presets import preset
@@ -115,3 +115,43 @@ def test_gpu_the_one_and_two_layer_copies_predict_a_deeper_model(kv_quant):
                           kv_quant=kv_quant, kv_group_size=kv and 64, plan=None, cuda_graphs=True) as model:
         measured = gpu_probe._replay_seconds(model, 8, 700)
     assert predicted[1] == pytest.approx(measured, rel=0.15)
+
+
+def test_kernels_may_bound_only_steps_within_a_few_times_the_bytes_at_hbms_rate():
+    assert kernels_may_bound({"step": 0.02, "hbm": 0.003, "compute": 0.0004})  # resident, host-bound: 7x
+    assert not kernels_may_bound({"step": 6.5, "hbm": 0.014, "compute": 0.002})  # 111B read from disk
+    assert kernels_may_bound({"step": 0.01, "hbm": 0.0001, "compute": 0.002})  # compute-heavy
+
+
+@pytest.mark.parametrize("shape,gpu,batch,max_seq,probed", [("llama3-8b", 40, 16, 2176, True),
+                                                             ("llama-111b", 24, 64, 544, False)])
+def test_the_planner_times_the_kernels_only_where_they_could_set_the_step(monkeypatch, shape, gpu, batch, max_seq,
+                                                                          probed):
+    """auto_plan plans without the kernels' time first; a plan within KERNELS_OVER_HBM of its HBM term (llama3-8b
+    int4 resident at batch 16 x 2176, host-bound at 20 ms) is planned again with it, one bound by the disk (111B
+    int4 in 24 GiB of GPU and 32 of RAM, batch 64 x 544) is not (its probe would load two 111B layers for
+    nothing). The host probe and the kernel probe faked."""
+    from tiermem import host_probe
+    from tiermem.engine.config import model_config_from_hf
+    from tiermem.placement import auto_plan
+    from tiermem.synthetic import SyntheticStore
+
+    probes = []
+    monkeypatch.setattr("tiermem.probe.cached_hardware", lambda **kw: replace(HW, disk_read_Bps=1.6e9))
+    monkeypatch.setattr(host_probe, "host_step_seconds", lambda *a: {m: 20e-3 * m for m in range(1, batch + 1)})
+    monkeypatch.setattr(host_probe, "cpu_attention_step_seconds", lambda *a: {})
+
+    def kernels(hf_config, quant, dtype, kv_quant, rows, context, device, gpu_memory, cpu_memory):
+        probes.append((rows, round(context)))
+        return {m: 0.1 * m for m in range(1, rows + 1)}  # slower than anything else: the plan must show it
+
+    monkeypatch.setattr(gpu_probe, "gpu_step_seconds", kernels)
+    reader = SyntheticStore(preset(shape), QuantScheme.from_name("int4", 128), torch.bfloat16)
+    cfg = model_config_from_hf(reader.model_config)
+    chosen = auto_plan(reader, cfg, torch.bfloat16, gpu << 30, 32 << 30, batch, max_seq, None, None, None, None,
+                       cpu_attention=False)
+    assert bool(probes) == probed
+    assert (chosen.breakdown["kernels"] > 0) == probed
+    if probed:
+        gen = max_seq // 16  # auto_plan's: the prompt is the rest, the mean context half-way through the generation
+        assert probes == [(batch, max_seq - gen + gen // 2)] and chosen.predicted_step_s >= 0.1

@@ -456,15 +456,21 @@ def test_cli_plan_plans_graph_replays_as_load_does(tmp_path, capsys, monkeypatch
 
     asked = []
 
-    def timed(reader, cfg, batch, prompt_len, gen_len, dtype, kv_quant, *, cuda_graphs=False, **kw):
+    def timed(reader, cfg, batch, prompt_len, gen_len, dtype, kv_quant, *, cuda_graphs=False, kernels=True, **kw):
         asked.append(cuda_graphs)
+        assert not kernels  # taken apart, where the plan without them leaves room for them to set the step
         w = Workload.from_config(cfg, {b: reader.block_nbytes(b) for b in reader.block_names}, batch, prompt_len,
                                  gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant)
         return replace(w, host_step_s={m: (5e-4 if cuda_graphs else 30e-3) * m for m in divisors(batch)},
-                       gpu_step_s={m: 9e-3 * m for m in divisors(batch)}, cuda_graphs=cuda_graphs)
+                       cuda_graphs=cuda_graphs)
+
+    def kernel_timed(workload, *args):
+        asked.append("kernels")
+        return replace(workload, gpu_step_s={m: 9e-3 * m for m in divisors(workload.batch)})
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(host_probe, "timed_workload", timed)
+    monkeypatch.setattr(host_probe, "with_kernel_time", kernel_timed)
     hw = tmp_path / "hw.json"
     hw.write_text(H200.to_json())
     out_json = tmp_path / "plan.json"
@@ -472,7 +478,8 @@ def test_cli_plan_plans_graph_replays_as_load_does(tmp_path, capsys, monkeypatch
             "--prompt-len", "2048", "--gen-len", "16", "--hardware", str(hw), "--json", str(out_json)]
     assert main([*args, "--gpu-memory", "40GiB", "--cpu-memory", "8GiB"]) == 0
     out = capsys.readouterr().out
-    assert asked == [False, True] and "decode steps as CUDA graph replays" in out
+    # eager steps: 30 ms of host time, more than 8x the bytes at HBM's rate: the kernels cannot set the step
+    assert asked == [False, True, "kernels"] and "decode steps as CUDA graph replays" in out
     saved = json.loads(out_json.read_text())
     assert saved["cuda_graphs"] and saved["plan"]["predicted_step_s"] == pytest.approx(9.5e-3)
     asked.clear()

@@ -312,12 +312,14 @@ def after_run_ceilings(model, info: dict) -> dict:
 
 def same_run_workload(model, batch: int, prompt_len: int, gen_len: int):
     """The cost model's Workload of this run at `batch`, its host time, CPU attention and disk KV tier timed now
-    (host_probe.timed_workload), after the timed runs."""
+    (host_probe.timed_workload), after the timed runs; its kernels' time where the followed plan took it at load."""
     from tiermem.host_probe import timed_workload
 
+    plan = getattr(model.source, "followed_plan", None)
     return timed_workload(model.reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
                           kv=model.kv_placement, cpu_attention=model.cpu_attention, device=str(model.device),
-                          offload_dir=model.offload_dir, cuda_graphs=model.cuda_graphs)
+                          offload_dir=model.offload_dir, cuda_graphs=model.cuda_graphs,
+                          kernels=bool(plan is not None and plan.breakdown.get("kernels")))
 
 
 def same_run_prediction(model, ceilings: dict, workload, batch: int) -> dict:

@@ -70,9 +70,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import torch
 
     from tiermem.config import parse_size
+    from tiermem.cost_model import kernels_may_bound
     from tiermem.engine.config import model_config_from_hf
     from tiermem.errors import BudgetError, ConfigError
-    from tiermem.host_probe import timed_workload
+    from tiermem.host_probe import timed_workload, with_kernel_time
     from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
     from tiermem.placement import graphable
     from tiermem.planner import Hardware, choose_kv_quant, cpu_attention_choice, each_that_fits, plan
@@ -104,7 +105,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         kv, micro_batches = ("gpu", 1) if graphs else (args.kv, args.micro_batches)
         workload = timed_workload(reader, cfg, args.batch, args.prompt_len, args.gen_len, dtype, kv_quant, kv=kv,
                                   cpu_attention=cpu_attention, offload_dir=None if graphs else args.offload_dir,
-                                  budgets=(gpu_memory, cpu_memory), cuda_graphs=graphs)
+                                  budgets=(gpu_memory, cpu_memory), cuda_graphs=graphs, kernels=False)
 
         def planned(hw: Hardware):
             return plan(workload, hw, gpu_memory, cpu_memory, kv=kv, cpu_cache_compute=cpu_attention,
@@ -115,10 +116,15 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
             check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
         if args.hardware:
-            return planned(hardware), hardware, source, workload
-        chosen, fresh = plan_with_fresh_disk_rate(planned, hardware, args.store)
-        note = "; the disk's on the store measured again: the plan reads from it every step"
-        return chosen, fresh, source + (note if fresh is not hardware else ""), workload
+            chosen, used, note = planned(hardware), hardware, ""
+        else:
+            chosen, used = plan_with_fresh_disk_rate(planned, hardware, args.store)
+            note = "; the disk's on the store measured again: the plan reads from it every step"
+            note = note if used is not hardware else ""
+        if kernels_may_bound(chosen.breakdown):  # as load does: the kernels' time where it could set the step
+            workload = with_kernel_time(workload, reader, dtype, kv_quant, "cuda", (gpu_memory, cpu_memory))
+            chosen = planned(used)
+        return chosen, used, source + note, workload
 
     schemes = auto_kv_schemes(cfg.head_dim) if args.kv_quant == "auto" else (kv_scheme(args.kv_quant, cfg.head_dim),)
 

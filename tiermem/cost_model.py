@@ -294,6 +294,16 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     return c
 
 
+KERNELS_OVER_HBM = 8.0  # the kernels of a step measured up to this many times its bytes at HBM's copy rate
+
+
+def kernels_may_bound(cost: Mapping[str, float]) -> bool:
+    """Whether the measured kernel time could be the slowest stage of a step whose cost was taken without it: the
+    kernels took 3-5x the hbm term on an H200 (llama3-8b int4 at batch 16 x 2048, session 10) and less than
+    KERNELS_OVER_HBM times it or the compute term; a step predicted slower than that is set by another stage."""
+    return cost["step"] < KERNELS_OVER_HBM * max(cost["hbm"], cost["compute"])
+
+
 def bound_of(cost: Mapping[str, float]) -> str:
     """Name of the largest term of the step time: disk, pcie, hbm, compute, kernels, host or cpu_attention."""
     return max(("disk", "pcie", "hbm", "compute", "kernels", "host", "cpu_attention"), key=cost.__getitem__)

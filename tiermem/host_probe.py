@@ -193,11 +193,11 @@ def cpu_attention_step_seconds(hf_config: dict, dtype: torch.dtype, kv_quant: Qu
 def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype: torch.dtype | None,
                    kv_quant: QuantScheme | None, *, kv: str | None = None, cpu_attention: bool | None = None,
                    device: str = "cuda", offload_dir=None, budgets: tuple[int, int] | None = None,
-                   cuda_graphs: bool = False):
+                   cuda_graphs: bool = False, kernels: bool = True):
     """cost_model.Workload of the store behind `reader` (its block sizes, model config cfg) for decode steps of
     `batch` rows, with what this machine takes, measured on `device` (nothing without CUDA), for what the plan may
-    do: the host time of a step (host_step_seconds; as CUDA graph replays with cuda_graphs) and the GPU time of its
-    kernels (tiermem.gpu_probe); where attention may run on the host, that attention
+    do: the host time of a step (host_step_seconds; as CUDA graph replays with cuda_graphs) and, with kernels, the
+    GPU time of its kernels (with_kernel_time); where attention may run on the host, that attention
     (cpu_attention_step_seconds); where the KV cache may live in a file in offload_dir, that tier's I/O
     (tiermem.disk_kv_probe).
 
@@ -213,7 +213,6 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
     from tiermem.disk_kv_probe import disk_kv_step_seconds
     from tiermem.engine.config import gpu_compute_dtype
     from tiermem.errors import BudgetError
-    from tiermem.gpu_probe import gpu_step_seconds
     from tiermem.scratch_file import check_offload_dir
 
     dtype = gpu_compute_dtype(cfg, dtype)
@@ -221,9 +220,9 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
                                     gen_len, dtype, quantized=reader.quant is not None, kv_quant=kv_quant,
                                     host_step_s=host_step_seconds(reader.model_config, reader.quant, dtype, kv_quant,
                                                                   batch, device, cuda_graphs))
-    kernels = gpu_step_seconds(reader.model_config, reader.quant, dtype, kv_quant, batch, workload.mean_context,
-                               device, *(budgets or (None, None)))
-    workload = replace(workload, gpu_step_s=kernels, cuda_graphs=cuda_graphs)
+    workload = replace(workload, cuda_graphs=cuda_graphs)
+    if kernels:
+        workload = with_kernel_time(workload, reader, dtype, kv_quant, device, budgets)
     if cpu_attention is not False and kv in (None, "cpu"):
         workload = replace(workload, cpu_attention_s=cpu_attention_step_seconds(
             reader.model_config, dtype, kv_quant, batch, workload.mean_context, device))
@@ -238,3 +237,19 @@ def timed_workload(reader, cfg, batch: int, prompt_len: int, gen_len: int, dtype
         return workload
     return replace(workload, disk_kv_s=disk_kv_step_seconds(reader.model_config, dtype, kv_quant, batch,
                                                             workload.mean_context, offload_dir, device))
+
+
+def with_kernel_time(workload, reader, dtype: torch.dtype, kv_quant: QuantScheme | None, device: str = "cuda",
+                     budgets: tuple[int, int] | None = None):
+    """`workload` with the GPU time of its decode step's kernels (tiermem.gpu_probe, at the store's width, its
+    rows per micro-batch and mean context, the probe's copies within budgets): a second or two for a 100B shape,
+    so the planners take it only where cost_model.kernels_may_bound says the kernels could set the step."""
+    from dataclasses import replace
+
+    from tiermem.engine.config import gpu_compute_dtype
+    from tiermem.gpu_probe import gpu_step_seconds
+
+    cfg = model_config_from_hf(reader.model_config)
+    kernels = gpu_step_seconds(reader.model_config, reader.quant, gpu_compute_dtype(cfg, dtype), kv_quant,
+                               workload.batch, workload.mean_context, device, *(budgets or (None, None)))
+    return replace(workload, gpu_step_s=kernels)

@@ -293,16 +293,18 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
               micro_batches: int | None, lookahead: int | None, cpu_attention: bool | None = None,
               offload_dir: str | os.PathLike | None = None, device: str = "cuda", cuda_graphs: bool = False) -> Plan:
     """The planner's placement for a load: this machine's cached (or freshly probed) hardware figures, the
-    GPU time of a decode step's kernels (tiermem.gpu_probe) and the host time of a step (tiermem.host_probe, as
-    CUDA graph replays with cuda_graphs; measured on `device` for every micro-batch split; where the
-    planner may choose CPU attention, that attention timed at the step's rows and context too; where it may put the
-    KV cache on disk, that tier's I/O timed in offload_dir; where the plan reads weights from the store every step,
-    the store's read rate measured within the last minute: probe.plan_with_fresh_disk_rate), decode steps of
-    max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
+    GPU time of a decode step's kernels (tiermem.gpu_probe, where they could set the step:
+    cost_model.kernels_may_bound; the planner then plans again with it) and the host time of a step
+    (tiermem.host_probe, as CUDA graph replays with cuda_graphs; measured on `device` for every micro-batch split;
+    where the planner may choose CPU attention, that attention timed at the step's rows and context too; where it
+    may put the KV cache on disk, that tier's I/O timed in offload_dir; where the plan reads weights from the store
+    every step, the store's read rate measured within the last minute: probe.plan_with_fresh_disk_rate), decode
+    steps of max_batch sequences up to max_seq tokens (the KV reservation), the given choices fixed.
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
     cache goes on disk only with an offload_dir (for its file)."""
-    from tiermem.host_probe import timed_workload
+    from tiermem.cost_model import kernels_may_bound
+    from tiermem.host_probe import timed_workload, with_kernel_time
     from tiermem.planner import cpu_attention_choice
     from tiermem.planner import plan as make_plan
     from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate
@@ -314,13 +316,18 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     cpu_budget = cpu_memory if cpu_memory is not None else available_host_bytes()
     workload = timed_workload(reader, cfg, max_batch, max_seq - gen_len, gen_len, dtype, kv_quant, kv=kv_placement,
                               cpu_attention=attention, device=device, offload_dir=offload_dir,
-                              budgets=(gpu_budget, cpu_budget), cuda_graphs=cuda_graphs)
+                              budgets=(gpu_budget, cpu_budget), cuda_graphs=cuda_graphs, kernels=False)
+
     def planned(hw: Hardware) -> Plan:
         return make_plan(workload, hw, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                          cpu_cache_compute=attention, micro_batches=micro_batches, lookahead=lookahead,
                          disk_kv=offload_dir is not None)
 
-    return plan_with_fresh_disk_rate(planned, hardware, store_dir)[0]
+    chosen, used = plan_with_fresh_disk_rate(planned, hardware, store_dir)
+    if not kernels_may_bound(chosen.breakdown):
+        return chosen
+    workload = with_kernel_time(workload, reader, dtype, kv_quant, device, (gpu_budget, cpu_budget))
+    return planned(used)
 
 
 def auto_plan_kv_quant(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int,
