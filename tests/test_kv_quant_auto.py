@@ -148,8 +148,9 @@ def test_bench_follows_the_kind_of_step_a_plan_file_was_made_for(tmp_path):
         plan.write_text(json.dumps({"plan": {}, "kv_quant": None, "cuda_graphs": recorded}))
         assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) is recorded
         assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs=not recorded)) is (not recorded)
-    plan.write_text(json.dumps({"plan": {}, "kv_quant": None}))
-    assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) == "auto"
+    for unrecorded in ({"plan": {}, "kv_quant": None}, {"plan": {}, "kv_quant": None, "cuda_graphs": None}):
+        plan.write_text(json.dumps(unrecorded))  # an older file, or one made where no GPU could time graphs
+        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) == "auto"
     assert _cuda_graphs(Namespace(plan="auto", cuda_graphs="auto")) == "auto"
 
 

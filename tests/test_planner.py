@@ -491,3 +491,28 @@ def test_cli_plan_plans_graph_replays_as_load_does(tmp_path, capsys, monkeypatch
     assert asked == [False] and not json.loads(out_json.read_text())["cuda_graphs"]
     assert main([*args, "--gpu-memory", "40GiB", "--cpu-memory", "8GiB", "--cuda-graphs", "--kv", "cpu"]) == 2
     assert "--cuda-graphs plans whole-batch decode steps" in capsys.readouterr().err
+    assert main([*args, "--gpu-memory", "10GiB", "--cpu-memory", "8GiB", "--cuda-graphs"]) == 2  # load refuses too
+    assert "--cuda-graphs needs every block and the KV cache in HBM" in capsys.readouterr().err
+
+    def graphs_fail(*a, cuda_graphs=False, **kw):
+        if cuda_graphs:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return timed(*a, cuda_graphs=cuda_graphs, **kw)
+
+    monkeypatch.setattr(host_probe, "timed_workload", graphs_fail)
+    with pytest.warns(UserWarning, match="planned without CUDA graphs: planning for them failed"):
+        assert main([*args, "--gpu-memory", "40GiB", "--cpu-memory", "8GiB"]) == 0
+    assert json.loads(out_json.read_text())["cuda_graphs"] is False
+
+
+def test_cli_plan_without_cuda_leaves_graph_replays_to_load(tmp_path, capsys, monkeypatch):
+    """With no GPU to time them, tiermem plan does not consider graph replays and its JSON says so (null), so that
+    bench --plan FILE leaves them to load's "auto" on the GPU machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    hw = tmp_path / "hw.json"
+    hw.write_text(H200.to_json())
+    out_json = tmp_path / "plan.json"
+    assert main(["plan", "--synthetic", "llama3-8b", "--quant", "int4", "--group-size", "128", "--gpu-memory", "40GiB",
+                 "--cpu-memory", "8GiB", "--hardware", str(hw), "--json", str(out_json)]) == 0
+    assert "graph replays" not in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["cuda_graphs"] is None

@@ -151,7 +151,8 @@ def _cuda_graphs(args: argparse.Namespace) -> bool | str:
     whether that plan was made for graph replays (its predicted step is for the one kind of step); else "auto"."""
     if args.cuda_graphs != "auto" or args.plan in ("auto", "greedy"):
         return args.cuda_graphs
-    return json.loads(Path(args.plan).read_text()).get("cuda_graphs", "auto")
+    planned = json.loads(Path(args.plan).read_text()).get("cuda_graphs")  # None: not considered where it was made
+    return "auto" if planned is None else planned
 
 
 def _synthetic_source(args: argparse.Namespace):
@@ -312,14 +313,19 @@ def after_run_ceilings(model, info: dict) -> dict:
 
 def same_run_workload(model, batch: int, prompt_len: int, gen_len: int):
     """The cost model's Workload of this run at `batch`, its host time, CPU attention and disk KV tier timed now
-    (host_probe.timed_workload), after the timed runs; its kernels' time where the followed plan took it at load."""
+    (host_probe.timed_workload), after the timed runs; its kernels' time where they could set the followed plan's
+    step (the plan's figures say so: they have a kernel term, or none was made where no GPU was, or a breakdown
+    within cost_model.kernels_may_bound; a replayed step always)."""
+    from tiermem.cost_model import kernels_may_bound
     from tiermem.host_probe import timed_workload
 
     plan = getattr(model.source, "followed_plan", None)
+    figures = plan.breakdown if plan is not None else {}
+    kernels = plan is not None and (model.cuda_graphs or not figures or bool(figures.get("kernels"))
+                                    or kernels_may_bound(figures))
     return timed_workload(model.reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
                           kv=model.kv_placement, cpu_attention=model.cpu_attention, device=str(model.device),
-                          offload_dir=model.offload_dir, cuda_graphs=model.cuda_graphs,
-                          kernels=bool(plan is not None and plan.breakdown.get("kernels")))
+                          offload_dir=model.offload_dir, cuda_graphs=model.cuda_graphs, kernels=kernels)
 
 
 def same_run_prediction(model, ceilings: dict, workload, batch: int) -> dict:

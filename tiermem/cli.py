@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 from tiermem.errors import TiermemError
 
@@ -72,7 +73,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from tiermem.config import parse_size
     from tiermem.cost_model import kernels_may_bound
     from tiermem.engine.config import model_config_from_hf
-    from tiermem.errors import BudgetError, ConfigError
+    from tiermem.errors import BudgetError, ConfigError, NotResidentError
     from tiermem.host_probe import timed_workload, with_kernel_time
     from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
     from tiermem.placement import graphable
@@ -121,9 +122,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
             chosen, used = plan_with_fresh_disk_rate(planned, hardware, args.store)
             note = "; the disk's on the store measured again: the plan reads from it every step"
             note = note if used is not hardware else ""
-        if kernels_may_bound(chosen.breakdown):  # as load does: the kernels' time where it could set the step
+        if graphs or kernels_may_bound(chosen.breakdown):  # as load does: where the kernels could set the step
             workload = with_kernel_time(workload, reader, dtype, kv_quant, "cuda", (gpu_memory, cpu_memory))
-            chosen = planned(used)
+            chosen, used = (planned(used), used) if args.hardware else plan_with_fresh_disk_rate(planned, used,
+                                                                                                  args.store)
         return chosen, used, source + note, workload
 
     schemes = auto_kv_schemes(cfg.head_dim) if args.kv_quant == "auto" else (kv_scheme(args.kv_quant, cfg.head_dim),)
@@ -139,15 +141,24 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if args.cuda_graphs is True:
         _check_plan_graph_options(args)
         kv_quant, (chosen, hardware, source, workload), options = best(True)
+        if not graphable(chosen):
+            raise NotResidentError(f"--cuda-graphs needs every block and the KV cache in HBM; this plan streams "
+                                   f"{len(chosen.host_blocks) + len(chosen.disk_blocks)} blocks within gpu_memory "
+                                   f"{args.gpu_memory}: raise it, or leave --cuda-graphs out")
         graphs, eager = True, None
     else:
         kv_quant, (chosen, hardware, source, workload), options = best(False)
-        graphs = False
-        eager = workload, hardware
+        # False: planned without graph replays; None: not considered (no CUDA here to time them), load decides
+        graphs = False if args.cuda_graphs is False or torch.cuda.is_available() else None
+        eager = workload, hardware, kv_quant
         if args.cuda_graphs == "auto" and torch.cuda.is_available() and graphable(chosen):
             try:  # load's cuda_graphs="auto": the same budgets planned again for graph replays
                 replayed = best(True)
             except BudgetError:
+                replayed = None
+            except (TiermemError, RuntimeError) as exc:  # as load: a probe of graph replays failed, steps as they are
+                warnings.warn(f"tiermem: decode steps planned without CUDA graphs: planning for them failed ({exc})",
+                              stacklevel=2)
                 replayed = None
             if replayed and graphable(replayed[1][0]) and replayed[1][0].predicted_step_s <= chosen.predicted_step_s:
                 kv_quant, (chosen, hardware, source, workload), options = replayed
@@ -160,12 +171,15 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         steps = ", ".join(f"{_kv_name(sc)} {'does not fit' if o is None else f'{o[0].predicted_step_s:.4f} s'}"
                           for sc, o in zip(schemes, options, strict=True))
         print(f"KV cache stored as {_kv_name(kv_quant)}, chosen by --kv-quant auto (per step: {steps})")
-    if args.alternatives and eager is not None:
+    if args.alternatives and eager is None:
+        print("no alternatives with --cuda-graphs: they place blocks or the KV cache where graph replays cannot run")
+    elif args.alternatives:
         from tiermem.planner import alternatives
 
+        eager_workload, eager_hardware, eager_kv = eager
         print("the best plan with one choice fixed, decode steps issued from Python (predicted s per step, tok/s):")
-        for name, alt in alternatives(*eager, gpu_memory, cpu_memory,
-                                      cpu_cache_compute=cpu_attention_choice(None, kv_quant is not None),
+        for name, alt in alternatives(eager_workload, eager_hardware, gpu_memory, cpu_memory,
+                                      cpu_cache_compute=cpu_attention_choice(None, eager_kv is not None),
                                       disk_kv=disk_kv):
             figures = "does not fit" if alt is None else f"{alt.predicted_step_s:.4f} s, {alt.predicted_tok_per_s:.2f}"
             print(f"  {name:<32} {figures}")

@@ -324,10 +324,10 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
                          disk_kv=offload_dir is not None)
 
     chosen, used = plan_with_fresh_disk_rate(planned, hardware, store_dir)
-    if not kernels_may_bound(chosen.breakdown):
+    if not (cuda_graphs or kernels_may_bound(chosen.breakdown)):  # a replay's kernels add to its host part
         return chosen
     workload = with_kernel_time(workload, reader, dtype, kv_quant, device, (gpu_budget, cpu_budget))
-    return planned(used)
+    return plan_with_fresh_disk_rate(planned, used, store_dir)[0]
 
 
 def auto_plan_kv_quant(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int,
