@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 5's configurations again, on the code as it is now, in two device calls (each under 600 s); the JSON of
+# each run goes into one tarball, $OUT/results.tgz (the device returns at most 8 files). Usage:
+#   device_issue5_check.sh small   the GPU suite, then llama3-8b int4 b16x2048 with the KV cache in HBM (the
+#                                  default: CUDA graph replays), in HBM issued from Python (--no-cuda-graphs), in
+#                                  host RAM, on disk (bf16, int4); about 8 minutes
+#   device_issue5_check.sh 111b    111B int4, gpu_memory 24 GiB, cpu_memory 32 GiB, batch 64, --kv-quant auto
+#                                  (writes the 56 GB store first: about 5 minutes)
+set -euo pipefail
+: "${OUT:?set OUT to the results folder}"
+RES=${RES:-/root/issue5_results}
+mkdir -p "$RES"
+here=$(dirname "$0")
+case ${1:?small or 111b} in
+    small)
+        timeout 200 python3 -m pytest -m gpu -q -rf --tb=line -p no:cacheprovider tests 2>&1 | tail -25 \
+            | tee "$RES/gpu_suite.txt" || true
+        rm -rf /root/s111  # the disk holds one of the two stores
+        OUT=$RES bash "$here/device_kv_tiers.sh" gpu cpu disk disk_int4
+        RUNS=1 KV_QUANTS=none OUT=$RES bash "$here/device_cuda_graphs.sh"  # eager against graphs, bf16 KV
+        ;;
+    111b)
+        rm -rf /root/s8 /root/kv
+        OUT=$RES bash "$here/device_111b.sh" disk_plan_auto
+        ;;
+    *) echo "unknown run $1: small or 111b" >&2; exit 2 ;;
+esac
+tar -C "$RES" -czf "$OUT/results.tgz" .
