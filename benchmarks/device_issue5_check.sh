@@ -10,6 +10,7 @@ set -euo pipefail
 : "${OUT:?set OUT to the results folder}"
 RES=${RES:-/root/issue5_results}
 mkdir -p "$RES"
+trap 'tar -C "$RES" -czf "$OUT/results.tgz" .' EXIT  # whatever ran, even if a run failed
 here=$(dirname "$0")
 case ${1:?small or 111b} in
     small)
@@ -25,4 +26,3 @@ case ${1:?small or 111b} in
         ;;
     *) echo "unknown run $1: small or 111b" >&2; exit 2 ;;
 esac
-tar -C "$RES" -czf "$OUT/results.tgz" .
