@@ -70,6 +70,12 @@ def test_a_step_is_the_rest_plus_the_depth_times_a_layer_once_per_micro_batch(mo
     assert asked == [("int4", torch.bfloat16, "int8", 64, (1, 2, 4), 1032, (1 << 30, 2 << 30))]
     assert steps == pytest.approx({m: m * (32 * 1e-3 * (4 // m) + 5e-3) for m in (1, 2, 4)})
     assert gpu_probe.gpu_step_seconds(*args) == steps and len(asked) == 1  # measured once, whatever the budgets
+    monkeypatch.setattr(gpu_probe, "MAX_MEASURED", 2)
+    for context in (100.0, 200.0):  # two more shapes: the first one is dropped
+        gpu_probe.gpu_step_seconds(*args[:5], context)
+    assert len(gpu_probe._MEASURED) == 2
+    gpu_probe.gpu_step_seconds(*args)
+    assert len(asked) == 4  # measured again
 
 
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory"), BudgetError("too small"),

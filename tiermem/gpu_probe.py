@@ -79,6 +79,7 @@ def _layer_and_rest(hf_config: dict, quant: QuantScheme | None, dtype: torch.dty
 
 
 _MEASURED: dict[tuple, dict[int, tuple[float, float]]] = {}  # what the process measured, by all but the budgets
+MAX_MEASURED = 64  # shapes remembered; the oldest is dropped beyond
 
 
 def gpu_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dtype, kv_quant: QuantScheme | None,
@@ -104,6 +105,8 @@ def gpu_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dt
         try:
             _MEASURED[key] = _layer_and_rest(hf_config, quant, dtype, *kv, rows, max(1, round(context)), str(device),
                                              (gpu_memory, cpu_memory))
+            if len(_MEASURED) > MAX_MEASURED:
+                del _MEASURED[next(iter(_MEASURED))]
         except (torch.cuda.OutOfMemoryError, BudgetError, NotResidentError) as exc:
             warnings.warn(f"tiermem: the kernels' time of a decode step is not measured: a one- and a two-layer "
                           f"copy of the model do not fit the budgets in HBM ({exc}); the plan counts bytes at "
