@@ -180,6 +180,7 @@ def bench_elementwise(args, hbm: float) -> list[dict]:
 
 
 KV_ATTENTION_SHAPES = [  # batch, heads, kv heads, head dim, filled slots
+    (16, 32, 8, 128, 2304),  # llama3-8b at batch 16 x 2048, a CUDA graph's span
     (64, 96, 8, 128, 518),  # the 111B (b) run's decode step
     (64, 96, 8, 128, 2048),
     (8, 64, 8, 128, 4096),
@@ -214,13 +215,22 @@ def bench_kv_attention(args, hbm: float) -> list[dict]:
                 return F.scaled_dot_product_attention(q.reshape(b, kv_heads, group, dh), kd, vd,
                                                       attn_mask=attn.grouped_mask(None, group), scale=dh**-0.5)
 
-            t_fused = time_launches([fused], args.reps)
             t_unfused = time_launches([unfused], args.reps)
             moved = sum(t.numel() * t.element_size() for t in (*k, *v))
-            rows.append({"kernel": "kv_decode_attention", "bits": bits, "batch": b, "heads": heads,
-                         "kv_heads": kv_heads, "head_dim": dh, "length": length, "us": t_fused * 1e6,
-                         "dequantize_sdpa_us": t_unfused * 1e6, "speedup": t_unfused / t_fused, "bytes": moved,
-                         "gbps": moved / t_fused / 1e9, "fraction_of_hbm": moved / t_fused / hbm})
+            default = cupy_ops.KV_ATTENTION_BLOCKS_PER_SM
+            for per_sm in sorted({default, *args.kv_blocks_per_sm}):  # how many blocks the sequence split aims for
+                cupy_ops.KV_ATTENTION_BLOCKS_PER_SM = per_sm
+                try:
+                    t_fused = time_launches([fused], args.reps)
+                    splits, _ = cupy_ops.kv_attention_splits(b, heads, kv_heads, dh, length,
+                                                             torch.cuda.get_device_properties(0).multi_processor_count)
+                finally:
+                    cupy_ops.KV_ATTENTION_BLOCKS_PER_SM = default
+                rows.append({"kernel": "kv_decode_attention", "bits": bits, "batch": b, "heads": heads,
+                             "kv_heads": kv_heads, "head_dim": dh, "length": length, "blocks_per_sm": per_sm,
+                             "default": per_sm == default, "splits": splits, "us": t_fused * 1e6,
+                             "dequantize_sdpa_us": t_unfused * 1e6, "speedup": t_unfused / t_fused, "bytes": moved,
+                             "gbps": moved / t_fused / 1e9, "fraction_of_hbm": moved / t_fused / hbm})
             del k, v
             torch.cuda.empty_cache()
     return rows
@@ -232,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=100, help="timed launches per measurement")
     parser.add_argument("--group", type=int, default=64, help="quantization group size")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
+    parser.add_argument("--kv-blocks-per-sm", type=int, nargs="*", default=[],
+                        help="also time the fused KV attention with the sequence split for these blocks per SM")
     args = parser.parse_args(argv)
     if not cupy_ops.cuda_kernels_available():
         print("needs a CUDA GPU (sm_80+) and CuPy", file=sys.stderr)
@@ -272,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['kernel']:9s} {str(tuple(row['shape'])):22s} {row['us']:8.1f} us "
               f"(torch {row['torch_us']:8.1f}), x{row['speedup']:.2f}, {row['fraction_of_hbm']:.1%} of HBM")
     for row in result.get("kv_attention", []):
-        print(f"kv attention int{row['bits']} b{row['batch']} H{row['heads']}/{row['kv_heads']} S{row['length']}: "
+        print(f"kv attention int{row['bits']} b{row['batch']} H{row['heads']}/{row['kv_heads']} S{row['length']} "
+              f"{row['splits']} splits ({row['blocks_per_sm']} blocks/SM{', default' if row['default'] else ''}): "
               f"{row['us']:8.1f} us (dequantize + SDPA {row['dequantize_sdpa_us']:8.1f}), x{row['speedup']:.2f}, "
               f"{row['fraction_of_hbm']:.1%} of HBM")
     return 0

@@ -352,6 +352,7 @@ KV_ATTENTION_MAX_HEAD_DIM = 256
 KV_ATTENTION_MAX_QUERIES_PER_KV_HEAD = 16  # its register accumulators
 KV_ATTENTION_SHARED_FLOATS = 12288  # 48 KiB: queries [H/Hkv, Dh] and scores [H/Hkv, chunk] of one block
 KV_ATTENTION_MIN_CHUNK = 64  # slots per block below which more splits only add combine work
+KV_ATTENTION_BLOCKS_PER_SM = 2  # the blocks kv_attention_splits aims for (benchmarks/bench_kernels.py sweeps it)
 
 
 def kv_attention_supported(heads: int, kv_heads: int, head_dim: int, bits: int, group: int) -> bool:
@@ -364,10 +365,11 @@ def kv_attention_supported(heads: int, kv_heads: int, head_dim: int, bits: int, 
 def kv_attention_splits(batch: int, heads: int, kv_heads: int, head_dim: int, length: int,
                         sm_count: int) -> tuple[int, int]:
     """(splits, chunk): the sequence split into `splits` chunks of `chunk` slots (the last may be shorter), enough
-    blocks (splits x kv heads x rows) to fill the GPU twice over while a chunk's scores fit shared memory."""
+    blocks (splits x kv heads x rows) for KV_ATTENTION_BLOCKS_PER_SM on every SM while a chunk's scores fit shared
+    memory."""
     qpk = heads // kv_heads
     max_chunk = KV_ATTENTION_SHARED_FLOATS // qpk - head_dim
-    wanted = math.ceil(2 * sm_count / (batch * kv_heads))
+    wanted = math.ceil(KV_ATTENTION_BLOCKS_PER_SM * sm_count / (batch * kv_heads))
     splits = max(math.ceil(length / max_chunk), min(wanted, math.ceil(length / KV_ATTENTION_MIN_CHUNK)), 1)
     chunk = math.ceil(length / splits)
     return math.ceil(length / chunk), chunk
