@@ -184,6 +184,8 @@ def build_gpu_source(
         if cuda_graphs == "auto" and graphable(plan):  # the same budgets with steps as graph replays
             try:
                 graph_plan, graph_kv = plan_for(True)
+            except BudgetError:  # nothing fits with whole-batch steps over a KV cache in HBM
+                graph_plan = None
             except (TiermemError, RuntimeError) as exc:  # a probe of graph replays failed: steps as they are
                 warnings.warn(f"tiermem: decode steps run without CUDA graphs: planning for them failed ({exc})",
                               stacklevel=2)
