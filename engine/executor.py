@@ -29,6 +29,13 @@ def micro_batch_slices(batch: int, micro_batches: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def indexed_device(device: torch.device) -> torch.device:
+    """`device` with its index: torch.device("cuda") is the current CUDA device, where tensors say cuda:N."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Executor:
     """Forward passes of `cfg`'s model with weights from `source`, computing on `device` in `dtype`.
 

@@ -28,7 +28,7 @@ from torch.nn.attention import sdpa_kernel
 
 from tiermem.engine import rope
 from tiermem.engine.attention import SDPA_BACKENDS, positions_from_mask
-from tiermem.engine.executor import Executor
+from tiermem.engine.executor import Executor, indexed_device
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
 from tiermem.errors import ConfigError, NotResidentError
 from tiermem.kernels import ops
@@ -120,20 +120,13 @@ class StaticAttention:
             dst.index_copy_(2, self.slot, src)
 
 
-def _indexed(device: torch.device) -> torch.device:
-    """`device` with its index: torch.device("cuda") is the current CUDA device, where tensors say cuda:N."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 class StaticDecoder:
     """Decode steps of `executor`'s model over `cache` (on the executor's device, every row at once)."""
 
     def __init__(self, executor: Executor, cache: KVCache, bucket: int = DEFAULT_BUCKET, graphs: bool = False):
         if type(cache) is not KVCache:
             raise ConfigError("static decode steps need a KVCache on the device (not offloaded to host RAM or disk)")
-        if cache.key_mask.device != _indexed(executor.device):
+        if cache.key_mask.device != indexed_device(executor.device):
             raise ConfigError(f"the KV cache is on {cache.key_mask.device}, the model on {executor.device}")
         if bucket < 1:
             raise ConfigError(f"bucket must be >= 1, got {bucket}")

@@ -55,12 +55,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="store the KV cache quantized; auto: the planner chooses (tiermem.load's kv_quant)")
     p.add_argument("--cpu-attention", action="store_true", default=None,
                    help="KV cache in host RAM and attention computed there (FlexGen's cpu_cache_compute)")
-    graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default="auto",
-                        help="require decode steps as CUDA graph replays (every block in HBM, KV on the GPU); "
-                             "default: where the placement allows and the plan predicts them no slower")
-    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-                        help="decode steps as they are, never as CUDA graph replays")
+    add_cuda_graphs_flags(p, "require decode steps as CUDA graph replays (every block in HBM, KV on the GPU); "
+                             "default: where the placement allows and the plan predicts them no slower",
+                          "decode steps as they are, never as CUDA graph replays")
     p.add_argument("--io-threads", type=int, default=4, help="reader threads of the disk tier")
     p.add_argument("--read-backend", choices=["auto", "posix", "kvikio"], default="auto",
                    help="how blocks on the disk tier are read (auto: the faster by a cached probe)")
@@ -69,6 +66,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "fits; FILE: a placement written by `tiermem plan --json FILE`")
     p.add_argument("--out", default=None, help="write results as JSON here")
     p.add_argument("--plot", default=None, help="draw tok/s vs batch (PNG) here")
+
+
+def add_cuda_graphs_flags(p: argparse.ArgumentParser, on_help: str, off_help: str) -> None:
+    """--cuda-graphs / --no-cuda-graphs into args.cuda_graphs: True, False, or "auto" (load's cuda_graphs) without
+    either."""
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default="auto",
+                        help=on_help)
+    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False, help=off_help)
 
 
 def run_bench_cli(args: argparse.Namespace) -> dict:
@@ -321,8 +327,8 @@ def same_run_workload(model, batch: int, prompt_len: int, gen_len: int):
 
     plan = getattr(model.source, "followed_plan", None)
     figures = plan.breakdown if plan is not None else {}
-    kernels = plan is not None and (model.cuda_graphs or not figures or bool(figures.get("kernels"))
-                                    or kernels_may_bound(figures))
+    kernels = plan is not None and (not figures or bool(figures.get("kernels"))
+                                    or kernels_may_bound(figures, model.cuda_graphs))
     return timed_workload(model.reader, model.config, batch, prompt_len, gen_len, model.dtype, model.kv_quant,
                           kv=model.kv_placement, cpu_attention=model.cpu_attention, device=str(model.device),
                           offload_dir=model.offload_dir, cuda_graphs=model.cuda_graphs, kernels=kernels)

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 
 from tiermem.errors import TiermemError
 
@@ -71,14 +70,13 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     import torch
 
     from tiermem.config import parse_size
-    from tiermem.cost_model import kernels_may_bound
     from tiermem.engine.config import model_config_from_hf
-    from tiermem.errors import BudgetError, ConfigError, NotResidentError
+    from tiermem.errors import ConfigError, NotResidentError
     from tiermem.host_probe import timed_workload, with_kernel_time
     from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
-    from tiermem.placement import graphable
+    from tiermem.placement import graphable, plan_timing_kernels, with_graph_replays
     from tiermem.planner import Hardware, choose_kv_quant, cpu_attention_choice, each_that_fits, plan
-    from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate, read_cache
+    from tiermem.probe import cached_hardware, read_cache
 
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
@@ -108,25 +106,21 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                                   cpu_attention=cpu_attention, offload_dir=None if graphs else args.offload_dir,
                                   budgets=(gpu_memory, cpu_memory), cuda_graphs=graphs, kernels=False)
 
-        def planned(hw: Hardware):
-            return plan(workload, hw, gpu_memory, cpu_memory, kv=kv, cpu_cache_compute=cpu_attention,
+        def planned(w, hw: Hardware):
+            return plan(w, hw, gpu_memory, cpu_memory, kv=kv, cpu_cache_compute=cpu_attention,
                         micro_batches=micro_batches, lookahead=args.lookahead, disk_kv=disk_kv and not graphs)
+
+        def time_kernels(w):  # as load does: where the kernels could set the step
+            return with_kernel_time(w, reader, dtype, kv_quant, "cuda", (gpu_memory, cpu_memory))
 
         if disk_kv and not graphs:
             from tiermem.scratch_file import check_offload_dir
 
             check_offload_dir(args.offload_dir, workload.kv_reserved_bytes)
-        if args.hardware:
-            chosen, used, note = planned(hardware), hardware, ""
-        else:
-            chosen, used = plan_with_fresh_disk_rate(planned, hardware, args.store)
-            note = "; the disk's on the store measured again: the plan reads from it every step"
-            note = note if used is not hardware else ""
-        if graphs or kernels_may_bound(chosen.breakdown):  # as load does: where the kernels could set the step
-            workload = with_kernel_time(workload, reader, dtype, kv_quant, "cuda", (gpu_memory, cpu_memory))
-            chosen, used = (planned(used), used) if args.hardware else plan_with_fresh_disk_rate(planned, used,
-                                                                                                  args.store)
-        return chosen, used, source + note, workload
+        store_dir = None if args.hardware else args.store  # with --hardware the file's figures, no store measured
+        chosen, used, workload = plan_timing_kernels(planned, workload, hardware, store_dir, time_kernels, graphs)
+        note = "; the disk's on the store measured again: the plan reads from it every step"
+        return chosen, used, source + (note if used is not hardware else ""), workload
 
     schemes = auto_kv_schemes(cfg.head_dim) if args.kv_quant == "auto" else (kv_scheme(args.kv_quant, cfg.head_dim),)
 
@@ -140,29 +134,22 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 
     if args.cuda_graphs is True:
         _check_plan_graph_options(args)
-        kv_quant, (chosen, hardware, source, workload), options = best(True)
-        if not graphable(chosen):
-            raise NotResidentError(f"--cuda-graphs needs every block and the KV cache in HBM; this plan streams "
-                                   f"{len(chosen.host_blocks) + len(chosen.disk_blocks)} blocks within gpu_memory "
-                                   f"{args.gpu_memory}: raise it, or leave --cuda-graphs out")
-        graphs, eager = True, None
-    else:
-        kv_quant, (chosen, hardware, source, workload), options = best(False)
-        # False: planned without graph replays; None: not considered (no CUDA here to time them), load decides
-        graphs = False if args.cuda_graphs is False or torch.cuda.is_available() else None
-        eager = workload, hardware, kv_quant
-        if args.cuda_graphs == "auto" and torch.cuda.is_available() and graphable(chosen):
-            try:  # load's cuda_graphs="auto": the same budgets planned again for graph replays
-                replayed = best(True)
-            except BudgetError:
-                replayed = None
-            except (TiermemError, RuntimeError) as exc:  # as load: a probe of graph replays failed, steps as they are
-                warnings.warn(f"tiermem: decode steps planned without CUDA graphs: planning for them failed ({exc})",
-                              stacklevel=2)
-                replayed = None
-            if replayed and graphable(replayed[1][0]) and replayed[1][0].predicted_step_s <= chosen.predicted_step_s:
-                kv_quant, (chosen, hardware, source, workload), options = replayed
-                graphs = True
+    answers = {}
+
+    def plan_for(graphs: bool):
+        answers[graphs] = best(graphs)
+        return answers[graphs]
+
+    # graph replays are considered only where CUDA is here to time them; the JSON records None where they were not
+    mode = args.cuda_graphs if args.cuda_graphs != "auto" or torch.cuda.is_available() else False
+    (kv_quant, (chosen, hardware, source, workload), options), graphs = with_graph_replays(
+        plan_for, mode, lambda answer: answer[1][0])
+    if graphs and not graphable(chosen):
+        raise NotResidentError(f"--cuda-graphs needs every block and the KV cache in HBM; this plan streams "
+                               f"{len(chosen.host_blocks) + len(chosen.disk_blocks)} blocks within gpu_memory "
+                               f"{args.gpu_memory}: raise it, or leave --cuda-graphs out")
+    if not graphs and mode != args.cuda_graphs:
+        graphs = None
     _print_plan(args, chosen, hardware, source, workload)
     if graphs:
         print("decode steps as CUDA graph replays (load's cuda_graphs='auto' makes the same choice; "
@@ -171,12 +158,12 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         steps = ", ".join(f"{_kv_name(sc)} {'does not fit' if o is None else f'{o[0].predicted_step_s:.4f} s'}"
                           for sc, o in zip(schemes, options, strict=True))
         print(f"KV cache stored as {_kv_name(kv_quant)}, chosen by --kv-quant auto (per step: {steps})")
-    if args.alternatives and eager is None:
+    if args.alternatives and False not in answers:
         print("no alternatives with --cuda-graphs: they place blocks or the KV cache where graph replays cannot run")
     elif args.alternatives:
         from tiermem.planner import alternatives
 
-        eager_workload, eager_hardware, eager_kv = eager
+        eager_kv, (_, eager_hardware, _, eager_workload), _ = answers[False]
         print("the best plan with one choice fixed, decode steps issued from Python (predicted s per step, tok/s):")
         for name, alt in alternatives(eager_workload, eager_hardware, gpu_memory, cpu_memory,
                                       cpu_cache_compute=cpu_attention_choice(None, eager_kv is not None),
@@ -292,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="measure link ceilings and decode speed against the roofline")
-    from tiermem.bench import add_bench_arguments
+    from tiermem.bench import add_bench_arguments, add_cuda_graphs_flags
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
@@ -322,12 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=None, help="fix the micro-batch count")
     p.add_argument("--lookahead", type=int, default=None, help="fix the prefetch lookahead")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
-    graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default="auto",
-                        help="plan decode steps as CUDA graph replays (every block in HBM, KV on the GPU); default: "
-                             "as load does, where the plan allows them and they are predicted no slower (CUDA only)")
-    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-                        help="plan decode steps as they are issued from Python")
+    add_cuda_graphs_flags(p, "plan decode steps as CUDA graph replays (every block in HBM, KV on the GPU); default: "
+                             "as load does, where the plan allows them and they are predicted no slower (CUDA only)",
+                          "plan decode steps as they are issued from Python")
     p.add_argument("--alternatives", action="store_true",
                    help="also print the best plan with one choice fixed (KV placement, micro-batches, lookahead)")
     p.set_defaults(func=_cmd_plan)

@@ -297,12 +297,12 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
 KERNELS_OVER_HBM = 8.0  # the kernels of a step measured up to this many times its bytes at HBM's copy rate
 
 
-def kernels_may_bound(cost: Mapping[str, float]) -> bool:
-    """Whether the measured kernel time could be the slowest stage of an eager step whose cost was taken without
-    it: the kernels took 3x (bf16 KV) to 6x (int4 KV, its attention kernel slower than its bytes) the hbm term on an
-    H200 (llama3-8b int4 at batch 16 x 2048, session 10); a step predicted KERNELS_OVER_HBM times its hbm or compute
-    term is set by another stage. (A graph replay's kernels add to its host part: the planners always time them.)"""
-    return cost["step"] < KERNELS_OVER_HBM * max(cost.get("hbm", 0.0), cost.get("compute", 0.0))
+def kernels_may_bound(cost: Mapping[str, float], cuda_graphs: bool = False) -> bool:
+    """Whether the measured kernel time could set a step whose cost was taken without it: always for CUDA graph
+    replays (their kernels add to the host's part); for an eager step, where it is predicted within
+    KERNELS_OVER_HBM times its hbm or compute term (the kernels took 3x (bf16 KV) to 6x (int4 KV, its attention
+    kernel slower than its bytes) the hbm term on an H200: llama3-8b int4 at batch 16 x 2048, session 10)."""
+    return cuda_graphs or cost["step"] < KERNELS_OVER_HBM * max(cost.get("hbm", 0.0), cost.get("compute", 0.0))
 
 
 def bound_of(cost: Mapping[str, float]) -> str:

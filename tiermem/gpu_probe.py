@@ -99,11 +99,11 @@ def gpu_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dt
         return {}
     ms = divisors(batch)
     kv = (kv_quant.name, kv_quant.group_size) if kv_quant is not None else (None, None)
-    rows = tuple(sorted({batch // m for m in ms}))
-    key = (json.dumps(hf_config, sort_keys=True), quant, str(dtype), *kv, rows, max(1, round(context)), str(device))
+    rows, tokens = tuple(sorted({batch // m for m in ms})), max(1, round(context))
+    key = (json.dumps(hf_config, sort_keys=True), quant, str(dtype), *kv, rows, tokens, str(device))
     if key not in _MEASURED:
         try:
-            _MEASURED[key] = _layer_and_rest(hf_config, quant, dtype, *kv, rows, max(1, round(context)), str(device),
+            _MEASURED[key] = _layer_and_rest(hf_config, quant, dtype, *kv, rows, tokens, str(device),
                                              (gpu_memory, cpu_memory))
             if len(_MEASURED) > MAX_MEASURED:
                 del _MEASURED[next(iter(_MEASURED))]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
 
 from tiermem.config import PrefetchConfig, format_size
-from tiermem.cost_model import kv_memory
+from tiermem.cost_model import Workload, kv_memory
 from tiermem.disk_tier import DiskStager
 from tiermem.engine.config import ModelConfig
 from tiermem.errors import BudgetError, ConfigError, TiermemError
@@ -31,6 +33,8 @@ from tiermem.residency import TieredWeights, plan_residency
 from tiermem.scratch_file import check_offload_dir
 from tiermem.storage.backends.posix import PosixBackend
 from tiermem.storage.format import StoreReader
+
+T = TypeVar("T")
 
 HOST_ONLY = ("embed",)
 WORKSPACE_MARGIN = 256 << 20
@@ -180,20 +184,7 @@ def build_gpu_source(
                              fixed[1], lookahead, fixed[2], offload_dir=offload_dir, device=str(device),
                              cuda_graphs=graphs), schemes
 
-        plan, kv_quant = plan_for(cuda_graphs is True)
-        if cuda_graphs == "auto" and graphable(plan):  # the same budgets with steps as graph replays
-            try:
-                graph_plan, graph_kv = plan_for(True)
-            except BudgetError:  # nothing fits with whole-batch steps over a KV cache in HBM
-                graph_plan = None
-            except (TiermemError, RuntimeError) as exc:  # a probe of graph replays failed: steps as they are
-                warnings.warn(f"tiermem: decode steps run without CUDA graphs: planning for them failed ({exc})",
-                              stacklevel=2)
-                graph_plan = None
-            cuda_graphs = (graph_plan is not None and graphable(graph_plan)
-                           and graph_plan.predicted_step_s <= plan.predicted_step_s)
-            if cuda_graphs:
-                plan, kv_quant = graph_plan, graph_kv
+        (plan, kv_quant), cuda_graphs = with_graph_replays(plan_for, cuda_graphs, lambda planned: planned[0])
     elif plan == "auto":
         plan = None
     if plan is not None:
@@ -290,6 +281,48 @@ def graphable(plan: Plan) -> bool:
             and not plan.cpu_cache_compute)
 
 
+def with_graph_replays(plan_for: Callable[[bool], T], mode: bool | str, plan_of: Callable[[T], Plan]
+                       ) -> tuple[T, bool]:
+    """The planning of decode steps as CUDA graph replays or not, as cuda_graphs `mode` says: plan_for(True) for
+    True; plan_for(False) for False; for "auto", plan_for(False), and where its plan could replay graphs
+    (graphable), plan_for(True) instead if that plan is graphable and predicted no slower (plan_of: the Plan of a
+    plan_for answer). A replay plan that does not fit is dropped; one whose probes failed is dropped with a warning.
+    Returns (the answer taken, whether it is for graph replays)."""
+    if mode is True:
+        return plan_for(True), True
+    eager = plan_for(False)
+    if mode != "auto" or not graphable(plan_of(eager)):
+        return eager, False
+    try:
+        replayed = plan_for(True)
+    except BudgetError:  # nothing fits with whole-batch steps over a KV cache in HBM
+        return eager, False
+    except (TiermemError, RuntimeError) as exc:  # a probe of graph replays failed: steps as they are
+        warnings.warn(f"tiermem: decode steps planned without CUDA graphs: planning for them failed ({exc})",
+                      stacklevel=3)
+        return eager, False
+    faster = plan_of(replayed).predicted_step_s <= plan_of(eager).predicted_step_s
+    return (replayed, True) if graphable(plan_of(replayed)) and faster else (eager, False)
+
+
+def plan_timing_kernels(make: Callable[[Workload, Hardware], Plan], workload: Workload, hardware: Hardware,
+                        store_dir: str | os.PathLike | None, time_kernels: Callable[[Workload], Workload],
+                        cuda_graphs: bool) -> tuple[Plan, Hardware, Workload]:
+    """make(workload, hardware) with the store's read rate fresh where the plan reads it
+    (probe.plan_with_fresh_disk_rate; store_dir None keeps `hardware`'s), made again with time_kernels(workload)
+    (the kernels' time, tiermem.gpu_probe) where cost_model.kernels_may_bound says the kernels could set the step.
+    Returns (plan, the figures it was made with, the workload it was made for)."""
+    from tiermem.cost_model import kernels_may_bound
+    from tiermem.probe import plan_with_fresh_disk_rate
+
+    chosen, used = plan_with_fresh_disk_rate(lambda hw: make(workload, hw), hardware, store_dir)
+    if not kernels_may_bound(chosen.breakdown, cuda_graphs):
+        return chosen, used, workload
+    workload = time_kernels(workload)
+    chosen, used = plan_with_fresh_disk_rate(lambda hw: make(workload, hw), used, store_dir)
+    return chosen, used, workload
+
+
 def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int, cpu_memory: int | None,
               max_batch: int, max_seq: int, kv_quant: QuantScheme | None, kv_placement: str | None,
               micro_batches: int | None, lookahead: int | None, cpu_attention: bool | None = None,
@@ -305,11 +338,10 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
     Without cpu_memory the budget is the host memory available now. cpu_attention True / False fixes CPU
     attention; None lets the planner choose it for a dense KV cache (planner.cpu_attention_choice). The KV
     cache goes on disk only with an offload_dir (for its file)."""
-    from tiermem.cost_model import kernels_may_bound
     from tiermem.host_probe import timed_workload, with_kernel_time
     from tiermem.planner import cpu_attention_choice
     from tiermem.planner import plan as make_plan
-    from tiermem.probe import cached_hardware, plan_with_fresh_disk_rate
+    from tiermem.probe import cached_hardware
 
     store_dir = getattr(reader, "path", None)
     hardware = cached_hardware(store_dir=store_dir)
@@ -320,16 +352,15 @@ def auto_plan(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_bud
                               cpu_attention=attention, device=device, offload_dir=offload_dir,
                               budgets=(gpu_budget, cpu_budget), cuda_graphs=cuda_graphs, kernels=False)
 
-    def planned(hw: Hardware) -> Plan:
-        return make_plan(workload, hw, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
+    def planned(w: Workload, hw: Hardware) -> Plan:
+        return make_plan(w, hw, gpu_budget, cpu_budget, kv="cpu" if cpu_attention else kv_placement,
                          cpu_cache_compute=attention, micro_batches=micro_batches, lookahead=lookahead,
                          disk_kv=offload_dir is not None)
 
-    chosen, used = plan_with_fresh_disk_rate(planned, hardware, store_dir)
-    if not (cuda_graphs or kernels_may_bound(chosen.breakdown)):  # a replay's kernels add to its host part
-        return chosen
-    workload = with_kernel_time(workload, reader, dtype, kv_quant, device, (gpu_budget, cpu_budget))
-    return plan_with_fresh_disk_rate(planned, used, store_dir)[0]
+    def time_kernels(w: Workload) -> Workload:
+        return with_kernel_time(w, reader, dtype, kv_quant, device, (gpu_budget, cpu_budget))
+
+    return plan_timing_kernels(planned, workload, hardware, store_dir, time_kernels, cuda_graphs)[0]
 
 
 def auto_plan_kv_quant(reader: StoreReader, cfg: ModelConfig, dtype: torch.dtype, gpu_budget: int,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from tiermem.engine.config import ModelConfig
+from tiermem.engine.executor import indexed_device
 from tiermem.engine.generate import DecodeState, Sampling
 from tiermem.engine.kv_cache import KVCache, QuantizedKV
 from tiermem.errors import ConfigError
@@ -216,8 +217,7 @@ class GenerationSession:
     def _bind(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> DecodeState:
         """Check the session fits this model and move it onto `device`; returns its state."""
         state = self._require_started()
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = indexed_device(device)
         mine = model_fingerprint(cfg)
         diffs = [f"{k}: session {self._model.get(k)!r}, model {v!r}" for k, v in mine.items()
                  if self._model.get(k) != v]
