@@ -4,7 +4,7 @@
 #   device_issue5_check.sh small   the GPU suite, then llama3-8b int4 b16x2048 with the KV cache in HBM (the
 #                                  default: CUDA graph replays), in HBM issued from Python (--no-cuda-graphs), in
 #                                  host RAM, on disk (bf16, int4); the fused KV attention kernel with its sequence
-#                                  split aimed at 2 (now), 4, 8 and 16 blocks per SM; about 8 minutes
+#                                  split aimed at 4 (now), 2, 8 and 16 blocks per SM; about 8 minutes
 #   device_issue5_check.sh 111b    111B int4, gpu_memory 24 GiB, cpu_memory 32 GiB, batch 64, --kv-quant auto
 #                                  (writes the 56 GB store first: about 5 minutes)
 set -euo pipefail
@@ -20,7 +20,7 @@ case ${1:?small or 111b} in
         rm -rf /root/s111  # the disk holds one of the two stores
         OUT=$RES bash "$here/device_kv_tiers.sh" gpu cpu disk disk_int4
         RUNS=1 KV_QUANTS=none OUT=$RES bash "$here/device_cuda_graphs.sh"  # eager against graphs, bf16 KV
-        timeout 90 python3 "$here/bench_kernels.py" --only kv_attention --kv-blocks-per-sm 4 8 16 \
+        timeout 90 python3 "$here/bench_kernels.py" --only kv_attention --kv-blocks-per-sm 2 8 16 \
             --out "$RES/kv_attention_splits.json" | tail -12
         ;;
     111b)

@@ -352,7 +352,12 @@ KV_ATTENTION_MAX_HEAD_DIM = 256
 KV_ATTENTION_MAX_QUERIES_PER_KV_HEAD = 16  # its register accumulators
 KV_ATTENTION_SHARED_FLOATS = 12288  # 48 KiB: queries [H/Hkv, Dh] and scores [H/Hkv, chunk] of one block
 KV_ATTENTION_MIN_CHUNK = 64  # slots per block below which more splits only add combine work
-KV_ATTENTION_BLOCKS_PER_SM = 2  # the blocks kv_attention_splits aims for (benchmarks/bench_kernels.py sweeps it)
+# The blocks kv_attention_splits aims for on each SM. Swept by benchmarks/bench_kernels.py on the H200 (session 11,
+# benchmarks/results/kv_attention_splits_s11call1_h200.json): 4 against 2 took llama3-8b's b16 x 2304 graph span
+# from 173 to 138 us (int4) and 209 to 148 us (int8), b8 x 4096 from 242 to 165 / 292 to 190 us; it lost 10% where
+# 512 rows x kv heads already fill the GPU (111B b64 x 518: 235 to 260 us, a disk-bound step's 0.3%); 8 and 16 were
+# slower than 4 except at b64 x 2048.
+KV_ATTENTION_BLOCKS_PER_SM = 4
 
 
 def kv_attention_supported(heads: int, kv_heads: int, head_dim: int, bits: int, group: int) -> bool:

@@ -106,7 +106,17 @@ def test_budget_error_when_the_ring_does_not_fit(stores):
         tiermem.load(stores[None], device="cuda", gpu_memory="1MiB", max_batch_size=1, max_seq_len=16)
 
 
-def test_disk_tier_streams_blocks_that_fit_neither_budget(stores):
+@pytest.mark.parametrize("read_backend", ["posix", "kvikio"])
+def test_disk_tier_streams_blocks_that_fit_neither_budget(stores, read_backend):
+    """...from the disk, not from the page cache (bench's check: its rates would be the RAM's)."""
+    import os
+
+    from tiermem.bench import disk_tier_page_cache
+    from tiermem.storage.backends.kvikio import kvikio_available
+    from tiermem.storage.page_cache import cached_bytes
+
+    if read_backend == "kvikio" and not kvikio_available():
+        pytest.skip("needs kvikio")
     ids, mask = prompts()
     with tiermem.load(stores["int4"], device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
                       resident_weights=None) as m:
@@ -116,13 +126,23 @@ def test_disk_tier_streams_blocks_that_fit_neither_budget(stores):
     sizes = [reader.block_nbytes(b) for b in reader.block_names]
     cpu_memory = reader.block_nbytes("embed") + 3 * max(sizes[1:]) + min(sizes[1:])  # ring + about one block
     with tiermem.load(stores["int4"], device="cuda", dtype=torch.float16, max_batch_size=2, max_seq_len=64,
-                      resident_weights=0, cpu_memory=cpu_memory) as m:
+                      resident_weights=0, cpu_memory=cpu_memory, read_backend=read_backend) as m:
         info = m.info()
         assert info["disk_blocks"] > 0 and info["pinned_host_bytes"] <= cpu_memory
+        assert info["read_backend"] == read_backend
+        files = [reader.block_file(n) for n in m.source.weights.disk_names]
+        for path in files:  # pack just wrote them: out of the page cache, so that only the tier's reads count
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        evictable = all(cached_bytes(p) == 0 for p in files)
         out = m.forward(ids, mask)
         tokens = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
         stager = m.source.weights.disk
         assert stager.bytes_read >= 13 * info["disk_bytes_per_step"]  # every step re-reads the disk blocks
+        if evictable:  # not tmpfs
+            assert disk_tier_page_cache(m)["disk_blocks_page_cached_fraction"] < 0.05
     assert torch.equal(out, ref) and torch.equal(tokens, ref_tokens)
 
 

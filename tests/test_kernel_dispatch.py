@@ -222,7 +222,8 @@ def test_kv_attention_kernel_limits_and_splits():
         assert (splits - 1) * chunk < length <= splits * chunk
         assert heads // kv_heads * (dh + chunk) <= KV_ATTENTION_SHARED_FLOATS
     assert kv_attention_splits(1, 32, 8, 128, 4096, 132)[0] > 16  # one row still fills the GPU
-    assert kv_attention_splits(64, 96, 8, 128, 518, 132)[0] == 1  # 512 blocks without splitting
+    assert kv_attention_splits(16, 32, 8, 128, 2304, 132)[0] == 5  # 640 blocks: about 4 per SM
+    assert kv_attention_splits(64, 96, 8, 128, 518, 132)[0] == 2  # 512 blocks, split once for 4 per SM
 
 
 def _simulate_kv_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,

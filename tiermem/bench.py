@@ -28,6 +28,8 @@ from tiermem.config import parse_size
 from tiermem.errors import ConfigError
 from tiermem.placement import kv_cache_bytes
 
+PAGE_CACHED_WARN = 0.05  # more of the disk tier's blocks in the page cache after a run: it did not read the disk
+
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", help="a block store; or use --synthetic")
@@ -275,10 +277,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     info = model.info()
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
+    if info.get("disk_blocks"):  # cold: writing the store (or a reader before) may have left blocks cached
+        info["page_cache_dropped_before_runs"] = drop_page_cache()
     try:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
-        runs = [time_generation(model, batch, micro, args.prompt_len, args.gen_len,
-                                drop_cache_after_prompt=model.kv_placement == "disk") for batch, micro in plan]
+        for batch, micro in plan:
+            runs.append(time_generation(model, batch, micro, args.prompt_len, args.gen_len,
+                                        drop_cache_after_prompt=model.kv_placement == "disk"))
+            runs[-1].update(disk_tier_page_cache(model))
         workloads = {run["batch"]: same_run_workload(model, run["batch"], args.prompt_len, args.gen_len)
                      for run in runs}  # before the disk's ceilings, which slow the disk KV tier's reads after them
         ceilings.update(after_run_ceilings(model, info))
@@ -303,6 +309,21 @@ def run_bench(args: argparse.Namespace) -> dict:
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
         "plan": json.loads(Path(args.plan).read_text()) if args.plan not in ("auto", "greedy") else args.plan,
     }
+
+
+def disk_tier_page_cache(model) -> dict:
+    """{"disk_blocks_page_cached_fraction": share of the disk tier's block files in the page cache right after a
+    run} where blocks stream from disk and the kernel can tell (Linux); {} otherwise. bench drops the page cache
+    before its runs and the disk tier reads with O_DIRECT, so this stays near 0; a buffered reader would leave
+    every block cached, and the run's disk rate would be the RAM's (session 11: kvikio's buffered reads, 8.5 GB/s
+    "from" a 2 GB/s disk)."""
+    from tiermem.storage.page_cache import cached_fraction
+
+    names = getattr(getattr(model.source, "weights", None), "disk_names", ())
+    if not names:
+        return {}
+    fraction = cached_fraction(model.reader.block_file(n) for n in sorted(names))
+    return {} if fraction is None else {"disk_blocks_page_cached_fraction": fraction}
 
 
 def after_run_ceilings(model, info: dict) -> dict:
@@ -420,6 +441,10 @@ def format_table(result: dict) -> str:
                      f"{r.get('roofline_step_s', float('nan')):>11.4f} "
                      f"{r.get('fraction_of_roofline', float('nan')):>8.3f} {peak:>10} "
                      f"{r.get('predicted_step_s_same_run_rates', float('nan')):>11.4f}")
+    cached = [r["batch"] for r in result["runs"] if r.get("disk_blocks_page_cached_fraction", 0) > PAGE_CACHED_WARN]
+    if cached:
+        lines.append(f"WARNING: at batch {cached}, more than {PAGE_CACHED_WARN:.0%} of the disk tier's blocks were in "
+                     "the page cache after the run: its steps read (some) blocks from RAM, not from the disk")
     over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]
     if over:
         budget = placement["gpu_budget_bytes"] / 2**30

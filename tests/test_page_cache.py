@@ -1,0 +1,78 @@
+"""storage.page_cache: how much of a file the page cache holds (mincore), and bench's check of the disk tier."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from tiermem import bench
+from tiermem.storage.page_cache import cached_bytes, cached_fraction
+
+SIZE = 8 << 20
+
+
+def evict(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def written(tmp_path):
+    """Two files just written (so cached), and whether this filesystem lets them be evicted (tmpfs does not)."""
+    paths = [tmp_path / f"block.{i}" for i in range(2)]
+    for p in paths:
+        p.write_bytes(os.urandom(SIZE))
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    evict(probe)
+    return paths, cached_bytes(probe) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or os.uname().sysname != "Linux", reason="needs Linux")
+def test_cached_bytes_follows_reads_and_eviction(written):
+    paths, evictable = written
+    assert cached_bytes(paths[0]) == SIZE and cached_fraction(paths) == 1.0
+    if not evictable:
+        pytest.skip("this filesystem keeps files in memory (tmpfs): nothing to evict")
+    evict(paths[0])
+    assert cached_bytes(paths[0]) == 0 and cached_fraction(paths) == pytest.approx(0.5)
+    with open(paths[0], "rb") as f:
+        f.seek(SIZE // 2)
+        f.read(1 << 20)  # a buffered read caches what it read (and some readahead), not the whole file
+    assert (1 << 20) <= cached_bytes(paths[0]) < SIZE
+
+
+def test_empty_files_and_no_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert cached_bytes(empty) == 0 and cached_fraction([empty]) is None and cached_fraction([]) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or os.uname().sysname != "Linux", reason="needs Linux")
+def test_bench_reports_the_disk_tiers_blocks_in_the_page_cache(written):
+    paths, evictable = written
+    files = dict(zip(("layers.0", "layers.1"), paths, strict=True))
+    model = SimpleNamespace(source=SimpleNamespace(weights=SimpleNamespace(disk_names=frozenset(files))),
+                            reader=SimpleNamespace(block_file=files.__getitem__))
+    assert bench.disk_tier_page_cache(model) == {"disk_blocks_page_cached_fraction": 1.0}
+    if evictable:
+        for p in paths:
+            evict(p)
+        assert bench.disk_tier_page_cache(model) == {"disk_blocks_page_cached_fraction": 0.0}
+    resident_only = SimpleNamespace(source=SimpleNamespace(weights=SimpleNamespace(disk_names=frozenset())))
+    assert bench.disk_tier_page_cache(resident_only) == {}
+    assert bench.disk_tier_page_cache(SimpleNamespace(source=None)) == {}
+
+
+def test_bench_warns_when_a_run_read_its_disk_blocks_from_ram():
+    run = {"batch": 64, "micro_batches": 1, "prefill_s": 1.0, "decode_step_s": 1.2, "decode_tok_per_s": 53.0,
+           "peak_gpu_bytes": None}
+    result = {"model": "m", "quant": "int4", "machine": {"gpu": None}, "ceilings": {}, "placement": {},
+              "runs": [dict(run, disk_blocks_page_cached_fraction=0.98)]}
+    assert "WARNING: at batch [64]" in bench.format_table(result) and "page cache" in bench.format_table(result)
+    result["runs"] = [dict(run, disk_blocks_page_cached_fraction=0.01)]
+    assert "WARNING" not in bench.format_table(result)
