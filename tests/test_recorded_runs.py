@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_planner import RESULTS, _block_bytes, weights, workload
 
+from tiermem.ceilings import best_disk_read
 from tiermem.config import parse_size
 from tiermem.engine.config import model_config_from_hf
 from tiermem.kernels.kv_quant import kv_scheme
@@ -102,6 +103,7 @@ def _placement_of(w: Workload, placement: dict) -> Plan:
 
 S9_111B_DISK = [f"llama111b_int4_gpu24_cpu32_{run}_s9call{call}_h200.json"
                 for run, call in (("plan_int4kv", 2), ("plan_autokv", 3), ("kvcpu_int4", 3))]
+S11_111B_DISK = ["llama111b_int4_gpu24_cpu32_plan_autokv_s11call3_h200.json"]  # read with kvikio, O_DIRECT
 
 
 PLANNED_RECORDED = [
@@ -136,7 +138,7 @@ PLANNED_RECORDED = [
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s8call2_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
-    *((name, 64) for name in S9_111B_DISK),
+    *((name, 64) for name in S9_111B_DISK + S11_111B_DISK),
 ]
 
 
@@ -172,7 +174,7 @@ PLAN_TIME_RECORDED = [
         "first run 1.77). The same configuration run first on a newly written store (the _s8call5 file): within "
         "13%")),
     ("llama111b_int4_gpu24_cpu32_kvcpu_int4_s8call5_h200.json", 64),
-    *((name, 64) for name in S9_111B_DISK),
+    *((name, 64) for name in S9_111B_DISK + S11_111B_DISK),
 ]
 
 
@@ -300,6 +302,11 @@ S10_EAGER = [
                  for kv, c, k in (("int4", 2, 1), ("int4", 2, 2), ("int4", 3, 1), ("int4", 4, 1), ("int4", 4, 2),
                                   ("none", 2, 1), ("none", 2, 2), ("none", 3, 1), ("none", 4, 1), ("none", 4, 2),
                                   ("none", 5, 1), ("none", 5, 2)))]
+S11_EAGER = [_kv_tier_xfail(f"llama3_8b_int4_b16x2048_resident_eager_{run}_h200.json", (
+    "session 11's two eager runs, the hand-written alternative to graph replays: 32.2 ms predicted against 18.2 "
+    "measured (bf16 KV, call 1), 33.6 against 27.1 (int4 KV, call 3); see HOST_UNSTABLE_S10"))
+    for run in ("kvnone_s11call1_run1", "kvint4_s11call3_run1")]
+S11_KV_TIERS = [f"llama3_8b_int4_b16x2048_kv_{run}_s11call1_h200.json" for run in ("cpu", "disk", "disk_int4")]
 
 
 KV_TIER_PLAN_TIME = [
@@ -333,6 +340,10 @@ KV_TIER_PLAN_TIME = [
     *S9_DISK_KV,
     *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_gpu_s9call4_run{k}_h200.json", HOST_UNSTABLE_S9) for k in (1, 2, 3)),
     *S10_EAGER,
+    *S11_KV_TIERS[:2],
+    _kv_tier_xfail(S11_KV_TIERS[2], PROBE_DRIFT + " (the int4 disk KV tier timed at load: 0.605 s a step, "
+                   "after the run: 0.712; measured 0.729, median 0.691)"),
+    *S11_EAGER,
 ]
 
 
@@ -360,6 +371,8 @@ KV_TIER_SAME_RUN = [
     *S9_DISK_KV,
     *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_kv_gpu_s9call4_run{k}_h200.json", HOST_UNSTABLE_S9) for k in (1, 2, 3)),
     *S10_EAGER,
+    *S11_KV_TIERS,
+    *S11_EAGER,
 ]
 
 
@@ -437,16 +450,34 @@ def test_session_8_plans_beat_every_hand_written_alternative_tried():
         assert _steps(tiers.format("gpu"))[16] < _steps(tiers.format(kind))[16], kind
 
 
-@pytest.mark.parametrize("name", S9_111B_DISK)
-def test_session_9_111b_disk_runs_meet_issue_5(name):
+@pytest.mark.parametrize("name", S9_111B_DISK + S11_111B_DISK)
+def test_111b_disk_runs_meet_issue_5(name):
     """Issue 5 (b): 111B int4, gpu_memory 24 GiB, cpu_memory 32 GiB, the rest streamed from disk, batch 64, KV
     offloaded or quantized where the plan says so: at least 0.85 of the disk roofline, peak GPU memory within 24 GiB
-    and pinned host memory within 32 GiB, each measured in its run."""
+    and pinned host memory within 32 GiB, each measured in its run. Sessions 9 (POSIX reads) and 11 (kvikio, its
+    reads now O_DIRECT; bench dropped the page cache before the runs and found none of the disk tier's blocks in it
+    after)."""
     result = json.loads((RESULTS / name).read_text())
     placement, (run,) = result["placement"], result["runs"]
-    assert run["roofline_link"] == "disk" and run["fraction_of_roofline"] >= 0.85
+    assert run["roofline_link"] == "disk" and 0.85 <= run["fraction_of_roofline"] <= 1.05
     assert run["peak_gpu_bytes"] <= 24 * 2**30 and placement["pinned_host_bytes"] <= 32 * 2**30
     assert placement["disk_bytes_per_step"] > 0 and run["batch"] == 64
+    if name in S11_111B_DISK:
+        assert placement["read_backend"] == "kvikio" and placement["page_cache_dropped_before_runs"]
+        assert run["disk_blocks_page_cached_fraction"] < 0.05
+        assert run["predicted_breakdown_same_run_s"]["kernels"] == 0  # disk-bound: no kernel probe at load
+
+
+def test_session_11_buffered_kvikio_reads_came_from_the_page_cache():
+    """Call 2, before kvikio read with O_DIRECT: the same command "read" the disk tier's 10.3 GB per step in 1.22 s,
+    8.5 GB/s from a disk whose every cold reader measured 1.7-2.0 GB/s in that run. The blocks had stayed in the
+    page cache (128 GiB of RAM; cpu_memory bounds only pinned memory). Kept as the record of why; not a result."""
+    result = json.loads((RESULTS / "llama111b_int4_gpu24_cpu32_plan_autokv_kvikio_buffered_s11call2_h200.json")
+                        .read_text())
+    placement, (run,) = result["placement"], result["runs"]
+    assert placement["read_backend"] == "kvikio" and "disk_blocks_page_cached_fraction" not in run
+    rate = placement["disk_bytes_per_step"] / run["decode_step_s"]
+    assert rate > 4 * best_disk_read(result["ceilings"]) and run["fraction_of_roofline"] > 4
 
 
 def test_session_9_kv_quant_auto_chose_int4_on_the_gpu_which_tied_with_int4_kv_in_ram():
@@ -468,6 +499,11 @@ S10_GRAPHS = [
     "llama3_8b_int4_b16x2048_resident_graphs_kvnone_gen128_s10call5_h200.json",
     "llama3_8b_int4_b16x2048_resident_default_gen128_s10call6_h200.json",
 ]
+S11_GRAPHS = [
+    "llama3_8b_int4_b16x2048_kv_gpu_s11call1_h200.json",  # the KV-tier script's HBM run: graphs by default
+    "llama3_8b_int4_b16x2048_resident_graphs_kvnone_s11call1_run1_h200.json",
+    "llama3_8b_int4_b16x2048_resident_graphs_kvint4_s11call3_run1_h200.json",  # the KV attention at 4 blocks/SM
+]
 
 
 def _graph_prediction(name: str, same_run: bool) -> tuple[float, dict]:
@@ -486,13 +522,13 @@ def _graph_prediction(name: str, same_run: bool) -> tuple[float, dict]:
 
 
 @pytest.mark.parametrize("same_run", [False, True])
-@pytest.mark.parametrize("name", S10_GRAPHS)
-def test_session_10_graph_steps_are_predicted_within_15_percent(name, same_run):
-    """Session 10, llama3-8b int4, batch 16 x 2048, every block and the KV cache (bf16 or int4) in HBM, decode steps
-    as CUDA graph replays: the host's part plus the kernels' time, both measured on the machine at load (and again
-    after the run), within 15% of the steady step: the median. The first step of each 256-slot span runs eagerly
-    and is captured (60-65 ms more): 1 step in 15 of a 16-token run, 1 in 127 of the 128-token one, whose mean is
-    held to 15% as well."""
+@pytest.mark.parametrize("name", S10_GRAPHS + S11_GRAPHS)
+def test_graph_steps_are_predicted_within_15_percent(name, same_run):
+    """Sessions 10 and 11, llama3-8b int4, batch 16 x 2048, every block and the KV cache (bf16 or int4) in HBM,
+    decode steps as CUDA graph replays: the host's part plus the kernels' time, both measured on the machine at load
+    (and again after the run), within 15% of the steady step: the median. The first step of each 256-slot span runs
+    eagerly and is captured (60-65 ms more): 1 step in 15 of a 16-token run, 1 in 127 of the 128-token one, whose
+    mean is held to 15% as well."""
     predicted, run = _graph_prediction(name, same_run)
     assert abs(predicted - run["decode_step_median_s"]) / run["decode_step_median_s"] <= 0.15
     if run["gen_len"] >= 128:
@@ -501,11 +537,14 @@ def test_session_10_graph_steps_are_predicted_within_15_percent(name, same_run):
                                       ["step"], rel=1e-6)  # what bench itself predicted
 
 
-S10_EAGER_GRAPH_PAIRS = [
+EAGER_GRAPH_PAIRS = [
     *((f"llama3_8b_int4_b16x2048_resident_eager_kvint4_s10call4_run{k}_h200.json",
        f"llama3_8b_int4_b16x2048_resident_graphs_kvint4_s10call4_run{k}_h200.json") for k in (1, 2)),
     *((f"llama3_8b_int4_b16x2048_resident_eager_kvnone_s10call5_run{k}_h200.json",
        f"llama3_8b_int4_b16x2048_resident_graphs_kvnone_s10call5_run{k}_h200.json") for k in (1, 2)),
+    *((f"llama3_8b_int4_b16x2048_resident_eager_{run}_h200.json",
+       f"llama3_8b_int4_b16x2048_resident_graphs_{run}_h200.json") for run in ("kvnone_s11call1_run1",
+                                                                               "kvint4_s11call3_run1")),
 ]
 
 
@@ -516,13 +555,44 @@ def test_session_10_the_default_load_replays_graphs_where_everything_fits_hbm():
     assert "cuda-graphs" not in result["command"] and result["placement"]["cuda_graphs"]
 
 
-@pytest.mark.parametrize("eager,graphs", S10_EAGER_GRAPH_PAIRS)
-def test_session_10_graphs_beat_eager_steps_of_the_same_call(eager, graphs):
+@pytest.mark.parametrize("eager,graphs", EAGER_GRAPH_PAIRS)
+def test_graphs_beat_eager_steps_of_the_same_call(eager, graphs):
     """Each graph run against the eager run just before it on the same machine, same command but --cuda-graphs:
-    steady steps (medians) 1.26-1.36x faster with an int4 cache, 1.9-3.6x with bf16 (the eager step is the host's
-    time of issuing ~700 launches, which changed 2x between runs)."""
+    steady steps (medians) 1.26-1.36x faster with an int4 cache, 1.9-3.6x with bf16 (session 10; the eager step is
+    the host's time of issuing ~700 launches, which changed 2x between runs); session 11: 1.75x (bf16), 2.06x (int4,
+    the KV attention at 4 blocks per SM)."""
     def run(name: str) -> dict:
         return json.loads((RESULTS / name).read_text())["runs"][0]
 
     ratio = run(eager)["decode_step_median_s"] / run(graphs)["decode_step_median_s"]
     assert ratio > 1.2, ratio
+
+
+def test_session_11_plan_beats_every_hand_written_kv_placement_of_its_call():
+    """llama3-8b int4, batch 16 x 2048, call 1: the planner's choice with nothing fixed (KV in HBM, steps as graph
+    replays) against the KV cache fixed in host RAM and on disk (bf16, int4), and against eager steps
+    (--no-cuda-graphs), all in the same call; medians."""
+    tiers = "llama3_8b_int4_b16x2048_kv_{}_s11call1_h200.json"
+    planned = json.loads((RESULTS / tiers.format("gpu")).read_text())
+    assert "--kv-placement" not in planned["command"] and "cuda-graphs" not in planned["command"]
+    assert planned["placement"]["kv_placement"] == "gpu" and planned["placement"]["cuda_graphs"]
+    step = planned["runs"][0]["decode_step_median_s"]
+    others = [tiers.format(kind) for kind in ("cpu", "disk", "disk_int4")]
+    others.append("llama3_8b_int4_b16x2048_resident_eager_kvnone_s11call1_run1_h200.json")
+    for name in others:
+        result = json.loads((RESULTS / name).read_text())
+        assert result["placement"]["placement"] == "plan" and step < result["runs"][0]["decode_step_median_s"], name
+
+
+def test_session_11_kv_attention_split_aims_at_the_sweeps_best():
+    """bench_kernels' sweep of the fused KV attention's sequence split (call 1): for llama3-8b's b16 x 2304 graph span
+    and for b8 x 4096, 4 blocks per SM was the fastest of 2, 4, 8, 16 in both int4 and int8; that is the constant."""
+    from tiermem.kernels.cupy_ops import KV_ATTENTION_BLOCKS_PER_SM
+
+    rows = json.loads((RESULTS / "kv_attention_splits_s11call1_h200.json").read_text())["kv_attention"]
+    for batch, length in ((16, 2304), (8, 4096)):
+        for bits in (4, 8):
+            timed = {r["blocks_per_sm"]: r["us"] for r in rows
+                     if (r["batch"], r["length"], r["bits"]) == (batch, length, bits)}
+            assert set(timed) == {2, 4, 8, 16} and min(timed, key=timed.get) == 4, (batch, length, bits)
+    assert KV_ATTENTION_BLOCKS_PER_SM == 4
