@@ -6,10 +6,11 @@ llama3-8b int4 at batch 16 on an H200 machine, where the GPU computed for about 
 (benchmarks/results/llama3_8b_int4_b16x2048_*_profile_*.json, *_kv_gpu_s9call4_*). Only a few values
 change from step to step: the new token's slot, the rows' positions and which keys are real. Here
 they live in device tensors that the step reads (`slot` [1], `positions` [B, 1], the cache's key
-mask), the new K and V go into the cache by index_copy_ at `slot` (quantized first for an int8/int4
-cache, which the fused attention kernel reads over the span, told the query's slot by `slot`), and
-attention covers a fixed span of slots (the filled ones rounded up to `bucket`; keys past the new
-slot are masked out), so that the launches of a step and their arguments are the same for every step within a span.
+mask), the new K and V go into the cache at `slot` (index_copy_; for an int8/int4 cache one launch quantizes
+them straight into it, reading `slot` too, and the fused attention kernel reads the cache over the span, told
+the query's slot by `slot`), and attention covers a fixed span of slots (the filled ones rounded up to `bucket`;
+keys past the new slot are masked out), so that the launches of a step and their arguments are the same for every
+step within a span.
 
 StaticDecoder.forward is a decode step of Executor.forward over a KVCache. On the CPU it runs the step
 as it is (what tests compare with Executor.forward). With `graphs=True` (CUDA) the first step of
@@ -111,13 +112,10 @@ class StaticAttention:
     def _write(self, stored: Stored, x: torch.Tensor) -> None:
         """Put x [B, Hkv, 1, Dh] into slot `slot` of one layer's K or V (quantized first, as the dynamic step
         writes it, for a quantized cache)."""
-        if not isinstance(stored, QuantizedKV):
+        if isinstance(stored, QuantizedKV):
+            ops.write_quantized_kv_at_slot(x, *stored.tensors, stored.scheme, self.slot)
+        else:
             stored.index_copy_(2, self.slot, x)
-            return
-        new = stored.map(lambda t: t.new_empty((*x.shape[:3], t.shape[3])))  # [B, Hkv, 1, *] codes, scale, zero
-        new.write(slice(None), 0, x)
-        for dst, src in zip(stored.tensors, new.tensors, strict=True):
-            dst.index_copy_(2, self.slot, src)
 
 
 class StaticDecoder:

@@ -437,10 +437,14 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
 
 
 def kv_quantize_cuda(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                     group: int, row0: int, start: int) -> None:
+                     group: int, row0: int, start: int, start_slot: torch.Tensor | None = None) -> None:
     """Quantize x [rows, Hkv, T, Dh] (any strides) into batch rows row0.. and slots start..start+T-1 of codes
     uint8 [B, Hkv, S_max, Dh*bits/8] and scale / zero fp16 [B, Hkv, S_max, Dh/group] (contiguous), bit for bit
-    as tiermem.kernels.kv_quant.quantize_kv (kv_quant.cu)."""
+    as tiermem.kernels.kv_quant.quantize_kv (kv_quant.cu). start_slot (int64 [1] on the device): start read from
+    it when the kernel runs (a graph step's slot; one past S_max - T writes nothing), `start` then unused."""
+    if start_slot is not None and (start_slot.dtype != torch.int64 or start_slot.shape != (1,)):
+        raise TiermemError(f"kv_quantize_cuda: start_slot must be int64 [1], got {start_slot.dtype} "
+                           f"{tuple(start_slot.shape)}")
     rows, kv_heads, tokens, head_dim = x.shape
     batch, _, s_max, _ = codes.shape
     if (bits not in (4, 8) or head_dim % group or (bits == 4 and group % 2) or x.dtype not in _DTYPE_NAMES
@@ -450,10 +454,11 @@ def kv_quantize_cuda(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
             or row0 < 0 or row0 + rows > batch or start < 0 or start + tokens > s_max):
         raise TiermemError(f"kv_quantize_cuda: x {tuple(x.shape)} does not go into int{bits} group {group} KV "
                            f"{tuple(codes.shape)} at rows {row0}.., slots {start}..")
-    _check_cuda("kv_quantize_cuda", x, codes, scale, zero)
+    _check_cuda("kv_quantize_cuda", x, codes, scale, zero, *([] if start_slot is None else [start_slot]))
     work = rows * kv_heads * tokens * (head_dim // group)
     if work == 0:
         return
     args = (_ptr(x), *(np.int64(st) for st in x.stride()), _ptr(codes), _ptr(scale), _ptr(zero), _i32(rows),
-            _i32(kv_heads), _i32(tokens), _i32(head_dim), _i32(group), _i32(s_max), _i32(row0), _i32(start))
+            _i32(kv_heads), _i32(tokens), _i32(head_dim), _i32(group), _i32(s_max), _i32(row0), _i32(start),
+            _ptr(start_slot))
     _launch(x.device, "kv_quant.cu", f"kv_quantize_int{bits}_{_DTYPE_NAMES[x.dtype]}", _grid_for(work, 128), 128, args)

@@ -9,7 +9,8 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
 - write_quantized_kv: new K or V quantized straight into the cache's slots in one launch on CUDA
-  (while FUSED_KV_QUANTIZE), the reference quantize_kv + slice copies otherwise.
+  (while FUSED_KV_QUANTIZE), the reference quantize_kv + slice copies otherwise; write_quantized_kv_at_slot
+  the same for a graph step, its slot read from device memory.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tiermem.kernels.kv_quant import quantize_kv
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
 __all__ = ["apply_rope", "dequantize", "kv_decode_attention", "kv_decode_attention_supported", "linear", "rms_norm",
-           "silu_mul", "write_quantized_kv"]
+           "silu_mul", "write_quantized_kv", "write_quantized_kv_at_slot"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -162,3 +163,17 @@ def write_quantized_kv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
     end = start + x.shape[2]
     for dst, src in zip((codes, scale, zero), quantize_kv(x, scheme), strict=True):
         dst[rows, :, start:end] = src
+
+
+def write_quantized_kv_at_slot(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                               scheme: QuantScheme, slot: torch.Tensor) -> None:
+    """write_quantized_kv of x [B, Hkv, 1, Dh] into every row at the slot held in `slot` (int64 [1] on x's device),
+    read where the write runs, so that a captured CUDA graph writes each replay's slot: one fused launch, or (off the
+    kernel's path) quantize_kv and an index_copy_ of codes, scale and zero."""
+    packs_whole_bytes = scheme.bits == 8 or scheme.group_size % 2 == 0
+    if (FUSED_KV_QUANTIZE and x.is_cuda and x.dtype in _FLOAT_DTYPES and packs_whole_bytes
+            and all(t.is_contiguous() for t in (codes, scale, zero)) and cupy_ops.cuda_kernels_available()):
+        cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, 0, 0, start_slot=slot)
+        return
+    for dst, src in zip((codes, scale, zero), quantize_kv(x, scheme), strict=True):
+        dst.index_copy_(2, slot, src)

@@ -279,3 +279,20 @@ def test_kv_quantize_kernel_model_writes_what_the_reference_writes(bits, group):
     _simulate_kv_quantize(x, mine.codes, mine.scale, mine.zero, bits, group, 1, 3)
     for a, b in zip(ref.tensors, mine.tensors, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (4, 8), (4, 32)])
+def test_quantized_write_at_a_slot_in_a_tensor_writes_what_the_write_at_that_slot_does(bits, group):
+    """ops.write_quantized_kv_at_slot off the kernel's path (the CPU) against
+    write_quantized_kv at the same slot as an int: every row, bit for bit."""
+    from tiermem.engine.kv_cache import QuantizedKV
+
+    scheme = QuantScheme(bits, group)
+    x = torch.randn(2, 3, 1, 64, generator=torch.Generator().manual_seed(bits * group))  # [B, Hkv, 1, Dh]
+    ref = QuantizedKV.zeros(2, 3, 9, 64, scheme, torch.float32, "cpu")
+    mine = QuantizedKV.zeros(2, 3, 9, 64, scheme, torch.float32, "cpu")
+    ref.write(slice(None), 5, x)
+    ops.write_quantized_kv_at_slot(x, *mine.tensors, scheme, torch.tensor([5]))
+    for a, b in zip(ref.tensors, mine.tensors, strict=True):
+        assert torch.equal(a, b)
+    assert mine.codes[:, :, 5].any() and not mine.codes[:, :, :5].any() and not mine.codes[:, :, 6:].any()

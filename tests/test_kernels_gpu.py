@@ -401,6 +401,38 @@ def test_kv_quantize_kernel_writes_what_the_reference_writes(bits, group, tokens
         assert torch.equal(a.cpu(), b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 128), (4, 32)])
+def test_kv_quantize_at_a_slot_in_device_memory_follows_each_graph_replays_slot(bits, group, dtype, monkeypatch):
+    """write_quantized_kv_at_slot captured once in a CUDA graph, replayed with the slot tensor set to 7, then 300:
+    each replay writes that slot, bit for bit as the reference at an int slot; a slot past S_max writes nothing."""
+    from tiermem.engine.kv_cache import QuantizedKV
+
+    monkeypatch.setattr(ops, "FUSED_KV_QUANTIZE", True)
+    scheme = QuantScheme(bits, group)
+    x = _randn((3, 1, 4, 128), _gen("kv-quantize-slot", bits, group, dtype), dtype).transpose(1, 2)  # [3, 4, 1, 128]
+    kv = QuantizedKV.zeros(3, 4, 320, 128, scheme, dtype, "cuda")
+    slot = torch.zeros(1, dtype=torch.long, device="cuda")
+    ops.write_quantized_kv_at_slot(x, *kv.tensors, scheme, slot)  # warm-up: the kernel is compiled outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.write_quantized_kv_at_slot(x, *kv.tensors, scheme, slot)
+    ref = QuantizedKV.zeros(3, 4, 320, 128, scheme, dtype, "cpu")
+    ref.write(slice(None), 0, x.cpu())
+    for at in (7, 300):
+        slot.fill_(at)
+        graph.replay()
+        ref.write(slice(None), at, x.cpu())
+    torch.cuda.synchronize()
+    for a, b in zip(kv.tensors, ref.tensors, strict=True):
+        assert torch.equal(a.cpu(), b)
+    before = [t.clone() for t in kv.tensors]
+    slot.fill_(320)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(kv.tensors, before, strict=True))
+
+
 @pytest.mark.parametrize("kv_quant", ["int8", "int4"])
 def test_generation_with_the_fused_kv_quantize_follows_the_reference_path(kv_quant, monkeypatch, tmp_path):
     """End to end with ops.FUSED_KV_QUANTIZE on and off (the torch reference on the GPU): teacher-forced logits
