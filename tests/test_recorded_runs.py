@@ -134,6 +134,7 @@ PLANNED_RECORDED = [
         "attention is timed (the _s7call2 CPU-attention run)")),
     *((f"llama111b_int4_gpu24_host_{run}_s7call2_h200.json", b) for run in ("plan", "greedy") for b in (1, 32)),
     ("llama111b_int4_gpu24_host_cpu_attention_s7call2_h200.json", 32),
+    *(("llama111b_int4_gpu24_host_plan_s11call4_h200.json", b) for b in (1, 32)),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call3_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4", "plan")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s7call4_h200.json", 64) for run in ("plan_int4kv_fresh_probe", "kvcpu_bf16")),
     *((f"llama111b_int4_gpu24_cpu32_{run}_s8call2_h200.json", 64) for run in ("plan_int4kv", "kvcpu_int4")),
@@ -161,6 +162,7 @@ PLAN_TIME_RECORDED = [
         "planner keeps attention on the GPU for this configuration (the _s6call4 file: within 8%)")),
     ("llama111b_int4_gpu24_host_plan_s7call2_h200.json", 32),
     ("llama111b_int4_gpu24_host_cpu_attention_s7call2_h200.json", 32),
+    *(("llama111b_int4_gpu24_host_plan_s11call4_h200.json", b) for b in (1, 32)),
     *(pytest.param(f"llama111b_int4_gpu24_cpu32_{run}_s7call3_h200.json", 64, marks=pytest.mark.xfail(
         strict=True, reason="planned with the disk rate cached in call 1, measured on the llama3-8b store (1.98 "
         "GB/s); the disk tier then read the 111B store at about 1.55. A probe of the 111B store itself read 1.58 "
@@ -302,10 +304,13 @@ S10_EAGER = [
                  for kv, c, k in (("int4", 2, 1), ("int4", 2, 2), ("int4", 3, 1), ("int4", 4, 1), ("int4", 4, 2),
                                   ("none", 2, 1), ("none", 2, 2), ("none", 3, 1), ("none", 4, 1), ("none", 4, 2),
                                   ("none", 5, 1), ("none", 5, 2)))]
-S11_EAGER = [_kv_tier_xfail(f"llama3_8b_int4_b16x2048_resident_eager_{run}_h200.json", (
-    "session 11's two eager runs, the hand-written alternative to graph replays: 32.2 ms predicted against 18.2 "
-    "measured (bf16 KV, call 1), 33.6 against 27.1 (int4 KV, call 3); see HOST_UNSTABLE_S10"))
-    for run in ("kvnone_s11call1_run1", "kvint4_s11call3_run1")]
+S11_EAGER = [
+    *(_kv_tier_xfail(f"llama3_8b_int4_b16x2048_resident_eager_{run}_h200.json", (
+        "session 11's eager runs, the hand-written alternative to graph replays: 32.2 ms predicted against 18.2 "
+        "measured (bf16 KV, call 1), 33.6 against 27.1 (int4 KV, call 3); see HOST_UNSTABLE_S10"))
+      for run in ("kvnone_s11call1_run1", "kvint4_s11call3_run1")),
+    "llama3_8b_int4_b16x2048_resident_eager_kvint4_gen32_s11call4_h200.json",  # 32.5 ms predicted, 31.5 measured
+]
 S11_KV_TIERS = [f"llama3_8b_int4_b16x2048_kv_{run}_s11call1_h200.json" for run in ("cpu", "disk", "disk_int4")]
 
 
@@ -468,6 +473,21 @@ def test_111b_disk_runs_meet_issue_5(name):
         assert run["predicted_breakdown_same_run_s"]["kernels"] == 0  # disk-bound: no kernel probe at load
 
 
+@pytest.mark.parametrize("name", ["llama111b_int4_gpu24_host_plan_s7call2_h200.json",
+                                  "llama111b_int4_gpu24_host_plan_s11call4_h200.json"])
+def test_111b_host_runs_meet_issue_5(name):
+    """Issue 5 (a): 111B int4, gpu_memory 24 GiB, host RAM for the rest (no cpu_memory), the planner's placement:
+    batch 1 and 32 at 0.9 of the PCIe roofline or more, peak GPU memory within 24 GiB, each measured in its run
+    (session 7, and session 11 on the final code: 0.973 and 0.926)."""
+    result = json.loads((RESULTS / name).read_text())
+    assert "--cpu-memory" not in result["command"] and result["placement"]["placement"] == "plan"
+    runs = {r["batch"]: r for r in result["runs"]}
+    assert set(runs) == {1, 32}
+    for run in runs.values():
+        assert run["roofline_link"] == "pcie" and 0.9 <= run["fraction_of_roofline"] <= 1.05
+        assert run["peak_gpu_bytes"] <= 24 * 2**30 and run["within_gpu_budget"]
+
+
 def test_session_11_buffered_kvikio_reads_came_from_the_page_cache():
     """Call 2, before kvikio read with O_DIRECT: the same command "read" the disk tier's 10.3 GB per step in 1.22 s,
     8.5 GB/s from a disk whose every cold reader measured 1.7-2.0 GB/s in that run. The blocks had stayed in the
@@ -503,6 +523,13 @@ S11_GRAPHS = [
     "llama3_8b_int4_b16x2048_kv_gpu_s11call1_h200.json",  # the KV-tier script's HBM run: graphs by default
     "llama3_8b_int4_b16x2048_resident_graphs_kvnone_s11call1_run1_h200.json",
     "llama3_8b_int4_b16x2048_resident_graphs_kvint4_s11call3_run1_h200.json",  # the KV attention at 4 blocks/SM
+    *(f"llama3_8b_int4_b16x2048_resident_graphs_kv{kv}_gen32_s11call5_run{k}_h200.json"  # slot-reading quantize
+      for kv, k in (("int4", 1), ("int4", 2), ("none", 1))),
+    pytest.param("llama3_8b_int4_b16x2048_resident_graphs_kvint4_gen32_s11call4_h200.json", marks=pytest.mark.xfail(
+        strict=True, reason="12.4 ms predicted, 16.7 measured (median): the host's part of each step took 4-7 ms "
+        "where its probe at load read 0.72, while the VM's host stole 18.7% of the busy CPU time (0-1.7% in every "
+        "other session 11 run). The same command on the same machine minutes later (the _s11call5 files): 12.8 "
+        "ms, host part 1.1. A graph step waits for its host part, so the host's speed adds to it")),
 ]
 
 
@@ -544,7 +571,8 @@ EAGER_GRAPH_PAIRS = [
        f"llama3_8b_int4_b16x2048_resident_graphs_kvnone_s10call5_run{k}_h200.json") for k in (1, 2)),
     *((f"llama3_8b_int4_b16x2048_resident_eager_{run}_h200.json",
        f"llama3_8b_int4_b16x2048_resident_graphs_{run}_h200.json") for run in ("kvnone_s11call1_run1",
-                                                                               "kvint4_s11call3_run1")),
+                                                                               "kvint4_s11call3_run1",
+                                                                               "kvint4_gen32_s11call4")),
 ]
 
 
