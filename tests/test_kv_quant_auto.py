@@ -38,6 +38,29 @@ def test_the_most_precise_kv_cache_is_kept_unless_a_less_precise_one_is_clearly_
         choose_kv_quant(steps(None, None, None))
 
 
+@pytest.mark.parametrize("graph_s,graph_rank,eager_s,eager_rank,taken", [
+    (1.00, 0, 1.00, 0, True),  # same precision: graphs when no slower
+    (1.01, 0, 1.00, 0, False),
+    (0.97, 2, 1.00, 0, False),  # graphs chose int4 where eager steps kept bf16: 3% is not enough
+    (0.94, 2, 1.00, 0, True),
+    (1.02, 0, 0.98, 2, True),  # graphs keep bf16, eager steps chose int4 only 4% faster: the more precise wins
+    (1.10, 0, 1.00, 2, False),
+])
+def test_graph_replays_follow_the_kv_precision_rule_against_eager_steps(graph_s, graph_rank, eager_s, eager_rank,
+                                                                       taken):
+    """placement.with_graph_replays with kv_quant="auto": where the graph plan's KV precision differs from the eager
+    plan's, the planner.kv_precision_prefers rule (5%) decides, as among precisions; same precision, no slower."""
+    from tiermem.placement import with_graph_replays
+    from tiermem.planner import Plan
+
+    def plan_for(graphs: bool):
+        seconds, rank = (graph_s, graph_rank) if graphs else (eager_s, eager_rank)
+        return Plan(("layers.0", "head"), (), (), host_only=("embed",), predicted_step_s=seconds), rank
+
+    answer, graphs = with_graph_replays(plan_for, "auto", lambda a: a[0], lambda a: a[1])
+    assert graphs is taken and answer == plan_for(taken)
+
+
 def test_auto_kv_schemes_are_the_compute_dtype_int8_and_int4():
     assert KV_QUANT_AUTO == (None, "int8", "int4")
     assert auto_kv_schemes(128) == (None, QuantScheme.from_name("int8", 128), QuantScheme.from_name("int4", 128))

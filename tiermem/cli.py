@@ -143,7 +143,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     # graph replays are considered only where CUDA is here to time them; the JSON records None where they were not
     mode = args.cuda_graphs if args.cuda_graphs != "auto" or torch.cuda.is_available() else False
     (kv_quant, (chosen, hardware, source, workload), options), graphs = with_graph_replays(
-        plan_for, mode, lambda answer: answer[1][0])
+        plan_for, mode, lambda answer: answer[1][0], lambda answer: schemes.index(answer[0]))
     if graphs and not graphable(chosen):
         raise NotResidentError(f"--cuda-graphs needs every block and the KV cache in HBM; this plan streams "
                                f"{len(chosen.host_blocks) + len(chosen.disk_blocks)} blocks within gpu_memory "

@@ -27,7 +27,7 @@ from tiermem.gpu_tier import GpuWeights, plan_gpu_residency
 from tiermem.kernels.kv_quant import kv_bytes_per_vector
 from tiermem.kernels.quant import QuantScheme
 from tiermem.pinned import PinnedArena
-from tiermem.planner import Hardware, Plan
+from tiermem.planner import Hardware, Plan, kv_precision_prefers
 from tiermem.read_backend import choose_backend, make_backend
 from tiermem.residency import TieredWeights, plan_residency
 from tiermem.scratch_file import check_offload_dir
@@ -164,7 +164,7 @@ def build_gpu_source(
     source's kv_quant is the one used. cuda_graphs: True plans for decode steps as CUDA graph replays (the caller
     fixed the KV cache on the GPU and whole-batch steps); "auto" makes them so where every block ends up in HBM with
     the KV cache and whole-batch steps, and with plan "auto" where the planner, planning again for graph replays
-    (graphable), predicts them no slower; the source's cuda_graphs says whether they are.
+    (graphable), prefers them (with_graph_replays); the source's cuda_graphs says whether they are.
     """
     budget = gpu_memory if gpu_memory is not None else torch.cuda.mem_get_info(device)[0]
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
@@ -184,7 +184,9 @@ def build_gpu_source(
                              fixed[1], lookahead, fixed[2], offload_dir=offload_dir, device=str(device),
                              cuda_graphs=graphs), schemes
 
-        (plan, kv_quant), cuda_graphs = with_graph_replays(plan_for, cuda_graphs, lambda planned: planned[0])
+        (plan, kv_quant), cuda_graphs = with_graph_replays(
+            plan_for, cuda_graphs, lambda planned: planned[0],
+            lambda planned: schemes.index(planned[1]) if isinstance(schemes, tuple) else 0)
     elif plan == "auto":
         plan = None
     if plan is not None:
@@ -281,13 +283,16 @@ def graphable(plan: Plan) -> bool:
             and not plan.cpu_cache_compute)
 
 
-def with_graph_replays(plan_for: Callable[[bool], T], mode: bool | str, plan_of: Callable[[T], Plan]
-                       ) -> tuple[T, bool]:
+def with_graph_replays(plan_for: Callable[[bool], T], mode: bool | str, plan_of: Callable[[T], Plan],
+                       kv_rank: Callable[[T], int] = lambda _answer: 0) -> tuple[T, bool]:
     """The planning of decode steps as CUDA graph replays or not, as cuda_graphs `mode` says: plan_for(True) for
     True; plan_for(False) for False; for "auto", plan_for(False), and where its plan could replay graphs
-    (graphable), plan_for(True) instead if that plan is graphable and predicted no slower (plan_of: the Plan of a
-    plan_for answer). A replay plan that does not fit is dropped; one whose probes failed is dropped with a warning.
+    (graphable), plan_for(True) instead if that plan is graphable and preferred (plan_of: the Plan of a plan_for
+    answer; kv_rank: the precision of its KV cache, 0 the most precise, where kv_quant="auto" chose it for each
+    kind of step): no slower with the same KV precision, the 5% rule of planner.kv_precision_prefers across
+    precisions. A replay plan that does not fit is dropped; one whose probes failed is dropped with a warning.
     Returns (the answer taken, whether it is for graph replays)."""
+
     if mode is True:
         return plan_for(True), True
     eager = plan_for(False)
@@ -301,8 +306,9 @@ def with_graph_replays(plan_for: Callable[[bool], T], mode: bool | str, plan_of:
         warnings.warn(f"tiermem: decode steps planned without CUDA graphs: planning for them failed ({exc})",
                       stacklevel=3)
         return eager, False
-    faster = plan_of(replayed).predicted_step_s <= plan_of(eager).predicted_step_s
-    return (replayed, True) if graphable(plan_of(replayed)) and faster else (eager, False)
+    preferred = kv_precision_prefers(plan_of(replayed).predicted_step_s, kv_rank(replayed),
+                                     plan_of(eager).predicted_step_s, kv_rank(eager))
+    return (replayed, True) if graphable(plan_of(replayed)) and preferred else (eager, False)
 
 
 def plan_timing_kernels(make: Callable[[Workload, Hardware], Plan], workload: Workload, hardware: Hardware,

@@ -383,15 +383,26 @@ def each_that_fits(choices: Sequence, make: Callable) -> list:
 KV_QUANT_MIN_GAIN = 0.05  # kv_quant="auto" takes a less precise KV cache only for a plan at least this much faster
 
 
+def kv_precision_prefers(step_s: float, rank: int, over_step_s: float, over_rank: int) -> bool:
+    """Whether a plan predicted at step_s with a KV cache of precision `rank` (0 the most precise) is to be taken over
+    one at over_step_s with `over_rank`: at the same precision when no slower; less precise only when at least
+    KV_QUANT_MIN_GAIN faster (quantizing the cache costs accuracy, so a win within the cost model's error does not buy
+    it); more precise unless the other is that much faster."""
+    if rank == over_rank:
+        return step_s <= over_step_s
+    if rank > over_rank:
+        return step_s < (1 - KV_QUANT_MIN_GAIN) * over_step_s
+    return not over_step_s < (1 - KV_QUANT_MIN_GAIN) * step_s
+
+
 def choose_kv_quant(plans: Sequence[Plan | None]) -> int:
     """kv_quant="auto": the index of the KV cache's scheme to use, given the best plan with each (most precise first,
     None where nothing fits): the most precise one, unless a less precise one's plan is predicted at least
-    KV_QUANT_MIN_GAIN faster than the one chosen so far (quantizing the cache costs accuracy, so a win within the
-    cost model's error does not buy it). BudgetError when no plan fits."""
+    KV_QUANT_MIN_GAIN faster than the one chosen so far (kv_precision_prefers). BudgetError when no plan fits."""
     chosen = None
     for i, p in enumerate(plans):
-        if p is not None and (chosen is None or
-                              p.predicted_step_s < (1 - KV_QUANT_MIN_GAIN) * plans[chosen].predicted_step_s):
+        if p is not None and (chosen is None or kv_precision_prefers(p.predicted_step_s, i,
+                                                                     plans[chosen].predicted_step_s, chosen)):
             chosen = i
     if chosen is None:
         raise BudgetError("no placement fits the budgets with the KV cache in the compute dtype, int8 or int4: "
