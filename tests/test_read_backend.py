@@ -77,3 +77,25 @@ def test_kvikio_reads_bypass_the_page_cache(files):
         backend.read_into(paths[2], 0, out)
         assert backend.direct_reads == 1 and backend.buffered_reads == 0
     assert torch.equal(out, data[2]) and cached_bytes(paths[2]) == 0
+
+
+def test_a_cached_choice_from_before_kvikio_read_with_o_direct_is_measured_again(tmp_path, monkeypatch):
+    """kvikio's buffered reads made it look fast from the page cache; a choice cached then is stale. The probe
+    itself is faked (kvikio here or not)."""
+    from tiermem import read_backend
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(read_backend, "kvikio_available", lambda: True)
+    probes = []
+
+    def fake_measure(files, threads):
+        probes.append(threads)
+        return {"posix": 2.0e9, "kvikio": 1.5e9, "bytes": 2 << 30}
+
+    monkeypatch.setattr(read_backend, "measure_backends", fake_measure)
+    path = read_backend.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"best": "kvikio", "Bps": {"posix": 1.4e9, "kvikio": 8.5e9}}))
+    assert choose_backend("auto", tmp_path, 4) == "posix" and probes == [4]
+    assert json.loads(path.read_text())["kvikio_reads"] == read_backend.KVIKIO_READS
+    assert choose_backend("auto", tmp_path, 4) == "posix" and probes == [4]  # the fresh choice is reused

@@ -18,6 +18,7 @@ from tiermem.storage.durable import write_file_atomic
 
 BACKENDS = ("auto", "posix", "kvikio")
 MIN_PROBE_BYTES = 1 << 30  # a probe over less data than this is not cached: too small to be representative
+KVIKIO_READS = "o_direct"  # how KvikioBackend reads; a cached choice made before it read with O_DIRECT is stale
 
 
 def check_backend_name(name: str) -> None:
@@ -69,12 +70,15 @@ def choose_backend(name: str, store_dir: Path, threads: int) -> str:
         return "posix"
     path = cache_file()
     if path.is_file():
-        return json.loads(path.read_text())["best"]
+        cached = json.loads(path.read_text())
+        if cached.get("kvikio_reads") == KVIKIO_READS:  # else measured when kvikio's reads were buffered
+            return cached["best"]
     rates = measure_backends(list(store_dir.glob("*.safetensors")), threads)
     probed = rates.pop("bytes")
     best = max(rates, key=rates.__getitem__)
     if probed >= MIN_PROBE_BYTES:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file_atomic(path, json.dumps({"best": best, "Bps": rates, "probe_bytes": probed,
-                                            "measured_at": time.time(), "store": os.fspath(store_dir)}).encode())
+                                            "measured_at": time.time(), "store": os.fspath(store_dir),
+                                            "kvikio_reads": KVIKIO_READS}).encode())
     return best
