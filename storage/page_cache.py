@@ -65,3 +65,21 @@ def cached_fraction(paths: Iterable[str | os.PathLike]) -> float | None:
         cached += found
         total += os.path.getsize(path)
     return cached / total if total else None
+
+
+def evict(paths: Iterable[str | os.PathLike]) -> None:
+    """Write back and drop the files' pages from the page cache (posix_fadvise DONTNEED, no root needed; a no-op
+    where the call does not exist, or on a filesystem that keeps files in memory, such as tmpfs). Best effort:
+    a file whose pages cannot be written back (a read-only mount) keeps its dirty pages."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                os.fsync(fd)
+            except OSError:  # EROFS / EINVAL on some read-only filesystems: clean pages are dropped anyway
+                pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

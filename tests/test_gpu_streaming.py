@@ -109,11 +109,9 @@ def test_budget_error_when_the_ring_does_not_fit(stores):
 @pytest.mark.parametrize("read_backend", ["posix", "kvikio"])
 def test_disk_tier_streams_blocks_that_fit_neither_budget(stores, read_backend):
     """...from the disk, not from the page cache (bench's check: its rates would be the RAM's)."""
-    import os
-
     from tiermem.bench import disk_tier_page_cache
     from tiermem.storage.backends.kvikio import kvikio_available
-    from tiermem.storage.page_cache import cached_bytes
+    from tiermem.storage.page_cache import cached_bytes, evict
 
     if read_backend == "kvikio" and not kvikio_available():
         pytest.skip("needs kvikio")
@@ -131,11 +129,7 @@ def test_disk_tier_streams_blocks_that_fit_neither_budget(stores, read_backend):
         assert info["disk_blocks"] > 0 and info["pinned_host_bytes"] <= cpu_memory
         assert info["read_backend"] == read_backend
         files = [reader.block_file(n) for n in m.source.weights.disk_names]
-        for path in files:  # pack just wrote them: out of the page cache, so that only the tier's reads count
-            fd = os.open(path, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        evict(files)  # pack just wrote them: out of the page cache, so that only the tier's reads count
         evictable = all(cached_bytes(p) == 0 for p in files)
         out = m.forward(ids, mask)
         tokens = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])

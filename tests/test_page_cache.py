@@ -6,18 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 from tiermem import bench
-from tiermem.storage.page_cache import cached_bytes, cached_fraction
+from tiermem.storage.page_cache import cached_bytes, cached_fraction, evict
 
 SIZE = 8 << 20
-
-
-def evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture
@@ -28,7 +19,7 @@ def written(tmp_path):
         p.write_bytes(os.urandom(SIZE))
     probe = tmp_path / "probe"
     probe.write_bytes(os.urandom(1 << 20))
-    evict(probe)
+    evict([probe])
     return paths, cached_bytes(probe) == 0
 
 
@@ -38,7 +29,7 @@ def test_cached_bytes_follows_reads_and_eviction(written):
     assert cached_bytes(paths[0]) == SIZE and cached_fraction(paths) == 1.0
     if not evictable:
         pytest.skip("this filesystem keeps files in memory (tmpfs): nothing to evict")
-    evict(paths[0])
+    evict(paths[:1])
     assert cached_bytes(paths[0]) == 0 and cached_fraction(paths) == pytest.approx(0.5)
     with open(paths[0], "rb") as f:
         f.seek(SIZE // 2)
@@ -60,8 +51,7 @@ def test_bench_reports_the_disk_tiers_blocks_in_the_page_cache(written):
                             reader=SimpleNamespace(block_file=files.__getitem__))
     assert bench.disk_tier_page_cache(model) == {"disk_blocks_page_cached_fraction": 1.0}
     if evictable:
-        for p in paths:
-            evict(p)
+        evict(paths)
         assert bench.disk_tier_page_cache(model) == {"disk_blocks_page_cached_fraction": 0.0}
     resident_only = SimpleNamespace(source=SimpleNamespace(weights=SimpleNamespace(disk_names=frozenset())))
     assert bench.disk_tier_page_cache(resident_only) == {}

@@ -61,15 +61,10 @@ def test_kvikio_reads_what_posix_reads_and_auto_caches_its_choice(files, tmp_pat
 @pytest.mark.skipif(not kvikio_available(), reason="needs kvikio and CUDA")
 def test_kvikio_reads_bypass_the_page_cache(files):
     """Blocks read every step must come from the disk: kvikio's host reads are buffered unless told otherwise."""
-    import os
-
-    from tiermem.storage.page_cache import cached_bytes
+    from tiermem.storage.page_cache import cached_bytes, evict
 
     paths, data = files
-    fd = os.open(paths[2], os.O_RDONLY)
-    os.fsync(fd)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    evict(paths[2:])
     if cached_bytes(paths[2]) != 0:
         pytest.skip("this filesystem keeps files in memory (tmpfs): nothing to bypass")
     out = torch.empty(1 << 20, dtype=torch.uint8).pin_memory()

@@ -27,6 +27,7 @@ from tiermem.ceilings import backend_disk_read, best_disk_read, drop_page_cache
 from tiermem.config import parse_size
 from tiermem.errors import ConfigError
 from tiermem.placement import kv_cache_bytes
+from tiermem.storage.page_cache import cached_fraction, evict
 
 PAGE_CACHED_WARN = 0.05  # more of the disk tier's blocks in the page cache after a run: it did not read the disk
 
@@ -279,6 +280,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     runs = []
     if info.get("disk_blocks"):  # cold: writing the store (or a reader before) may have left blocks cached
         info["page_cache_dropped_before_runs"] = drop_page_cache()
+        evict(disk_tier_files(model))  # without root too
     try:
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         for batch, micro in plan:
@@ -313,17 +315,20 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def disk_tier_page_cache(model) -> dict:
     """{"disk_blocks_page_cached_fraction": share of the disk tier's block files in the page cache right after a
-    run} where blocks stream from disk and the kernel can tell (Linux); {} otherwise. bench drops the page cache
-    before its runs and the disk tier reads with O_DIRECT, so this stays near 0; a buffered reader would leave
+    run} where blocks stream from disk and the kernel can tell (Linux); {} otherwise. bench evicts those files
+    from the page cache before its runs and the disk tier reads with O_DIRECT, so this stays near 0; a buffered
+    reader would leave
     every block cached, and the run's disk rate would be the RAM's (session 11: kvikio's buffered reads, 8.5 GB/s
     "from" a 2 GB/s disk)."""
-    from tiermem.storage.page_cache import cached_fraction
-
-    names = getattr(getattr(model.source, "weights", None), "disk_names", ())
-    if not names:
-        return {}
-    fraction = cached_fraction(model.reader.block_file(n) for n in sorted(names))
+    files = disk_tier_files(model)
+    fraction = cached_fraction(files) if files else None
     return {} if fraction is None else {"disk_blocks_page_cached_fraction": fraction}
+
+
+def disk_tier_files(model) -> list[Path]:
+    """The store files of the blocks `model` reads from disk every step (none where nothing streams from disk)."""
+    names = getattr(getattr(model.source, "weights", None), "disk_names", ())
+    return [model.reader.block_file(n) for n in sorted(names)]
 
 
 def after_run_ceilings(model, info: dict) -> dict:
