@@ -66,3 +66,13 @@ def test_bench_warns_when_a_run_read_its_disk_blocks_from_ram():
     assert "WARNING: at batch [64]" in bench.format_table(result) and "page cache" in bench.format_table(result)
     result["runs"] = [dict(run, disk_blocks_page_cached_fraction=0.01)]
     assert "WARNING" not in bench.format_table(result)
+
+
+def test_bench_notes_a_step_that_beat_its_roofline():
+    run = {"batch": 16, "micro_batches": 1, "prefill_s": 1.0, "decode_step_s": 2.0, "decode_tok_per_s": 8.0,
+           "peak_gpu_bytes": None}
+    result = {"model": "m", "quant": "int4", "machine": {"gpu": None}, "ceilings": {}, "placement": {},
+              "runs": [dict(run, fraction_of_roofline=1.15)]}
+    assert "NOTE: at batch [16] the step beat its roofline" in bench.format_table(result)
+    result["runs"] = [dict(run, fraction_of_roofline=0.99)]
+    assert "NOTE" not in bench.format_table(result)

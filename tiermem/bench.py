@@ -30,6 +30,7 @@ from tiermem.placement import kv_cache_bytes
 from tiermem.storage.page_cache import cached_fraction, evict
 
 PAGE_CACHED_WARN = 0.05  # more of the disk tier's blocks in the page cache after a run: it did not read the disk
+ROOFLINE_BEATEN = 1.05  # a step this much faster than its roofline: a ceiling measured low, or bytes not moved
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -450,6 +451,11 @@ def format_table(result: dict) -> str:
     if cached:
         lines.append(f"WARNING: at batch {cached}, more than {PAGE_CACHED_WARN:.0%} of the disk tier's blocks were in "
                      "the page cache after the run: its steps read (some) blocks from RAM, not from the disk")
+    beat = [r["batch"] for r in result["runs"] if r.get("fraction_of_roofline", 0) > ROOFLINE_BEATEN]
+    if beat:
+        lines.append(f"NOTE: at batch {beat} the step beat its roofline by more than {ROOFLINE_BEATEN - 1:.0%}: the "
+                     "link ran faster during the run than when its ceiling was measured (this disk drifts), or some "
+                     "bytes did not cross it (a cache)")
     over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]
     if over:
         budget = placement["gpu_budget_bytes"] / 2**30
