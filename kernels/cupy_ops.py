@@ -441,7 +441,7 @@ def kv_quantize_cuda(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     """Quantize x [rows, Hkv, T, Dh] (any strides) into batch rows row0.. and slots start..start+T-1 of codes
     uint8 [B, Hkv, S_max, Dh*bits/8] and scale / zero fp16 [B, Hkv, S_max, Dh/group] (contiguous), bit for bit
     as tiermem.kernels.kv_quant.quantize_kv (kv_quant.cu). start_slot (int64 [1] on the device): start read from
-    it when the kernel runs (a graph step's slot; one past S_max - T writes nothing), `start` then unused."""
+    it when the kernel runs (a graph step's slot; a slot > S_max - T writes nothing), `start` then unused."""
     if start_slot is not None and (start_slot.dtype != torch.int64 or start_slot.shape != (1,)):
         raise TiermemError(f"kv_quantize_cuda: start_slot must be int64 [1], got {start_slot.dtype} "
                            f"{tuple(start_slot.shape)}")

@@ -150,14 +150,20 @@ def kv_decode_attention(q: torch.Tensor, k: tuple[torch.Tensor, ...], v: tuple[t
 FUSED_KV_QUANTIZE = True
 
 
+def _fused_kv_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       scheme: QuantScheme) -> bool:
+    """Whether kv_quant.cu takes this write (one thread per group writes whole bytes: int8, or int4 in even groups)."""
+    packs_whole_bytes = scheme.bits == 8 or scheme.group_size % 2 == 0
+    return (FUSED_KV_QUANTIZE and x.is_cuda and x.dtype in _FLOAT_DTYPES and packs_whole_bytes
+            and all(t.is_contiguous() for t in (codes, scale, zero)) and cupy_ops.cuda_kernels_available())
+
+
 def write_quantized_kv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                        scheme: QuantScheme, rows: slice, start: int) -> None:
     """Quantize x [b, Hkv, T, Dh] into batch rows `rows` (step 1) and slots start..start+T-1 of a quantized
     cache's codes / scale / zero [B, Hkv, S_max, *] (tiermem.kernels.kv_quant layout)."""
     row0, _, _ = rows.indices(codes.shape[0])
-    packs_whole_bytes = scheme.bits == 8 or scheme.group_size % 2 == 0  # one thread per group writes its bytes
-    if (FUSED_KV_QUANTIZE and x.is_cuda and x.dtype in _FLOAT_DTYPES and packs_whole_bytes
-            and all(t.is_contiguous() for t in (codes, scale, zero)) and cupy_ops.cuda_kernels_available()):
+    if _fused_kv_quantize(x, codes, scale, zero, scheme):
         cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, row0, start)
         return
     end = start + x.shape[2]
@@ -169,10 +175,9 @@ def write_quantized_kv_at_slot(x: torch.Tensor, codes: torch.Tensor, scale: torc
                                scheme: QuantScheme, slot: torch.Tensor) -> None:
     """write_quantized_kv of x [B, Hkv, 1, Dh] into every row at the slot held in `slot` (int64 [1] on x's device),
     read where the write runs, so that a captured CUDA graph writes each replay's slot: one fused launch, or (off the
-    kernel's path) quantize_kv and an index_copy_ of codes, scale and zero."""
-    packs_whole_bytes = scheme.bits == 8 or scheme.group_size % 2 == 0
-    if (FUSED_KV_QUANTIZE and x.is_cuda and x.dtype in _FLOAT_DTYPES and packs_whole_bytes
-            and all(t.is_contiguous() for t in (codes, scale, zero)) and cupy_ops.cuda_kernels_available()):
+    kernel's path) quantize_kv and an index_copy_ of codes, scale and zero. The caller keeps the slot below S_max
+    (StaticDecoder's spans do): past it the kernel writes nothing and index_copy_ fails."""
+    if _fused_kv_quantize(x, codes, scale, zero, scheme):
         cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, 0, 0, start_slot=slot)
         return
     for dst, src in zip((codes, scale, zero), quantize_kv(x, scheme), strict=True):

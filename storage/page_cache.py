@@ -1,4 +1,4 @@
-"""How much of a file the kernel's page cache holds now (mmap + mincore, Linux).
+"""How much of a file the kernel's page cache holds now (mmap + mincore, Linux), and dropping a file from it.
 
 The disk tier's rates count only if its reads came from the disk: a benchmark checks after its runs that the
 blocks it read every step are not sitting in the page cache (a buffered reader leaves them there, and a machine
@@ -7,18 +7,23 @@ with RAM to spare then serves every later step from memory)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import mmap
 import os
+import sys
 from collections.abc import Iterable
+
+import numpy as np
 
 _PROT_READ = 0x1
 _MAP_SHARED = 0x1
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_WINDOW = 1 << 30  # bytes mapped at a time (a multiple of the page size)
 
 
-def _libc():
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None)  # the process's C library
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                           ctypes.c_long]
@@ -27,28 +32,43 @@ def _libc():
     return libc
 
 
-def cached_bytes(path: str | os.PathLike) -> int | None:
-    """Bytes of `path` resident in the page cache (whole pages, capped at the file's size); None where mincore
-    is not available (not Linux) or the file cannot be mapped."""
-    if not os.uname().sysname == "Linux":
+def _mincore_tells(path: str | os.PathLike) -> bool:
+    """Whether mincore reports this file's real residency: since Linux 5.2 it says "all resident" for a file the
+    caller neither owns nor may write (unless root)."""
+    return os.geteuid() == 0 or os.stat(path).st_uid == os.geteuid() or os.access(path, os.W_OK)
+
+
+def _resident_pages(libc: ctypes.CDLL, fd: int, offset: int, length: int) -> int | None:
+    """Pages of bytes offset..offset+length of the file `fd` in the page cache; None where it cannot be mapped."""
+    addr = libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, offset)
+    if addr in (None, _MAP_FAILED):
         return None
+    try:
+        vec = (ctypes.c_ubyte * ((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        if libc.mincore(addr, length, vec) != 0:
+            return None
+        return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum())
+    finally:
+        libc.munmap(addr, length)
+
+
+def cached_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes of `path` resident in the page cache (whole pages, capped at the file's size); None where it cannot be
+    told: not Linux, a file mincore does not report for (see _mincore_tells), or one that cannot be mapped."""
     size = os.path.getsize(path)
+    if sys.platform != "linux" or not _mincore_tells(path):
+        return None
     if size == 0:
         return 0
     libc = _libc()
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if addr in (None, _MAP_FAILED):
-            return None
-        try:
-            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(addr, size, vec) != 0:
+        resident = 0
+        for offset in range(0, size, _WINDOW):
+            pages = _resident_pages(libc, fd, offset, min(_WINDOW, size - offset))
+            if pages is None:
                 return None
-            resident = sum(b & 1 for b in vec)
-        finally:
-            libc.munmap(addr, size)
+            resident += pages
     finally:
         os.close(fd)
     return min(resident * mmap.PAGESIZE, size)

@@ -118,9 +118,10 @@ def load(
     not issue each step's kernels one by one (llama3-8b int4, batch 16 x 2048 on an H200: 1.3-3.6x faster
     steady steps; the first step of each 256 runs as it is and is captured, 60-65 ms more). "auto" (the default)
     uses them where the placement allows (with plan="auto": where the planner, planning again for graph replays,
-    predicts them no slower, or with kv_quant="auto" and a less precise KV cache than eager steps would use, 5%
-    faster); True requires them (a placement that streams blocks, offloads the KV cache or splits
-    decode steps into micro-batches is then a ConfigError); False never. Model.info()["cuda_graphs"] says which.
+    predicts them no slower; with kv_quant="auto" and a KV precision other than the eager plan's, the rule that
+    chooses among precisions: a less precise cache only 5% faster, planner.kv_precision_prefers); True requires
+    them (a placement that streams blocks, offloads the KV cache or splits decode steps into micro-batches is then
+    a ConfigError); False never. Model.info()["cuda_graphs"] says which.
     A generate() call with micro_batches > 1 runs its steps as they are.
     """
     return load_from_reader(StoreReader(store), device, parse_size(gpu_memory), parse_size(cpu_memory),

@@ -279,12 +279,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     info = model.info()
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
-    if info.get("disk_blocks"):  # cold: writing the store (or a reader before) may have left blocks cached
-        info["page_cache_dropped_before_runs"] = drop_page_cache()
-        evict(disk_tier_files(model))  # without root too
     try:
+        if info.get("disk_blocks"):  # cold: writing the store (or a reader before) may have left blocks cached
+            info["page_cache_dropped_before_runs"] = drop_page_cache()
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         for batch, micro in plan:
+            evict(disk_tier_files(model))  # each run cold, also without root (a buffered reader's pages go too)
             runs.append(time_generation(model, batch, micro, args.prompt_len, args.gen_len,
                                         drop_cache_after_prompt=model.kv_placement == "disk"))
             runs[-1].update(disk_tier_page_cache(model))
@@ -316,11 +316,10 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def disk_tier_page_cache(model) -> dict:
     """{"disk_blocks_page_cached_fraction": share of the disk tier's block files in the page cache right after a
-    run} where blocks stream from disk and the kernel can tell (Linux); {} otherwise. bench evicts those files
-    from the page cache before its runs and the disk tier reads with O_DIRECT, so this stays near 0; a buffered
-    reader would leave
-    every block cached, and the run's disk rate would be the RAM's (session 11: kvikio's buffered reads, 8.5 GB/s
-    "from" a 2 GB/s disk)."""
+    run} where blocks stream from disk and the kernel can tell (storage.page_cache.cached_bytes); {} otherwise.
+    bench evicts those files before each run and the disk tier reads with O_DIRECT, so this stays near 0; a
+    buffered reader would leave every block cached, and the run's disk rate would be the RAM's (session 11:
+    kvikio's buffered reads, 8.5 GB/s "from" a 2 GB/s disk)."""
     files = disk_tier_files(model)
     fraction = cached_fraction(files) if files else None
     return {} if fraction is None else {"disk_blocks_page_cached_fraction": fraction}

@@ -292,7 +292,6 @@ def with_graph_replays(plan_for: Callable[[bool], T], mode: bool | str, plan_of:
     kind of step): no slower with the same KV precision, the 5% rule of planner.kv_precision_prefers across
     precisions. A replay plan that does not fit is dropped; one whose probes failed is dropped with a warning.
     Returns (the answer taken, whether it is for graph replays)."""
-
     if mode is True:
         return plan_for(True), True
     eager = plan_for(False)

@@ -11,7 +11,6 @@ setting is not used)."""
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 
@@ -28,7 +27,7 @@ def kvikio_available() -> bool:
         return False
     try:
         kvikio.defaults.get("auto_direct_io_read")
-    except (AttributeError, KeyError):  # a kvikio before the setting: its host reads are buffered
+    except (AttributeError, KeyError, ValueError):  # a kvikio before the setting: its host reads are buffered
         return False
     return torch.cuda.is_available()
 
@@ -46,9 +45,6 @@ class KvikioBackend:
         self.threads = threads
         kvikio.defaults.set({"num_threads": threads, "auto_direct_io_read": True})
         self._closed = False
-        self._lock = threading.Lock()
-        self.direct_reads = 0  # requests (read_into calls) on a file kvikio reads with O_DIRECT
-        self.buffered_reads = 0  # ... on a file whose filesystem refuses O_DIRECT
 
     def read_into(self, path: str | os.PathLike, offset: int, out: torch.Tensor) -> None:
         import kvikio
@@ -61,18 +57,12 @@ class KvikioBackend:
             return
         try:
             with kvikio.CuFile(path, "r") as f:
-                direct = f.is_direct_io_supported()
                 done = f.pread(out.numpy(), nbytes, file_offset=offset).get()
         except (OSError, RuntimeError) as exc:
             raise TierIOError(f"reading {path} at byte {offset} with kvikio: {exc}") from exc
         if done != nbytes:
             raise TierIOError(f"short read from {path}: wanted {nbytes} bytes at offset {offset}, got {done}; "
                               "the file was truncated; re-pack or restore it")
-        with self._lock:
-            if direct:
-                self.direct_reads += 1
-            else:
-                self.buffered_reads += 1
 
     def close(self) -> None:
         self._closed = True
