@@ -146,17 +146,18 @@ def test_bench_follows_the_kv_precision_of_a_plan_file(tmp_path):
     """bench --plan FILE without --kv-quant takes the precision the plan was made for; a different one is refused."""
     from argparse import Namespace
 
-    from tiermem.bench import _kv_quant
+    from tiermem.bench import _kv_quant, _plan_file
 
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"plan": {}, "kv_quant": "int4"}))
-    assert _kv_quant(Namespace(plan=str(plan), kv_quant=None)) == "int4"
-    assert _kv_quant(Namespace(plan=str(plan), kv_quant="int4")) == "int4"
+    planned = _plan_file(Namespace(plan=str(plan)))
+    assert _kv_quant(Namespace(plan=str(plan), kv_quant=None), planned) == "int4"
+    assert _kv_quant(Namespace(plan=str(plan), kv_quant="int4"), planned) == "int4"
     with pytest.raises(ConfigError, match="made for an int4 KV cache"):
-        _kv_quant(Namespace(plan=str(plan), kv_quant="int8"))
+        _kv_quant(Namespace(plan=str(plan), kv_quant="int8"), planned)
     plan.write_text(json.dumps({"plan": {}, "kv_quant": None}))
-    assert _kv_quant(Namespace(plan=str(plan), kv_quant="int8")) == "int8"
-    assert _kv_quant(Namespace(plan="auto", kv_quant=None)) is None
+    assert _kv_quant(Namespace(plan=str(plan), kv_quant="int8"), _plan_file(Namespace(plan=str(plan)))) == "int8"
+    assert _kv_quant(Namespace(plan="auto", kv_quant=None), None) is None
 
 
 def test_bench_follows_the_kind_of_step_a_plan_file_was_made_for(tmp_path):
@@ -164,17 +165,19 @@ def test_bench_follows_the_kind_of_step_a_plan_file_was_made_for(tmp_path):
     them (tiermem plan --json records it); a file without the record leaves it to load's "auto"; a flag wins."""
     from argparse import Namespace
 
-    from tiermem.bench import _cuda_graphs
+    from tiermem.bench import _cuda_graphs, _plan_file
 
     plan = tmp_path / "plan.json"
     for recorded in (True, False):
         plan.write_text(json.dumps({"plan": {}, "kv_quant": None, "cuda_graphs": recorded}))
-        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) is recorded
-        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs=not recorded)) is (not recorded)
+        planned = _plan_file(Namespace(plan=str(plan)))
+        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto"), planned) is recorded
+        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs=not recorded), planned) is (not recorded)
     for unrecorded in ({"plan": {}, "kv_quant": None}, {"plan": {}, "kv_quant": None, "cuda_graphs": None}):
         plan.write_text(json.dumps(unrecorded))  # an older file, or one made where no GPU could time graphs
-        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto")) == "auto"
-    assert _cuda_graphs(Namespace(plan="auto", cuda_graphs="auto")) == "auto"
+        planned = _plan_file(Namespace(plan=str(plan)))
+        assert _cuda_graphs(Namespace(plan=str(plan), cuda_graphs="auto"), planned) == "auto"
+    assert _cuda_graphs(Namespace(plan="auto", cuda_graphs="auto"), None) == "auto"
 
 
 def test_load_plans_graph_replays_with_every_kv_precision_too(monkeypatch):

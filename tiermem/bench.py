@@ -84,7 +84,6 @@ def add_cuda_graphs_flags(p: argparse.ArgumentParser, on_help: str, off_help: st
 def run_bench_cli(args: argparse.Namespace) -> dict:
     if (args.store is None) == (args.synthetic is None):
         raise ConfigError("give either a STORE or --synthetic SHAPE")
-    _plan(args)  # a bad plan file fails here, before the ceilings and the model
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot draws with matplotlib, which is not installed: pip install 'tiermem[plot]', "
                           "or leave out --plot")
@@ -120,7 +119,7 @@ def _batches(args: argparse.Namespace) -> list[tuple[int, int]]:
     return list(zip(batches, micro, strict=True))
 
 
-def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None):
+def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None, planned: dict | None):
     from tiermem.api import load_from_reader
     from tiermem.storage.format import StoreReader
 
@@ -130,39 +129,45 @@ def _open_model(args: argparse.Namespace, max_batch: int, max_micro: int | None)
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         max_batch_size=max_batch, max_seq_len=args.prompt_len + args.gen_len, micro_batches=max_micro,
         lookahead=args.lookahead, io_threads=args.io_threads, resident_weights=parse_size(args.resident_weights),
-        read_backend=args.read_backend, progress=True, plan=_plan(args),
-        kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=_kv_quant(args),
-        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir, cuda_graphs=_cuda_graphs(args))
+        read_backend=args.read_backend, progress=True, plan=_plan(args, planned),
+        kv_placement="cpu" if args.cpu_attention else args.kv_placement, kv_quant=_kv_quant(args, planned),
+        cpu_attention=args.cpu_attention, offload_dir=args.offload_dir, cuda_graphs=_cuda_graphs(args, planned))
 
 
-def _plan(args: argparse.Namespace):
-    """--plan as load() takes it: "auto", None (greedy) or the Plan of a file."""
+def _plan_file(args: argparse.Namespace) -> dict | None:
+    """The JSON of --plan FILE, read once (planner.read_plan_file); None for --plan auto or greedy."""
+    from tiermem.planner import read_plan_file
+
+    return None if args.plan in ("auto", "greedy") else read_plan_file(args.plan)
+
+
+def _plan(args: argparse.Namespace, planned: dict | None):
+    """--plan as load() takes it: "auto", None (greedy) or the Plan of its file's JSON `planned`."""
     from tiermem.planner import Plan
 
-    if args.plan in ("auto", "greedy"):
+    if planned is None:
         return None if args.plan == "greedy" else "auto"
-    return Plan.from_file(args.plan)
+    return Plan.from_dict(planned["plan"])
 
 
-def _kv_quant(args: argparse.Namespace) -> str | None:
-    """--kv-quant, or where it is left out and --plan is a file of `tiermem plan --json`, the KV precision that plan
-    was made for (a plan made for an int4 cache does not fit the budgets with a bf16 one)."""
-    if args.plan in ("auto", "greedy"):
-        return args.kv_quant
-    planned = json.loads(Path(args.plan).read_text()).get("kv_quant")
-    if args.kv_quant is not None and planned is not None and args.kv_quant != planned:
-        raise ConfigError(f"--kv-quant {args.kv_quant}, but the plan in {args.plan} was made for an {planned} KV "
+def _kv_quant(args: argparse.Namespace, planned: dict | None) -> str | None:
+    """--kv-quant, or where it is left out and --plan is a file of `tiermem plan --json` (its JSON `planned`), the
+    KV precision that plan was made for (a plan made for an int4 cache does not fit the budgets with a bf16 one)."""
+    made_for = planned.get("kv_quant") if planned is not None else None
+    if args.kv_quant is not None and made_for is not None and args.kv_quant != made_for:
+        raise ConfigError(f"--kv-quant {args.kv_quant}, but the plan in {args.plan} was made for an {made_for} KV "
                           "cache: leave --kv-quant out to follow it")
-    return args.kv_quant or planned
+    return args.kv_quant or made_for
 
 
-def _cuda_graphs(args: argparse.Namespace) -> bool | str:
-    """--cuda-graphs / --no-cuda-graphs, or where both are left out and --plan is a file of `tiermem plan --json`,
-    whether that plan was made for graph replays (its predicted step is for the one kind of step); else "auto"."""
-    if args.cuda_graphs != "auto" or args.plan in ("auto", "greedy"):
+def _cuda_graphs(args: argparse.Namespace, planned: dict | None) -> bool | str:
+    """--cuda-graphs / --no-cuda-graphs, or where both are left out and --plan is a file of `tiermem plan --json`
+    (its JSON `planned`), whether that plan was made for graph replays (its predicted step is for the one kind of
+    step); else "auto"."""
+    if args.cuda_graphs != "auto" or planned is None:
         return args.cuda_graphs
-    planned = json.loads(Path(args.plan).read_text()).get("cuda_graphs")  # None: not considered where it was made
-    return "auto" if planned is None else planned
+    made_for = planned.get("cuda_graphs")  # None: not considered where it was made
+    return "auto" if made_for is None else made_for
 
 
 def _synthetic_source(args: argparse.Namespace):
@@ -272,9 +277,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("bench runs on --device cuda by default, and CUDA is not available here: pass --device cpu")
     plan = _batches(args)
+    planned = _plan_file(args)
+    _plan(args, planned)  # a bad plan file fails here, before the ceilings and the model
     ceilings = measure_ceilings(str(device)) if device.type == "cuda" else {}
     load_start = time.perf_counter()
-    model = _open_model(args, max(b for b, _ in plan), max((m for _, m in plan if m), default=None))
+    model = _open_model(args, max(b for b, _ in plan), max((m for _, m in plan if m), default=None), planned)
     load_s = time.perf_counter() - load_start
     info = model.info()
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
@@ -310,7 +317,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                     "cuda": torch.version.cuda},
         "ceilings": ceilings, "model": args.synthetic or args.store, "quant": args.quant,
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
-        "plan": json.loads(Path(args.plan).read_text()) if args.plan not in ("auto", "greedy") else args.plan,
+        "plan": planned if planned is not None else args.plan,
     }
 
 

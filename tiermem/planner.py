@@ -104,19 +104,6 @@ class Plan:
             raise ConfigError(f"not a tiermem plan: {exc}") from exc
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Plan:
-        """The plan in a file written by `tiermem plan --json FILE`."""
-        try:
-            body = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read a plan from {path}: {exc}; write one with `tiermem plan --json "
-                              "FILE`") from exc
-        if not isinstance(body, dict) or not isinstance(body.get("plan"), dict):
-            raise ConfigError(f"{path} holds no plan (no \"plan\" object): write one with `tiermem plan --json "
-                              "FILE`")
-        return cls.from_dict(body["plan"])
-
-    @classmethod
     def build(cls, workload: Workload, gpu: Choice = 0, host: Choice = None, **options) -> Plan:
         """A placement from counts (an execution-order prefix, as the greedy placement makes) or names.
 
@@ -378,6 +365,20 @@ def each_that_fits(choices: Sequence, make: Callable) -> list:
         except BudgetError:
             made.append(None)
     return made
+
+
+def read_plan_file(path: str | os.PathLike) -> dict:
+    """The whole JSON of a file written by `tiermem plan --json FILE` ("plan", and what it was made for:
+    "kv_quant", "cuda_graphs", ...); ConfigError where it is no such file."""
+    try:
+        body = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read a plan from {path}: {exc}; write one with `tiermem plan --json "
+                          "FILE`") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("plan"), dict):
+        raise ConfigError(f"{path} holds no plan (no \"plan\" object): write one with `tiermem plan --json "
+                          "FILE`")
+    return body
 
 
 KV_QUANT_MIN_GAIN = 0.05  # kv_quant="auto" takes a less precise KV cache only for a plan at least this much faster
