@@ -5,8 +5,9 @@
 #                                  default: CUDA graph replays), in HBM issued from Python (--no-cuda-graphs), in
 #                                  host RAM, on disk (bf16, int4); the fused KV attention kernel with its sequence
 #                                  split aimed at 4 (now), 2, 8 and 16 blocks per SM; about 8 minutes
-#   device_issue5_check.sh 111b    111B int4, gpu_memory 24 GiB, cpu_memory 32 GiB, batch 64, --kv-quant auto
-#                                  (writes the 56 GB store first: about 5 minutes)
+#   device_issue5_check.sh 111b    111B int4, gpu_memory 24 GiB: cpu_memory 32 GiB, batch 64, --kv-quant auto
+#                                  (issue 5 (b)), then the rest in host RAM, batch 1 and 32 (issue 5 (a)); writes
+#                                  the 56 GB store first: about 6 minutes
 set -euo pipefail
 : "${OUT:?set OUT to the results folder}"
 RES=${RES:-/root/issue5_results}
@@ -25,7 +26,7 @@ case ${1:?small or 111b} in
         ;;
     111b)
         rm -rf /root/s8 /root/kv
-        OUT=$RES bash "$here/device_111b.sh" disk_plan_auto
+        OUT=$RES bash "$here/device_111b.sh" disk_plan_auto host_plan
         ;;
     *) echo "unknown run $1: small or 111b" >&2; exit 2 ;;
 esac
