@@ -62,8 +62,9 @@ class QuantizedKV:
         """fn applied to codes, scale and zero (slicing, moving, growing along the leading dims)."""
         return QuantizedKV(fn(self.codes), fn(self.scale), fn(self.zero), self.scheme, self.dtype)
 
-    def write(self, rows: slice, start: int, x: torch.Tensor) -> None:
-        """Quantize x [b, Hkv, T, Dh] into slots start..start+T-1 of `rows` (kernels.ops.write_quantized_kv)."""
+    def write(self, rows: slice, start: int | torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize x [b, Hkv, T, Dh] into slots start..start+T-1 of `rows` (kernels.ops.write_quantized_kv; start
+        may be held in a device tensor)."""
         ops.write_quantized_kv(x, self.codes, self.scale, self.zero, self.scheme, rows, start)
 
     def dequantize(self, rows: slice = slice(None), end: int | None = None) -> torch.Tensor:

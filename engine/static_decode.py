@@ -37,6 +37,11 @@ from tiermem.kernels import ops
 DEFAULT_BUCKET = 256  # slots: attention reads up to this many more than filled, a graph serves this many steps
 
 
+def span_of(length: int, bucket: int = DEFAULT_BUCKET) -> int:
+    """Slots attention covers for a step that fills slot `length`: length + 1 rounded up to the bucket."""
+    return math.ceil((length + 1) / bucket) * bucket
+
+
 def _first_tensor(cache: KVCache) -> torch.Tensor:
     """Layer 0's K (its codes when quantized): what changes when the cache is grown or moved."""
     first = cache.keys[0]
@@ -113,7 +118,7 @@ class StaticAttention:
         """Put x [B, Hkv, 1, Dh] into slot `slot` of one layer's K or V (quantized first, as the dynamic step
         writes it, for a quantized cache)."""
         if isinstance(stored, QuantizedKV):
-            ops.write_quantized_kv_at_slot(x, *stored.tensors, stored.scheme, self.slot)
+            stored.write(slice(None), self.slot, x)
         else:
             stored.index_copy_(2, self.slot, x)
 
@@ -142,8 +147,8 @@ class StaticDecoder:
         self._pool = None
 
     def span(self, length: int) -> int:
-        """Slots attention covers for a step that fills slot `length`: length + 1 rounded up to the bucket."""
-        return min(self.cache.max_len, math.ceil((length + 1) / self.bucket) * self.bucket)
+        """span_of(length) within the cache's slots."""
+        return min(self.cache.max_len, span_of(length, self.bucket))
 
     def graph(self, span: int) -> torch.cuda.CUDAGraph:
         """The CUDA graph of steps over `span` slots, captured at the first of them (KeyError before that step, and

@@ -9,8 +9,8 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
 - write_quantized_kv: new K or V quantized straight into the cache's slots in one launch on CUDA
-  (while FUSED_KV_QUANTIZE), the reference quantize_kv + slice copies otherwise; write_quantized_kv_at_slot
-  the same for a graph step, its slot read from device memory.
+  (while FUSED_KV_QUANTIZE), the reference quantize_kv + slice copies otherwise; the first slot may be held in
+  device memory (a graph step's).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tiermem.kernels.kv_quant import quantize_kv
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
 __all__ = ["apply_rope", "dequantize", "kv_decode_attention", "kv_decode_attention_supported", "linear", "rms_norm",
-           "silu_mul", "write_quantized_kv", "write_quantized_kv_at_slot"]
+           "silu_mul", "write_quantized_kv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -159,26 +159,20 @@ def _fused_kv_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 
 
 def write_quantized_kv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                       scheme: QuantScheme, rows: slice, start: int) -> None:
+                       scheme: QuantScheme, rows: slice, start: int | torch.Tensor) -> None:
     """Quantize x [b, Hkv, T, Dh] into batch rows `rows` (step 1) and slots start..start+T-1 of a quantized
-    cache's codes / scale / zero [B, Hkv, S_max, *] (tiermem.kernels.kv_quant layout)."""
+    cache's codes / scale / zero [B, Hkv, S_max, *] (tiermem.kernels.kv_quant layout). start: an int, or an int64
+    [1] tensor on x's device, read where the write runs, so that a captured CUDA graph writes each replay's slot
+    (the caller keeps it within S_max - T, as StaticDecoder's spans do: past it the kernel writes nothing and the
+    reference path's index_copy_ fails)."""
     row0, _, _ = rows.indices(codes.shape[0])
+    on_device = isinstance(start, torch.Tensor)
     if _fused_kv_quantize(x, codes, scale, zero, scheme):
-        cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, row0, start)
-        return
-    end = start + x.shape[2]
-    for dst, src in zip((codes, scale, zero), quantize_kv(x, scheme), strict=True):
-        dst[rows, :, start:end] = src
-
-
-def write_quantized_kv_at_slot(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                               scheme: QuantScheme, slot: torch.Tensor) -> None:
-    """write_quantized_kv of x [B, Hkv, 1, Dh] into every row at the slot held in `slot` (int64 [1] on x's device),
-    read where the write runs, so that a captured CUDA graph writes each replay's slot: one fused launch, or (off the
-    kernel's path) quantize_kv and an index_copy_ of codes, scale and zero. The caller keeps the slot below S_max
-    (StaticDecoder's spans do): past it the kernel writes nothing and index_copy_ fails."""
-    if _fused_kv_quantize(x, codes, scale, zero, scheme):
-        cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, 0, 0, start_slot=slot)
+        cupy_ops.kv_quantize_cuda(x, codes, scale, zero, scheme.bits, scheme.group_size, row0,
+                                  0 if on_device else start, start_slot=start if on_device else None)
         return
     for dst, src in zip((codes, scale, zero), quantize_kv(x, scheme), strict=True):
-        dst.index_copy_(2, slot, src)
+        if on_device:
+            dst[rows].index_copy_(2, start + torch.arange(x.shape[2], device=start.device), src)
+        else:
+            dst[rows, :, start:start + x.shape[2]] = src

@@ -283,7 +283,7 @@ def test_kv_quantize_kernel_model_writes_what_the_reference_writes(bits, group):
 
 @pytest.mark.parametrize("bits,group", [(8, 16), (4, 8), (4, 32)])
 def test_quantized_write_at_a_slot_in_a_tensor_writes_what_the_write_at_that_slot_does(bits, group):
-    """ops.write_quantized_kv_at_slot off the kernel's path (the CPU) against
+    """ops.write_quantized_kv with its slot in a tensor, off the kernel's path (the CPU), against
     write_quantized_kv at the same slot as an int: every row, bit for bit."""
     from tiermem.engine.kv_cache import QuantizedKV
 
@@ -292,7 +292,7 @@ def test_quantized_write_at_a_slot_in_a_tensor_writes_what_the_write_at_that_slo
     ref = QuantizedKV.zeros(2, 3, 9, 64, scheme, torch.float32, "cpu")
     mine = QuantizedKV.zeros(2, 3, 9, 64, scheme, torch.float32, "cpu")
     ref.write(slice(None), 5, x)
-    ops.write_quantized_kv_at_slot(x, *mine.tensors, scheme, torch.tensor([5]))
+    mine.write(slice(None), torch.tensor([5]), x)
     for a, b in zip(ref.tensors, mine.tensors, strict=True):
         assert torch.equal(a, b)
     assert mine.codes[:, :, 5].any() and not mine.codes[:, :, :5].any() and not mine.codes[:, :, 6:].any()

@@ -404,8 +404,9 @@ def test_kv_quantize_kernel_writes_what_the_reference_writes(bits, group, tokens
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,group", [(8, 128), (4, 128), (4, 32)])
 def test_kv_quantize_at_a_slot_in_device_memory_follows_each_graph_replays_slot(bits, group, dtype, monkeypatch):
-    """write_quantized_kv_at_slot captured once in a CUDA graph, replayed with the slot tensor set to 7, then 300:
-    each replay writes that slot, bit for bit as the reference at an int slot; a slot past S_max writes nothing."""
+    """write_quantized_kv with its slot in a device tensor, captured once in a CUDA graph, replayed with the slot
+    tensor set to 7, then 300: each replay writes that slot, bit for bit as the reference at an int slot; a slot past
+    S_max writes nothing."""
     from tiermem.engine.kv_cache import QuantizedKV
 
     monkeypatch.setattr(ops, "FUSED_KV_QUANTIZE", True)
@@ -413,10 +414,10 @@ def test_kv_quantize_at_a_slot_in_device_memory_follows_each_graph_replays_slot(
     x = _randn((3, 1, 4, 128), _gen("kv-quantize-slot", bits, group, dtype), dtype).transpose(1, 2)  # [3, 4, 1, 128]
     kv = QuantizedKV.zeros(3, 4, 320, 128, scheme, dtype, "cuda")
     slot = torch.zeros(1, dtype=torch.long, device="cuda")
-    ops.write_quantized_kv_at_slot(x, *kv.tensors, scheme, slot)  # warm-up: the kernel is compiled outside capture
+    kv.write(slice(None), slot, x)  # warm-up: the kernel is compiled outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.write_quantized_kv_at_slot(x, *kv.tensors, scheme, slot)
+        kv.write(slice(None), slot, x)
     ref = QuantizedKV.zeros(3, 4, 320, 128, scheme, dtype, "cpu")
     ref.write(slice(None), 0, x.cpu())
     for at in (7, 300):

@@ -28,7 +28,7 @@ from tiermem.kernels.quant import QuantScheme
 from tiermem.kv_disk import DiskKVCache
 from tiermem.kv_offload import HostKVCache
 from tiermem.pinned import ArenaPool
-from tiermem.placement import build_cpu_source, build_gpu_source, kv_cache_bytes
+from tiermem.placement import build_cpu_source, build_gpu_source, graph_options_allowed, kv_cache_bytes
 from tiermem.planner import Plan
 from tiermem.scratch_file import check_offload_dir
 from tiermem.session import GenerationSession
@@ -164,7 +164,7 @@ def load_from_reader(
         if cuda_graphs is True:  # the plan keeps the KV cache on the GPU and runs decode steps on the whole batch
             _check_graph_options(kv_placement, cpu_attention, micro_batches)
             kv_placement, cpu_attention, micro_batches = "gpu", False, 1
-        elif cuda_graphs == "auto" and not _graph_options_allowed(kv_placement, cpu_attention, micro_batches):
+        elif cuda_graphs == "auto" and not graph_options_allowed(kv_placement, cpu_attention, micro_batches):
             cuda_graphs = False
         source = build_gpu_source(reader, cfg, dev, dtype, gpu_memory, cpu_memory, max_batch_size, max_seq_len,
                                   micro_batches, lookahead, io_threads, resident_weights, progress, read_backend,
@@ -202,15 +202,9 @@ def load_from_reader(
     return Model(cfg, executor, source, reader, max_batch_size, max_seq_len, kv_quant=kv_q, cuda_graphs=cuda_graphs)
 
 
-def _graph_options_allowed(kv_placement: str | None, cpu_attention: bool | None, micro_batches: int | None) -> bool:
-    """Whether the choices fixed by the caller leave room for CUDA graphs: they capture whole-batch decode steps over
-    a KV cache on the GPU."""
-    return kv_placement in (None, "gpu") and not cpu_attention and micro_batches in (None, 1)
-
-
 def _check_graph_options(kv_placement: str | None, cpu_attention: bool | None, micro_batches: int | None) -> None:
-    """ConfigError, before anything is loaded, for choices CUDA graphs cannot replay (_graph_options_allowed)."""
-    if not _graph_options_allowed(kv_placement, cpu_attention, micro_batches):
+    """ConfigError, before anything is loaded, for choices CUDA graphs cannot replay (graph_options_allowed)."""
+    if not graph_options_allowed(kv_placement, cpu_attention, micro_batches):
         raise ConfigError("cuda_graphs replays whole-batch decode steps over a KV cache on the GPU: leave "
                           f"kv_placement ({kv_placement!r}), cpu_attention and micro_batches ({micro_batches!r}) out, "
                           "or cuda_graphs")

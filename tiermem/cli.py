@@ -180,8 +180,9 @@ def _cmd_plan(args: argparse.Namespace) -> None:
 def _check_plan_graph_options(args: argparse.Namespace) -> None:
     """ConfigError for `tiermem plan --cuda-graphs` with choices graph replays cannot make."""
     from tiermem.errors import ConfigError
+    from tiermem.placement import graph_options_allowed
 
-    if args.kv not in (None, "gpu") or args.micro_batches not in (None, 1):
+    if not graph_options_allowed(args.kv, None, args.micro_batches):
         raise ConfigError("--cuda-graphs plans whole-batch decode steps over a KV cache on the GPU: leave --kv "
                           f"({args.kv!r}) and --micro-batches ({args.micro_batches!r}) out, or --cuda-graphs")
 

@@ -14,7 +14,6 @@ its depth times a layer.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 
 import torch
@@ -30,9 +29,9 @@ WARM_REPLAYS, TIMED_REPLAYS = 3, 20
 def _replay_seconds(model, rows: int, context: int) -> float:
     """Median GPU seconds of one captured decode step of `model` at `rows` rows after `context` cached tokens."""
     from tiermem.engine.kv_cache import KVCache
-    from tiermem.engine.static_decode import DEFAULT_BUCKET, StaticDecoder
+    from tiermem.engine.static_decode import StaticDecoder, span_of
 
-    span = math.ceil((context + 1) / DEFAULT_BUCKET) * DEFAULT_BUCKET  # the slots a graph's attention reads
+    span = span_of(context)  # the slots a graph's attention reads
     cache = KVCache.allocate(model.config, rows, span, model.dtype, model.device, kv_quant=model.kv_quant)
     cache.key_mask[:, :context] = True  # the cached keys hold zeros: their values do not change the kernels' work
     cache.length = context

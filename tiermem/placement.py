@@ -276,6 +276,12 @@ def build_gpu_source(
     return source
 
 
+def graph_options_allowed(kv_placement: str | None, cpu_attention: bool | None, micro_batches: int | None) -> bool:
+    """Whether the choices fixed by a caller leave room for CUDA graphs: they capture whole-batch decode steps over
+    a KV cache on the GPU."""
+    return kv_placement in (None, "gpu") and not cpu_attention and micro_batches in (None, 1)
+
+
 def graphable(plan: Plan) -> bool:
     """Whether the decode steps of `plan` can be CUDA graph replays: every block in HBM (the embedding, gathered on
     the host, aside), the KV cache there too, whole-batch steps."""

@@ -70,7 +70,8 @@ __device__ void kv_attention_split(const T* __restrict__ q, const unsigned char*
                                    const __half* __restrict__ ks, const __half* __restrict__ kz,
                                    const unsigned char* __restrict__ vc, const __half* __restrict__ vs,
                                    const __half* __restrict__ vz, const unsigned char* __restrict__ key_mask,
-                                   const long long* __restrict__ query_slot, float* __restrict__ part_out, float* __restrict__ part_ml, int batch, int heads,
+                                   const long long* __restrict__ query_slot, float* __restrict__ part_out,
+                                   float* __restrict__ part_ml, int batch, int heads,
                                    int kv_heads, int s_max, int len, int head_dim, int group, int mask_stride,
                                    int window, float softmax_scale, int chunk) {
   extern __shared__ float smem[];
