@@ -287,11 +287,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
     try:
-        if info.get("disk_blocks"):  # cold: writing the store (or a reader before) may have left blocks cached
-            info["page_cache_dropped_before_runs"] = drop_page_cache()
         time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
         for batch, micro in plan:
-            evict(disk_tier_files(model))  # each run cold, also without root (a buffered reader's pages go too)
+            # each run cold: writing the store, the warm-up or a buffered reader may have left disk blocks cached
+            evict(disk_tier_files(model))
             runs.append(time_generation(model, batch, micro, args.prompt_len, args.gen_len,
                                         drop_cache_after_prompt=model.kv_placement == "disk"))
             runs[-1].update(disk_tier_page_cache(model))
