@@ -14,13 +14,18 @@ step within a span.
 
 StaticDecoder.forward is a decode step of Executor.forward over a KVCache. On the CPU it runs the step
 as it is (what tests compare with Executor.forward). With `graphs=True` (CUDA) the first step of
-each span runs as it is and is captured; later steps of that span replay the capture. The embedding
-(gathered on the host) and the sampling stay outside the graph.
+each span runs as it is and is captured; later steps of that span replay the capture. The step's token ids
+are a device tensor too, and the graph gathers their embedding on the GPU, from HBM or, for an embedding kept in
+pinned host memory, from that memory mapped into the GPU's address space (only the B rows cross PCIe): the host
+never waits for a step's token (before, it copied each token to the host, gathered its row there and copied it
+back, 0.7-1.1 ms of every step's host part on the H200 machine). The sampling stays outside the graph, on the GPU.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +54,9 @@ def _first_tensor(cache: KVCache) -> torch.Tensor:
 
 
 def check_resident(executor: Executor) -> None:
-    """NotResidentError unless every block of `executor`'s model after the embedding stays in HBM (the embedding, which
-    runs before the graph, may stay on the host; a tied output projection that reuses it may not): a CUDA graph
-    replays a step's kernels, not the copies of streamed blocks."""
+    """NotResidentError unless every block of `executor`'s model after the embedding stays in HBM (the embedding, of
+    which a step reads B rows, may stay in pinned host memory; a tied output projection that reuses it may not): a
+    CUDA graph replays a step's kernels, not the copies of streamed blocks."""
     weights = getattr(executor.source, "weights", None)
     first, *graphed = executor.block_order
     streamed = [n for n in graphed if weights is None or n not in weights.resident]
@@ -59,6 +64,9 @@ def check_resident(executor: Executor) -> None:
     if streamed:
         raise NotResidentError(f"CUDA graphs need every block resident in HBM; {len(streamed)} blocks of this "
                                "placement are streamed: raise gpu_memory, or leave cuda_graphs out")
+    if weights.device_views(first) is None:
+        raise NotResidentError(f"CUDA graphs gather the token embedding on the GPU, and this GPU cannot map the "
+                               f"pinned host memory of block {first!r}: leave cuda_graphs out")
 
 
 @dataclass
@@ -141,7 +149,9 @@ class StaticDecoder:
         B, device = cache.batch, executor.device
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.hidden = torch.zeros(B, 1, executor.cfg.hidden_size, dtype=executor.dtype, device=device)  # embedded
+        self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # the step's tokens
+        # check_resident made sure the GPU reads the embedding in place (GpuWeights.device_views)
+        self._embedding = executor.source.weights.device_views(executor.block_order[0]) if graphs else None
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._cache_ptr = _first_tensor(cache).data_ptr()
         self._pool = None
@@ -167,31 +177,40 @@ class StaticDecoder:
         new_mask = ex._new_mask(attention_mask, cache.batch, 1, past)
         key_mask = cache.begin_step(new_mask)  # [B, past + 1]
         self.slot.fill_(past)
-        self.positions.copy_(positions_from_mask(key_mask, past))
-        if ex.cfg.rope is None and int(self.positions.max()) >= ex.cfg.max_position_embeddings:
+        self.positions.copy_(positions_from_mask(key_mask, past))  # each <= past: only a long cache reads them back
+        if (ex.cfg.rope is None and past >= ex.cfg.max_position_embeddings
+                and int(self.positions.max()) >= ex.cfg.max_position_embeddings):
             raise ConfigError(f"{ex.cfg.model_type} has learned positions up to {ex.cfg.max_position_embeddings}; "
                               f"position {int(self.positions.max())} requested: shorten the sequence")
-        with ex.source.stream(ex.block_order[:1]) as blocks:
-            (_, w), = blocks
-            self.hidden.copy_(ex.family.embed(ex.cfg, w, input_ids.to(ex.device), self.positions, ex.device,
-                                              ex.dtype))
+        self.input_ids.copy_(input_ids)
         span = self.span(past)
         if span in self._captured:
             graph, logits = self._captured[span]
             graph.replay()
         else:
-            logits = self._layers_and_head(span)
+            logits = self._step(span)
             if self.graphs:  # spans only grow: the graphs of shorter ones are not replayed again
                 self._captured = {span: self._capture(span)}
         cache.end_step(1)
         return logits
 
-    def _layers_and_head(self, span: int) -> torch.Tensor:
-        """Every block after the embedding, from the static inputs -> logits [B, 1, V]."""
+    @contextmanager
+    def _embedding_block(self) -> Iterator[dict]:
+        """The embedding block's tensors: on the device for graphs, else where the source keeps them."""
+        if self._embedding is not None:
+            yield self._embedding
+            return
+        with self.executor.source.stream(self.executor.block_order[:1]) as blocks:
+            (_, w), = blocks
+            yield w
+
+    def _step(self, span: int) -> torch.Tensor:
+        """The whole step from the static inputs -> logits [B, 1, V]."""
         ex = self.executor
+        with self._embedding_block() as w:
+            h = ex.family.embed(ex.cfg, w, self.input_ids, self.positions, ex.device, ex.dtype)  # [B, 1, D]
         cos, sin = rope.cos_sin(ex.inv_freq, self.positions, ex.dtype) if ex.cfg.rope else (None, None)
         attn = StaticAttention(self.cache, self.slot, span, cos, sin)
-        h = self.hidden
         with ex.source.stream(ex.block_order[1:]) as blocks:
             for name, w in blocks:
                 if name.startswith("layers."):
@@ -205,11 +224,11 @@ class StaticDecoder:
         return h
 
     def _capture(self, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """A CUDA graph of _layers_and_head(span) and the logits tensor its replays write (capturing runs
-        nothing: the step was just run as it is, which also warmed up every kernel the graph records)."""
+        """A CUDA graph of _step(span) and the logits tensor its replays write (capturing runs nothing: the step
+        was just run as it is, which also warmed up every kernel the graph records)."""
         graph = torch.cuda.CUDAGraph()
         # thread_local: the I/O threads of other tiers (or of the caller) may use CUDA meanwhile; this thread may not
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._layers_and_head(span)
+            logits = self._step(span)
         self._pool = graph.pool()
         return graph, logits

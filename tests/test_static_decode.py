@@ -9,6 +9,7 @@ from tiermem.engine.kv_cache import KVCache
 from tiermem.engine.static_decode import StaticDecoder
 from tiermem.errors import ConfigError
 from tiermem.kernels.kv_quant import kv_scheme
+from tiermem.pinned import CUDA_MEMORY_TYPE_HOST
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,38 @@ def test_gpu_generate_with_cuda_graphs_gives_the_tokens_without(stores):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["llama3", "opt"])
+def test_gpu_replayed_steps_gather_the_embedding_from_pinned_memory_and_never_wait_for_the_gpu(stores, variant):
+    """The embedding stays in pinned host memory (host-only) and the graph reads its rows there; from the third token
+    on (the second is the span's first static step: run, then captured) a step issues its replay and samples
+    without one host sync (torch's sync debug mode raises on any)."""
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores[variant], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64,
+                      cuda_graphs=True) as m:
+        weights = m.executor.source.weights
+        assert "embed" in weights.host_only and "embed" not in weights.resident
+        for table in weights.device_views("embed").values():
+            assert table.is_cuda and _memory_type(table) == CUDA_MEMORY_TYPE_HOST
+        ref = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+
+        def on_step(k):
+            torch.cuda.set_sync_debug_mode("error" if 2 <= k < 12 else "default")
+
+        try:
+            assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[], on_step=on_step), ref)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def _memory_type(t: torch.Tensor) -> int:
+    """cudaPointerAttributes.type of t's memory (1: host, 2: device)."""
+    import cupy
+
+    return cupy.cuda.runtime.pointerGetAttributes(t.data_ptr()).type
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_graphs_are_the_default_where_the_placement_allows_them(stores):
     """cuda_graphs="auto": on for a model that fits HBM with its KV cache (planned or greedy), off where blocks
@@ -242,15 +275,19 @@ def test_cuda_graphs_options_are_checked_before_anything_loads():
             _check_graph_options(*bad)
 
 
-def test_graphs_take_the_embedding_from_the_host_but_every_later_block_from_hbm():
-    """check_resident: the embedding runs before the graph (gathered on the host); a tied output projection that
-    reuses the embedding block, or any streamed layer, would be a copy inside it."""
+def test_graphs_take_the_embedding_from_pinned_host_memory_but_every_later_block_from_hbm():
+    """check_resident: the graph gathers the embedding's rows where the GPU reads the block in place (HBM, or pinned
+    host memory it maps); a tied output projection that reuses the embedding block, or any streamed layer, would be
+    a copy inside it."""
     from types import SimpleNamespace
 
     from tiermem.engine.static_decode import check_resident
 
-    def executor(order, resident, host_only=("embed",)):
-        weights = SimpleNamespace(resident=set(resident), host_only=frozenset(host_only))
+    def executor(order, resident, host_only=("embed",), mappable=True):
+        def device_views(name):
+            return {} if name in resident or (name in host_only and mappable) else None
+
+        weights = SimpleNamespace(resident=set(resident), host_only=frozenset(host_only), device_views=device_views)
         return SimpleNamespace(block_order=order, source=SimpleNamespace(weights=weights))
 
     check_resident(executor(["embed", "layers.0", "head"], ["layers.0", "head"]))
@@ -261,6 +298,8 @@ def test_graphs_take_the_embedding_from_the_host_but_every_later_block_from_hbm(
             check_resident(executor(order, resident))
     with pytest.raises(ConfigError, match="resident in HBM"):
         check_resident(SimpleNamespace(block_order=["embed", "head"], source=SimpleNamespace()))
+    with pytest.raises(ConfigError, match="cannot map the pinned host memory of block 'embed'"):
+        check_resident(executor(["embed", "layers.0", "head"], ["layers.0", "head"], mappable=False))
 
 
 def test_bench_cuda_graphs_on_the_cpu_is_a_clear_error(capsys):

@@ -34,10 +34,13 @@ kv = KV bytes per token per layer (K and V, compute dtype):
   step = max(disk, pcie, max(hbm, compute, host)) + cpu_att                CPU attention;  tok/s = B / step
   step = max(disk, pcie, hbm, compute, kernels + host)                     CUDA graphs (Workload.cuda_graphs)
 
-With CUDA graphs the host's part of a step (the embedding gathered on the host, the step's static inputs, the
-sampling) and the replay run one after the other: the host needs the step's token before it embeds the next
-one, and the replay has nothing to run before the host launches it (llama3-8b int4, batch 16 x 2048 on an H200:
-steps of the host's part + 9.0 ms for host parts of 1.1-7.3 ms, _s10call3_; the kernel probe read 8.98 ms).
+With CUDA graphs the host's part of a step (the step's static inputs, the replay's launch, the sampling) and the
+replay run one after the other where the caller waits for each step's token, as bench does to time it (and
+decode, to check the rows, where EOS ids are set): the replay has nothing to run before the host launches it
+(llama3-8b int4, batch 16 x 2048 on an H200: steps of the host's part + 9.0 ms for host parts of 1.1-7.3 ms,
+_s10call3_, when the host still embedded each token itself; the kernel probe read 8.98 ms). The graph gathers the
+tokens' embedding on the GPU since (engine.static_decode), so a caller that does not wait lets the host issue a
+step while the GPU replays the one before; the model does not count on that.
 
 Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
 boundaries), and the host issues kernels ahead of the GPU (no decode step waits for the GPU unless

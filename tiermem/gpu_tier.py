@@ -19,6 +19,7 @@ import torch
 
 from tiermem.disk_tier import DiskStager
 from tiermem.errors import BudgetError, ConfigError, TiermemError
+from tiermem.pinned import device_alias
 
 Decoder = Callable[[str, torch.Tensor], dict]
 
@@ -78,7 +79,7 @@ class GpuWeights:
             for _ in range(lookahead + 1 if streamed else 0)
         ]
         self._next_slot = 0
-        self._decoded: dict[tuple[str, int], dict] = {}  # (block, buffer address) -> views, see _views
+        self._decoded: dict[tuple[str, torch.device, int], dict] = {}  # (block, buffer place) -> views: _views
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
 
@@ -132,10 +133,22 @@ class GpuWeights:
         self._primed = deque(self._issue_copy(names[j], disk_blocks) for j in head)
         self._primed_for = names
 
+    def device_views(self, name: str) -> dict | None:
+        """Block `name`'s tensors where kernels on the GPU read them in place: views into its HBM buffer if it is
+        resident; if it is host-only, views into its pinned buffer mapped into the GPU's address space
+        (pinned.device_alias: each read crosses PCIe); None for a streamed block or memory CUDA does not map."""
+        if name in self.resident:
+            return self._views(name, self.resident[name])
+        if name not in self.host_only:
+            return None
+        mapped = device_alias(self.host_blocks[name], self.device)
+        return None if mapped is None else self._views(name, mapped)
+
     def _views(self, name: str, buffer: torch.Tensor) -> dict:
         """The block's tensors as views into `buffer`, decoded once per (block, buffer) and then reused:
-        every buffer lives as long as this tier, and decoding each pass cost host time on every layer."""
-        key = (name, buffer.data_ptr())
+        every buffer lives as long as this tier, and decoding each pass cost host time on every layer. A buffer
+        and its device alias may share an address: the device tells them apart."""
+        key = (name, buffer.device, buffer.data_ptr())
         if key not in self._decoded:
             self._decoded[key] = self.decode(name, buffer)
         return self._decoded[key]

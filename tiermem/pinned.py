@@ -3,7 +3,8 @@
 torch's pinned allocator rounds every request up to a power of two (8.7 GB takes 16 GiB), which
 a host tier of tens of GB cannot afford. A PinnedArena allocates one ordinary buffer, page-locks it
 with cudaHostRegister, and hands out 4 KiB-aligned slices; close() unregisters it. An ArenaPool keeps the
-arenas of closed KV caches registered for the next cache of the same size.
+arenas of closed KV caches registered for the next cache of the same size. device_alias gives kernels on the
+GPU a view of page-locked memory that they read in place, over PCIe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,35 @@ def _round_up(value: int, multiple: int) -> int:
 def aligned_size(sizes: list[int]) -> int:
     """Arena bytes that `take` calls of these sizes need, each starting on a 4 KiB boundary."""
     return sum(_round_up(n, ALIGN) for n in sizes)
+
+
+CUDA_MEMORY_TYPE_HOST = 1  # cudaPointerAttributes.type of page-locked host memory
+
+
+def device_alias(buffer: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+    """A uint8 tensor on CUDA `device` over the bytes of `buffer` [n] (uint8, page-locked: cudaHostRegister'd or
+    pinned), which stays on the host: a kernel that reads it reads host memory over PCIe, no copy issued. None
+    where CuPy is missing or CUDA does not map the memory into the device's address space. The alias keeps
+    `buffer` alive; `buffer` must stay page-locked as long as the alias is used."""
+    if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise TierIOError(f"device_alias takes a 1-D uint8 host buffer, got {buffer.dtype} {tuple(buffer.shape)} "
+                          f"on {buffer.device}")
+    try:
+        import cupy
+    except (ImportError, OSError, RuntimeError):
+        return None
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        try:
+            attributes = cupy.cuda.runtime.pointerGetAttributes(buffer.data_ptr())
+        except cupy.cuda.runtime.CUDARuntimeError:
+            return None
+        if attributes.type != CUDA_MEMORY_TYPE_HOST or not attributes.devicePointer:
+            return None
+        memory = cupy.cuda.UnownedMemory(attributes.devicePointer, buffer.numel(), buffer, device_id=index)
+        mapped = cupy.ndarray((buffer.numel(),), cupy.uint8, cupy.cuda.MemoryPointer(memory, 0))
+    return torch.from_dlpack(mapped)
 
 
 def _unregister(buffer: torch.Tensor) -> None:
