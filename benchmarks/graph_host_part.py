@@ -53,13 +53,14 @@ def main() -> None:
             profiler.enable()
         torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        if k == args.steps:
+            profiler.disable()
 
     with load_from_reader(store, "cuda", None, None, dtype=torch.bfloat16, max_batch_size=args.batch,
                           max_seq_len=args.prompt_len + args.steps, kv_quant=kv_quant, plan=None,
                           cuda_graphs=True) as model:
         assert model.info()["cuda_graphs"]
         model.generate(ids, args.steps, eos_token_id=[], on_step=on_step)
-    profiler.disable()
     host = [i - s for s, i in zip(stamps[WARM_STEPS - 1:-1], issued[WARM_STEPS:], strict=True)]
     steps = [b - a for a, b in zip(stamps[WARM_STEPS - 1:-1], stamps[WARM_STEPS:], strict=True)]
     stats = pstats.Stats(profiler)

@@ -530,6 +530,8 @@ S11_GRAPHS = [
     "llama3_8b_int4_b16x2048_resident_graphs_kvint4_s11call3_run1_h200.json",  # the KV attention at 4 blocks/SM
     *(f"llama3_8b_int4_b16x2048_resident_graphs_kv{kv}_gen32_s11call5_run{k}_h200.json"  # slot-reading quantize
       for kv, k in (("int4", 1), ("int4", 2), ("none", 1))),
+    *(f"llama3_8b_int4_b16x2048_resident_graphs_kv{kv}_gen32_s12call3_h200.json"  # the embedding gathered in-graph
+      for kv in ("none", "int4")),
     pytest.param("llama3_8b_int4_b16x2048_resident_graphs_kvint4_gen32_s11call4_h200.json", marks=pytest.mark.xfail(
         strict=True, reason="12.4 ms predicted, 16.7 measured (median): the host's part of each step took 4-7 ms "
         "where its probe at load read 0.72, while the VM's host stole 18.7% of the busy CPU time (0-1.7% in every "
@@ -567,6 +569,27 @@ def test_graph_steps_are_predicted_within_15_percent(name, same_run):
         assert abs(predicted - run["decode_step_s"]) / run["decode_step_s"] <= 0.15
     assert predicted == pytest.approx(run["plan_breakdown_s" if not same_run else "predicted_breakdown_same_run_s"]
                                       ["step"], rel=1e-6)  # what bench itself predicted
+
+
+def test_graphs_that_gather_the_embedding_on_the_gpu_beat_the_host_gather_of_the_same_call():
+    """Session 12, call 3, llama3-8b int4 batch 16 x 2048, alternating f55e533 (each step's tokens copied to the host,
+    embedded there, copied back) and 5fa4492 (the graph gathers the rows from the pinned table mapped into the GPU's
+    address space): every new run's host part and step (medians) below the old run's next to it, the step 3.4-6.2%
+    shorter; the profile of the new host part holds no embedding op and no host sync but the timing's own."""
+    summary = json.loads((RESULTS / "graph_embedding_on_gpu_ab_s12call3_h200.json").read_text())
+    assert len(summary["pairs"]) == 3
+    for pair in summary["pairs"]:
+        name = "graph_host_part_llama3_8b_int4_b16x2048_kv{kv_quant}_{{}}_run{run}_s12call3_h200.json".format(**pair)
+        old, new = (json.loads((RESULTS / name.format(v)).read_text()) for v in ("old", "new"))
+        assert (old["host_part_median_s"], new["host_part_median_s"]) == (pair["old_host_part_median_s"],
+                                                                          pair["new_host_part_median_s"])
+        assert (old["step_median_s"], new["step_median_s"]) == (pair["old_step_median_s"], pair["new_step_median_s"])
+        assert new["host_part_median_s"] < 0.6 * old["host_part_median_s"]
+        assert 0.93 < new["step_median_s"] / old["step_median_s"] < 0.97
+        assert any("embedding" in row["function"] for row in old["profile_top_own_time_us_per_step"])
+        assert not any("embedding" in row["function"] for row in new["profile_top_own_time_us_per_step"])
+        syncs = [row for row in new["profile_top_own_time_us_per_step"] if "synchronize" in row["function"]]
+        assert syncs and all(row["calls_per_step"] < 1.1 for row in syncs)  # on_step's, which times the step
 
 
 EAGER_GRAPH_PAIRS = [
