@@ -180,6 +180,11 @@ class KVCache:
     def flush(self) -> None:
         """Make keys / values current where they are held (a no-op here: writes land at once)."""
 
+    def clear(self) -> None:
+        """Forget every token: length 0, no key real (the stored K and V stay until overwritten, masked out)."""
+        self.key_mask.zero_()
+        self.length = 0
+
     def end_step(self, num_tokens: int) -> None:
         """Every layer and micro-batch has written its `num_tokens` new slots."""
         self.length += num_tokens

@@ -116,3 +116,18 @@ def test_the_prompt_and_the_decode_steps_split_the_batch_separately(executor, pr
     decode(executor, state, Sampling.make(eos_token_id=[]), 6, micro_batches=1, prefill_micro_batches=2)
     assert splits == [(5, 2)] + [(1, 1)] * 5
     assert torch.equal(state.tokens, ref)
+
+
+def test_a_cleared_cache_generates_as_a_new_one(executor, prompt):
+    """KVCache.clear (what a kept graph cache gets between generations): length 0 and no real key, so that a
+    generation over it, with a longer one's K and V left in its slots, gives the tokens of a new cache."""
+    from tiermem.engine.kv_cache import KVCache
+
+    ids, mask = prompt
+    longer = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    cache = KVCache.allocate(executor.cfg, 2, 21)
+    generate(executor, longer, 12, cache=cache)
+    cache.clear()
+    assert cache.length == 0 and not bool(cache.key_mask.any())
+    assert torch.equal(generate(executor, ids, 12, attention_mask=mask, cache=cache),
+                       generate(executor, ids, 12, attention_mask=mask))

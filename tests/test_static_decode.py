@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hf_models import left_padded_batch, packed_stores
+from hf_models import left_padded_batch, longer_batch, packed_stores
 
 import tiermem
 from tiermem.engine.kv_cache import KVCache
@@ -236,6 +236,37 @@ def test_gpu_replayed_steps_gather_the_embedding_from_pinned_memory_and_never_wa
             assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[], on_step=on_step), ref)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_generations_of_one_batch_replay_the_graph_of_the_last_one(stores):
+    """The KV cache and graph of a generation are kept for the next one of the same batch that fits the cache: one
+    over the same span replays that graph (no capture), over the cache the last one left filled (a longer prompt,
+    then other rows: nothing of it shows in the tokens); a session, another batch or close() lets them go."""
+    from tiermem import GenerationSession
+
+    kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64)
+    long_ids, long_mask = longer_batch(6)  # 16 tokens
+    ids, mask = left_padded_batch()
+    other = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(9))
+    one = ids[:1]
+    with tiermem.load(stores["llama3"], cuda_graphs=False, **kw) as m:
+        want = [m.generate(a, 12, attention_mask=b, eos_token_id=[])
+                for a, b in ((long_ids, long_mask), (ids, mask), (other, None), (one, None))]
+    with tiermem.load(stores["llama3"], cuda_graphs=True, **kw) as m:
+        assert torch.equal(m.generate(long_ids, 12, attention_mask=long_mask, eos_token_id=[]), want[0])
+        kept = m._graphs
+        graph = kept.graph(kept.span(long_ids.shape[1]))  # the cache's 28 slots
+        assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[]), want[1])
+        assert torch.equal(m.generate(other, 12, eos_token_id=[]), want[2])
+        assert m._graphs is kept and kept.graph(kept.span(long_ids.shape[1])) is graph  # replayed, not captured
+        session = GenerationSession()
+        assert torch.equal(m.generate(other, 12, eos_token_id=[], session=session), want[2])
+        assert m._graphs is kept
+        assert torch.equal(m.generate(one, 12, eos_token_id=[]), want[3])
+        assert m._graphs is not kept and m._graphs.cache.batch == 1
+    assert m._graphs is None
 
 
 def _memory_type(t: torch.Tensor) -> int:
