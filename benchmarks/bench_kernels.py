@@ -3,9 +3,10 @@
     python benchmarks/bench_kernels.py --out benchmarks/results/kernels.json
 
 1. HBM bandwidth: a large device-to-device copy (bytes read + bytes written) / time.
-2. Fused int4/int8 dequant-GEMV at 28672 x 8192 and 8192 x 28672, batch 1, 4, 8, every launch
-   variant: achieved bandwidth = bytes of qdata + scale + zero + x + y / time, and its fraction of (1);
-   the dense fp16 GEMV through torch (cuBLAS) as a reference point.
+2. Fused int4/int8 dequant-GEMV at 28672 x 8192 and 8192 x 28672 (--gemv-shape), batch 1, 4, 8, 16
+   (--gemv-batch), every launch variant (beyond 8 rows also with two 8-row tiles per block): achieved
+   bandwidth = bytes of qdata + scale + zero + x + y / time, and its fraction of (1); the dense fp16 GEMV
+   through torch (cuBLAS) as a reference point.
 3. Dequantization to a dense fp16 matrix (bytes read + written / time).
 4. Fused RMSNorm, RoPE and SiLU*mul against the torch reference ops.
 5. Decode attention over an int4/int8 KV cache: the fused kernel (K, V dequantized inside it) against what
@@ -23,6 +24,7 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,6 +80,13 @@ def weight_copies(out_features: int, in_features: int, bits: int, group: int,
 GEMV_CONFIGS = cupy_ops.GEMV_VARIANTS + (cupy_ops.GemvConfig(2, 1, 4), cupy_ops.GemvConfig(4, 1, 4))
 
 
+def gemv_configs(batch: int) -> tuple[cupy_ops.GemvConfig, ...]:
+    """The launch variants timed at `batch` rows: GEMV_CONFIGS, and beyond 8 rows each with two batch tiles too."""
+    if batch <= cupy_ops.GEMV_MAX_BATCH:
+        return GEMV_CONFIGS
+    return GEMV_CONFIGS + tuple(replace(c, batch_tiles=2) for c in GEMV_CONFIGS)
+
+
 def bench_gemv_case(copies: list[QuantizedWeight], batch: int, dtype: torch.dtype, reps: int,
                     hbm: float) -> list[dict]:
     """Every launch variant of the fused GEMV on one weight shape, batch and dtype."""
@@ -85,7 +94,7 @@ def bench_gemv_case(copies: list[QuantizedWeight], batch: int, dtype: torch.dtyp
     x = torch.randn(batch, in_features, device="cuda").to(dtype)
     ref = reference.linear(x, cupy_ops.dequantize_cuda(copies[0], dtype)).float()
     rows = []
-    for config in GEMV_CONFIGS:
+    for config in gemv_configs(batch):
         outs = [torch.empty(batch, out_features, dtype=dtype, device="cuda") for _ in copies]
         fns = [(lambda q=q, o=o, c=config: cupy_ops.quant_linear(x, q, None, config=c, out=o))
                for q, o in zip(copies, outs, strict=True)]
@@ -95,8 +104,10 @@ def bench_gemv_case(copies: list[QuantizedWeight], batch: int, dtype: torch.dtyp
         rows.append({
             "kernel": "gemv", "bits": copies[0].scheme.bits, "dtype": str(dtype).removeprefix("torch."),
             "out": out_features, "in": in_features, "batch": batch,
-            "variant": f"u{config.unroll}m{config.m_tiles}w{config.warps}",
-            "name": cupy_ops.gemv_launch_plan(copies[0], dtype, config)[0],
+            "variant": f"u{config.unroll}m{config.m_tiles}w{config.warps}n{cupy_ops.batch_tiles(batch, config)}",
+            "name": cupy_ops.gemv_launch_plan(copies[0], dtype, config, batch)[0],
+            "default": config == (cupy_ops.DEFAULT_GEMV if batch <= cupy_ops.GEMV_MAX_BATCH
+                                  else cupy_ops.DEFAULT_GEMV_WIDE),
             "us": seconds * 1e6, "bytes": moved, "gbps": moved / seconds / 1e9,
             "fraction_of_hbm": moved / seconds / hbm,
             "rel_err_vs_dequant_matmul": ((got - ref).norm() / ref.norm()).item(),
@@ -106,11 +117,11 @@ def bench_gemv_case(copies: list[QuantizedWeight], batch: int, dtype: torch.dtyp
 
 def bench_gemv(args, l2_bytes: int, hbm: float) -> list[dict]:
     rows = []
-    for out_features, in_features in ((28672, 8192), (8192, 28672)):
+    for out_features, in_features in (tuple(int(n) for n in shape.split("x")) for shape in args.gemv_shape):
         for bits in (4, 8):
             copies = weight_copies(out_features, in_features, bits, args.group, l2_bytes)
             for dtype in (torch.float16, torch.bfloat16):
-                for batch in (1, 4, 8):
+                for batch in args.gemv_batch:
                     rows += bench_gemv_case(copies, batch, dtype, args.reps, hbm)
             del copies
             torch.cuda.empty_cache()
@@ -242,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=100, help="timed launches per measurement")
     parser.add_argument("--group", type=int, default=64, help="quantization group size")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
+    parser.add_argument("--gemv-shape", nargs="+", default=["28672x8192", "8192x28672"],
+                        help="weight shapes OUTxIN of the GEMV section")
+    parser.add_argument("--gemv-batch", type=int, nargs="+", default=[1, 4, 8, 16],
+                        help="rows of x in the GEMV section")
     parser.add_argument("--kv-blocks-per-sm", type=int, nargs="*", default=[],
                         help="also time the fused KV attention with the sequence split for these blocks per SM")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from tiermem.errors import TiermemError
 from tiermem.kernels.quant import QuantizedWeight
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
-GEMV_MAX_BATCH = 8  # rows of x per chunk of the fused GEMV (mma n = 8); one launch takes all chunks
+GEMV_MAX_BATCH = 8  # rows of x per batch tile of the fused GEMV (mma n = 8); one launch takes all chunks
 GEMV_MAX_CHUNKS = 65535  # chunks per launch: they are blockIdx.y (gridDim.y's limit)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -32,21 +32,27 @@ _DTYPE_NAMES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f3
 @dataclass(frozen=True)
 class GemvConfig:
     """Launch shape of the fused GEMV: 16 * m_tiles rows per block of `warps` warps, each lane
-    streaming `unroll` 16-byte chunks of 2 * m_tiles rows per step (see kernels/cuda/gemv.cu)."""
+    streaming `unroll` 16-byte chunks of 2 * m_tiles rows per step, and batch_tiles (1 or 2) tiles of 8 batch
+    rows per block, which share each weight fragment: a batch of more than 8 rows goes in chunks of
+    8 * batch_tiles, each reading the whole weight (see kernels/cuda/gemv.cu)."""
 
     unroll: int = 2
     m_tiles: int = 1
     warps: int = 8
+    batch_tiles: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.warps <= 8:  # the kernels are built for blocks of at most 256 threads
             raise TiermemError(f"GemvConfig.warps must be 1..8, got {self.warps}")
+        if self.batch_tiles not in (1, 2):
+            raise TiermemError(f"GemvConfig.batch_tiles must be 1 or 2, got {self.batch_tiles}")
 
 
 GEMV_VARIANTS = (GemvConfig(1, 1), GemvConfig(2, 1), GemvConfig(4, 1), GemvConfig(2, 2))
 # Best for int4 fp16 and for most int8 cases at 28672x8192 and 8192x28672 on an H200 (bench_kernels.py,
 # benchmarks/results/kernels_h200.json).
 DEFAULT_GEMV = GemvConfig(2, 2, 8)
+DEFAULT_GEMV_WIDE = GemvConfig(2, 1, 8, batch_tiles=2)  # for more than 8 rows
 
 
 @functools.cache
@@ -199,36 +205,46 @@ def gemv_supported(qw: QuantizedWeight) -> bool:
     )
 
 
-def gemv_launch_plan(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig) -> tuple[str, int, int]:
-    """Kernel name, rows per block and the cpg_shift argument for this weight.
+def batch_tiles(batch: int, config: GemvConfig) -> int:
+    """Tiles of 8 batch rows per block of the fused GEMV for `batch` rows: one for at most 8, else config's."""
+    return 1 if batch <= GEMV_MAX_BATCH else config.batch_tiles
+
+
+def gemv_launch_plan(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig,
+                     batch: int = 1) -> tuple[str, int, int]:
+    """Kernel name, rows per block and the cpg_shift argument for this weight and `batch` rows of x.
 
     The fast kernels need gs / chunk_cols to be a power of two at least `unroll` (a lane's chunks
     share one group); otherwise the unroll shrinks, or the per-column `general` kernel runs.
     """
-    return _gemv_plan(qw.scheme.bits, qw.scheme.group_size, dtype, config.unroll, config.m_tiles)
+    return _gemv_plan(qw.scheme.bits, qw.scheme.group_size, dtype, config.unroll, config.m_tiles,
+                      batch_tiles(batch, config))
 
 
 @functools.cache
-def _gemv_plan(bits: int, group_size: int, dtype: torch.dtype, unroll: int, m_tiles: int) -> tuple[str, int, int]:
+def _gemv_plan(bits: int, group_size: int, dtype: torch.dtype, unroll: int, m_tiles: int,
+               tiles: int) -> tuple[str, int, int]:
     chunks_per_group, rem = divmod(group_size, 128 // bits)
     prefix = f"quant_gemv_int{bits}_{_DTYPE_NAMES[dtype]}"
+    suffix = "n2" if tiles == 2 else ""
     if rem or chunks_per_group & (chunks_per_group - 1):
-        return f"{prefix}_general", 16, 0
+        return f"{prefix}_general{suffix}", 16, 0
     shift = chunks_per_group.bit_length() - 1
     available = {(v.unroll, v.m_tiles) for v in GEMV_VARIANTS}
     unroll = min(unroll, chunks_per_group)
     m_tiles = m_tiles if (unroll, m_tiles) in available else 1
     if (unroll, m_tiles) not in available:
         unroll = 1
-    return f"{prefix}_u{unroll}m{m_tiles}", 16 * m_tiles, shift
+    return f"{prefix}_u{unroll}m{m_tiles}{suffix}", 16 * m_tiles, shift
 
 
 def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None,
-                 config: GemvConfig = DEFAULT_GEMV, out: torch.Tensor | None = None) -> torch.Tensor:
+                 config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y[..., O] = x[..., I] @ dequant(W)^T + bias for fp16/bf16 x, fused, in one launch: the rows of x go in
-    chunks of GEMV_MAX_BATCH (8, the mma's n), one chunk per blockIdx.y, so at most GEMV_MAX_CHUNKS chunks.
-    Every chunk reads the whole weight (kernels.ops.linear sends it at most GEMV_SPLIT_ROWS rows).
-    `out`, if given, is the [rows, O] result buffer."""
+    chunks of GEMV_MAX_BATCH (8, the mma's n) times config.batch_tiles, one chunk per blockIdx.y, at most
+    GEMV_MAX_CHUNKS chunks. Every chunk reads the whole weight (kernels.ops.linear sends it at most
+    GEMV_SPLIT_ROWS rows). config: DEFAULT_GEMV up to 8 rows, DEFAULT_GEMV_WIDE beyond; a batch of at most 8 rows
+    takes one tile whatever config says. `out`, if given, is the [rows, O] result buffer."""
     out_features, in_features = qw.shape
     if x.dtype not in HALF_DTYPES or x.shape[-1] != in_features:
         raise TiermemError(
@@ -243,16 +259,19 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         bias = (bias if bias.dtype == x.dtype else bias.to(x.dtype)).contiguous()
     scale, zero = qw.scale.contiguous(), qw.zero.contiguous()
     _check_cuda("quant_linear", x, qw.qdata, scale, zero, *(() if bias is None else (bias,)))
-    kernel, rows_per_block, shift = gemv_launch_plan(qw, x.dtype, config)
+    if config is None:
+        config = DEFAULT_GEMV if batch <= GEMV_MAX_BATCH else DEFAULT_GEMV_WIDE
+    tiles = batch_tiles(batch, config)
+    kernel, rows_per_block, shift = gemv_launch_plan(qw, x.dtype, config, batch)
     if out is None:
         y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)  # y: [..., O], as [B, O]
     else:
         y = _output("quant_linear", out, (batch, out_features), x)  # y: [B, O]
     args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x), _ptr(bias), _ptr(y),
             *_i32s(out_features, in_features, qw.scheme.group_size, batch, shift))
-    grid = (math.ceil(out_features / rows_per_block), math.ceil(batch / GEMV_MAX_BATCH))  # (row blocks, chunks)
+    grid = (math.ceil(out_features / rows_per_block), math.ceil(batch / (GEMV_MAX_BATCH * tiles)))  # row blocks, chunks
     _launch(x.device, "gemv.cu", kernel, grid, 32 * config.warps, args,
-            shared_mem=config.warps * (rows_per_block // 16) * 128 * 4)
+            shared_mem=config.warps * (rows_per_block // 16) * tiles * 128 * 4)
     return y if out is None else y.view(*x.shape[:-1], out_features)
 
 

@@ -2,9 +2,9 @@
 
 CUDA tensors go to the fused CuPy kernels (kernels/cupy_ops.py) when CuPy is there and the case is
 one they implement; everything else, and every CPU tensor, runs the torch reference unchanged.
-- linear: quantized weight, x with at most GEMV_SPLIT_ROWS (32) rows -> fused dequant-GEMV (8-row
-  chunks, all in one launch); more rows -> dequantize on the GPU, then torch's matmul; unquantized
-  weight -> F.linear (the reference).
+- linear: quantized weight, x with at most GEMV_SPLIT_ROWS (32) rows -> fused dequant-GEMV (one 8-row
+  chunk up to 8 rows, 16-row chunks beyond, all in one launch); more rows -> dequantize on the GPU, then
+  torch's matmul; unquantized weight -> F.linear (the reference).
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).

@@ -1,6 +1,7 @@
 """A CPU model of kernels/cuda/gemv.cu, lane by lane, to desk-check its indexing without a GPU.
 
-It replays what each block of the grid (row block, 8-row batch chunk) and each of its lanes loads and
+It replays what each block of the grid (row block, batch chunk of 8 * batch_tiles rows) and each of its lanes
+loads and
 computes (16-byte chunks, magic-number dequantization, byte permutes of x) and what mma.m16n8k16 does
 with the lanes' registers, using the fragment layout of the PTX ISA (written here independently of the
 kernel), then the split-K reduction and the output map.
@@ -141,9 +142,9 @@ def _mma(acc: np.ndarray, a_regs: list[list[int]], b_regs: list[list[int]], dtyp
 
 
 def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None, unroll: int = 2,
-                  m_tiles: int = 1, warps: int = 4, general: bool = False) -> torch.Tensor:
-    """What quant_gemv_<bits>_<dtype>_u{unroll}m{m_tiles} (or _general) writes to y[B, O], as float64, for any
-    number of rows B (ceil(B / 8) chunks of the batch, blockIdx.y)."""
+                  m_tiles: int = 1, warps: int = 4, general: bool = False, batch_tiles: int = 1) -> torch.Tensor:
+    """What quant_gemv_<bits>_<dtype>_u{unroll}m{m_tiles} (or _general; n2 with batch_tiles 2) writes to y[B, O],
+    as float64, for any number of rows B (ceil(B / (8 * batch_tiles)) chunks of the batch, blockIdx.y)."""
     bits, gs = qw.scheme.bits, qw.scheme.group_size
     dtype = "f16" if x.dtype == torch.float16 else "bf16"
     out_features, in_features = qw.shape
@@ -163,11 +164,14 @@ def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | Non
     xwords_all = xbits[:, 0::2] | (xbits[:, 1::2] << 16)  # [B, I / 2]
     y_all = np.full((batch, out_features), np.nan)
     word_mmas = 2 if bits == 4 else 1
-    for chunk, block in itertools.product(range(-(-batch // 8)), range(-(-out_features // (16 * m_tiles)))):
-        # blockIdx = (block, chunk): x and y from batch row 8 * chunk, nb rows of them.
-        xwords, y, nb = xwords_all[8 * chunk:], y_all[8 * chunk:], min(8, batch - 8 * chunk)
+    nt_count, rows_per_chunk = batch_tiles, 8 * batch_tiles
+    for chunk, block in itertools.product(range(-(-batch // rows_per_chunk)),
+                                          range(-(-out_features // (16 * m_tiles)))):
+        # blockIdx = (block, chunk): x and y from batch row 8 * batch_tiles * chunk, nb rows of them.
+        first = rows_per_chunk * chunk
+        xwords, y, nb = xwords_all[first:], y_all[first:], min(rows_per_chunk, batch - first)
         row_base = block * 16 * m_tiles
-        red = np.zeros((warps, m_tiles, 32, 4))
+        red = np.zeros((warps, m_tiles, nt_count, 32, 4))
         for warp in range(warps):
             for step in range(warp, nsteps, warps):
                 lanes = []
@@ -179,22 +183,26 @@ def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | Non
                     q = [[[tuple(int(v) for v in qwords[rows[mt][h], 4 * (ci0 + u):4 * (ci0 + u) + 4])
                            if ci0 + u < row_chunks else (0, 0, 0, 0) for u in range(unroll)]
                           for h in range(2)] for mt in range(m_tiles)]
-                    xv = []
-                    for u in range(unroll):
-                        vecs = []
-                        for v in range(xv_per_chunk):
-                            if ci0 + u < row_chunks and g < nb:
-                                base = ((ci0 + u) * cw + 8 * v) // 2
-                                vecs.append(tuple(int(w) for w in xwords[g, base:base + 4]))
-                            else:
-                                vecs.append((0, 0, 0, 0))
-                        xv.append(vecs)
+                    xv = []  # [nt][u][v]: batch row 8 * nt + g
+                    for nt in range(nt_count):
+                        per_tile = []
+                        for u in range(unroll):
+                            vecs = []
+                            for v in range(xv_per_chunk):
+                                if ci0 + u < row_chunks and 8 * nt + g < nb:
+                                    base = ((ci0 + u) * cw + 8 * v) // 2
+                                    vecs.append(tuple(int(w) for w in xwords[8 * nt + g, base:base + 4]))
+                                else:
+                                    vecs.append((0, 0, 0, 0))
+                            per_tile.append(vecs)
+                        xv.append(per_tile)
                     grp = 0 if general else min(ci0 >> shift, groups - 1)
                     lanes.append((g, ci0, rows, q, xv, grp))
                 for u in range(unroll):
                     for j in range(4):
                         for s in range(word_mmas):
-                            b_regs = [_x_fragment(bits, ln[4][u], j, s) for ln in lanes]
+                            b_regs = [[_x_fragment(bits, ln[4][nt][u], j, s) for ln in lanes]
+                                      for nt in range(nt_count)]
                             for mt in range(m_tiles):
                                 a_regs = []
                                 for _g, ci0, rows, q, _, grp in lanes:
@@ -210,14 +218,16 @@ def simulate_gemv(qw: QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | Non
                                             regs.append(_fast_pair(bits, dtype, w, k, float(scale[row, grp]),
                                                                    float(zero[row, grp])))
                                     a_regs.append(regs)
-                                _mma(red[warp, mt], a_regs, b_regs, dtype)
-        for i in range(m_tiles * 128):
-            mt, m, n = i >> 7, i & 15, (i >> 4) & 7
-            row = row_base + 16 * mt + m
-            if n >= nb or row >= out_features:
+                                for nt in range(nt_count):
+                                    _mma(red[warp, mt, nt], a_regs, b_regs[nt], dtype)
+        for i in range(m_tiles * nt_count * 128):
+            tile, m, n = i >> 7, i & 15, (i >> 4) & 7
+            mt, nt = tile // nt_count, tile % nt_count
+            row, col = row_base + 16 * mt + m, 8 * nt + n
+            if col >= nb or row >= out_features:
                 continue
-            total = float(np.float32(red[:, mt, 4 * (m & 7) + (n >> 1), 2 * (m >> 3) + (n & 1)].sum()))
+            total = float(np.float32(red[:, mt, nt, 4 * (m & 7) + (n >> 1), 2 * (m >> 3) + (n & 1)].sum()))
             if bias is not None:
                 total += float(bias[row])
-            y[n, row] = _round(total, dtype)
+            y[col, row] = _round(total, dtype)
     return torch.from_numpy(y_all)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from gemv_simulation import simulate_gemv
 
+from tiermem.errors import TiermemError
 from tiermem.kernels import cupy_ops, ops, reference
 from tiermem.kernels.quant import QuantScheme, quantize
 
@@ -88,9 +89,11 @@ SIM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("rows", [3, 13, 16])  # one chunk of the batch; two, the second partial; two full
+# rows in 8-row tiles, batch tiles per block: one tile; two, the second partial; two full; two in one block; a full
+# block and a partial one
+@pytest.mark.parametrize(("rows", "batch_tiles"), [(3, 1), (13, 1), (16, 1), (16, 2), (21, 2)])
 @pytest.mark.parametrize(("bits", "group", "dtype", "unroll", "m_tiles", "general"), SIM_CASES)
-def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, general, rows):
+def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, general, rows, batch_tiles):
     gen = torch.Generator().manual_seed(bits * 1000 + group + rows)
     # An odd number of groups, and (fast path) a row that ends in the middle of a warp step.
     in_features = 3 * math.lcm(128 // bits, group) if general else 7 * group
@@ -99,7 +102,7 @@ def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, 
     qw = quantize(w, QuantScheme(bits, group))
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
     bias = torch.randn(out_features, generator=gen).to(dtype)
-    y = simulate_gemv(qw, x, bias, unroll=unroll, m_tiles=m_tiles, warps=4, general=general)
+    y = simulate_gemv(qw, x, bias, unroll=unroll, m_tiles=m_tiles, warps=4, general=general, batch_tiles=batch_tiles)
     assert not torch.isnan(y).any()  # every output written
     ref = x.double() @ reference.dequantize(qw, torch.float64).T + bias.double()
     assert _rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
@@ -137,6 +140,29 @@ def test_quant_linear_launches_once_with_the_kernels_argument_types(rows, monkey
         else:
             assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
     assert [int(a) for a in kernel_args[6:]] == [40, 256, 64, rows, 1]  # O, I, gs, batch, cpg_shift
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 16, 17, 32])
+def test_quant_linear_takes_two_batch_tiles_per_block_beyond_8_rows(rows, monkeypatch):
+    """The default launch: DEFAULT_GEMV (one 8-row tile per block) up to 8 rows; beyond, DEFAULT_GEMV_WIDE's two
+    tiles per block (an n2 kernel), so that the grid has ceil(rows / 16) batch chunks, each reading the weight once,
+    and shared memory for both tiles' partial sums."""
+    launches = []
+    monkeypatch.setattr(cupy_ops, "_launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+    monkeypatch.setattr(cupy_ops, "_check_cuda", lambda *tensors: None)
+    monkeypatch.setattr(cupy_ops, "gemv_supported", lambda qw: True)
+    qw = quantize(torch.randn(40, 256), QuantScheme(4, 64))
+    cupy_ops.quant_linear(torch.randn(rows, 256).to(torch.bfloat16), qw)
+    (args, kwargs), = launches
+    _, _, kernel, grid, block, _ = args
+    config = cupy_ops.DEFAULT_GEMV if rows <= 8 else cupy_ops.DEFAULT_GEMV_WIDE
+    tiles = 1 if rows <= 8 else 2
+    rows_per_block = 16 * config.m_tiles
+    assert kernel == f"quant_gemv_int4_bf16_u2m{config.m_tiles}" + ("n2" if tiles == 2 else "")
+    assert grid == (math.ceil(40 / rows_per_block), math.ceil(rows / (8 * tiles))) and block == 32 * config.warps
+    assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
+    with pytest.raises(TiermemError, match="batch_tiles must be 1 or 2"):
+        cupy_ops.GemvConfig(batch_tiles=4)
 
 
 def _ptxas_report(log: str) -> dict[str, tuple[int, int, int]]:

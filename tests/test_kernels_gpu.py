@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,13 +91,17 @@ def test_quant_gemv(out_features, in_features, bits, group, batch, dtype):
     assert _rel_err(y, _linear_ref(x, qw, bias)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("config", cupy_ops.GEMV_VARIANTS + (cupy_ops.GemvConfig(2, 1, 4),), ids=str)
+GEMV_TEST_CONFIGS = (*cupy_ops.GEMV_VARIANTS, *(replace(v, batch_tiles=2) for v in cupy_ops.GEMV_VARIANTS),
+                     cupy_ops.GemvConfig(2, 1, 4), cupy_ops.GemvConfig(2, 1, 4, batch_tiles=2))
+
+
+@pytest.mark.parametrize("config", GEMV_TEST_CONFIGS, ids=str)
 @pytest.mark.parametrize(("bits", "dtype"), [(4, torch.float16), (4, torch.bfloat16), (8, torch.float16),
                                              (8, torch.bfloat16)])
 def test_quant_gemv_variants(bits, dtype, config):
     gen = _gen("variant", bits, dtype, config)
     qw = _quantized(77, 128 * 9, bits, 128, gen)
-    for batch in (1, 5, 8, 9, 16):
+    for batch in (1, 5, 8, 9, 16, 21):
         x = _randn((batch, 128 * 9), gen, dtype)
         bias = _randn((77,), gen, dtype)
         y = cupy_ops.quant_linear(x, qw, bias, config=config, out=_poison((batch, 77), dtype))
@@ -110,7 +115,8 @@ def test_quant_gemv_general_groups(bits, group, in_features, dtype):
     gen = _gen("general", bits, group, dtype)
     qw = _quantized(50, in_features, bits, group, gen)
     assert cupy_ops.gemv_launch_plan(qw, dtype, cupy_ops.DEFAULT_GEMV)[0].endswith("_general")
-    for batch in (1, 4, 13):
+    assert cupy_ops.gemv_launch_plan(qw, dtype, cupy_ops.DEFAULT_GEMV_WIDE, 13)[0].endswith("_generaln2")
+    for batch in (1, 4, 13, 21):
         x = _randn((batch, in_features), gen, dtype)
         bias = _randn((50,), gen, dtype)
         y = cupy_ops.quant_linear(x, qw, bias, out=_poison((batch, 50), dtype))

@@ -5,17 +5,18 @@
 // Layout (kernels/quant.py): qdata uint8 [O, I * BITS / 8] row-major (int4: low nibble = even column),
 // scale and zero fp16 [O, I / gs]; x [batch, I] and y [batch, O] in T (fp16 or bf16); fp32 accumulation.
 //
-// Batch chunks. The mma's n is 8, so blockIdx.y picks a chunk of 8 batch rows: x and y rows
-// 8 * blockIdx.y .. 8 * blockIdx.y + nb - 1, nb = min(8, batch - 8 * blockIdx.y). gridDim.y =
-// ceil(batch / 8); every chunk reads the whole weight.
+// Batch chunks. The mma's n is 8; a block takes NT (1 or 2) tiles of 8 batch rows, so blockIdx.y picks a chunk
+// of 8 * NT rows: x and y rows 8 * NT * blockIdx.y .. + nb - 1, nb = min(8 * NT, batch - 8 * NT * blockIdx.y).
+// gridDim.y = ceil(batch / (8 * NT)); every chunk reads the whole weight, and each weight fragment dequantized
+// in registers feeds one mma per tile (at 16 rows, NT = 2 reads the weight once where NT = 1 read it twice).
 //
 // Work split. A block owns 16 * MT consecutive output rows; its warps split the input dimension
 // (warp w takes steps w, w + nwarps, ...) and are summed through shared memory at the end. In one
 // step lane (g = lane / 4, t = lane % 4) loads, for each of its rows (g and g + 8 of every 16-row
 // tile), U consecutive 16-byte chunks: the 4 lanes of a row read 64 * U contiguous bytes. Each chunk
 // (CW = 32 int4 or 16 int8 columns) is dequantized in registers straight into the A fragments of
-// mma.m16n8k16 (rows = outputs, k = inputs); x forms the B fragment (n = batch row, lanes with
-// g >= nb hold zeros). The k order inside one mma is free as long as A and B agree, so it follows
+// mma.m16n8k16 (rows = outputs, k = inputs); x forms the B fragment (n = batch row 8 * tile + g, lanes whose
+// row is not below nb hold zeros). The k order inside one mma is free as long as A and B agree, so it follows
 // what the bit tricks produce cheaply:
 //   int4: word j of a chunk holds columns 8j..8j+7; pair k (0..3) = columns (8j+k, 8j+k+4), the
 //         nibbles that (word >> 4k) & 0x000F000F isolates; mma s (0, 1) of the word takes pairs 2s,
@@ -181,7 +182,7 @@ __device__ __forceinline__ void x_fragment(const uint4 (&xv)[128 / BITS / 8], in
   }
 }
 
-template <int BITS, typename T, bool GENERAL, int U, int MT>
+template <int BITS, typename T, bool GENERAL, int U, int MT, int NT>
 __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, const __half* __restrict__ scale,
                                            const __half* __restrict__ zero, const T* __restrict__ x,
                                            const T* __restrict__ bias, T* __restrict__ y, int O, int I,
@@ -190,13 +191,13 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
   constexpr int XV = CW / 8;      // 16-byte x vectors per chunk
   constexpr int WORD_MMAS = BITS == 4 ? 2 : 1;
   constexpr int CPS = 4 * U;      // chunks of a row per warp step
-  extern __shared__ float red[];  // [nwarps][MT][32 lanes][4]
+  extern __shared__ float red[];  // [nwarps][MT][NT][32 lanes][4]
 
-  // This block's chunk of the batch: x [nb, I] and y [nb, O] from row 8 * blockIdx.y.
-  const int chunk_row = 8 * blockIdx.y;
+  // This block's chunk of the batch: x [nb, I] and y [nb, O] from row 8 * NT * blockIdx.y.
+  const int chunk_row = 8 * NT * blockIdx.y;
   x += static_cast<size_t>(chunk_row) * I;
   y += static_cast<size_t>(chunk_row) * O;
-  const int nb = min(8, batch - chunk_row);
+  const int nb = min(8 * NT, batch - chunk_row);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -204,9 +205,14 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
   const int row_chunks = I / CW;
   const int groups = I / gs;
   const int nsteps = (row_chunks + CPS - 1) / CPS;
-  const bool has_x = g < nb;
-  // This lane's x row (batch g) from its first chunk; a step adds step * CPS chunks.
-  const uint4* xlane = reinterpret_cast<const uint4*>(x + static_cast<size_t>(has_x ? g : 0) * I) + t * U * XV;
+  // This lane's x rows (batch 8 * nt + g) from its first chunk; a step adds step * CPS chunks.
+  bool has_x[NT];
+  const uint4* xlane[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    has_x[nt] = 8 * nt + g < nb;
+    xlane[nt] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(has_x[nt] ? 8 * nt + g : 0) * I) + t * U * XV;
+  }
   // Rows past O are clamped to O - 1: valid memory, results never stored.
   int rows[MT][2];
 #pragma unroll
@@ -214,11 +220,13 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
 #pragma unroll
     for (int h = 0; h < 2; ++h) rows[mt][h] = min(row_base + 16 * mt + 8 * h + g, O - 1);
 
-  float acc[MT][4];
+  float acc[MT][NT][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) acc[mt][r] = 0.0f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.0f;
 
   for (int step = warp; step < nsteps; step += nwarps) {
     const int ci0 = step * CPS + t * U;  // this lane's first chunk in the row
@@ -238,14 +246,16 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
         }
       }
     // x of columns past I is zero, so the (finite) weights there contribute nothing.
-    uint4 xv[U][XV];
+    uint4 xv[NT][U][XV];
 #pragma unroll
-    for (int u = 0; u < U; ++u)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int v = 0; v < XV; ++v) {
-        xv[u][v] = make_uint4(0u, 0u, 0u, 0u);
-        if (cok[u] && has_x) xv[u][v] = __ldg(xlane + (step * CPS + u) * XV + v);
-      }
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int v = 0; v < XV; ++v) {
+          xv[nt][u][v] = make_uint4(0u, 0u, 0u, 0u);
+          if (cok[u] && has_x[nt]) xv[nt][u][v] = __ldg(xlane[nt] + (step * CPS + u) * XV + v);
+        }
 
     if (!GENERAL) {
       // gs / CW is a power of two >= U, so the U chunks of a lane share one group.
@@ -264,15 +274,17 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int s = 0; s < WORD_MMAS; ++s) {
-            u32 b0, b1;
-            x_fragment<BITS>(xv[u], j, s, b0, b1);
+            u32 b0[NT], b1[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) x_fragment<BITS>(xv[nt][u], j, s, b0[nt], b1[nt]);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               const u32 w0 = word_of(q[mt][0][u], j), w1 = word_of(q[mt][1][u], j);
               const u32 w08 = w0 >> 8, w18 = w1 >> 8;
               const u32 a0 = dq[mt][0].pair(w0, w08, 2 * s), a1 = dq[mt][1].pair(w1, w18, 2 * s);
               const u32 a2 = dq[mt][0].pair(w0, w08, 2 * s + 1), a3 = dq[mt][1].pair(w1, w18, 2 * s + 1);
-              mma16816<T>(acc[mt], a0, a1, a2, a3, b0, b1);
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[mt][nt], a0, a1, a2, a3, b0[nt], b1[nt]);
             }
           }
     } else {
@@ -282,8 +294,9 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int s = 0; s < WORD_MMAS; ++s) {
-            u32 b0, b1;
-            x_fragment<BITS>(xv[u], j, s, b0, b1);
+            u32 b0[NT], b1[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) x_fragment<BITS>(xv[nt][u], j, s, b0[nt], b1[nt]);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
               u32 a[2][2];
@@ -296,7 +309,9 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
                   a[h][e] = general_pair<BITS, T>(w, j, 2 * s + e, (ci0 + u) * CW, scale + off, zero + off, gs,
                                                   groups);
               }
-              mma16816<T>(acc[mt], a[0][0], a[1][0], a[0][1], a[1][1], b0, b1);
+#pragma unroll
+              for (int nt = 0; nt < NT; ++nt)
+                mma16816<T>(acc[mt][nt], a[0][0], a[1][0], a[0][1], a[1][1], b0[nt], b1[nt]);
             }
           }
     }
@@ -305,40 +320,50 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) red[((warp * MT + mt) * 32 + lane) * 4 + r] = acc[mt][r];
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[(((warp * MT + mt) * NT + nt) * 32 + lane) * 4 + r] = acc[mt][nt][r];
   __syncthreads();
 
-  // Output (row m of tile mt, batch n) sits in lane 4 * (m % 8) + n / 2, register 2 * (m / 8) + n % 2.
-  for (int i = threadIdx.x; i < MT * 128; i += blockDim.x) {
-    const int mt = i >> 7, m = i & 15, n = (i >> 4) & 7;
-    const int row = row_base + 16 * mt + m;
-    if (n >= nb || row >= O) continue;
-    const int src = ((mt * 32) + 4 * (m & 7) + (n >> 1)) * 4 + 2 * (m >> 3) + (n & 1);
+  // Output (row m of tile mt, batch 8 nt + n) sits in lane 4 * (m % 8) + n / 2, register 2 * (m / 8) + n % 2 of
+  // tile (mt, nt).
+  for (int i = threadIdx.x; i < MT * NT * 128; i += blockDim.x) {
+    const int tile = i >> 7, m = i & 15, n = (i >> 4) & 7;
+    const int mt = tile / NT, nt = tile % NT;
+    const int row = row_base + 16 * mt + m, col = 8 * nt + n;
+    if (col >= nb || row >= O) continue;
+    const int src = (tile * 32 + 4 * (m & 7) + (n >> 1)) * 4 + 2 * (m >> 3) + (n & 1);
     float sum = 0.0f;
-    for (int w = 0; w < nwarps; ++w) sum += red[w * MT * 128 + src];
+    for (int w = 0; w < nwarps; ++w) sum += red[w * MT * NT * 128 + src];
     if (bias != nullptr) sum += to_float(bias[row]);
-    y[static_cast<size_t>(n) * O + row] = from_float<T>(sum);
+    y[static_cast<size_t>(col) * O + row] = from_float<T>(sum);
   }
 }
 
 }  // namespace tiermem
 
-// MINB (blocks of 256 threads per SM) caps the registers so that no variant spills (ptxas -v).
-#define TM_GEMV(NAME, BITS, T, GENERAL, U, MT, MINB)                                                          \
-  extern "C" __global__ void __launch_bounds__(256, MINB)                                                     \
-      NAME(const uint4* __restrict__ qdata, const __half* __restrict__ scale,                                 \
-           const __half* __restrict__ zero, const T* __restrict__ x, const T* __restrict__ bias,              \
-           T* __restrict__ y, int O, int I, int gs, int batch, int cpg_shift) {                               \
-    tiermem::quant_gemv<BITS, T, GENERAL, U, MT>(qdata, scale, zero, x, bias, y, O, I, gs, batch, cpg_shift); \
+// MINB (blocks of 256 threads per SM) caps the registers so that no variant spills (ptxas -v). NT = 2 variants
+// carry the suffix n2.
+#define TM_GEMV(NAME, BITS, T, GENERAL, U, MT, NT, MINB)                                                          \
+  extern "C" __global__ void __launch_bounds__(256, MINB)                                                         \
+      NAME(const uint4* __restrict__ qdata, const __half* __restrict__ scale,                                     \
+           const __half* __restrict__ zero, const T* __restrict__ x, const T* __restrict__ bias,                  \
+           T* __restrict__ y, int O, int I, int gs, int batch, int cpg_shift) {                                   \
+    tiermem::quant_gemv<BITS, T, GENERAL, U, MT, NT>(qdata, scale, zero, x, bias, y, O, I, gs, batch, cpg_shift); \
   }
 
 // U2_MINB: blocks per SM for the u2m1 variant (int4 bf16 needs more registers for its split constants).
-#define TM_GEMV_ALL(BITS, TN, T, U2_MINB)                                    \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u1m1, BITS, T, false, 1, 1, 4)       \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m1, BITS, T, false, 2, 1, U2_MINB) \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u4m1, BITS, T, false, 4, 1, 2)       \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m2, BITS, T, false, 2, 2, 2)       \
-  TM_GEMV(quant_gemv_int##BITS##_##TN##_general, BITS, T, true, 1, 1, 2)
+#define TM_GEMV_ALL(BITS, TN, T, U2_MINB)                                            \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u1m1, BITS, T, false, 1, 1, 1, 4)            \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m1, BITS, T, false, 2, 1, 1, U2_MINB)      \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u4m1, BITS, T, false, 4, 1, 1, 2)            \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m2, BITS, T, false, 2, 2, 1, 2)            \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_general, BITS, T, true, 1, 1, 1, 2)          \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u1m1n2, BITS, T, false, 1, 1, 2, 2)          \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m1n2, BITS, T, false, 2, 1, 2, 2)          \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u4m1n2, BITS, T, false, 4, 1, 2, 1)          \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_u2m2n2, BITS, T, false, 2, 2, 2, 1)          \
+  TM_GEMV(quant_gemv_int##BITS##_##TN##_generaln2, BITS, T, true, 1, 1, 2, 1)
 
 TM_GEMV_ALL(4, f16, __half, 4)
 TM_GEMV_ALL(4, bf16, __nv_bfloat16, 3)
