@@ -158,7 +158,7 @@ def test_quant_linear_takes_two_batch_tiles_per_block_beyond_8_rows(rows, monkey
     config = cupy_ops.DEFAULT_GEMV if rows <= 8 else cupy_ops.DEFAULT_GEMV_WIDE
     tiles = 1 if rows <= 8 else 2
     rows_per_block = 16 * config.m_tiles
-    assert kernel == f"quant_gemv_int4_bf16_u2m{config.m_tiles}" + ("n2" if tiles == 2 else "")
+    assert kernel == f"quant_gemv_int4_bf16_u{config.unroll}m{config.m_tiles}" + ("n2" if tiles == 2 else "")
     assert grid == (math.ceil(40 / rows_per_block), math.ceil(rows / (8 * tiles))) and block == 32 * config.warps
     assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
     with pytest.raises(TiermemError, match="batch_tiles must be 1 or 2"):
