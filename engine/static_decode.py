@@ -16,7 +16,8 @@ StaticDecoder.forward is a decode step of Executor.forward over a KVCache. On th
 as it is (what tests compare with Executor.forward). With `graphs=True` (CUDA) the first step of
 each span runs as it is and is captured; later steps of that span replay the capture. The step's token ids
 are a device tensor too, and the graph gathers their embedding on the GPU, from HBM or, for an embedding kept in
-pinned host memory, from that memory mapped into the GPU's address space (only the B rows cross PCIe): the host
+pinned host memory, from that memory mapped into the GPU's address space (only the B rows cross PCIe, and for
+OPT's narrower embeddings the small project_in weight of that block): the host
 never waits for a step's token (before, it copied each token to the host, gathered its row there and copied it
 back, 0.7-1.1 ms of every step's host part on the H200 machine). The sampling stays outside the graph, on the GPU.
 """
@@ -150,7 +151,7 @@ class StaticDecoder:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.input_ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # the step's tokens
-        # check_resident made sure the GPU reads the embedding in place (GpuWeights.device_views)
+        # check_resident made sure the GPU reads the embedding in place (GpuWeights.device_views, made once)
         self._embedding = executor.source.weights.device_views(executor.block_order[0]) if graphs else None
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._cache_ptr = _first_tensor(cache).data_ptr()
@@ -162,7 +163,7 @@ class StaticDecoder:
 
     def graph(self, span: int) -> torch.cuda.CUDAGraph:
         """The CUDA graph of steps over `span` slots, captured at the first of them (KeyError before that step, and
-        after the first step of a longer span, which drops it)."""
+        after the capture of another span, which replaces it)."""
         return self._captured[span][0]
 
     @torch.no_grad()
@@ -189,7 +190,7 @@ class StaticDecoder:
             graph.replay()
         else:
             logits = self._step(span)
-            if self.graphs:  # spans only grow: the graphs of shorter ones are not replayed again
+            if self.graphs:  # one graph at a time: a generation's spans only grow (the next one may start shorter)
                 self._captured = {span: self._capture(span)}
         cache.end_step(1)
         return logits

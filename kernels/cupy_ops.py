@@ -52,9 +52,9 @@ GEMV_VARIANTS = (GemvConfig(1, 1), GemvConfig(2, 1), GemvConfig(4, 1), GemvConfi
 # Best for int4 fp16 and for most int8 cases at 28672x8192 and 8192x28672 on an H200 (bench_kernels.py,
 # benchmarks/results/kernels_h200.json).
 DEFAULT_GEMV = GemvConfig(2, 2, 8)
-# For more than 8 rows. At 16 rows, int4 bf16 on an H200: 29.0-107.9 us at 4096x14336, 14336x4096 and 28672x8192
-# where DEFAULT_GEMV took 34.6-123.4 (13-17% less; u2m1 with two tiles was slower than either), within 0-15% of
-# the best variant for int8 (benchmarks/results/kernels_gemv_batch_tiles_s12call5_h200.json).
+# For more than 8 rows. At 16 rows on an H200, int4 at 4096x14336, 14336x4096 and 28672x8192: 10-17% less time than
+# DEFAULT_GEMV (bf16: 29.0-107.9 us against 34.6-123.4), the best variant of the sweep; int8: 0-16% above the best
+# variant (u2m1 with two tiles was slower than either; benchmarks/results/kernels_gemv_batch_tiles_s12call5_h200.json).
 DEFAULT_GEMV_WIDE = GemvConfig(1, 1, 8, batch_tiles=2)
 
 

@@ -1,8 +1,7 @@
 """A CPU model of kernels/cuda/gemv.cu, lane by lane, to desk-check its indexing without a GPU.
 
 It replays what each block of the grid (row block, batch chunk of 8 * batch_tiles rows) and each of its lanes
-loads and
-computes (16-byte chunks, magic-number dequantization, byte permutes of x) and what mma.m16n8k16 does
+loads and computes (16-byte chunks, magic-number dequantization, byte permutes of x) and what mma.m16n8k16 does
 with the lanes' registers, using the fragment layout of the PTX ISA (written here independently of the
 kernel), then the split-K reduction and the output map.
 fp16 arithmetic is rounded like the hardware's (numpy float16); bf16 through torch.

@@ -119,9 +119,12 @@ def test_the_prompt_and_the_decode_steps_split_the_batch_separately(executor, pr
 
 
 def test_a_cleared_cache_generates_as_a_new_one(executor, prompt):
-    """KVCache.clear (what a kept graph cache gets between generations): length 0 and no real key, so that a
-    generation over it, with a longer one's K and V left in its slots, gives the tokens of a new cache."""
+    """KVCache.clear (what a kept graph cache gets between generations): no token left, so that a generation over a
+    cache a longer one filled gives the tokens of a new cache, also through static decode steps, whose attention
+    spans slots past the fill where the longer generation's K and V are left (masked out)."""
+    from tiermem.engine.generate import DecodeState, Sampling, decode
     from tiermem.engine.kv_cache import KVCache
+    from tiermem.engine.static_decode import StaticDecoder
 
     ids, mask = prompt
     longer = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(4))
@@ -129,5 +132,7 @@ def test_a_cleared_cache_generates_as_a_new_one(executor, prompt):
     generate(executor, longer, 12, cache=cache)
     cache.clear()
     assert cache.length == 0 and not bool(cache.key_mask.any())
-    assert torch.equal(generate(executor, ids, 12, attention_mask=mask, cache=cache),
-                       generate(executor, ids, 12, attention_mask=mask))
+    state = DecodeState.start(ids, mask, cache)
+    decode(executor, state, Sampling.make(False, 1.0, 0, 1.0, [], None), 12,
+           step_decoder=StaticDecoder(executor, cache, bucket=4))
+    assert torch.equal(state.tokens, generate(executor, ids, 12, attention_mask=mask))

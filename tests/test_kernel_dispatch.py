@@ -161,6 +161,10 @@ def test_quant_linear_takes_two_batch_tiles_per_block_beyond_8_rows(rows, monkey
     assert kernel == f"quant_gemv_int4_bf16_u{config.unroll}m{config.m_tiles}" + ("n2" if tiles == 2 else "")
     assert grid == (math.ceil(40 / rows_per_block), math.ceil(rows / (8 * tiles))) and block == 32 * config.warps
     assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
+
+
+def test_gemv_config_takes_one_or_two_batch_tiles():
+    assert cupy_ops.GemvConfig(batch_tiles=2).batch_tiles == 2
     with pytest.raises(TiermemError, match="batch_tiles must be 1 or 2"):
         cupy_ops.GemvConfig(batch_tiles=4)
 

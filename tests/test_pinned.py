@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiermem.errors import TierIOError
+from tiermem.errors import ConfigError
 from tiermem.pinned import PinnedArena, device_alias
 
 
@@ -14,7 +14,7 @@ def gpu(test):
 
 @pytest.mark.parametrize("buffer", [torch.zeros(8, dtype=torch.float32), torch.zeros(2, 4, dtype=torch.uint8)])
 def test_device_alias_takes_a_flat_byte_buffer(buffer):
-    with pytest.raises(TierIOError, match="1-D uint8 host buffer"):
+    with pytest.raises(ConfigError, match="1-D uint8 host buffer"):
         device_alias(buffer, "cuda")
 
 

@@ -428,20 +428,21 @@ def test_cpu_attention_adds_to_a_disk_bound_step_and_the_planner_keeps_attention
 
 
 def test_quantized_weights_cost_hbm_traffic_by_the_rows_a_micro_batch_has():
-    """The fused GEMV reads a quantized weight once per 8 rows up to 32; beyond that the weight is dequantized to a
-    dense copy (written, then read by the matmul). Dense weights are read once whatever the rows."""
+    """The fused GEMV reads a quantized weight once up to 16 rows, once per 16 rows up to 32 (two 8-row tiles per
+    block beyond 8 rows); beyond that the weight is dequantized to a dense copy (written, then read by the matmul).
+    Dense weights are read once whatever the rows."""
     q = workload("llama3-8b", "int4", 128, torch.bfloat16, batch=64)
     dense = workload("llama3-8b", None, 128, torch.bfloat16, batch=64)
     assert dense.dense_per_stored == 0 and q.dense_per_stored == pytest.approx(2 / (0.5 + 4 / 128), rel=0.01)
     assert [dense.weight_traffic(r) for r in (1, 16, 64)] == [1.0, 1.0, 1.0]
-    assert [q.weight_traffic(r) for r in (1, 8, 9, 16, 32)] == [1.0, 1.0, 2.0, 2.0, 4.0]
+    assert [q.weight_traffic(r) for r in (1, 8, 9, 16, 17, 32)] == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
     assert q.weight_traffic(33) == q.weight_traffic(64) == pytest.approx(1 + 2 * q.dense_per_stored)
     resident = sum(q.block_bytes[b] for b in q.streamable)
     hbm = {m: step_cost(q, H200, resident=resident, host=0, disk=0, kv="gpu", cpu_cache_compute=False,
                         micro_batches=m)["hbm"] for m in (1, 4, 8)}
     weights = {m: hbm[m] - hbm[8] + 8 * resident / H200.hbm_Bps for m in hbm}  # the same KV bytes in each
     assert weights[8] == pytest.approx(8 * resident / H200.hbm_Bps)  # 8 rows each: one read per micro-batch
-    assert weights[4] == pytest.approx(4 * 2 * resident / H200.hbm_Bps)  # 16 rows: two GEMV chunks
+    assert weights[4] == pytest.approx(4 * resident / H200.hbm_Bps)  # 16 rows: one GEMV chunk of two tiles
     assert weights[1] == pytest.approx((1 + 2 * q.dense_per_stored) * resident / H200.hbm_Bps)  # 64 rows
 
 

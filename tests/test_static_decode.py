@@ -217,9 +217,9 @@ def test_gpu_generate_with_cuda_graphs_gives_the_tokens_without(stores):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("variant", ["llama3", "opt"])
 def test_gpu_replayed_steps_gather_the_embedding_from_pinned_memory_and_never_wait_for_the_gpu(stores, variant):
-    """The embedding stays in pinned host memory (host-only) and the graph reads its rows there; from the third token
-    on (the second is the span's first static step: run, then captured) a step issues its replay and samples
-    without one host sync (torch's sync debug mode raises on any)."""
+    """The embedding stays in pinned host memory (host-only) and the graph reads its rows there. In a second
+    generation of the batch, which replays the first one's graph, every decode step after the prompt issues its
+    replay and samples without one host sync (torch's sync debug mode raises on any)."""
     ids, mask = left_padded_batch()
     with tiermem.load(stores[variant], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64,
                       cuda_graphs=True) as m:
@@ -230,7 +230,7 @@ def test_gpu_replayed_steps_gather_the_embedding_from_pinned_memory_and_never_wa
         ref = m.generate(ids, 12, attention_mask=mask, eos_token_id=[])
 
         def on_step(k):
-            torch.cuda.set_sync_debug_mode("error" if 2 <= k < 12 else "default")
+            torch.cuda.set_sync_debug_mode("error" if k < 12 else "default")
 
         try:
             assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[], on_step=on_step), ref)
@@ -243,7 +243,8 @@ def test_gpu_replayed_steps_gather_the_embedding_from_pinned_memory_and_never_wa
 def test_gpu_generations_of_one_batch_replay_the_graph_of_the_last_one(stores):
     """The KV cache and graph of a generation are kept for the next one of the same batch that fits the cache: one
     over the same span replays that graph (no capture), over the cache the last one left filled (a longer prompt,
-    then other rows: nothing of it shows in the tokens); a session, another batch or close() lets them go."""
+    then other rows: nothing of it shows in the tokens); another batch replaces them; a call split into
+    micro-batches, one with a session, and close() let them go."""
     from tiermem import GenerationSession
 
     kw = dict(device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64)
@@ -261,11 +262,15 @@ def test_gpu_generations_of_one_batch_replay_the_graph_of_the_last_one(stores):
         assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[]), want[1])
         assert torch.equal(m.generate(other, 12, eos_token_id=[]), want[2])
         assert m._graphs is kept and kept.graph(kept.span(long_ids.shape[1])) is graph  # replayed, not captured
-        session = GenerationSession()
-        assert torch.equal(m.generate(other, 12, eos_token_id=[], session=session), want[2])
-        assert m._graphs is kept
         assert torch.equal(m.generate(one, 12, eos_token_id=[]), want[3])
         assert m._graphs is not kept and m._graphs.cache.batch == 1
+        assert torch.equal(m.generate(one, 12, eos_token_id=[], micro_batches=2), want[3])
+        assert m._graphs is None
+        assert torch.equal(m.generate(other, 12, eos_token_id=[]), want[2])
+        assert m._graphs is not None
+        assert torch.equal(m.generate(other, 12, eos_token_id=[], session=GenerationSession()), want[2])
+        assert m._graphs is None
+        assert torch.equal(m.generate(other, 12, eos_token_id=[]), want[2])
     assert m._graphs is None
 
 

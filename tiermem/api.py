@@ -364,9 +364,9 @@ class Model:
         on_step(k) is called after the k-th new token of this call. micro_batches: run the batch as
         that many slices through each streamed block, prompt and decode steps alike (None: the load's
         choices, the plan's by default: the prompt may be split finer than decode steps, to fit memory).
-        With CUDA graph replays (cuda_graphs), a call's KV cache and captured graph stay allocated for the next
-        call of the same batch that fits that cache, which then replays the graph without capturing it again;
-        a call of another batch, or close(), frees them.
+        With CUDA graph replays (cuda_graphs), a call's KV cache and captured graph (of the last span it reached)
+        stay allocated for the next call of the same batch that fits that cache, which replays the graph where
+        its steps cover the same span instead of capturing it again; any other call, or close(), frees them.
 
         session: a `tiermem.GenerationSession` to keep the state in, so that generation can continue
         later, also after `tiermem.checkpoint.save_async(session.state_dict(), path)` and a restore
@@ -381,6 +381,10 @@ class Model:
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         _check_micro_batches(micro_batches)
+        split = micro_batches or self.micro_batches
+        keeps_graphs = session is None and self.cuda_graphs and split == 1
+        if not keeps_graphs:
+            self._graphs = None  # a call that will not replay them lets the kept graphs and KV cache go first
         requested = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         if session is not None and session.started:
@@ -405,14 +409,12 @@ class Model:
                 if generator is None and sampling.do_sample:
                     seed = int(torch.randint(0, 2**62, (1,)))
                     generator = torch.Generator(device=self.device).manual_seed(seed)
-            keeps_graphs = session is None and self.cuda_graphs and (micro_batches or self.micro_batches) == 1
             cache = self._graph_cache(B, T + max_new_tokens) if keeps_graphs else None
             if cache is None:
                 cache = self._new_cache(B, T + max_new_tokens)
             state = DecodeState.start(input_ids, attention_mask, cache, generator)
             if session is not None:
                 session._start(self.config, state, sampling)
-        split = micro_batches or self.micro_batches
         on_device = type(state.cache) is KVCache  # a restored session may hold its cache elsewhere
         graphs = None
         if self.cuda_graphs and on_device and split == 1:

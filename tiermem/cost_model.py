@@ -12,8 +12,9 @@ kv = KV bytes per token per layer (K and V, compute dtype):
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
   hbm     = (m * f(B/m) * bytes of all GPU-side weights (every micro-batch reads every weight; f = 1 for
-               dense weights; quantized ones at r rows a micro-batch: 1 up to 8 rows, ceil(r/8) up to 32 (the
-               fused GEMV reads the weight once per 8-row chunk), beyond that 1 + 2 * dense/stored bytes
+               dense weights; quantized ones at r rows a micro-batch: 1 up to 16 rows, ceil(r/16) up to 32 (the
+               fused GEMV reads the weight once per chunk: 8 rows up to 8, 16 beyond), beyond that 1 + 2 *
+               dense/stored bytes
                (dequantized to a dense copy, written, then read by the matmul))
              + streamed bytes (written into the ring slots)
              + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv;
@@ -38,9 +39,9 @@ With CUDA graphs the host's part of a step (the step's static inputs, the replay
 replay run one after the other where the caller waits for each step's token, as bench does to time it (and
 decode, to check the rows, where EOS ids are set): the replay has nothing to run before the host launches it
 (llama3-8b int4, batch 16 x 2048 on an H200: steps of the host's part + 9.0 ms for host parts of 1.1-7.3 ms,
-_s10call3_, when the host still embedded each token itself; the kernel probe read 8.98 ms). The graph gathers the
-tokens' embedding on the GPU since (engine.static_decode), so a caller that does not wait lets the host issue a
-step while the GPU replays the one before; the model does not count on that.
+_s10call3_, when the host still embedded each token itself; the kernel probe read 8.98 ms). Since session 12 the
+graph gathers the tokens' embedding on the GPU (engine.static_decode), so a caller that does not wait lets the
+host issue a step while the GPU replays the one before; the model does not count on that.
 
 Disk, PCIe and GPU work overlap (load j+k || compute j, and the ring is primed across step
 boundaries), and the host issues kernels ahead of the GPU (no decode step waits for the GPU unless
@@ -77,7 +78,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tiermem.errors import ConfigError
-from tiermem.kernels.cupy_ops import GEMV_MAX_BATCH
+from tiermem.kernels.cupy_ops import DEFAULT_GEMV_WIDE, GEMV_MAX_BATCH
 from tiermem.kernels.ops import GEMV_SPLIT_ROWS
 
 DEFAULT_LAYER_OVERHEAD_S = 50e-6
@@ -206,11 +207,12 @@ class Workload:
 
     def weight_traffic(self, rows: int) -> float:
         """HBM bytes a decode micro-batch of `rows` rows moves per stored byte of the weights it uses (module doc):
-        the fused GEMV takes up to GEMV_SPLIT_ROWS rows in chunks of GEMV_MAX_BATCH, more are dequantized first."""
+        the fused GEMV takes up to GEMV_SPLIT_ROWS rows in chunks of GEMV_MAX_BATCH rows times its batch tiles (two
+        beyond GEMV_MAX_BATCH rows, DEFAULT_GEMV_WIDE), each reading the weight; more rows are dequantized first."""
         if not self.dense_per_stored or rows <= GEMV_MAX_BATCH:
             return 1.0
         if rows <= GEMV_SPLIT_ROWS:
-            return float(-(-rows // GEMV_MAX_BATCH))
+            return float(-(-rows // (GEMV_MAX_BATCH * DEFAULT_GEMV_WIDE.batch_tiles)))
         return 1.0 + 2.0 * self.dense_per_stored
 
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
@@ -297,14 +299,15 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     return c
 
 
-KERNELS_OVER_HBM = 8.0  # the kernels of a step measured up to this many times its bytes at HBM's copy rate
+KERNELS_OVER_HBM = 12.0  # the kernels of a step measured up to this many times its bytes at HBM's copy rate
 
 
 def kernels_may_bound(cost: Mapping[str, float], cuda_graphs: bool = False) -> bool:
     """Whether the measured kernel time could set a step whose cost was taken without it: always for CUDA graph
     replays (their kernels add to the host's part); for an eager step, where it is predicted within
-    KERNELS_OVER_HBM times its hbm or compute term (the kernels took 3x (bf16 KV) to 6x (int4 KV, its attention
-    kernel slower than its bytes) the hbm term on an H200: llama3-8b int4 at batch 16 x 2048, session 10)."""
+    KERNELS_OVER_HBM times its hbm or compute term (the kernels took 4.1x (bf16 KV) and 8.8x (int4 KV, its attention
+    kernel slower than its bytes) the hbm term on an H200: llama3-8b int4 at batch 16 x 2048, session 12, call 6,
+    with the weights read once at 16 rows as the GEMV reads them since)."""
     return cuda_graphs or cost["step"] < KERNELS_OVER_HBM * max(cost.get("hbm", 0.0), cost.get("compute", 0.0))
 
 

@@ -108,8 +108,8 @@ def gpu_step_seconds(hf_config: dict, quant: QuantScheme | None, dtype: torch.dt
                 del _MEASURED[next(iter(_MEASURED))]
         except (torch.cuda.OutOfMemoryError, BudgetError, NotResidentError) as exc:
             warnings.warn(f"tiermem: the kernels' time of a decode step is not measured: a one- and a two-layer "
-                          f"copy of the model do not fit the budgets in HBM ({exc}); the plan counts bytes at "
-                          "HBM's copy rate instead", stacklevel=2)
+                          f"copy of the model cannot replay CUDA graphs within the budgets ({exc}); the plan counts "
+                          "bytes at HBM's copy rate instead", stacklevel=2)
             return {}
     measured = _MEASURED[key]
     num_layers = model_config_from_hf(hf_config).num_layers

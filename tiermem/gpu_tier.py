@@ -37,9 +37,10 @@ class GpuWeights:
     resident: block name -> uint8 buffer in HBM holding the block's bytes (kept for good).
     host_blocks: block name -> uint8 buffer in pinned host memory, for every other block.
     decode: (block name, uint8 buffer on any device) -> {tensor name: tensor views}.
-    host_only: host blocks whose tensors are used where they are (e.g. the token embedding, gathered
-    on the host so that only [B, T, D] activations cross PCIe instead of the whole table); the
-    rest of host_blocks stream through the ring of HBM slots.
+    host_only: host blocks whose tensors are used where they are (e.g. the token embedding: eager steps
+    gather its rows on the host, graph replays on the GPU through device_views, so that only [B, T, D]
+    activations cross PCIe instead of the whole table); the rest of host_blocks stream through the ring of
+    HBM slots.
     disk: a DiskStager for the blocks that live only on disk; they are read into pinned staging
     buffers ahead of use and then stream through the same ring.
     """
@@ -80,6 +81,7 @@ class GpuWeights:
         ]
         self._next_slot = 0
         self._decoded: dict[tuple[str, torch.device, int], dict] = {}  # (block, buffer place) -> views: _views
+        self._mapped: dict[str, dict | None] = {}  # host-only block -> views of its device alias: device_views
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
 
@@ -141,8 +143,10 @@ class GpuWeights:
             return self._views(name, self.resident[name])
         if name not in self.host_only:
             return None
-        mapped = device_alias(self.host_blocks[name], self.device)
-        return None if mapped is None else self._views(name, mapped)
+        if name not in self._mapped:
+            mapped = device_alias(self.host_blocks[name], self.device)
+            self._mapped[name] = None if mapped is None else self._views(name, mapped)
+        return self._mapped[name]
 
     def _views(self, name: str, buffer: torch.Tensor) -> dict:
         """The block's tensors as views into `buffer`, decoded once per (block, buffer) and then reused:
@@ -187,6 +191,7 @@ class GpuWeights:
             self.disk.close()
         self._primed.clear()
         self._decoded.clear()
+        self._mapped.clear()
         self.resident.clear()
         self.slots.clear()
 

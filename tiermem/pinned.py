@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-from tiermem.errors import BudgetError, TierIOError
+from tiermem.errors import BudgetError, ConfigError, TierIOError
 
 ALIGN = 4096
 
@@ -36,7 +36,7 @@ def device_alias(buffer: torch.Tensor, device: torch.device | str) -> torch.Tens
     where CuPy is missing or CUDA does not map the memory into the device's address space. The alias keeps
     `buffer` alive; `buffer` must stay page-locked as long as the alias is used."""
     if buffer.device.type != "cpu" or buffer.dtype != torch.uint8 or buffer.dim() != 1:
-        raise TierIOError(f"device_alias takes a 1-D uint8 host buffer, got {buffer.dtype} {tuple(buffer.shape)} "
+        raise ConfigError(f"device_alias takes a 1-D uint8 host buffer, got {buffer.dtype} {tuple(buffer.shape)} "
                           f"on {buffer.device}")
     try:
         import cupy

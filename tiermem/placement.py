@@ -4,7 +4,8 @@ CPU: TieredWeights keeps what fits cpu_memory (after the KV reservation) in RAM 
 rest from the store every step. CUDA: the blocks that fit gpu_memory (after KV and workspace
 reservations and the ring of slots) stay in HBM; of the others, those that fit cpu_memory live in
 one pinned host arena and the rest are read from disk every step into pinned staging buffers;
-both stream through the ring of HBM slots. The token embedding is gathered on the host.
+both stream through the ring of HBM slots. The token embedding stays in pinned host memory: eager steps
+gather its rows on the host, CUDA graph replays on the GPU through the memory mapped into its address space.
 """
 
 from __future__ import annotations
@@ -283,8 +284,8 @@ def graph_options_allowed(kv_placement: str | None, cpu_attention: bool | None, 
 
 
 def graphable(plan: Plan) -> bool:
-    """Whether the decode steps of `plan` can be CUDA graph replays: every block in HBM (the embedding, gathered on
-    the host, aside), the KV cache there too, whole-batch steps."""
+    """Whether the decode steps of `plan` can be CUDA graph replays: every block in HBM (the embedding, read in pinned
+    host memory, aside), the KV cache there too, whole-batch steps."""
     return (not plan.host_blocks and not plan.disk_blocks and plan.kv == "gpu" and plan.micro_batches == 1
             and not plan.cpu_cache_compute)
 
@@ -440,7 +441,7 @@ def plan_host_tier(sizes: dict[str, int], order: list[str], gpu_resident: list[s
     fixed = sum(sizes[b] for b in order if b in HOST_ONLY)
     if cpu_memory is not None and fixed > cpu_memory:
         raise BudgetError(f"cpu_memory {format_size(cpu_memory)} cannot even hold the embedding table "
-                          f"({format_size(fixed)}), which is gathered on the host: raise cpu_memory")
+                          f"({format_size(fixed)}), which stays in pinned host memory: raise cpu_memory")
     if not rest:
         return [b for b in order if b in HOST_ONLY], [], 0
     tier = plan_residency(rest, None if cpu_memory is None else cpu_memory - fixed, lookahead)
