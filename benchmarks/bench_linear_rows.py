@@ -1,4 +1,4 @@
-"""Quantized linear with a few rows: the fused GEMV (one launch, 8-row chunks) against dequantize + matmul.
+"""Quantized linear with a few rows: the fused GEMV (one launch, 8-row or 16-row chunks) against dequantize + matmul.
 
     python3 benchmarks/bench_linear_rows.py --out linear_rows.json
 Times both paths (CUDA events, median, rotating several weights so that L2 does not help) for
@@ -25,7 +25,7 @@ ROWS = [8, 16, 24, 32, 48, 64]
 
 
 def chunked(x: torch.Tensor, w) -> torch.Tensor:
-    return cupy_ops.quant_linear(x, w)  # every 8-row chunk in one launch (a chunk per blockIdx.y)
+    return cupy_ops.quant_linear(x, w)  # every chunk in one launch (a chunk per blockIdx.y, 16 rows beyond 8)
 
 
 def dequant_matmul(x: torch.Tensor, w) -> torch.Tensor:
