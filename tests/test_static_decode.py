@@ -274,6 +274,48 @@ def test_gpu_generations_of_one_batch_replay_the_graph_of_the_last_one(stores):
     assert m._graphs is None
 
 
+def test_generate_keeps_the_static_decoder_and_cache_for_the_next_call_of_the_batch(stores, monkeypatch):
+    """Model.generate's bookkeeping of kept graphs, on the CPU: the model told it replays graphs, its decoders run
+    their steps as they are (graphs=False). A call of the same batch that fits the cache reuses decoder and cache,
+    with the tokens of a load without graphs; another batch replaces them; micro-batches, a session and close() let
+    them go."""
+    import tiermem.api
+    from tiermem import GenerationSession
+
+    made = []
+
+    class EagerDecoder(StaticDecoder):
+        def __init__(self, executor, cache, graphs=False):
+            super().__init__(executor, cache)
+            made.append(self)
+
+    ids, mask = left_padded_batch()
+    other = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(9))
+    with tiermem.load(stores["llama3"], max_batch_size=2, max_seq_len=64) as m:
+        want = [m.generate(a, 12, attention_mask=b, eos_token_id=[]) for a, b in ((ids, mask), (other, None))]
+        want_one = m.generate(ids[:1], 12, eos_token_id=[])
+        monkeypatch.setattr(tiermem.api, "StaticDecoder", EagerDecoder)
+        m.cuda_graphs = True
+        assert torch.equal(m.generate(ids, 12, attention_mask=mask, eos_token_id=[]), want[0])
+        kept = m._graphs
+        assert made == [kept] and kept.cache.max_len == 22
+        assert torch.equal(m.generate(other, 8, eos_token_id=[]), want[1][:, :18])  # fits the 22 slots
+        assert m._graphs is kept and len(made) == 1
+        assert torch.equal(m.generate(other, 12, eos_token_id=[]), want[1])
+        assert m._graphs is kept and len(made) == 1
+        assert torch.equal(m.generate(ids[:1], 12, eos_token_id=[]), want_one)
+        assert m._graphs is made[-1] and m._graphs.cache.batch == 1 and len(made) == 2
+        assert torch.equal(m.generate(ids[:1], 12, eos_token_id=[], micro_batches=2), want_one)
+        assert m._graphs is None and len(made) == 2  # split steps run through the executor
+        m.generate(other, 12, eos_token_id=[])
+        assert m._graphs is made[-1]
+        assert torch.equal(m.generate(other, 12, eos_token_id=[], session=GenerationSession()), want[1])
+        assert m._graphs is None and len(made) == 4  # the session's own decoder, not kept
+        m.generate(other, 12, eos_token_id=[])
+        assert m._graphs is made[-1]
+    assert m._graphs is None
+
+
 def _memory_type(t: torch.Tensor) -> int:
     """cudaPointerAttributes.type of t's memory (1: host, 2: device)."""
     import cupy
