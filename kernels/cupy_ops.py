@@ -208,9 +208,21 @@ def gemv_supported(qw: QuantizedWeight) -> bool:
     )
 
 
+def default_gemv(batch: int) -> GemvConfig:
+    """The launch shape quant_linear takes for `batch` rows of x when given none."""
+    return DEFAULT_GEMV if batch <= GEMV_MAX_BATCH else DEFAULT_GEMV_WIDE
+
+
 def batch_tiles(batch: int, config: GemvConfig) -> int:
     """Tiles of 8 batch rows per block of the fused GEMV for `batch` rows: one for at most 8, else config's."""
     return 1 if batch <= GEMV_MAX_BATCH else config.batch_tiles
+
+
+def gemv_chunks(batch: int, config: GemvConfig | None = None) -> int:
+    """Batch chunks of quant_linear's launch for `batch` rows (its blockIdx.y; config None: default_gemv's), each
+    of which reads the whole weight."""
+    config = config or default_gemv(batch)
+    return math.ceil(batch / (GEMV_MAX_BATCH * batch_tiles(batch, config)))
 
 
 def gemv_launch_plan(qw: QuantizedWeight, dtype: torch.dtype, config: GemvConfig,
@@ -245,9 +257,9 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
                  config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y[..., O] = x[..., I] @ dequant(W)^T + bias for fp16/bf16 x, fused, in one launch: the rows of x go in
     chunks of GEMV_MAX_BATCH (8, the mma's n) times config.batch_tiles, one chunk per blockIdx.y, at most
-    GEMV_MAX_CHUNKS chunks. Every chunk reads the whole weight (kernels.ops.linear sends it at most
-    GEMV_SPLIT_ROWS rows). config: DEFAULT_GEMV up to 8 rows, DEFAULT_GEMV_WIDE beyond; a batch of at most 8 rows
-    takes one tile whatever config says. `out`, if given, is the [rows, O] result buffer."""
+    GEMV_MAX_CHUNKS chunks (gemv_chunks). Every chunk reads the whole weight (kernels.ops.linear sends it at most
+    GEMV_SPLIT_ROWS rows). config: default_gemv's (DEFAULT_GEMV up to 8 rows, DEFAULT_GEMV_WIDE beyond); a batch of
+    at most 8 rows takes one tile whatever config says. `out`, if given, is the [rows, O] result buffer."""
     out_features, in_features = qw.shape
     if x.dtype not in HALF_DTYPES or x.shape[-1] != in_features:
         raise TiermemError(
@@ -262,9 +274,7 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         bias = (bias if bias.dtype == x.dtype else bias.to(x.dtype)).contiguous()
     scale, zero = qw.scale.contiguous(), qw.zero.contiguous()
     _check_cuda("quant_linear", x, qw.qdata, scale, zero, *(() if bias is None else (bias,)))
-    if config is None:
-        config = DEFAULT_GEMV if batch <= GEMV_MAX_BATCH else DEFAULT_GEMV_WIDE
-    tiles = batch_tiles(batch, config)
+    config = config or default_gemv(batch)
     kernel, rows_per_block, shift = gemv_launch_plan(qw, x.dtype, config, batch)
     if out is None:
         y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)  # y: [..., O], as [B, O]
@@ -272,9 +282,9 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
         y = _output("quant_linear", out, (batch, out_features), x)  # y: [B, O]
     args = (_ptr(qw.qdata), _ptr(scale), _ptr(zero), _ptr(x), _ptr(bias), _ptr(y),
             *_i32s(out_features, in_features, qw.scheme.group_size, batch, shift))
-    grid = (math.ceil(out_features / rows_per_block), math.ceil(batch / (GEMV_MAX_BATCH * tiles)))  # row blocks, chunks
+    grid = (math.ceil(out_features / rows_per_block), gemv_chunks(batch, config))  # (row blocks, batch chunks)
     _launch(x.device, "gemv.cu", kernel, grid, 32 * config.warps, args,
-            shared_mem=config.warps * (rows_per_block // 16) * tiles * 128 * 4)
+            shared_mem=config.warps * (rows_per_block // 16) * batch_tiles(batch, config) * 128 * 4)
     return y if out is None else y.view(*x.shape[:-1], out_features)
 
 
@@ -382,6 +392,12 @@ KV_ATTENTION_MIN_CHUNK = 64  # slots per block below which more splits only add 
 KV_ATTENTION_BLOCKS_PER_SM = 4
 
 
+def _check_slot(fn: str, name: str, slot: torch.Tensor | None) -> None:
+    """A slot held in device memory for a kernel to read: int64 [1] (or None: none given)."""
+    if slot is not None and (slot.dtype != torch.int64 or slot.shape != (1,)):
+        raise TiermemError(f"{fn}: {name} must be int64 [1], got {slot.dtype} {tuple(slot.shape)}")
+
+
 def kv_attention_supported(heads: int, kv_heads: int, head_dim: int, bits: int, group: int) -> bool:
     """Whether kv_attention_cuda takes these shapes (kv_attention.cu's limits)."""
     return (bits in (4, 8) and heads % kv_heads == 0 and heads // kv_heads <= KV_ATTENTION_MAX_QUERIES_PER_KV_HEAD
@@ -426,9 +442,7 @@ def kv_attention_cuda(q: torch.Tensor, k: tuple[torch.Tensor, torch.Tensor, torc
             or not 1 <= length <= s_max or q.dtype not in _DTYPE_NAMES):
         raise TiermemError(f"kv_attention_cuda: unsupported q {tuple(q.shape)} {q.dtype}, KV {tuple(codes.shape)} "
                            f"int{bits} group {group}, length {length}")
-    if query_slot is not None and (query_slot.dtype != torch.int64 or query_slot.shape != (1,)):
-        raise TiermemError(f"kv_attention_cuda: query_slot must be int64 [1], got {query_slot.dtype} "
-                           f"{tuple(query_slot.shape)}")
+    _check_slot("kv_attention_cuda", "query_slot", query_slot)
     parts = (*k, *v)
     word = 8 if bits == 8 else 4  # the kernel reads codes 8 / 4 bytes at a time, scales and zeros as fp16
     if not all(t.is_contiguous() and t.shape[:3] == codes.shape[:3] and _aligned(t, word if t.dtype == torch.uint8
@@ -464,9 +478,7 @@ def kv_quantize_cuda(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     uint8 [B, Hkv, S_max, Dh*bits/8] and scale / zero fp16 [B, Hkv, S_max, Dh/group] (contiguous), bit for bit
     as tiermem.kernels.kv_quant.quantize_kv (kv_quant.cu). start_slot (int64 [1] on the device): start read from
     it when the kernel runs (a graph step's slot; a slot > S_max - T writes nothing), `start` then unused."""
-    if start_slot is not None and (start_slot.dtype != torch.int64 or start_slot.shape != (1,)):
-        raise TiermemError(f"kv_quantize_cuda: start_slot must be int64 [1], got {start_slot.dtype} "
-                           f"{tuple(start_slot.shape)}")
+    _check_slot("kv_quantize_cuda", "start_slot", start_slot)
     rows, kv_heads, tokens, head_dim = x.shape
     batch, _, s_max, _ = codes.shape
     if (bits not in (4, 8) or head_dim % group or (bits == 4 and group % 2) or x.dtype not in _DTYPE_NAMES

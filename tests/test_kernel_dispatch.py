@@ -326,3 +326,17 @@ def test_quantized_write_at_a_slot_in_a_tensor_writes_what_the_write_at_that_slo
     for a, b in zip(ref.tensors, mine.tensors, strict=True):
         assert torch.equal(a, b)
     assert mine.codes[:, :, 5].any() and not mine.codes[:, :, :5].any() and not mine.codes[:, :, 6:].any()
+
+
+@pytest.mark.parametrize("slot", [torch.zeros(1, dtype=torch.int32), torch.zeros(2, dtype=torch.int64)])
+def test_kernels_take_a_slot_in_device_memory_only_as_int64_1(slot):
+    """kv_attention_cuda's query_slot and kv_quantize_cuda's start_slot, checked before any launch."""
+    q = torch.zeros(2, 8, 64, dtype=torch.float16)  # [b, H, Dh]
+    codes = torch.zeros(2, 2, 16, 32, dtype=torch.uint8)  # int4: [b, Hkv, S_max, Dh / 2]
+    scale = torch.zeros(2, 2, 16, 2, dtype=torch.float16)  # group 32
+    kv = (codes, scale, scale)
+    with pytest.raises(TiermemError, match="kv_attention_cuda: query_slot must be int64 \\[1\\]"):
+        cupy_ops.kv_attention_cuda(q, kv, kv, 4, 32, torch.ones(2, 16, dtype=torch.bool), 4, None, 0.125,
+                                   query_slot=slot)
+    with pytest.raises(TiermemError, match="kv_quantize_cuda: start_slot must be int64 \\[1\\]"):
+        cupy_ops.kv_quantize_cuda(q[:, :2, None], codes, scale, scale, 4, 32, 0, 0, start_slot=slot)

@@ -417,10 +417,9 @@ class Model:
                 session._start(self.config, state, sampling)
         on_device = type(state.cache) is KVCache  # a restored session may hold its cache elsewhere
         graphs = None
-        if self.cuda_graphs and on_device and split == 1:
-            kept = self._graphs is not None and self._graphs.cache is state.cache
-            graphs = self._graphs if kept else StaticDecoder(self.executor, state.cache, graphs=True)
-            if session is None:
+        if self.cuda_graphs and on_device and split == 1:  # _graphs is left only where _graph_cache kept its cache
+            graphs = self._graphs or StaticDecoder(self.executor, state.cache, graphs=True)
+            if keeps_graphs:
                 self._graphs = graphs  # a session's cache stays the session's
         try:
             decode(self.executor, state, sampling, max_new_tokens, split, on_step,

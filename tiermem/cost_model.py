@@ -78,7 +78,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tiermem.errors import ConfigError
-from tiermem.kernels.cupy_ops import DEFAULT_GEMV_WIDE, GEMV_MAX_BATCH
+from tiermem.kernels.cupy_ops import gemv_chunks
 from tiermem.kernels.ops import GEMV_SPLIT_ROWS
 
 DEFAULT_LAYER_OVERHEAD_S = 50e-6
@@ -207,12 +207,12 @@ class Workload:
 
     def weight_traffic(self, rows: int) -> float:
         """HBM bytes a decode micro-batch of `rows` rows moves per stored byte of the weights it uses (module doc):
-        the fused GEMV takes up to GEMV_SPLIT_ROWS rows in chunks of GEMV_MAX_BATCH rows times its batch tiles (two
-        beyond GEMV_MAX_BATCH rows, DEFAULT_GEMV_WIDE), each reading the weight; more rows are dequantized first."""
-        if not self.dense_per_stored or rows <= GEMV_MAX_BATCH:
+        the fused GEMV takes up to GEMV_SPLIT_ROWS rows, in chunks that each read the weight (cupy_ops.gemv_chunks);
+        more rows are dequantized first."""
+        if not self.dense_per_stored:
             return 1.0
         if rows <= GEMV_SPLIT_ROWS:
-            return float(-(-rows // (GEMV_MAX_BATCH * DEFAULT_GEMV_WIDE.batch_tiles)))
+            return float(gemv_chunks(rows))
         return 1.0 + 2.0 * self.dense_per_stored
 
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
