@@ -7,6 +7,7 @@ by 5.x (`dtype`, `rope_parameters`) describe the same model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -18,11 +19,12 @@ from tiermem.engine.families import llama, opt, output
 from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
 from tiermem.kernels.quant import QuantizedWeight
 
-FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "opt": "opt"}
 MODEL_TYPE_OF_ARCHITECTURE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "OPTForCausalLM": "opt",
 }
 # Defaults of the transformers config classes for keys a config.json may omit.
@@ -35,10 +37,13 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
                   rms_norm_eps=1e-6),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6),
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 IGNORED_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -49,18 +54,23 @@ class RopeConfig:
     """Rotary embedding parameters (HF `rope_parameters` / `rope_scaling`, standardized)."""
 
     theta: float = 10000.0
-    type: str = "default"  # "default" | "linear" | "llama3"
+    type: str = "default"  # "default" | "linear" | "llama3" | "yarn"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn only
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0  # scales cos and sin
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """What the engine needs to know about a decoder-only model; built by model_config_from_hf."""
 
-    model_type: str  # "llama" | "mistral" | "qwen2" | "opt"
+    model_type: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "opt"
     family: str  # "llama" | "opt": which module in engine/families runs it
     vocab_size: int
     hidden_size: int
@@ -76,6 +86,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
     rope: RopeConfig | None = None  # None: learned positions (OPT)
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full causal attention
     # OPT only
@@ -140,6 +151,8 @@ def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
             f"rope type {rope_type!r} is not supported; tiermem implements {SUPPORTED_ROPE_TYPES}")
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
+    if rope_type == "yarn":
+        return _yarn_rope(hf, params, float(theta), max_pos)
     try:
         factor = float(params["factor"])
         if rope_type == "linear":
@@ -154,6 +167,29 @@ def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
         raise ConfigError(f"rope parameters of type {rope_type!r} lack key {e.args[0]!r}: {params}") from e
 
 
+def _yarn_rope(hf: Mapping[str, Any], params: Mapping[str, Any], theta: float, max_pos: int) -> RopeConfig:
+    """YaRN parameters as transformers 5 standardizes them (a top-level original_max_position_embeddings wins)."""
+    old_len = int(hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                  or max_pos)
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else max_pos / old_len
+    if factor <= 0 or old_len <= 0:
+        raise ConfigError(f"yarn rope parameters need a positive factor and original length: {dict(params)}")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return RopeConfig(
+        theta=theta, type="yarn", factor=factor, original_max_position_embeddings=old_len,
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor),
+    )
+
+
 def _eos(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -161,10 +197,10 @@ def _eos(value: Any) -> tuple[int, ...]:
 
 
 def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    """Per-layer sliding window (None = full attention), as Mistral / Qwen2 configs set them."""
+    """Per-layer sliding window (None = full attention), as Mistral / Qwen2 / Qwen3 configs set them."""
     if model_type == "mistral":
         return (d["sliding_window"],) * n_layers
-    if model_type == "qwen2" and d.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
         window = d.get("sliding_window", 4096)
         types = d.get("layer_types") or [
             "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28)
@@ -231,7 +267,8 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         norm_eps=float(d["rms_norm_eps"]), hidden_act=act,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
-        mlp_bias=bool(d.get("mlp_bias", False)), rope=_rope(d, int(d["max_position_embeddings"])),
+        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+        rope=_rope(d, int(d["max_position_embeddings"])),
         sliding_windows=_llama_windows(model_type, d, common["num_layers"]),
     )
 

@@ -59,6 +59,12 @@ class Executor:
         tied_reuse = lm_block == "embed" and not head_has_lm_head
         self.block_order = cfg.block_names + (["embed"] if tied_reuse else [])
 
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos, sin [B, T, Dh] in the compute dtype for positions [B, T]; (None, None) for learned positions."""
+        if self.cfg.rope is None:
+            return None, None
+        return rope.cos_sin(self.inv_freq, positions, self.dtype, self.cfg.rope.attention_factor)
+
     def _new_mask(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int) -> torch.Tensor:
         if attention_mask is None:
             return torch.ones(B, T, dtype=torch.bool, device=self.device)
@@ -88,7 +94,7 @@ class Executor:
         if cfg.rope is None and int(positions.max()) >= cfg.max_position_embeddings:
             raise ConfigError(f"{cfg.model_type} has learned positions up to {cfg.max_position_embeddings}; "
                               f"position {int(positions.max())} requested: shorten the sequence")
-        cos, sin = rope.cos_sin(self.inv_freq, positions, self.dtype) if cfg.rope else (None, None)
+        cos, sin = self.rope_tables(positions)
         slices = micro_batch_slices(B, micro_batches)
         attns = [
             Attention(key_mask[r], past, r, cache, cos[r] if cos is not None else None,

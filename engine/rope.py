@@ -1,4 +1,4 @@
-"""Rotary position embedding tables: inverse frequencies (default, linear, llama3) and cos/sin.
+"""Rotary position embedding tables: inverse frequencies (default, linear, llama3, yarn) and cos/sin.
 
 Computed in fp32 exactly as transformers does (modeling_rope_utils), then cast to the compute dtype.
 """
@@ -20,6 +20,8 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | 
     inv_freq = 1.0 / (rope.theta ** (exponents / head_dim))  # [Dh/2]
     if rope.type == "linear":
         return inv_freq / rope.factor
+    if rope.type == "yarn":
+        return _yarn(rope, inv_freq, head_dim)
     if rope.type != "llama3":
         return inv_freq
     old_len = rope.original_max_position_embeddings
@@ -33,10 +35,34 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | 
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn(rope: RopeConfig, inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """YaRN: interpolated (inv_freq / factor) on slow dimensions, original on fast ones, a linear ramp between."""
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over the old length
+        old_len = rope.original_max_position_embeddings
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [Dh/2]
+    extrapolated = 1 - ramp.to(inv_freq.device)  # 1: keep the original frequency
+    return inv_freq / rope.factor * (1 - extrapolated) + inv_freq * extrapolated
+
+
 def cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, Dh] for positions [B, T] (frequencies repeated twice, HF's layout)."""
+    """cos, sin [B, T, Dh] for positions [B, T] (frequencies repeated twice, HF's layout), times `scale`.
+
+    `scale` is RopeConfig.attention_factor (YaRN's; 1 for the other types), applied in fp32 as transformers does.
+    """
     freqs = positions[..., None].to(torch.float32) * inv_freq.to(positions.device)  # [B, T, Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return cos.to(dtype), sin.to(dtype)

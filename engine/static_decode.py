@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
-from tiermem.engine import rope
 from tiermem.engine.attention import SDPA_BACKENDS, positions_from_mask
 from tiermem.engine.executor import Executor, indexed_device
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
@@ -210,7 +209,7 @@ class StaticDecoder:
         ex = self.executor
         with self._embedding_block() as w:
             h = ex.family.embed(ex.cfg, w, self.input_ids, self.positions, ex.device, ex.dtype)  # [B, 1, D]
-        cos, sin = rope.cos_sin(ex.inv_freq, self.positions, ex.dtype) if ex.cfg.rope else (None, None)
+        cos, sin = ex.rope_tables(self.positions)
         attn = StaticAttention(self.cache, self.slot, span, cos, sin)
         with ex.source.stream(ex.block_order[1:]) as blocks:
             for name, w in blocks:

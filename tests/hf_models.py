@@ -30,6 +30,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "mistral": ("mistral", dict(LLAMA, num_key_value_heads=2, sliding_window=16, head_dim=32)),
     "qwen2": ("qwen2", dict(LLAMA, num_key_value_heads=2, rope_parameters=dict(rope_type="default",
                                                                                  rope_theta=1000000.0))),
+    "qwen2-yarn": ("qwen2", dict(LLAMA, num_key_value_heads=2, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32))),
+    "qwen3": ("qwen3", dict(LLAMA, num_key_value_heads=2, head_dim=32)),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

@@ -42,6 +42,23 @@ CONFIGS = {
                   sliding_window=4096, max_window_layers=1, tie_word_embeddings=True),
     "qwen2-sliding": dict(LLAMA, model_type="qwen2", num_key_value_heads=2, use_sliding_window=True,
                           sliding_window=64, max_window_layers=1),
+    "qwen3-defaults": dict(LLAMA, architectures=["Qwen3ForCausalLM"], model_type="qwen3", num_key_value_heads=2),
+    "qwen3-sliding": dict(LLAMA, model_type="qwen3", num_key_value_heads=2, head_dim=64, use_sliding_window=True,
+                          sliding_window=128, max_window_layers=1, tie_word_embeddings=True),
+    # Qwen2.5's long-context recipe (transformers 4.x "type"), the factor from the lengths (DeepSeek's way),
+    # mscale / mscale_all_dim, an explicit attention_factor and untruncated ramp bounds
+    "qwen2.5-yarn-v4": dict(LLAMA, model_type="qwen2", num_key_value_heads=2, rope_theta=1000000.0,
+                            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}),
+    "yarn-factor-from-lengths": dict(LLAMA, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                             "factor": None, "original_max_position_embeddings": 512}),
+    "yarn-mscale": dict(LLAMA, rope_scaling={"rope_type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                             "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2,
+                                             "original_max_position_embeddings": 256}),
+    "yarn-attention-factor-untruncated": dict(LLAMA, rope_scaling={
+        "rope_type": "yarn", "factor": 2.0, "attention_factor": 0.9, "truncate": False,
+        "original_max_position_embeddings": 2048}),
+    "yarn-top-level-original-length": dict(LLAMA, original_max_position_embeddings=1024,
+                                           rope_scaling={"rope_type": "yarn", "factor": 4.0}),
 }
 
 
@@ -62,6 +79,7 @@ def test_llama_family_configs_read_like_transformers(name):
                                         else None for t in layer_types)
     rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf)
     assert torch.allclose(inverse_frequencies(cfg.rope, cfg.head_dim), rotary.inv_freq, rtol=1e-6, atol=0)
+    assert cfg.rope.attention_factor == pytest.approx(rotary.attention_scaling, rel=1e-12)
 
 
 def test_versions_agree_and_derived_fields():
@@ -74,6 +92,8 @@ def test_versions_agree_and_derived_fields():
     assert llama2.dtype == torch.float16
     assert model_config_from_hf(CONFIGS["mistral-no-kv-heads"]).num_kv_heads == 8  # MistralConfig's default
     assert model_config_from_hf(CONFIGS["qwen2"]).qkv_bias
+    qwen3 = model_config_from_hf(CONFIGS["qwen3-defaults"])
+    assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 128  # Qwen3Config's head_dim, not D / H
     assert model_config_from_hf({k: v for k, v in LLAMA.items() if k != "model_type"}).model_type == "llama"
 
 
@@ -95,7 +115,8 @@ def test_opt_350m_style_config():
     ("raw", "error", "words"),
     [
         (dict(LLAMA, model_type="gpt2"), UnsupportedArchitectureError, "gpt2"),
-        (dict(LLAMA, rope_scaling={"type": "yarn", "factor": 4.0}), UnsupportedArchitectureError, "yarn"),
+        (dict(LLAMA, rope_scaling={"type": "dynamic", "factor": 4.0}), UnsupportedArchitectureError, "dynamic"),
+        (dict(LLAMA, rope_scaling={"type": "yarn", "factor": -4.0}), ConfigError, "positive factor"),
         (dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0}), ConfigError, "low_freq_factor"),
         (dict(LLAMA, hidden_act="gelu"), UnsupportedArchitectureError, "gelu"),
         (dict(LLAMA, num_attention_heads=0), ConfigError, "num_attention_heads must be a positive integer"),

@@ -15,7 +15,7 @@ from tiermem.pinned import CUDA_MEMORY_TYPE_HOST
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     return packed_stores(tmp_path_factory.mktemp("static-decode"), ("llama3", "mistral", "opt", "opt-proj",
-                                                                    "llama-tied"))
+                                                                    "llama-tied", "qwen3", "qwen2-yarn"))
 
 
 def _twin_caches(m, ids, mask, max_len, kv_quant=None):
@@ -49,11 +49,11 @@ def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float
     return decoder
 
 
-@pytest.mark.parametrize("variant", ["llama3", "mistral", "opt", "opt-proj", "llama-tied"])
+@pytest.mark.parametrize("variant", ["llama3", "mistral", "opt", "opt-proj", "llama-tied", "qwen3", "qwen2-yarn"])
 def test_static_steps_give_the_logits_and_cache_of_dynamic_steps(stores, variant):
     """Left padding, GQA, llama3 RoPE (llama3), a sliding window shorter than the context (mistral: 16 slots, 22
-    tokens), learned positions (opt), embeddings narrower than the layers (opt-proj), a tied head (llama-tied); a
-    bucket of 4 slots crosses span boundaries."""
+    tokens), learned positions (opt), embeddings narrower than the layers (opt-proj), a tied head (llama-tied),
+    per-head q/k norms (qwen3), YaRN's scaled cos/sin (qwen2-yarn); a bucket of 4 slots crosses span boundaries."""
     with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
         decoder = _compare_steps(m, 12, bucket=4)
     assert [decoder.span(n) for n in (9, 10, 11, 12, 39)] == [12, 12, 12, 16, 40]
@@ -104,7 +104,7 @@ def _check_captures(decoder: CapturingDecoder) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["llama3", "opt"])
+@pytest.mark.parametrize("variant", ["llama3", "opt", "qwen3", "qwen2-yarn"])
 def test_gpu_graph_replays_give_the_logits_of_dynamic_steps(stores, variant):
     """Every block resident: the first step of each span runs as it is and is captured, the others replay it."""
     with tiermem.load(stores[variant], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64) as m:

@@ -17,6 +17,12 @@ def _llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, voca
     }
 
 
+def _qwen3(hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> dict:
+    return _llama(hidden, inter, layers, heads, kv_heads, vocab=151936, architectures=["Qwen3ForCausalLM"],
+                  model_type="qwen3", head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645)
+
+
 def _opt(hidden: int, ffn: int, layers: int, heads: int) -> dict:
     return {
         "architectures": ["OPTForCausalLM"], "model_type": "opt",
@@ -36,6 +42,7 @@ PRESETS: dict[str, dict] = {
     "llama-13b": _llama(5120, 13824, 40, 40, 40),
     "llama3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, rope_theta=500000.0),
     "llama-111b": _llama(12288, 28672, 80, 96, 8, vocab=32768),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8),
     "opt-1.3b": _opt(2048, 8192, 24, 32),
     "opt-6.7b": _opt(4096, 16384, 32, 32),
     "opt-30b": _opt(7168, 28672, 48, 56),

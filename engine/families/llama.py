@@ -1,4 +1,4 @@
-"""Llama 2/3/3.1, Mistral and Qwen2: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP.
+"""Llama 2/3/3.1, Mistral, Qwen2 and Qwen3: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP.
 
 Pure math, no I/O. Weight dicts are keyed by full HF names; values are tensors or QuantizedWeight,
 and every matmul goes through ops.linear (which casts/dequantizes to the activation dtype).
@@ -44,6 +44,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
                   p + "self_attn.v_proj.bias": (kv_dim,)}
         if cfg.o_bias:
             w[p + "self_attn.o_proj.bias"] = (D,)
+        if cfg.qk_norm:
+            w |= {p + "self_attn.q_norm.weight": (Dh,), p + "self_attn.k_norm.weight": (Dh,)}
         if cfg.mlp_bias:
             w |= {p + "mlp.gate_proj.bias": (F_,), p + "mlp.up_proj.bias": (F_,),
                   p + "mlp.down_proj.bias": (D,)}
@@ -72,8 +74,12 @@ def layer(cfg: ModelConfig, i: int, w: Weights, h: torch.Tensor, attn: Attention
     q = ops.linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))  # [B, T, H*Dh]
     k = ops.linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))  # [B, T, Hkv*Dh]
     v = ops.linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
-    q = q.view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-    k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+    q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # [B, T, H, Dh]
+    k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, Dh]
+    if cfg.qk_norm:  # per head, over Dh
+        q = ops.rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.norm_eps)
+        k = ops.rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.norm_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, Hkv, T, Dh]
     v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
     a = attn(i, attn.rope(q), attn.rope(k), v, cfg.sliding_windows[i])  # [B, T, H*Dh]
     h = h + ops.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))

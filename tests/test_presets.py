@@ -1,0 +1,26 @@
+"""The named synthetic shapes: each reads as its family and has the size its name says."""
+
+import math
+
+import pytest
+
+from tiermem.engine.config import expected_weights, model_config_from_hf
+from tiermem.errors import ConfigError
+from tiermem.presets import PRESETS, preset
+
+BILLIONS = {"llama-1b": 1.2, "llama-7b": 6.7, "llama-13b": 13.0, "llama3-8b": 8.0, "llama-111b": 111.0,
+            "qwen3-32b": 32.8, "opt-1.3b": 1.3, "opt-6.7b": 6.7, "opt-30b": 30.0, "opt-66b": 66.0}
+
+
+@pytest.mark.parametrize("name", sorted(BILLIONS))
+def test_preset_has_the_size_of_its_name(name):
+    cfg = model_config_from_hf(preset(name))
+    params = sum(math.prod(shape) for block in expected_weights(cfg).values() for shape in block.values())
+    assert params / 1e9 == pytest.approx(BILLIONS[name], rel=0.05), f"{name}: {params / 1e9:.2f}B parameters"
+
+
+def test_every_preset_is_covered_and_unknown_names_are_refused():
+    assert set(PRESETS) - set(BILLIONS) == {"tiny-llama"}
+    assert model_config_from_hf(preset("qwen3-32b")).qk_norm
+    with pytest.raises(ConfigError, match="known: "):
+        preset("llama-9000b")
