@@ -16,11 +16,12 @@ HW = Hardware(disk_read_Bps=2e9, h2d_Bps=50e9, hbm_Bps=4e12, matmul_flops=6e14, 
 GiB = 1 << 30
 
 
-@pytest.mark.parametrize("shape", ["llama3-8b", "llama-111b", "llama-7b", "opt-30b"])
+@pytest.mark.parametrize("shape", ["llama3-8b", "llama-111b", "llama-7b", "opt-30b", "qwen3-32b"])
 def test_the_narrow_model_keeps_the_code_path_and_is_small(shape):
     full = model_config_from_hf(preset(shape))
     narrow = model_config_from_hf(narrow_config(preset(shape), 2, quant_group=128))
     assert narrow.num_layers == 2 and narrow.family == full.family
+    assert (narrow.model_type, narrow.qk_norm, narrow.rope) == (full.model_type, full.qk_norm, full.rope)
     assert narrow.head_dim == full.head_dim
     assert narrow.num_heads // narrow.num_kv_heads == full.num_heads // full.num_kv_heads
     assert narrow.hidden_size % 256 == 0 and narrow.hidden_size <= 2048
