@@ -44,6 +44,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                 num_attention_heads=12, max_position_embeddings=2048),
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+MAX_LAYERS = 4096  # far beyond any model; a larger count is a broken config (its per-layer tables would not fit RAM)
 IGNORED_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -218,13 +219,48 @@ def _check_positive_int(key: str, value: Any) -> None:
         raise ConfigError(f"config.json {key} must be a positive integer, got {value!r}")
 
 
+def _check_values(cfg: ModelConfig) -> None:
+    """ConfigError for values of the right type that no model has (they would give NaN logits, not an error)."""
+    positive = {"rms_norm_eps / layer norm eps": cfg.norm_eps}
+    if cfg.rope is not None:
+        positive |= {"rope_theta": cfg.rope.theta, "rope factor": cfg.rope.factor}
+    for key, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"config.json {key} must be a positive finite number, got {value!r}")
+    for key in ("bos_token_id", "pad_token_id"):
+        value = getattr(cfg, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"config.json {key} must be a token id (an integer) or null, got {value!r}")
+
+
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
-    """Read an HF config.json dict the way its transformers config class would."""
+    """Read an HF config.json dict the way its transformers config class would.
+
+    ConfigError (naming the key where it can) for a config no transformers version would write.
+    """
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    try:
+        cfg = _read_config(hf)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"config.json has a value of the wrong type or form ({e}); compare it with the config "
+                          "transformers writes for this model, or re-export it") from e
+    _check_values(cfg)
+    return cfg
+
+
+def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
     model_type = _model_type(hf)
     d = {**HF_DEFAULTS[model_type], **hf}
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
                 "intermediate_size", "ffn_dim", "num_key_value_heads", "head_dim"):
         _check_positive_int(key, d.get(key))
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+        if d.get(key) is None:
+            raise ConfigError(f"config.json {key} is null: it must be a positive integer")
+    if int(d["num_hidden_layers"]) > MAX_LAYERS:
+        raise ConfigError(f"config.json num_hidden_layers {d['num_hidden_layers']} is more than {MAX_LAYERS}: "
+                          "no such model exists; check the config")
     common = dict(
         model_type=model_type, family=FAMILY_OF_MODEL_TYPE[model_type], vocab_size=int(d["vocab_size"]),
         hidden_size=int(d["hidden_size"]), num_layers=int(d["num_hidden_layers"]),

@@ -6,6 +6,7 @@ content or the complete new one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -36,6 +37,27 @@ def fsync_tree(root: Path) -> None:
 def temp_sibling(final: Path) -> Path:
     """A unique hidden name next to final, recognisable as unfinished by TMP_MARKER."""
     return final.parent / f".{final.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
+
+
+def why_not_replaceable(path: Path, formats: tuple[str, ...]) -> str | None:
+    """None when overwrite=True may replace `path`, else why not.
+
+    It may replace what is absent, an empty directory, or a directory whose manifest.json names one of `formats`:
+    never a file or a directory of something else (overwrite is not a way to delete a user's files).
+    """
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"{path} is a file"
+    if not any(path.iterdir()):
+        return None
+    try:
+        manifest = json.loads((path / "manifest.json").read_bytes())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") in formats:
+        return None
+    return f"{path} is a directory that does not hold a complete {' or '.join(formats)} (no readable manifest.json)"
 
 
 def is_unfinished(path: Path) -> bool:
@@ -71,7 +93,10 @@ def publish_directory(tmp: Path, final: Path, overwrite: bool) -> None:
         os.rename(final, old)
         os.rename(tmp, final)
         fsync_path(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         os.rename(tmp, final)
     fsync_path(final.parent)

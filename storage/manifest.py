@@ -98,7 +98,9 @@ def validate_manifest(body: object, path: Path) -> None:
     files = body.get("tokenizer_files")
     if not isinstance(files, list) or not all(isinstance(f, str) and Path(f).name == f for f in files):
         raise fail(path, "tokenizer_files must be a list of file names")
-    quant = quant_of(body.get("quant"), path)
+    if "quant" not in body:
+        raise fail(path, "manifest has no quant entry (null for a dense store)")
+    quant = quant_of(body["quant"], path)
     blocks = body.get("blocks")
     if not isinstance(blocks, list) or not blocks:
         raise fail(path, "blocks must be a non-empty list")

@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from tiermem.errors import ConfigError, PackError, StoreError
 from tiermem.kernels.quant import QuantScheme, quantize
-from tiermem.storage.durable import atomic_directory
+from tiermem.storage.durable import atomic_directory, why_not_replaceable
 from tiermem.storage.format import StoreWriter, TensorSpec
 from tiermem.storage.hf import HFCheckpoint
+from tiermem.storage.manifest import FORMAT_NAME
 
 ShouldQuantize = Callable[[str, Sequence[int]], bool]
 
@@ -117,6 +118,10 @@ def pack_checkpoint(
                         "destination outside it")
     if dst.exists() and not overwrite:
         raise PackError(f"{dst} already exists; choose another destination or pass overwrite=True")
+    reason = why_not_replaceable(dst, (FORMAT_NAME,))
+    if reason:
+        raise PackError(f"{reason}: overwrite=True replaces only a tiermem store; choose another destination or "
+                        "remove it yourself")
     ckpt = HFCheckpoint(src_dir)
     aliases = dict(aliases or {})
     missing = sorted(src for src in aliases.values() if src not in ckpt.tensor_names)

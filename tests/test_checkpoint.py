@@ -241,6 +241,14 @@ def test_existing_path_overwrite_and_bad_arguments(tmp_path):
         save_async({"a": 2}, tmp_path / "c")
     save_async({"a": 2}, tmp_path / "c", overwrite=True).result(timeout=30)
     assert load(tmp_path / "c") == {"a": 2}
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "thesis.txt").write_text("years of work")
+    (tmp_path / "notes.txt").write_text("notes")
+    for other, words in (("project", "does not hold a complete tiermem-checkpoint"), ("notes.txt", "is a file")):
+        with pytest.raises(CheckpointError, match=words):
+            save_async({"a": 3}, tmp_path / other, overwrite=True)
+    assert (tmp_path / "project" / "thesis.txt").read_text() == "years of work"
+    assert (tmp_path / "notes.txt").read_text() == "notes"
     with pytest.raises(CheckpointError, match="opt.bad"):
         save_async({"opt": {"bad": object()}}, tmp_path / "d")
     with pytest.raises(ConfigError):

@@ -125,6 +125,20 @@ def test_opt_350m_style_config():
         (dict(LLAMA, num_key_value_heads=3), ConfigError, "not a multiple of num_key_value_heads 3"),
         (dict(LLAMA, torch_dtype="int8"), ConfigError, "int8"),
         ({"hidden_size": 64}, ConfigError, "model_type"),
+        # values that would give NaN logits rather than an error
+        (dict(LLAMA, rms_norm_eps=-1.0), ConfigError, "rms_norm_eps .* positive finite"),
+        (dict(LLAMA, rms_norm_eps=float("nan")), ConfigError, "rms_norm_eps .* positive finite"),
+        (dict(LLAMA, rope_theta=0), ConfigError, "rope_theta must be a positive finite"),
+        (dict(LLAMA, rope_scaling={"type": "linear", "factor": 0.0}), ConfigError, "rope factor"),
+        # values of the wrong type or form
+        (dict(LLAMA, vocab_size=None), ConfigError, "vocab_size is null"),
+        (dict(LLAMA, rms_norm_eps="abc"), ConfigError, "wrong type or form"),
+        (dict(LLAMA, rope_scaling="linear"), ConfigError, "wrong type or form"),
+        (dict(LLAMA, eos_token_id="abc"), ConfigError, "wrong type or form"),
+        (dict(LLAMA, model_type=["llama"]), ConfigError, "wrong type or form"),
+        (dict(LLAMA, pad_token_id="x"), ConfigError, "pad_token_id must be a token id"),
+        (dict(LLAMA, num_hidden_layers=10**12), ConfigError, "num_hidden_layers .* more than 4096"),
+        ([1, 2], ConfigError, "JSON object"),
     ],
 )
 def test_bad_configs_raise(raw, error, words):

@@ -207,6 +207,23 @@ def test_pack_refuses_existing_destination_unless_overwrite(tmp_path):
     assert StoreReader(dst).quant == QuantScheme(4, 16)
 
 
+def test_overwrite_replaces_only_a_store(tmp_path):
+    """overwrite=True is not a way to delete what is not a store: a user's directory or file stays as it was."""
+    src = write_checkpoint(tmp_path / "hf", tiny_tensors(layers=1))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.txt").write_text("years of work")
+    file = tmp_path / "notes.txt"
+    file.write_text("notes")
+    for dst, words in ((project, "does not hold a complete tiermem-store"), (file, "is a file")):
+        with pytest.raises(PackError, match=words):
+            pack_checkpoint(src, dst, progress=False, overwrite=True)
+    assert (project / "thesis.txt").read_text() == "years of work" and file.read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes.txt", "project"]  # no temporary left
+    (tmp_path / "empty").mkdir()
+    assert StoreReader(pack_checkpoint(src, tmp_path / "empty", progress=False, overwrite=True)).block_names
+
+
 def test_pack_never_replaces_its_own_source(tmp_path):
     src = write_checkpoint(tmp_path / "models" / "hf", tiny_tensors(layers=1))
     before = sorted(p.name for p in src.iterdir())

@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from tiermem.checkpoint_format import PAGE, Piece, cut_pieces, flatten, new_manifest, plan_shards
+from tiermem.checkpoint_format import FORMAT, PAGE, Piece, cut_pieces, flatten, new_manifest, plan_shards
 from tiermem.checkpoint_read import VerifyReport, format_report, load, verify
 from tiermem.checkpoint_writer import ABORT, BACKENDS, END, Job, Region, StagingRing, WriterOptions, write_job
 from tiermem.config import parse_size
 from tiermem.errors import CheckpointError, ConfigError, TiermemError
+from tiermem.storage.durable import why_not_replaceable
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "VerifyReport", "format_report", "load", "save_async", "verify"]
 
@@ -126,6 +127,10 @@ class AsyncCheckpointer:
         if final.exists() and not overwrite:
             raise CheckpointError(f"checkpoint {final} already exists: choose a new path or pass "
                                   "overwrite=True")
+        reason = why_not_replaceable(final, (FORMAT,))
+        if reason:
+            raise CheckpointError(f"{reason}: overwrite=True replaces only a tiermem checkpoint; choose a new path "
+                                  "or remove it yourself")
         structure, tensors = flatten(state_dict)
         shards = plan_shards(tensors, compress, self.shard_bytes)
         job = Job(final, shards, new_manifest(structure, compress), compress, keep, overwrite)
