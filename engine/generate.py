@@ -56,6 +56,14 @@ def next_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:
+    """ConfigError unless value is of `types` (a bool is not an int here unless bool is asked for)."""
+    wanted = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+        names = " or ".join(t.__name__ for t in wanted)
+        raise ConfigError(f"{name} must be {names}, got {value!r}")
+
+
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
     if eos_token_id is None:
         return []
@@ -80,7 +88,19 @@ class Sampling:
     @classmethod
     def make(cls, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> Sampling:
-        """Normalized settings: eos as a tuple of ints, pad defaulting to the first EOS id."""
+        """Normalized settings: eos as a tuple of ints, pad defaulting to the first EOS id.
+
+        ConfigError for a value of the wrong type (a float top_k, a string do_sample), which a cast would hide.
+        """
+        _check_type("do_sample", do_sample, bool)
+        _check_type("top_k", top_k, int)
+        for name, value in (("temperature", temperature), ("top_p", top_p)):
+            _check_type(name, value, (int, float))
+        if pad_token_id is not None:
+            _check_type("pad_token_id", pad_token_id, int)
+        for eos_id in (eos_token_id,) if isinstance(eos_token_id, int) or eos_token_id is None else eos_token_id:
+            if eos_id is not None:
+                _check_type("eos_token_id", eos_id, int)
         eos = tuple(_eos_set(eos_token_id))
         if eos and pad_token_id is None:
             pad_token_id = eos[0]

@@ -146,6 +146,31 @@ def test_generate_rejects_bad_input(packed):
                 m.generate(empty, 2)
             with pytest.raises(tiermem.ConfigError, match="holds no token"):
                 m.forward(empty)
+        x = torch.tensor([[5, 6, 7]])
+        wrong_types = [  # each a raw TypeError, ValueError or AttributeError from deeper down, or a silent cast
+            (dict(max_new_tokens=1.5), "max_new_tokens must be an integer"),
+            (dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
+            (dict(do_sample=True, seed="abc"), "seed must be an integer"),
+            (dict(do_sample=True, seed=2**64), r"seed must be an integer in \[0, 2\*\*63\)"),
+            (dict(do_sample=True, generator=5), "generator must be a torch.Generator"),
+            (dict(on_step=5), "on_step must be callable"), (dict(session=5), "session must be a tiermem"),
+            (dict(eos_token_id="x"), "eos_token_id must be int"), (dict(pad_token_id="x"), "pad_token_id must be"),
+            (dict(do_sample=True, top_k=1.9), "top_k must be int"), (dict(do_sample="no"), "do_sample must be bool"),
+            (dict(attention_mask=[[1, 1, 1]]), "attention_mask must be a tensor"),
+            (dict(attention_mask=torch.ones(1, 3, 1)), r"attention_mask must be a tensor .* shape \(1, 3, 1\)"),
+            (dict(attention_mask=torch.tensor([[1, 2, 1]])), "values other than 0 and 1"),
+            (dict(attention_mask=torch.tensor([[0, 0, 0]])), "a row of padding only"),
+            (dict(eos_token_id=[2, 10**6]), "eos_token_id 1000000 is not a token of this model"),
+        ]
+        for kw, match in wrong_types:
+            with pytest.raises(tiermem.ConfigError, match=match):
+                m.generate(x, **{"max_new_tokens": 2, **kw})
+        with pytest.raises(tiermem.ConfigError, match="values other than 0 and 1"):
+            m.forward(x, torch.tensor([[1, 0.5, 1]]))
+        with pytest.raises(tiermem.ConfigError, match="list of strings"):
+            m.generate_text([5], 2)
+        with pytest.raises(tiermem.ConfigError, match="leave it out"):
+            m.generate_text(["t5"], 2, attention_mask=torch.ones(1, 1))
     with pytest.raises(tiermem.TiermemError, match="closed"):
         m.forward(torch.tensor([[5]]))
 
@@ -186,6 +211,19 @@ def test_a_config_pad_outside_the_vocabulary_falls_back_to_eos(tmp_path):
     assert out[0, 3:].tolist() == [first] * 4 and torch.equal(out[1], free[1])
 
 
+def test_a_config_eos_outside_the_vocabulary_without_pad_is_named_as_such(tmp_path):
+    """Finished rows emit the first EOS id where no pad is set: the error names that id as an EOS, not as a pad."""
+    import json
+
+    src = build_tiny("llama2", tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, pad_token_id=None, eos_token_id=999)))
+    with tiermem.load(tiermem.pack(src, tmp_path / "store", progress=False), max_batch_size=1, max_seq_len=16) as m:
+        with pytest.raises(tiermem.ConfigError, match="the first eos_token_id 999 .* pass a pad_token_id"):
+            m.generate(torch.tensor([[5, 6, 7]]), 2)
+        assert m.generate(torch.tensor([[5, 6, 7]]), 2, pad_token_id=0).shape == (1, 5)
+
+
 def test_load_rejects_bad_options(packed):
     _variant, _hf, store = packed
     with pytest.raises(tiermem.ConfigError, match="'tpu' is not a device"):
@@ -197,7 +235,10 @@ def test_load_rejects_bad_options(packed):
             tiermem.load(store, max_batch_size=batch, max_seq_len=seq)
     for kw, match in ((dict(lookahead=0), "lookahead must be >= 1"), (dict(micro_batches=0), "micro_batches"),
                       (dict(read_backend="magic"), "unknown read backend"), (dict(plan="fast"), "plan must be"),
-                      (dict(dtype="int8"), "not a floating-point"), (dict(dtype="float17"), "not a floating")):
+                      (dict(dtype="int8"), "not a floating-point"), (dict(dtype="float17"), "not a floating"),
+                      (dict(dtype=torch.int32), "not a floating-point"), (dict(dtype=torch.complex64), "floating"),
+                      (dict(max_batch_size=1.5), "max_batch_size must be an integer"),
+                      (dict(max_seq_len=10.5), "max_seq_len must be an integer")):
         with pytest.raises(tiermem.ConfigError, match=match):
             tiermem.load(store, **kw)
     with tiermem.load(store, dtype="bfloat16", max_batch_size=1, max_seq_len=8) as m:

@@ -257,6 +257,8 @@ def test_existing_path_overwrite_and_bad_arguments(tmp_path):
         save_async({"a": 1}, tmp_path / "d", keep=0)
     with pytest.raises(ConfigError):
         AsyncCheckpointer(backend="aio")
+    with pytest.raises(ConfigError, match="at least 16384"):  # 2 pages hung: the writer held both (the 16 KiB
+        AsyncCheckpointer(staging_bytes=8192)                 # minimum stages 250 KB above)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="kvikio"):
             AsyncCheckpointer(backend="kvikio")

@@ -22,7 +22,7 @@ from tiermem.engine.families import output
 from tiermem.engine.generate import DecodeState, Sampling, decode
 from tiermem.engine.kv_cache import KVCache
 from tiermem.engine.static_decode import StaticDecoder, check_resident
-from tiermem.errors import BudgetError, ConfigError, NotResidentError, PackError, TiermemError
+from tiermem.errors import BudgetError, ConfigError, NotResidentError, PackError, StoreError, TiermemError
 from tiermem.kernels.kv_quant import auto_kv_schemes, kv_scheme
 from tiermem.kernels.quant import QuantScheme
 from tiermem.kv_disk import DiskKVCache
@@ -39,7 +39,7 @@ from tiermem.storage.pack import pack_checkpoint
 
 def pack(
     src_hf_dir: str | os.PathLike, dst_store: str | os.PathLike, quant: str | None = None,
-    group_size: int = 64, *, overwrite: bool = False, progress: bool = True, dtype: torch.dtype | None = None,
+    group_size: int = 64, *, overwrite: bool = False, progress: bool = True, dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Convert an HF checkpoint dir (config.json + safetensors, single or sharded) into a block store.
 
@@ -48,6 +48,7 @@ def pack(
     and every weight name and shape are checked before anything is written. A tied output projection
     is stored in the "head" block too, so that the head never needs the embedding table on the GPU.
     """
+    dtype = _dtype_of(dtype)
     ckpt = HFCheckpoint(src_hf_dir)
     cfg = model_config_from_hf(ckpt.config)
     check_weights(cfg, {n: (ckpt.tensor_shape(n), ckpt.tensor_dtype(n)) for n in ckpt.tensor_names})
@@ -215,6 +216,9 @@ def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead:
     """ConfigError for options load() takes on any device, before anything is read or allocated."""
     from tiermem.read_backend import check_backend_name
 
+    for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("lookahead", lookahead)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
     if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise ConfigError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size} and {max_seq_len}")
     if lookahead is not None and lookahead < 1:
@@ -226,10 +230,10 @@ def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead:
 
 
 def _dtype_of(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A compute dtype given as torch.float16 or as its name ("float16", "bfloat16", "float32")."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
+    """A floating dtype given as torch.float16 or as its name ("float16", "bfloat16", "float32")."""
+    if dtype is None:
+        return None
+    value = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ConfigError(f"dtype {dtype!r} is not a floating-point torch dtype: use e.g. torch.bfloat16 or "
                           "'float16'")
@@ -343,6 +347,7 @@ class Model:
         micro_batches: split the batch so (None: the load's prefill split, the plan's by default)."""
         self._check_open()
         _check_ids(input_ids, self.config)
+        _check_mask(attention_mask, for_generation=False)
         self._check_fits(*input_ids.shape)
         split = self.prefill_micro_batches if micro_batches is None else micro_batches  # the executor checks it
         logits = self.executor.forward(input_ids, attention_mask, micro_batches=split)
@@ -378,8 +383,7 @@ class Model:
         must be left out (ConfigError otherwise). Returns every token so far: prompt + all generated.
         """
         self._check_open()
-        if max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        _check_generate_arguments(max_new_tokens, seed, generator, on_step, session)
         _check_micro_batches(micro_batches)
         split = micro_batches or self.micro_batches
         keeps_graphs = session is None and self.cuda_graphs and split == 1
@@ -398,10 +402,17 @@ class Model:
             defaults = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=self.config.eos_token_id,
                             pad_token_id=pad if pad is not None and 0 <= pad < self.config.vocab_size else None)
             sampling = Sampling.make(**{k: defaults[k] if v is None else v for k, v in requested.items()})
+            outside = [e for e in sampling.eos_token_id if not 0 <= e < self.config.vocab_size]
+            if requested["eos_token_id"] is not None and outside:
+                raise ConfigError(f"eos_token_id {outside[0]} is not a token of this model (vocabulary "
+                                  f"{self.config.vocab_size}): no row could ever finish on it")
             if sampling.pad_token_id is not None and not 0 <= sampling.pad_token_id < self.config.vocab_size:
-                raise ConfigError(f"pad_token_id {sampling.pad_token_id} is not a token of this model (vocabulary "
-                                  f"{self.config.vocab_size}): finished rows emit it")
-            _check_left_padded(attention_mask)
+                which = (f"pad_token_id {sampling.pad_token_id}" if requested["pad_token_id"] is not None
+                         or defaults["pad_token_id"] is not None else
+                         f"the first eos_token_id {sampling.pad_token_id} (no pad_token_id is set, so it pads)")
+                raise ConfigError(f"{which} is not a token of this model (vocabulary {self.config.vocab_size}): "
+                                  "finished rows emit it; pass a pad_token_id of the vocabulary")
+            _check_mask(attention_mask, for_generation=True)
             if generator is None and seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
             if session is not None:
@@ -467,7 +478,11 @@ class Model:
             path = path / "tokenizer.json" if path is not None else None
             if path is None or not path.is_file():
                 raise ConfigError("this store has no tokenizer.json: pass token ids to generate() instead")
-            self._tokenizer = Tokenizer.from_file(str(path))
+            try:
+                self._tokenizer = Tokenizer.from_file(str(path))
+            except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+                raise StoreError(f"{path} cannot be read as a tokenizer ({exc}); re-pack the store from a "
+                                 "checkpoint with a valid tokenizer.json") from exc
         return self._tokenizer
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 32, *, progress: bool = False,
@@ -475,9 +490,11 @@ class Model:
         """Encode prompts, generate (left-padded batch), decode the new tokens. Returns (texts, new tokens)."""
         from tqdm import tqdm
 
-        tok = self.tokenizer
-        if isinstance(prompts, str) or not prompts:
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ConfigError("prompts must be a non-empty list of strings")
+        if "attention_mask" in kwargs:
+            raise ConfigError("generate_text pads the prompts and makes their attention_mask itself: leave it out")
+        tok = self.tokenizer
         ids = [tok.encode(p).ids for p in prompts]
         if any(not x for x in ids):
             raise ConfigError("a prompt encodes to no tokens: give non-empty prompts")
@@ -518,11 +535,38 @@ def _check_micro_batches(micro_batches: int | None) -> None:
         raise ConfigError(f"micro_batches must be >= 1 (None: the load's choice), got {micro_batches}")
 
 
-def _check_left_padded(attention_mask: torch.Tensor | None) -> None:
-    """ConfigError for a mask with padding after a row's tokens: the next token would follow a pad."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return  # DecodeState.start reports a misshaped mask
+def _check_generate_arguments(max_new_tokens: object, seed: object, generator: object, on_step: object,
+                              session: object) -> None:
+    """ConfigError for generate() arguments of the wrong type or range (before anything runs)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if on_step is not None and not callable(on_step):
+        raise ConfigError(f"on_step must be callable (it is called with each step's index), got {on_step!r}")
+    if session is not None and not isinstance(session, GenerationSession):
+        raise ConfigError(f"session must be a tiermem.GenerationSession, got {type(session).__name__}")
+
+
+def _check_mask(attention_mask: object, for_generation: bool) -> None:
+    """ConfigError for a mask that is not a 2-D tensor of 0 and 1; for generation also for a row without tokens
+    and for padding after a row's tokens (the next token would follow a pad)."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ConfigError("attention_mask must be a tensor [batch, tokens] of 1 (token) and 0 (padding), got "
+                          + (f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor)
+                             else type(attention_mask).__name__))
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ConfigError("attention_mask holds values other than 0 and 1: 1 marks a token, 0 padding")
+    if not for_generation:
+        return
     real = attention_mask.bool()
+    if attention_mask.numel() and not bool(real.any(dim=1).all()):
+        raise ConfigError("attention_mask has a row of padding only: every row needs at least one token to "
+                          "continue from")
     if bool((real[:, :-1] & ~real[:, 1:]).any()):
         raise ConfigError("attention_mask has padding after a row's tokens: generate() continues each row from "
                           "its last position, so pad on the left (zeros first, as tokenizers do with "

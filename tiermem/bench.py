@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -87,6 +88,12 @@ def run_bench_cli(args: argparse.Namespace) -> dict:
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("--plot draws with matplotlib, which is not installed: pip install 'tiermem[plot]', "
                           "or leave out --plot")
+    if args.prompt_len < 1 or args.gen_len < 2:
+        raise ConfigError(f"bench needs --prompt-len >= 1 and --gen-len >= 2 (a prefill and at least one timed "
+                          f"decode step), got {args.prompt_len} and {args.gen_len}")
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path:
+            _check_writable(option, Path(path))
     result = run_bench(args)
     print(format_table(result))
     if args.out:
@@ -95,6 +102,16 @@ def run_bench_cli(args: argparse.Namespace) -> dict:
     if args.plot:
         plot(result, args.plot)
     return result
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """ConfigError now, rather than after the whole run, where `path` cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot create its directory ({exc.strerror})") from exc
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{option} {path} cannot be written: choose a writable file path")
 
 
 def _positive_ints(text: str, option: str) -> list[int]:
@@ -172,6 +189,7 @@ def _cuda_graphs(args: argparse.Namespace, planned: dict | None) -> bool | str:
 
 def _synthetic_source(args: argparse.Namespace):
     """A SyntheticStore in memory, or (with --write-store) a StoreReader over one written to disk once."""
+    from tiermem.engine.config import model_config_from_hf
     from tiermem.kernels.quant import QuantScheme
     from tiermem.presets import preset
     from tiermem.storage.format import StoreReader
@@ -186,7 +204,12 @@ def _synthetic_source(args: argparse.Namespace):
         return SyntheticStore(config, quant, dtype, device=gen_device)
     if not (Path(args.write_store) / "manifest.json").is_file():
         write_synthetic_store(config, args.write_store, quant, dtype, device=gen_device)
-    return StoreReader(args.write_store)
+    reader = StoreReader(args.write_store)  # a store written by an earlier run is reused if it is this one
+    if model_config_from_hf(reader.model_config) != model_config_from_hf(config) or reader.quant != quant:
+        held = "dense" if reader.quant is None else reader.quant.name
+        raise ConfigError(f"--write-store {args.write_store} holds another model ({held}, not --synthetic "
+                          f"{args.synthetic} --quant {args.quant}); remove it or choose another directory")
+    return reader
 
 
 def _sync(device: torch.device) -> None:
@@ -287,7 +310,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
     try:
-        time_generation(model, 1, 1, min(args.prompt_len, 8), 3)  # warm-up: kernels, allocator, handles
+        time_generation(model, 1, 1, min(args.prompt_len, 8), min(args.gen_len, 3))  # warm-up: kernels, allocator
         for batch, micro in plan:
             # each run cold: writing the store, the warm-up or a buffered reader may have left disk blocks cached
             evict(disk_tier_files(model))

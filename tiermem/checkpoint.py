@@ -71,6 +71,9 @@ class SaveHandle:
         return f"SaveHandle({str(self.path)!r}, done={self.done()})"
 
 
+MIN_STAGING_BYTES = 4 * PAGE  # pieces are >= a page, the writer keeps its last 2 until the next lands
+
+
 class AsyncCheckpointer:
     """Owns a host staging buffer and a writer thread; saves are written in the order they are issued.
 
@@ -96,8 +99,9 @@ class AsyncCheckpointer:
                  backend: str = "direct") -> None:
         limit = parse_size(staging_bytes)
         self.shard_bytes = parse_size(shard_bytes)
-        if limit is not None and limit < PAGE:
-            raise ConfigError(f"staging_bytes must be at least {PAGE} bytes, got {limit}")
+        if limit is not None and limit < MIN_STAGING_BYTES:
+            raise ConfigError(f"staging_bytes must be at least {MIN_STAGING_BYTES} bytes (four pages: the writer "
+                              f"holds two pieces of at least a page while the next are staged), got {limit}")
         if not self.shard_bytes or io_threads < 1:
             raise ConfigError("shard_bytes and io_threads must be positive")
         if backend not in BACKENDS:
