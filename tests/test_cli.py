@@ -115,12 +115,31 @@ def test_bench_options_are_checked_before_anything_runs(tmp_path, capsys, monkey
     assert "cannot read a plan" in capsys.readouterr().err
     assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--gpu-memory", "1GiB"]) == 2
     assert "on the CPU pass cpu_memory only" in capsys.readouterr().err
+    for option, value in (("--gen-len", "1"), ("--gen-len", "0"), ("--prompt-len", "0")):
+        assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", option, value]) == 2
+        assert "bench needs --prompt-len >= 1 and --gen-len >= 2" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    unwritable = tmp_path / "file" / "r.json"  # under a file: checked before the run, not after it
+    assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--out", str(unwritable)]) == 2
+    assert f"--out {unwritable}: cannot create its directory" in capsys.readouterr().err
     import importlib.util
 
     find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
     assert main(["bench", "--synthetic", "tiny-llama", "--device", "cpu", "--plot", "x.png"]) == 2
     assert "pip install 'tiermem[plot]'" in capsys.readouterr().err
+
+
+def test_bench_reuses_a_written_store_only_if_it_is_the_one_asked_for(tmp_path, capsys):
+    short = ["--device", "cpu", "--prompt-len", "4", "--gen-len", "2", "--batch", "1"]
+    store = tmp_path / "ws"
+    assert main(["bench", "--synthetic", "tiny-llama", "--quant", "int4", "--write-store", str(store), *short]) == 0
+    written = (store / "manifest.json").stat().st_mtime_ns
+    assert main(["bench", "--synthetic", "tiny-llama", "--quant", "int4", "--write-store", str(store), *short]) == 0
+    assert (store / "manifest.json").stat().st_mtime_ns == written  # reused, not written again
+    capsys.readouterr()
+    assert main(["bench", "--synthetic", "tiny-llama", "--quant", "none", "--write-store", str(store), *short]) == 2
+    assert "holds another model (int4, not --synthetic tiny-llama --quant none)" in capsys.readouterr().err
 
 
 def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeypatch):
