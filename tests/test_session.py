@@ -180,8 +180,15 @@ def test_restoring_into_another_model_names_the_mismatch(stores, batch, tmp_path
         m.generate(None, 4, session=restored)
     with load(stores["llama3"], dtype=torch.float64) as m, pytest.raises(tiermem.ConfigError, match="float64"):
         m.generate(None, 4, session=restored)
+    hf = stores["llama3"].parent / "hf"  # packed_stores' layout: root/variant/{hf,store}
+    other_weights = tiermem.pack(hf, tmp_path / "int8", quant="int8", group_size=32, progress=False)
+    with load(other_weights) as m, pytest.raises(tiermem.ConfigError, match="weights: session '[0-9a-f]{16}'"):
+        m.generate(None, 4, session=restored)  # the same config: it continued on them, mixing two models
     with load(stores["llama3"]) as m:  # still usable on the right model after the refusals
         assert m.generate(None, 4, session=restored).shape == (3, 7 + 8)
+    copy = tiermem.pack(hf, tmp_path / "copy", progress=False)  # the same weights packed again: the same id
+    with load(copy) as m:
+        assert m.generate(None, 4, session=save_and_restore(s, tmp_path / "again")).shape == (3, 7 + 8)
 
 
 def test_continuation_rejects_other_settings(stores, batch):

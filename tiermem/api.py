@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import weakref
 from collections.abc import Callable, Sequence
@@ -425,7 +427,7 @@ class Model:
                 cache = self._new_cache(B, T + max_new_tokens)
             state = DecodeState.start(input_ids, attention_mask, cache, generator)
             if session is not None:
-                session._start(self.config, state, sampling)
+                session._start(self.config, state, sampling, self.weights_id)
         on_device = type(state.cache) is KVCache  # a restored session may hold its cache elsewhere
         graphs = None
         if self.cuda_graphs and on_device and split == 1:  # _graphs is left only where _graph_cache kept its cache
@@ -463,7 +465,7 @@ class Model:
             host = self._new_cache(B, self.max_seq_len)
             host.copy_from(session.cache)
             session._state.cache = host
-        state = session._bind(self.config, self.dtype, self.device)
+        state = session._bind(self.config, self.dtype, self.device, self.weights_id)
         if state.cache.max_len < width + max_new_tokens:  # grow (doubling: fewer copies over many calls)
             state.cache.grow(min(self.max_seq_len, max(width + max_new_tokens, 2 * state.cache.max_len)))
         return state, session.sampling
@@ -508,6 +510,16 @@ class Model:
         new = out[:, width:]
         texts = [tok.decode(row.tolist(), skip_special_tokens=True) for row in new]
         return texts, int(new.numel())
+
+    @property
+    def weights_id(self) -> str | None:
+        """An id of the store's weights (a digest of its blocks' checksums); None for a store without a manifest
+        (a synthetic one in memory). A GenerationSession continues only on a model with the same id."""
+        manifest = getattr(self.reader, "manifest", None)
+        if manifest is None:
+            return None
+        checksums = json.dumps([(b["name"], b["checksum"]) for b in manifest["blocks"]]).encode()
+        return hashlib.sha256(checksums).hexdigest()[:16]
 
     def info(self) -> dict:
         """Placement and sizes: where each block lives, budgets, KV reservation."""

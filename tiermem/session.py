@@ -35,9 +35,10 @@ VERSION = 1
 _NOT_ARCHITECTURE = ("dtype", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def model_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
-    """The architecture fields of `cfg` as plain values (what a restored session must match)."""
-    out: dict[str, Any] = {}
+def model_fingerprint(cfg: ModelConfig, weights: str | None = None) -> dict[str, Any]:
+    """The architecture fields of `cfg` as plain values, and the weights' id where known (see Model.weights_id):
+    what a restored session must match."""
+    out: dict[str, Any] = {} if weights is None else {"weights": weights}
     for f in dataclasses.fields(cfg):
         if f.name in _NOT_ARCHITECTURE:
             continue
@@ -196,8 +197,8 @@ class GenerationSession:
 
     # ------------------------------------------------------------------ used by Model.generate
 
-    def _start(self, cfg: ModelConfig, state: DecodeState, sampling: Sampling) -> None:
-        self._state, self._sampling, self._model, self._rng = state, sampling, model_fingerprint(cfg), None
+    def _start(self, cfg: ModelConfig, state: DecodeState, sampling: Sampling, weights: str | None) -> None:
+        self._state, self._sampling, self._model, self._rng = state, sampling, model_fingerprint(cfg, weights), None
 
     def _check_request(self, requested: dict[str, Any], generator: torch.Generator | None,
                        seed: int | None) -> None:
@@ -214,15 +215,16 @@ class GenerationSession:
             raise ConfigError("a GenerationSession carries its own sampler RNG: pass seed= / generator= only "
                               "on the first generate call of the session")
 
-    def _bind(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> DecodeState:
-        """Check the session fits this model and move it onto `device`; returns its state."""
+    def _bind(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, weights: str | None) -> DecodeState:
+        """Check the session fits this model (its config, and its weights where both ids are known) and move it
+        onto `device`; returns its state."""
         state = self._require_started()
         device = indexed_device(device)
-        mine = model_fingerprint(cfg)
+        mine = model_fingerprint(cfg, weights if "weights" in self._model else None)
         diffs = [f"{k}: session {self._model.get(k)!r}, model {v!r}" for k, v in mine.items()
                  if self._model.get(k) != v]
         if diffs:
-            raise ConfigError("this GenerationSession was started on a model with a different config ("
+            raise ConfigError("this GenerationSession was started on a model with a different config or weights ("
                               + "; ".join(diffs) + "): continue it on the model it was started on")
         kv_dtype = state.cache.dtype or dtype
         if kv_dtype != dtype:
