@@ -231,6 +231,30 @@ def test_empty_session_and_bad_state_dicts_are_refused(stores, batch):
         GenerationSession.from_state_dict(dict(sd, unfinished=torch.ones(2, dtype=torch.bool)))
     with pytest.raises(tiermem.ConfigError, match="malformed"):
         GenerationSession.from_state_dict({k: v for k, v in sd.items() if k != "kv"})
+    kv = sd["kv"]
+    malformed = [  # each raised AttributeError, ValueError or RuntimeError, or failed at the next generate
+        dict(sd, tokens=sd["tokens"].tolist()), dict(sd, tokens=sd["tokens"][0]), dict(sd, attention_mask=None),
+        dict(sd, kv=dict(kv, keys=[1] * len(kv["keys"]))), dict(sd, rng={"device": "cpu", "state": 5}),
+        dict(sd, sampling=dict(sd["sampling"], do_sample=True, temperature=float("nan"))),
+    ]
+    for bad in malformed:
+        with pytest.raises(tiermem.ConfigError, match="malformed"):
+            GenerationSession.from_state_dict(bad)
+    with pytest.raises(tiermem.ConfigError, match="cannot move the GenerationSession to device 'bogus'"):
+        GenerationSession.from_state_dict(sd, device="bogus")
+    half_dim = [k[..., : k.shape[-1] // 2] for k in kv["keys"]]
+    edited = {  # well-formed, but not this model's: refused at the next generate, before anything runs
+        "does not fit the model": dict(sd, kv=dict(kv, keys=kv["keys"][:1], values=kv["values"][:1])),
+        r"does not fit the model \(2 layers": dict(sd, kv=dict(kv, keys=half_dim,
+                                                            values=[v[..., : v.shape[-1] // 2] for v in kv["values"]])),
+        "token ids outside the model's vocabulary": dict(sd, tokens=sd["tokens"] + 10**6),
+        "sampler RNG state is not one torch can take": dict(sd, sampling=dict(sd["sampling"], do_sample=True),
+                                                            rng={"device": "cpu", "state": torch.zeros(3)}),
+    }
+    with load(stores["opt"]) as m:
+        for match, bad in edited.items():
+            with pytest.raises(tiermem.ConfigError, match=match):
+                m.generate(None, 2, session=GenerationSession.from_state_dict(bad))
 
 
 def test_a_step_interrupted_midway_leaves_a_consistent_session(stores, batch, tmp_path, monkeypatch):

@@ -451,6 +451,7 @@ class Model:
     ) -> tuple[DecodeState, Sampling]:
         """Check a continuation request against a filled session; bind it here, with room for the tokens."""
         session._check_request(requested, generator, seed)
+        session._check_model(self.config, self.weights_id)
         if attention_mask is not None:
             raise ConfigError("attention_mask applies to the first generate call of a session only; "
                               "pass None to continue it")
@@ -465,7 +466,7 @@ class Model:
             host = self._new_cache(B, self.max_seq_len)
             host.copy_from(session.cache)
             session._state.cache = host
-        state = session._bind(self.config, self.dtype, self.device, self.weights_id)
+        state = session._bind(self.dtype, self.device)
         if state.cache.max_len < width + max_new_tokens:  # grow (doubling: fewer copies over many calls)
             state.cache.grow(min(self.max_seq_len, max(width + max_new_tokens, 2 * state.cache.max_len)))
         return state, session.sampling

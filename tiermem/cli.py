@@ -29,8 +29,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from tiermem.api import load
     from tiermem.errors import ConfigError
 
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not args.temperature >= 0:  # NaN too
+        raise ConfigError(f"--temperature must be a number >= 0 (0: greedy), got {args.temperature}")
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise TiermemError("no prompt given: pass --prompt TEXT (repeatable) or pipe lines on stdin")

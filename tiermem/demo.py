@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tiermem.api import load, pack
 from tiermem.demo_tokenizer import train_demo_tokenizer
+from tiermem.errors import ConfigError
 from tiermem.presets import preset
 from tiermem.synthetic import write_hf_checkpoint
 
@@ -35,6 +36,11 @@ def run_demo(cache_dir: str | Path | None = None, prompt: str = "Once upon a tim
              quant: str | None = "int4", device: str = "cpu", seed: int = 0) -> str:
     """Build, pack, load and generate; prints and returns the generated text."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        (root / "demo").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the demo's cache directory {root / 'demo'} ({exc.strerror}): pass a "
+                          "writable --cache-dir") from exc
     hf_dir = build_demo_checkpoint(root / "demo")
     store = root / "demo" / f"{DEMO_MODEL}-{quant or 'fp32'}"
     if not (store / "manifest.json").is_file():

@@ -166,21 +166,26 @@ class GenerationSession:
                               f"(this tiermem reads version {VERSION})")
         try:
             tokens, mask, unfinished = sd["tokens"], sd["attention_mask"], sd["unfinished"]
+            if not all(isinstance(t, torch.Tensor) for t in (tokens, mask, unfinished)) or tokens.dim() != 2:
+                raise ValueError("tokens, attention_mask and unfinished must be tensors, tokens of shape [B, T]")
             kv, sampling, rng = sd["kv"], sd["sampling"], sd["rng"]
             length, keys, values = int(kv["length"]), _kv_layers(kv, "keys"), _kv_layers(kv, "values")
             new_tokens = int(sd["new_tokens"])
             sampling = Sampling(bool(sampling["do_sample"]), float(sampling["temperature"]),
                                 int(sampling["top_k"]), float(sampling["top_p"]),
                                 tuple(int(e) for e in sampling["eos_token_id"]), sampling["pad_token_id"])
+            sampling.check()
             model = dict(sd["model"])
-        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            rng = None if rng is None else (str(rng["device"]), rng["state"].to("cpu", torch.uint8))
+            B, width = tokens.shape
+            consistent = (tuple(mask.shape) == (B, width) and tuple(unfinished.shape) == (B,)
+                          and 0 <= length < width and 0 <= new_tokens < width and len(keys) == len(values)
+                          and all(k.shape[0] == B and k.shape[2] == length and tuple(k.shape) == tuple(v.shape)
+                                  for k, v in zip(keys, values, strict=True)))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ConfigError) as exc:
             raise ConfigError(f"GenerationSession state dict is incomplete or malformed ({exc!r}); "
                               "pass what GenerationSession.state_dict() returned") from None
-        B, width = tokens.shape
-        if (tuple(mask.shape) != (B, width) or tuple(unfinished.shape) != (B,) or not 0 <= length < width
-                or not 0 <= new_tokens < width or len(keys) != len(values)
-                or any(k.shape[0] != B or k.shape[2] != length or tuple(k.shape) != tuple(v.shape)
-                       for k, v in zip(keys, values, strict=True))):
+        if not consistent:
             raise ConfigError("GenerationSession state dict is inconsistent: tokens, attention_mask, "
                               "unfinished and the KV cache disagree in batch or length")
         mask = mask.to(torch.bool)
@@ -188,11 +193,12 @@ class GenerationSession:
         session = cls()
         session._state = DecodeState(tokens.to(torch.long), mask, cache, unfinished.to(torch.bool), None,
                                      new_tokens)
-        session._sampling, session._model = sampling, model
-        if rng is not None:
-            session._rng = (str(rng["device"]), rng["state"].to("cpu", torch.uint8))
+        session._sampling, session._model, session._rng = sampling, model, rng
         if device is not None:
-            session._state.to(device)
+            try:
+                session._state.to(device)
+            except RuntimeError as exc:
+                raise ConfigError(f"cannot move the GenerationSession to device {device!r} ({exc})") from exc
         return session
 
     # ------------------------------------------------------------------ used by Model.generate
@@ -215,17 +221,30 @@ class GenerationSession:
             raise ConfigError("a GenerationSession carries its own sampler RNG: pass seed= / generator= only "
                               "on the first generate call of the session")
 
-    def _bind(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, weights: str | None) -> DecodeState:
-        """Check the session fits this model (its config, and its weights where both ids are known) and move it
-        onto `device`; returns its state."""
+    def _check_model(self, cfg: ModelConfig, weights: str | None) -> None:
+        """ConfigError where the session was started on another model (config, or weights where both ids are
+        known), or where its KV cache's layers and heads or its token ids do not fit `cfg` (an edited state dict):
+        checked before the cache is copied anywhere."""
         state = self._require_started()
-        device = indexed_device(device)
         mine = model_fingerprint(cfg, weights if "weights" in self._model else None)
         diffs = [f"{k}: session {self._model.get(k)!r}, model {v!r}" for k, v in mine.items()
                  if self._model.get(k) != v]
         if diffs:
             raise ConfigError("this GenerationSession was started on a model with a different config or weights ("
                               + "; ".join(diffs) + "): continue it on the model it was started on")
+        if type(state.cache) is KVCache and not _kv_fits(state.cache, cfg):  # a host or disk cache was made for cfg
+            raise ConfigError(f"this GenerationSession's KV cache does not fit the model ({cfg.num_layers} layers "
+                              f"of {cfg.num_kv_heads} kv heads x {cfg.head_dim}): the state dict was edited or comes "
+                              "from another model")
+        if int(state.tokens.min()) < 0 or int(state.tokens.max()) >= cfg.vocab_size:
+            raise ConfigError(f"this GenerationSession holds token ids outside the model's vocabulary "
+                              f"[0, {cfg.vocab_size}): the state dict was edited or comes from another model")
+
+    def _bind(self, dtype: torch.dtype, device: torch.device) -> DecodeState:
+        """Check the session's KV dtype and RNG fit this model (after _check_model) and move it onto `device`;
+        returns its state."""
+        state = self._require_started()
+        device = indexed_device(device)
         kv_dtype = state.cache.dtype or dtype
         if kv_dtype != dtype:
             raise ConfigError(f"this GenerationSession's KV cache is {kv_dtype}, the model computes in {dtype}: "
@@ -239,7 +258,11 @@ class GenerationSession:
                                   f"model runs on {device.type}: the random stream cannot continue there; "
                                   f"load the model with device={rng_device!r}")
             generator = torch.Generator(device=device)
-            generator.set_state(rng_state)
+            try:
+                generator.set_state(rng_state)
+            except RuntimeError as exc:
+                raise ConfigError(f"this GenerationSession's sampler RNG state is not one torch can take ({exc}): "
+                                  "the state dict was edited or damaged") from exc
             state.generator, self._rng = generator, None
         elif state.generator is not None and state.generator.device != device:
             if state.generator.device.type != device.type:
@@ -250,6 +273,12 @@ class GenerationSession:
             generator.set_state(state.generator.get_state())
             state.generator = generator
         return state
+
+
+def _kv_fits(cache: KVCache, cfg: ModelConfig) -> bool:
+    """Whether the cache has cfg's layers, each K and V [B, Hkv, S, Dh] with cfg's Hkv and Dh."""
+    shapes = [tuple(t.shape[1::2]) for t in (*cache.keys, *cache.values)]  # (Hkv, Dh) of each
+    return len(cache.keys) == cfg.num_layers and all(shape == (cfg.num_kv_heads, cfg.head_dim) for shape in shapes)
 
 
 def _kv_state(cache: KVCache) -> dict[str, Any]:
