@@ -257,6 +257,42 @@ def test_existing_path_overwrite_and_bad_arguments(tmp_path):
         save_async({"a": 1}, tmp_path / "d", keep=0)
     with pytest.raises(ConfigError):
         AsyncCheckpointer(backend="aio")
+    deep: dict = {}
+    leaf = deep
+    for _ in range(2000):
+        leaf["a"] = {}
+        leaf = leaf["a"]
+    cyclic: dict = {"w": torch.zeros(2)}
+    cyclic["me"] = cyclic
+    shared = {"x": 1}
+    for bad, error, match in ((deep, CheckpointError, "nested deeper than 200 levels"),
+                              (cyclic, CheckpointError, "the dict at 'me' contains itself")):
+        with pytest.raises(error, match=match):  # RecursionError before
+            save_async(bad, tmp_path / "e")
+    save_async({"a": shared, "b": [shared, shared]}, tmp_path / "shared").result(timeout=30)  # not a cycle
+    assert load(tmp_path / "shared") == {"a": {"x": 1}, "b": [{"x": 1}, {"x": 1}]}
+    with pytest.raises(CheckpointError, match="is a str or os.PathLike, got NoneType"):
+        save_async({"a": 1}, None)
+    with pytest.raises(CheckpointError, match="is a str or os.PathLike, got NoneType"):
+        load(None)
+    with pytest.raises(CheckpointError, match="notes.txt is a file, not a directory"):
+        save_async({"a": 1}, tmp_path / "notes.txt" / "c")  # said "already exists" before
+    with pytest.raises(tiermem.NotACheckpointError, match="is a file; a tiermem checkpoint is a directory"):
+        verify(tmp_path / "notes.txt")
+    from tiermem.storage.manifest import manifest_checksum
+
+    body = json.loads((tmp_path / "shared" / "manifest.json").read_text())
+    body.pop("checksum")
+    del body["tensors"]
+    (tmp_path / "shared" / "manifest.json").write_text(json.dumps(dict(body, checksum=manifest_checksum(body))))
+    with pytest.raises(CheckpointError, match="has no 'tensors' object"):  # a KeyError before
+        load(tmp_path / "shared")
+    assert not verify(tmp_path / "shared").ok
+    with pytest.raises(ConfigError, match="'bogus' is not a torch device"):
+        load(tmp_path / "c", device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            load(tmp_path / "c", device="cuda")
     with pytest.raises(ConfigError, match="at least 16384"):  # 2 pages hung: the writer held both (the 16 KiB
         AsyncCheckpointer(staging_bytes=8192)                 # minimum stages 250 KB above)
     if not torch.cuda.is_available():

@@ -35,8 +35,9 @@ def test_pack_info_generate(tmp_path, capsys):
                  "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("t5 t6 t7") and lines[1].startswith("t9")
-    assert main(["generate", str(store), "--prompt", "t5", "--temperature", "-0.5"]) == 2
-    assert "--temperature must be >= 0" in capsys.readouterr().err
+    for temperature in ("-0.5", "nan"):  # nan decoded greedily before
+        assert main(["generate", str(store), "--prompt", "t5", "--temperature", temperature]) == 2
+        assert "--temperature must be a number >= 0" in capsys.readouterr().err
     import tiermem
 
     with tiermem.load(store, max_batch_size=2, max_seq_len=16) as model:

@@ -127,7 +127,12 @@ class AsyncCheckpointer:
             raise ConfigError(f"compress must be None or 'zstd', got {compress!r}")
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise ConfigError(f"keep must be a positive number of checkpoints to keep, got {keep!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise CheckpointError(f"a checkpoint path is a str or os.PathLike, got {type(path).__name__}")
         final = Path(path).absolute()
+        blocking = next((parent for parent in final.parents if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise CheckpointError(f"cannot save checkpoint {final}: {blocking} is a file, not a directory")
         if final.exists() and not overwrite:
             raise CheckpointError(f"checkpoint {final} already exists: choose a new path or pass "
                                   "overwrite=True")

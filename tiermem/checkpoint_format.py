@@ -30,6 +30,7 @@ FORMAT = "tiermem-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 PAGE = 4096
+MAX_DEPTH = 200  # levels of nesting of a state dict (deeper ones hit Python's recursion limit)
 ALIGN = 256
 
 
@@ -45,8 +46,21 @@ def flatten(state: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
     """The JSON-able structure of `state` and its tensors in order, each named by its key path."""
     tensors: list[tuple[str, torch.Tensor]] = []
     names: set[str] = set()
+    open_containers: set[int] = set()  # ids of the dicts, lists and tuples `visit` is inside
 
     def visit(obj: Any, path: tuple) -> dict:
+        if isinstance(obj, (dict, list, tuple)):
+            if id(obj) in open_containers:
+                raise CheckpointError(f"the {type(obj).__name__} at {_where(path)} contains itself: a checkpoint "
+                                      "holds a tree of values; break the cycle first")
+            if len(path) >= MAX_DEPTH:
+                raise CheckpointError(f"the state dict is nested deeper than {MAX_DEPTH} levels (at "
+                                      f"{_where(path)[:200]}): flatten it first")
+            open_containers.add(id(obj))
+            try:
+                return visit_container(obj, path)
+            finally:
+                open_containers.discard(id(obj))
         if isinstance(obj, torch.Tensor):
             name = ".".join(str(p) for p in path) or "tensor"
             name = f"t{name}" if name.startswith("__") else name  # "__" names are reserved by safetensors
@@ -56,16 +70,6 @@ def flatten(state: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
             names.add(name)
             tensors.append((name, obj))
             return {"tensor": name}
-        if isinstance(obj, dict):
-            for key in obj:
-                if not (key is None or isinstance(key, (str, int, float))):
-                    raise CheckpointError(
-                        f"key {key!r} ({type(key).__name__}) at {_where(path)}: checkpoint dict keys must be "
-                        "str, int, float, bool or None; convert the key first")
-            return {"dict": [[key, visit(val, (*path, key))] for key, val in obj.items()]}
-        if isinstance(obj, (list, tuple)):
-            kind = "tuple" if isinstance(obj, tuple) else "list"
-            return {kind: [visit(val, (*path, i)) for i, val in enumerate(obj)]}
         if isinstance(obj, float):
             return _float_leaf(obj)
         if obj is None or isinstance(obj, (bool, int, str)):
@@ -73,6 +77,17 @@ def flatten(state: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
         raise CheckpointError(
             f"value of type {type(obj).__name__} at {_where(path)} cannot be checkpointed: a checkpoint "
             "holds tensors, dicts, lists, tuples, int, float, bool, str and None; convert it first")
+
+    def visit_container(obj: dict | list | tuple, path: tuple) -> dict:
+        if isinstance(obj, dict):
+            for key in obj:
+                if not (key is None or isinstance(key, (str, int, float))):
+                    raise CheckpointError(
+                        f"key {key!r} ({type(key).__name__}) at {_where(path)}: checkpoint dict keys must be "
+                        "str, int, float, bool or None; convert the key first")
+            return {"dict": [[key, visit(val, (*path, key))] for key, val in obj.items()]}
+        kind = "tuple" if isinstance(obj, tuple) else "list"
+        return {kind: [visit(val, (*path, i)) for i, val in enumerate(obj)]}
 
     return visit(state, ()), tensors
 
@@ -201,6 +216,8 @@ def new_manifest(structure: dict, compress: str | None) -> dict:
 def read_manifest(path: str | Path) -> dict:
     """Parse and check a checkpoint's manifest; CheckpointError saying what is wrong otherwise."""
     file = Path(path) / MANIFEST
+    if Path(path).is_file():
+        raise NotACheckpointError(f"{path} is a file; a tiermem checkpoint is a directory (made by save_async)")
     try:
         body = json.loads(file.read_bytes())
     except FileNotFoundError:
@@ -218,6 +235,9 @@ def read_manifest(path: str | Path) -> dict:
                               f"(this tiermem reads version {VERSION}); upgrade tiermem")
     if body.pop("checksum", None) != manifest_checksum(body):
         raise CheckpointError(f"{file}: manifest checksum mismatch; the manifest was edited or is corrupt")
+    missing = [key for key in ("structure", "files", "tensors") if not isinstance(body.get(key), dict)]
+    if missing:
+        raise CheckpointError(f"{file} has no {missing[0]!r} object; the manifest was edited or is corrupt")
     return body
 
 

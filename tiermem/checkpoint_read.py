@@ -14,7 +14,7 @@ import zstandard
 
 from tiermem.checkpoint_format import read_manifest, unflatten
 from tiermem.config import format_size
-from tiermem.errors import CheckpointError, NotACheckpointError, StoreError
+from tiermem.errors import CheckpointError, ConfigError, NotACheckpointError, StoreError
 from tiermem.storage.safetensors_io import read_header, str_to_dtype
 
 CHUNK = 16 << 20  # bytes per read while verifying
@@ -85,12 +85,30 @@ class _Files:
         self.fds.clear()
 
 
+def _checkpoint_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint path is a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def _load_device(device: object) -> torch.device:
+    """ConfigError for a device torch does not know or this machine does not have."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device: use 'cpu' or 'cuda'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but CUDA is not available here: load with device='cpu'")
+    return device
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """The state dict saved at `path`, with tensors on `device`; every tensor's checksum is verified.
 
     Raises CheckpointError naming the tensor and file on any mismatch or damage.
     """
-    root = Path(path)
+    root = _checkpoint_path(path)
+    device = _load_device(device)
     manifest = read_manifest(root)
     files = _Files(root)
     try:
@@ -149,7 +167,7 @@ def _hash_chunks(fd: int, entry: dict, file: Path) -> Iterator[memoryview]:
 def verify(path: str | os.PathLike) -> VerifyReport:
     """Check a checkpoint without loading it: manifest, file sizes and headers, every tensor's checksum.
     NotACheckpointError where the path holds no checkpoint at all (a damaged one is a report that fails)."""
-    root = Path(path)
+    root = _checkpoint_path(path)
     report = VerifyReport(root)
     try:
         manifest = read_manifest(root)
