@@ -517,3 +517,14 @@ def test_cli_plan_without_cuda_leaves_graph_replays_to_load(tmp_path, capsys, mo
                  "--cpu-memory", "8GiB", "--hardware", str(hw), "--json", str(out_json)]) == 0
     assert "graph replays" not in capsys.readouterr().out
     assert json.loads(out_json.read_text())["cuda_graphs"] is None
+
+
+def test_qwen3_32b_int4_in_16gib_streams_the_rest_from_host():
+    """Qwen3's wide vocabulary (151936) and per-head q/k norms go into the blocks the planner places."""
+    w = workload("qwen3-32b", "int4", batch=8, prompt_len=1024, gen_len=32, dtype=torch.bfloat16)
+    layer = dict(_block_bytes("qwen3-32b", "int4", 64, torch.bfloat16))["layers.0"]
+    as_llama = dict(preset("qwen3-32b"), model_type="llama", architectures=["LlamaForCausalLM"])
+    without_norms = SyntheticStore(as_llama, QuantScheme(4, 64), torch.bfloat16).block_nbytes("layers.0")
+    assert layer > without_norms  # the same shapes as Llama but for the two [head_dim] norms
+    p = plan(w, H200, 16 * GiB, 64 * GiB)
+    assert fits(p, 16 * GiB, 64 * GiB) and p.host_blocks and not p.disk_blocks and p.bound == "pcie"
