@@ -8,11 +8,13 @@ generation stops early (fewer than max_new_tokens columns) once every row has fi
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from tiermem.config import check_integer
 from tiermem.engine.executor import Executor
 from tiermem.engine.kv_cache import KVCache
 from tiermem.engine.static_decode import StaticDecoder
@@ -56,18 +58,13 @@ def next_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:
-    """ConfigError unless value is of `types` (a bool is not an int here unless bool is asked for)."""
-    wanted = types if isinstance(types, tuple) else (types,)
-    if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
-        names = " or ".join(t.__name__ for t in wanted)
-        raise ConfigError(f"{name} must be {names}, got {value!r}")
-
-
 def _eos_set(eos_token_id: int | Sequence[int] | None) -> list[int]:
     if eos_token_id is None:
         return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    ids = [eos_token_id] if isinstance(eos_token_id, (numbers.Integral, str)) else eos_token_id
+    for eos_id in ids:
+        check_integer("eos_token_id", eos_id)
+    return [int(e) for e in ids]
 
 
 @dataclass(frozen=True)
@@ -92,15 +89,14 @@ class Sampling:
 
         ConfigError for a value of the wrong type (a float top_k, a string do_sample), which a cast would hide.
         """
-        _check_type("do_sample", do_sample, bool)
-        _check_type("top_k", top_k, int)
+        if not isinstance(do_sample, bool):
+            raise ConfigError(f"do_sample must be bool (True or False), got {do_sample!r}")
+        check_integer("top_k", top_k)
         for name, value in (("temperature", temperature), ("top_p", top_p)):
-            _check_type(name, value, (int, float))
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         if pad_token_id is not None:
-            _check_type("pad_token_id", pad_token_id, int)
-        for eos_id in (eos_token_id,) if isinstance(eos_token_id, int) or eos_token_id is None else eos_token_id:
-            if eos_id is not None:
-                _check_type("eos_token_id", eos_id, int)
+            check_integer("pad_token_id", pad_token_id)
         eos = tuple(_eos_set(eos_token_id))
         if eos and pad_token_id is None:
             pad_token_id = eos[0]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tiermem.config import check_integer
 from tiermem.errors import ConfigError
 
 SUPPORTED_BITS = (4, 8)
@@ -32,8 +33,7 @@ class QuantScheme:
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"quantization bits must be 4 or 8, got {self.bits}")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise ConfigError(f"group_size must be an integer, got {self.group_size!r}")
+        check_integer("group_size", self.group_size)
         if self.group_size < 2 or self.group_size % 2:
             raise ConfigError(f"group_size must be an even number >= 2, got {self.group_size}")
 

@@ -39,11 +39,12 @@ def temp_sibling(final: Path) -> Path:
     return final.parent / f".{final.name}{TMP_MARKER}{uuid.uuid4().hex[:12]}"
 
 
-def why_not_replaceable(path: Path, formats: tuple[str, ...]) -> str | None:
+def why_not_replaceable(path: Path, manifest_name: str, formats: tuple[str, ...]) -> str | None:
     """None when overwrite=True may replace `path`, else why not.
 
-    It may replace what is absent, an empty directory, or a directory whose manifest.json names one of `formats`:
-    never a file or a directory of something else (overwrite is not a way to delete a user's files).
+    It may replace what is absent, an empty directory, or a directory whose manifest (JSON, `manifest_name`) has
+    a "format" of `formats`: never a file or a directory of something else (overwrite is not a way to delete a
+    user's files).
     """
     if not path.exists():
         return None
@@ -52,12 +53,12 @@ def why_not_replaceable(path: Path, formats: tuple[str, ...]) -> str | None:
     if not any(path.iterdir()):
         return None
     try:
-        manifest = json.loads((path / "manifest.json").read_bytes())
+        manifest = json.loads((path / manifest_name).read_bytes())
     except (OSError, ValueError):
         manifest = None
     if isinstance(manifest, dict) and manifest.get("format") in formats:
         return None
-    return f"{path} is a directory that does not hold a complete {' or '.join(formats)} (no readable manifest.json)"
+    return f"{path} is a directory that does not hold a complete {' or '.join(formats)} (no readable {manifest_name})"
 
 
 def is_unfinished(path: Path) -> bool:

@@ -20,7 +20,7 @@ from tiermem.kernels.quant import QuantScheme, quantize
 from tiermem.storage.durable import atomic_directory, why_not_replaceable
 from tiermem.storage.format import StoreWriter, TensorSpec
 from tiermem.storage.hf import HFCheckpoint
-from tiermem.storage.manifest import FORMAT_NAME
+from tiermem.storage.manifest import FORMAT_NAME, MANIFEST_NAME
 
 ShouldQuantize = Callable[[str, Sequence[int]], bool]
 
@@ -118,7 +118,7 @@ def pack_checkpoint(
                         "destination outside it")
     if dst.exists() and not overwrite:
         raise PackError(f"{dst} already exists; choose another destination or pass overwrite=True")
-    reason = why_not_replaceable(dst, (FORMAT_NAME,))
+    reason = why_not_replaceable(dst, MANIFEST_NAME, (FORMAT_NAME,))
     if reason:
         raise PackError(f"{reason}: overwrite=True replaces only a tiermem store; choose another destination or "
                         "remove it yourself")

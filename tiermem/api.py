@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tiermem.config import PrefetchConfig, format_size, parse_size
+from tiermem.config import PrefetchConfig, check_integer, format_size, parse_size
 from tiermem.engine.config import (
     ModelConfig,
     check_weights,
@@ -219,8 +220,8 @@ def _check_load_options(max_batch_size: int, max_seq_len: int | None, lookahead:
     from tiermem.read_backend import check_backend_name
 
     for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("lookahead", lookahead)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if value is not None:
+            check_integer(name, value)
     if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise ConfigError(f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size} and {max_seq_len}")
     if lookahead is not None and lookahead < 1:
@@ -512,7 +513,7 @@ class Model:
         texts = [tok.decode(row.tolist(), skip_special_tokens=True) for row in new]
         return texts, int(new.numel())
 
-    @property
+    @functools.cached_property
     def weights_id(self) -> str | None:
         """An id of the store's weights (a digest of its blocks' checksums); None for a store without a manifest
         (a synthetic one in memory). A GenerationSession continues only on a model with the same id."""
@@ -551,10 +552,11 @@ def _check_micro_batches(micro_batches: int | None) -> None:
 def _check_generate_arguments(max_new_tokens: object, seed: object, generator: object, on_step: object,
                               session: object) -> None:
     """ConfigError for generate() arguments of the wrong type or range (before anything runs)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    check_integer("max_new_tokens", max_new_tokens, minimum=0)
+    if seed is not None:
+        check_integer("seed", seed, minimum=0)
+        if seed >= 2**63:  # what torch.Generator.manual_seed takes
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if on_step is not None and not callable(on_step):

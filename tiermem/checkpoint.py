@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from tiermem.checkpoint_format import FORMAT, PAGE, Piece, cut_pieces, flatten, new_manifest, plan_shards
-from tiermem.checkpoint_read import VerifyReport, format_report, load, verify
+from tiermem.checkpoint_format import FORMAT, MANIFEST, PAGE, Piece, cut_pieces, flatten, new_manifest, plan_shards
+from tiermem.checkpoint_read import VerifyReport, checkpoint_path, format_report, load, verify
 from tiermem.checkpoint_writer import ABORT, BACKENDS, END, Job, Region, StagingRing, WriterOptions, write_job
-from tiermem.config import parse_size
+from tiermem.config import check_integer, parse_size
 from tiermem.errors import CheckpointError, ConfigError, TiermemError
 from tiermem.storage.durable import why_not_replaceable
 
@@ -125,18 +125,16 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         if compress not in (None, "zstd"):
             raise ConfigError(f"compress must be None or 'zstd', got {compress!r}")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-            raise ConfigError(f"keep must be a positive number of checkpoints to keep, got {keep!r}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise CheckpointError(f"a checkpoint path is a str or os.PathLike, got {type(path).__name__}")
-        final = Path(path).absolute()
+        if keep is not None:
+            check_integer("keep (the number of checkpoints to keep)", keep, minimum=1)
+        final = checkpoint_path(path).absolute()
         blocking = next((parent for parent in final.parents if parent.exists()), None)
         if blocking is not None and not blocking.is_dir():
             raise CheckpointError(f"cannot save checkpoint {final}: {blocking} is a file, not a directory")
         if final.exists() and not overwrite:
             raise CheckpointError(f"checkpoint {final} already exists: choose a new path or pass "
                                   "overwrite=True")
-        reason = why_not_replaceable(final, (FORMAT,))
+        reason = why_not_replaceable(final, MANIFEST, (FORMAT,))
         if reason:
             raise CheckpointError(f"{reason}: overwrite=True replaces only a tiermem checkpoint; choose a new path "
                                   "or remove it yourself")

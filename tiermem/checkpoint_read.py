@@ -85,7 +85,8 @@ class _Files:
         self.fds.clear()
 
 
-def _checkpoint_path(path: object) -> Path:
+def checkpoint_path(path: object) -> Path:
+    """`path` as a Path; CheckpointError for what is not a path (None, a number)."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(f"a checkpoint path is a str or os.PathLike, got {type(path).__name__}")
     return Path(path)
@@ -107,7 +108,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
 
     Raises CheckpointError naming the tensor and file on any mismatch or damage.
     """
-    root = _checkpoint_path(path)
+    root = checkpoint_path(path)
     device = _load_device(device)
     manifest = read_manifest(root)
     files = _Files(root)
@@ -167,7 +168,7 @@ def _hash_chunks(fd: int, entry: dict, file: Path) -> Iterator[memoryview]:
 def verify(path: str | os.PathLike) -> VerifyReport:
     """Check a checkpoint without loading it: manifest, file sizes and headers, every tensor's checksum.
     NotACheckpointError where the path holds no checkpoint at all (a damaged one is a report that fails)."""
-    root = _checkpoint_path(path)
+    root = checkpoint_path(path)
     report = VerifyReport(root)
     try:
         manifest = read_manifest(root)

@@ -1,7 +1,8 @@
-"""Frozen settings objects and the parsing of human-readable sizes such as "24GiB"."""
+"""Frozen settings objects, the parsing of human-readable sizes such as "24GiB", and integer checks of options."""
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -14,6 +15,14 @@ _UNITS = {
     "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def check_integer(name: str, value: object, minimum: int | None = None) -> None:
+    """ConfigError unless `value` is an integer (a bool is not) and, with `minimum`, at least that: a cast would
+    have turned 1.5 into 1 and "3" into a TypeError deep inside."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
+        at_least = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(f"{name} must be an integer{at_least}, got {value!r}")
 
 
 def parse_size(value: int | float | str | None) -> int | None:

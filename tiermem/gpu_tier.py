@@ -80,7 +80,7 @@ class GpuWeights:
             for _ in range(lookahead + 1 if streamed else 0)
         ]
         self._next_slot = 0
-        self._decoded: dict[tuple[str, torch.device, int], dict] = {}  # (block, buffer place) -> views: _views
+        self._decoded: dict[tuple[str, int], dict] = {}  # (block, buffer address) -> views, see _views
         self._mapped: dict[str, dict | None] = {}  # host-only block -> views of its device alias: device_views
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
@@ -145,14 +145,13 @@ class GpuWeights:
             return None
         if name not in self._mapped:
             mapped = device_alias(self.host_blocks[name], self.device)
-            self._mapped[name] = None if mapped is None else self._views(name, mapped)
+            self._mapped[name] = None if mapped is None else self.decode(name, mapped)  # once, kept here
         return self._mapped[name]
 
     def _views(self, name: str, buffer: torch.Tensor) -> dict:
         """The block's tensors as views into `buffer`, decoded once per (block, buffer) and then reused:
-        every buffer lives as long as this tier, and decoding each pass cost host time on every layer. A buffer
-        and its device alias may share an address: the device tells them apart."""
-        key = (name, buffer.device, buffer.data_ptr())
+        every buffer lives as long as this tier, and decoding each pass cost host time on every layer."""
+        key = (name, buffer.data_ptr())
         if key not in self._decoded:
             self._decoded[key] = self.decode(name, buffer)
         return self._decoded[key]
