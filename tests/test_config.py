@@ -1,6 +1,6 @@
 import pytest
 
-from tiermem.config import Budgets, PrefetchConfig, format_size, parse_size
+from tiermem.config import Budgets, PrefetchConfig, check_integer, format_size, parse_size
 from tiermem.errors import ConfigError
 
 
@@ -26,3 +26,15 @@ def test_budgets_and_format():
     assert format_size(12) == "12 B"
     with pytest.raises(ConfigError):
         PrefetchConfig(lookahead=0)
+
+
+def test_check_integer_takes_integers_of_any_kind_and_nothing_else():
+    import numpy as np
+
+    for value in (0, 7, np.int64(7), np.int32(0)):
+        check_integer("n", value, minimum=0)
+    for value, minimum, words in ((True, None, "n must be an integer, got True"), (1.5, None, "got 1.5"),
+                                  ("3", None, "got '3'"), (None, None, "got None"),
+                                  (-1, 0, "n must be an integer >= 0, got -1")):
+        with pytest.raises(ConfigError, match=words):
+            check_integer("n", value, minimum=minimum)
