@@ -119,6 +119,7 @@ def test_staging_ring_never_hands_out_overlapping_regions():
     for i, n in enumerate(sizes):
         region = ring.alloc(n)
         assert region.start % 4096 == 0 and region.start + region.nbytes <= ring.capacity
+        assert region.tensor.numel() == region.nbytes and region.tensor.data_ptr() % 4096 == 0
         region.tensor[:n] = i % 251
         handed.append(region)
     consumer.join(timeout=30)
@@ -132,6 +133,20 @@ def test_staging_ring_never_hands_out_overlapping_regions():
     grow.free(region)
     grow.reserve(20_000)
     assert grow.capacity == 20_480
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pinned_staging_ring_hands_out_whole_page_aligned_regions():
+    small = torch.empty(512, dtype=torch.uint8, pin_memory=True)  # torch's pinned blocks need not be page-aligned
+    for capacity in (16 << 10, 1 << 20, (1 << 20) + 4096):
+        ring = StagingRing(capacity, pin=True, grow=False)
+        for _ in range(4):  # four quarter-size regions
+            region = ring.alloc(capacity // 4 // 4096 * 4096)
+            assert region.tensor.is_pinned() and region.tensor.numel() == region.nbytes
+            assert region.tensor.data_ptr() % 4096 == 0
+        ring.release()
+    del small
 
 
 def test_two_saves_in_flight_are_ordered(tmp_path):

@@ -45,8 +45,8 @@ class StagingRing:
 
     def _allocate(self, capacity: int) -> None:
         self._buffer = None  # let the old buffer go before taking a new one
-        try:  # page-aligned base (pinned memory already is), so regions suit O_DIRECT
-            raw = torch.empty(capacity + (0 if self.pin else PAGE), dtype=torch.uint8, pin_memory=self.pin)
+        try:  # page-aligned base, so regions suit O_DIRECT (torch's pinned allocator gave 512-byte alignment)
+            raw = torch.empty(capacity + PAGE, dtype=torch.uint8, pin_memory=self.pin)
             shift = -raw.data_ptr() % PAGE
             self._buffer = raw[shift:shift + capacity]
             if not self.pin:

@@ -85,7 +85,7 @@ def embed(
     device, dtype = device or table.device, dtype or table.dtype
     x = F.embedding(input_ids.to(table.device), table).to(device, dtype)  # [B, T, E]
     if cfg.word_embed_proj_dim:
-        x = ops.linear(x, w[PROJECT_IN])  # [B, T, D]
+        x = ops.linear(x, w[PROJECT_IN].to(device, dtype, non_blocking=True))  # [B, T, D]; the block may be on the host
     pos = F.embedding(positions.to(pos_table.device) + cfg.position_offset, pos_table)  # [B, T, D]
     return x + pos.to(device, dtype)
 
