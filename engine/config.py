@@ -16,15 +16,19 @@ from typing import Any
 import torch
 
 from tiermem.engine.families import llama, opt, output
+from tiermem.engine.moe import MoeConfig
 from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
 from tiermem.kernels.quant import QuantizedWeight
 
-FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "opt": "opt"}
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama", "qwen3": "llama",
+                        "qwen3_moe": "llama", "opt": "opt"}
 MODEL_TYPE_OF_ARCHITECTURE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "OPTForCausalLM": "opt",
 }
 # Defaults of the transformers config classes for keys a config.json may omit.
@@ -34,12 +38,19 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
                     rms_norm_eps=1e-6, sliding_window=4096),
+    "mixtral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-5, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2),
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
                   rms_norm_eps=1e-6),
     "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
                   rms_norm_eps=1e-6),
+    "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768,
+                      rms_norm_eps=1e-6, moe_intermediate_size=768, num_experts_per_tok=8, num_local_experts=128,
+                      norm_topk_prob=False, decoder_sparse_step=1),
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
@@ -71,7 +82,7 @@ class RopeConfig:
 class ModelConfig:
     """What the engine needs to know about a decoder-only model; built by model_config_from_hf."""
 
-    model_type: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "opt"
+    model_type: str  # a key of FAMILY_OF_MODEL_TYPE
     family: str  # "llama" | "opt": which module in engine/families runs it
     vocab_size: int
     hidden_size: int
@@ -88,6 +99,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    moe: MoeConfig | None = None  # the sparse MLP of Mixtral and Qwen3-MoE (None: every layer's MLP is dense)
     rope: RopeConfig | None = None  # None: learned positions (OPT)
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full causal attention
     # OPT only
@@ -198,9 +210,11 @@ def _eos(value: Any) -> tuple[int, ...]:
 
 
 def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
-    """Per-layer sliding window (None = full attention), as Mistral / Qwen2 / Qwen3 configs set them."""
-    if model_type == "mistral":
-        return (d["sliding_window"],) * n_layers
+    """Per-layer sliding window (None = full attention), as Mistral / Mixtral / Qwen2 / Qwen3 configs set them."""
+    if model_type in ("mistral", "mixtral"):
+        return (d.get("sliding_window"),) * n_layers
+    if model_type == "qwen3_moe":
+        return (d.get("sliding_window") if d.get("use_sliding_window", False) else None,) * n_layers
     if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
         window = d.get("sliding_window", 4096)
         types = d.get("layer_types") or [
@@ -208,6 +222,33 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
             else "full_attention" for i in range(n_layers)]
         return tuple(window if t == "sliding_attention" else None for t in types)
     return (None,) * n_layers
+
+
+def _moe(model_type: str, d: Mapping[str, Any], n_layers: int) -> MoeConfig | None:
+    """The sparse MLP as MixtralConfig / Qwen3MoeConfig read it (the hub's Qwen3-MoE configs say num_experts,
+    transformers 5 writes num_local_experts)."""
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return None
+    experts = d.get("num_local_experts")
+    if model_type == "qwen3_moe" and "num_experts" in d:
+        experts = d["num_experts"]
+    top_k = d.get("num_experts_per_tok")
+    for key, value in (("num_experts", experts), ("num_experts_per_tok", top_k)):
+        _check_positive_int(key, value)
+        if value is None:
+            raise ConfigError(f"config.json {key} is null: it must be a positive integer")
+    experts, top_k = int(experts), int(top_k)
+    if top_k > experts:
+        raise ConfigError(f"config.json num_experts_per_tok {top_k} is more than the {experts} experts")
+    if model_type == "mixtral":
+        return MoeConfig(experts, top_k, int(d["intermediate_size"]), True, (True,) * n_layers, "mixtral")
+    _check_positive_int("moe_intermediate_size", d.get("moe_intermediate_size"))
+    _check_positive_int("decoder_sparse_step", d.get("decoder_sparse_step"))
+    dense = set(d.get("mlp_only_layers") or ())
+    step = int(d.get("decoder_sparse_step") or 1)
+    sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers))
+    return MoeConfig(experts, top_k, int(d["moe_intermediate_size"]), bool(d.get("norm_topk_prob", False)), sparse,
+                     "qwen")
 
 
 def _check_positive_int(key: str, value: Any) -> None:
@@ -303,8 +344,8 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
         norm_eps=float(d["rms_norm_eps"]), hidden_act=act,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
-        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
-        rope=_rope(d, int(d["max_position_embeddings"])),
+        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        moe=_moe(model_type, d, common["num_layers"]), rope=_rope(d, int(d["max_position_embeddings"])),
         sliding_windows=_llama_windows(model_type, d, common["num_layers"]),
     )
 

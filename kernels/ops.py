@@ -49,8 +49,9 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch
 
 # Up to this many rows, the fused GEMV on 8-row chunks (all in one launch) beat dequantize + matmul on every
 # measured shape (benchmarks/results/linear_rows_single_launch_h200.json: at 32 rows 0.10-0.26 ms against
-# 0.14-0.35 ms, a tie at 48). With a launch per chunk it had lost from 24 rows on (linear_rows_h200.json). Two
-# 8-row tiles per block (session 12) made the GEMV 10-17% faster at 16 and 32 rows; the split is not measured again.
+# 0.14-0.35 ms, a tie at 48). With a launch per chunk it had lost from 24 rows on (linear_rows_h200.json). With two
+# 8-row tiles per block (session 12) the split still holds (linear_rows_s14call2_h200.json): at 32 rows 0.09-0.23 ms
+# against 0.12-0.33 ms, a tie at 48, dequantize + matmul ahead at 64.
 GEMV_SPLIT_ROWS = 32
 
 

@@ -7,6 +7,7 @@ a time with `safe_open`, so memory holds at most one tensor of the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from tiermem.errors import PackError, StoreError
+from tiermem.storage.fused_experts import piece_shape, split_fused_experts
 from tiermem.storage.safetensors_io import METADATA_KEY, read_header, str_to_dtype
 
 SINGLE_FILE = "model.safetensors"
@@ -37,10 +39,18 @@ class HFCheckpoint:
         self._infos: dict[str, dict] = {}
         for shard in sorted(set(self._shard_of.values())):
             self._read_shard_header(shard)
+        # transformers 5's fused expert tensors, seen as the per-expert tensors of the hub (storage.fused_experts)
+        self._pieces = split_fused_experts(self.config, {n: tuple(i["shape"]) for n, i in self._infos.items()})
+        fused = {source for source, _, _ in self._pieces.values()}
         # File order (shard, offset), so that streaming reads each shard front to back.
         self.tensor_names: list[str] = sorted(
-            self._shard_of, key=lambda n: (self._shard_of[n], self._infos[n]["data_offsets"][0])
+            [n for n in self._shard_of if n not in fused] + list(self._pieces),
+            key=lambda n: (self._shard_of[self._source(n)], self._infos[self._source(n)]["data_offsets"][0]),
         )
+
+    def _source(self, name: str) -> str:
+        """The tensor of the files that holds `name` (itself, or the fused tensor it is a piece of)."""
+        return self._pieces[name][0] if name in self._pieces else name
 
     def _read_json(self, file: Path, what: str) -> object:
         try:
@@ -92,30 +102,39 @@ class HFCheckpoint:
 
     def _info(self, name: str) -> dict:
         try:
-            return self._infos[name]
+            return self._infos[self._source(name)]
         except KeyError:
             raise PackError(f"tensor {name} is not in the checkpoint {self.path}") from None
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._info(name)["shape"])
+        shape = tuple(self._info(name)["shape"])
+        return piece_shape(self._pieces[name], shape) if name in self._pieces else shape
 
     def tensor_dtype(self, name: str) -> torch.dtype:
         return str_to_dtype(self._info(name)["dtype"])
 
     def tensor_nbytes(self, name: str) -> int:
+        if name in self._pieces:
+            return math.prod(self.tensor_shape(name)) * self.tensor_dtype(name).itemsize
         begin, end = self._info(name)["data_offsets"]
         return end - begin
 
     def shard_of(self, name: str) -> Path:
         self._info(name)
-        return self.path / self._shard_of[name]
+        return self.path / self._shard_of[self._source(name)]
 
     def load_tensor(self, name: str) -> torch.Tensor:
         """One tensor, read on its own (the shard is opened and released for this call)."""
         shard = self.shard_of(name)
         try:
             with safe_open(shard, framework="pt") as f:
-                return f.get_tensor(name)
+                if name not in self._pieces:
+                    return f.get_tensor(name)
+                source, expert, rows = self._pieces[name]
+                if expert is None:
+                    return f.get_tensor(source)
+                begin, end = rows or (0, self.tensor_shape(name)[0])
+                return f.get_slice(source)[expert:expert + 1, begin:end].squeeze(0).contiguous()
         except Exception as exc:  # safetensors raises its own error types
             raise PackError(f"cannot read tensor {name} from {shard}: {exc}") from exc
 

@@ -33,6 +33,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2-yarn": ("qwen2", dict(LLAMA, num_key_value_heads=2, rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32))),
     "qwen3": ("qwen3", dict(LLAMA, num_key_value_heads=2, head_dim=32)),
+    "mixtral": ("mixtral", dict(LLAMA, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                intermediate_size=96)),
+    "qwen3-moe": ("qwen3_moe", dict(LLAMA, num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=2,
+                                    moe_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False,
+                                    num_hidden_layers=3)),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

@@ -237,12 +237,13 @@ class Workload:
 
         dtype = gpu_compute_dtype(cfg, dtype)
         shapes = expected_weights(cfg)
-        matmul = sum(s[0] * s[1] for s in shapes["layers.0"].values() if len(s) == 2)
+        matmul = sum(s[0] * s[1] for s in shapes["layers.0"].values() if len(s) == 2)  # weights stored
+        active = _active_matmul_elements(cfg, shapes)
         q_dim, e = cfg.num_heads * cfg.head_dim, dtype.itemsize
         return cls(
             block_bytes=dict(block_bytes), num_layers=cfg.num_layers,
             kv_bytes_per_token_layer=kv_cache_bytes(cfg, 1, 1, dtype, kv_quant) // cfg.num_layers,
-            flops_per_token_layer=2.0 * matmul, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+            flops_per_token_layer=2.0 * active, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
             head_flops_per_token=2.0 * cfg.vocab_size * cfg.embed_dim,
             attn_flops_per_token_ctx_layer=4.0 * q_dim,
             act_bytes_per_token_layer=(2 * q_dim + 2 * cfg.num_kv_heads * cfg.head_dim) * e,
@@ -254,6 +255,17 @@ class Workload:
             host_step_s=dict(host_step_s or {}), cpu_attention_s=dict(cpu_attention_s or {}),
             dense_per_stored=matmul * e / block_bytes["layers.0"] if quantized else 0.0,
         )
+
+
+def _active_matmul_elements(cfg, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> float:
+    """Weight elements one token multiplies in a layer, the mean over layers: of a sparse MLP's experts only
+    its top_k (MoE models; the others are read where they are streamed, but not computed with)."""
+    share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe is not None else 1.0
+    total = 0.0
+    for i in range(cfg.num_layers):
+        total += sum(s[0] * s[1] * (share if ".experts." in name else 1.0)
+                     for name, s in shapes[f"layers.{i}"].items() if len(s) == 2)
+    return total / cfg.num_layers
 
 
 def divisors(n: int) -> list[int]:

@@ -23,6 +23,18 @@ def _qwen3(hidden: int, inter: int, layers: int, heads: int, kv_heads: int) -> d
                   rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645)
 
 
+def _mixtral(hidden: int, inter: int, layers: int, heads: int, vocab: int) -> dict:
+    return _llama(hidden, inter, layers, heads, 8, vocab=vocab, architectures=["MixtralForCausalLM"],
+                  model_type="mixtral", max_position_embeddings=32768 if vocab == 32000 else 65536,
+                  rope_theta=1000000.0, num_local_experts=8, num_experts_per_tok=2, sliding_window=None)
+
+
+def _qwen3_moe(hidden: int, layers: int, heads: int, kv_heads: int, experts_inter: int) -> dict:
+    return dict(_qwen3(hidden, 6144, layers, heads, kv_heads), architectures=["Qwen3MoeForCausalLM"],
+                model_type="qwen3_moe", num_experts=128, num_experts_per_tok=8, moe_intermediate_size=experts_inter,
+                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
+
+
 def _opt(hidden: int, ffn: int, layers: int, heads: int) -> dict:
     return {
         "architectures": ["OPTForCausalLM"], "model_type": "opt",
@@ -43,6 +55,10 @@ PRESETS: dict[str, dict] = {
     "llama3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, rope_theta=500000.0),
     "llama-111b": _llama(12288, 28672, 80, 96, 8, vocab=32768),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8),
+    "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 32000),
+    "mixtral-8x22b": _mixtral(6144, 16384, 56, 48, 32768),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 768),
+    "qwen3-235b-a22b": _qwen3_moe(4096, 94, 64, 4, 1536),
     "opt-1.3b": _opt(2048, 8192, 24, 32),
     "opt-6.7b": _opt(4096, 16384, 32, 32),
     "opt-30b": _opt(7168, 28672, 48, 56),

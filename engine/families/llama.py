@@ -1,4 +1,5 @@
-"""Llama 2/3/3.1, Mistral, Qwen2 and Qwen3: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP.
+"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen3 and Qwen3-MoE: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP
+(in Mixtral's and Qwen3-MoE's sparse layers, a router's pick of SwiGLU experts: engine/moe.py).
 
 Pure math, no I/O. Weight dicts are keyed by full HF names; values are tensors or QuantizedWeight,
 and every matmul goes through ops.linear (which casts/dequantizes to the activation dtype).
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from tiermem.engine import moe
 from tiermem.engine.families import output
 from tiermem.kernels import ops
 
@@ -36,9 +38,12 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
             p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
             p + "self_attn.q_proj.weight": (q_dim, D), p + "self_attn.k_proj.weight": (kv_dim, D),
             p + "self_attn.v_proj.weight": (kv_dim, D), p + "self_attn.o_proj.weight": (D, q_dim),
-            p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
-            p + "mlp.down_proj.weight": (D, F_),
         }
+        if _sparse(cfg, i):
+            w |= moe.weight_shapes(cfg.moe, p, D)
+        else:
+            w |= {p + "mlp.gate_proj.weight": (F_, D), p + "mlp.up_proj.weight": (F_, D),
+                  p + "mlp.down_proj.weight": (D, F_)}
         if cfg.qkv_bias:
             w |= {p + "self_attn.q_proj.bias": (q_dim,), p + "self_attn.k_proj.bias": (kv_dim,),
                   p + "self_attn.v_proj.bias": (kv_dim,)}
@@ -46,12 +51,16 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
             w[p + "self_attn.o_proj.bias"] = (D,)
         if cfg.qk_norm:
             w |= {p + "self_attn.q_norm.weight": (Dh,), p + "self_attn.k_norm.weight": (Dh,)}
-        if cfg.mlp_bias:
+        if cfg.mlp_bias and not _sparse(cfg, i):
             w |= {p + "mlp.gate_proj.bias": (F_,), p + "mlp.up_proj.bias": (F_,),
                   p + "mlp.down_proj.bias": (D,)}
         blocks[f"layers.{i}"] = w
     blocks["head"] = {NORM: (D,)} if cfg.tie_word_embeddings else {NORM: (D,), LM_HEAD: (cfg.vocab_size, D)}
     return blocks
+
+
+def _sparse(cfg: ModelConfig, i: int) -> bool:
+    return cfg.moe is not None and cfg.moe.sparse_layers[i]
 
 
 def embed(
@@ -84,6 +93,8 @@ def layer(cfg: ModelConfig, i: int, w: Weights, h: torch.Tensor, attn: Attention
     a = attn(i, attn.rope(q), attn.rope(k), v, cfg.sliding_windows[i])  # [B, T, H*Dh]
     h = h + ops.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
     x = ops.rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.norm_eps)
+    if _sparse(cfg, i):
+        return h + moe.sparse_mlp(cfg.moe, p, w, x)
     gate = ops.linear(x, w[p + "mlp.gate_proj.weight"], w.get(p + "mlp.gate_proj.bias"))  # [B, T, I]
     up = ops.linear(x, w[p + "mlp.up_proj.weight"], w.get(p + "mlp.up_proj.bias"))
     x = ops.silu_mul(gate, up)  # [B, T, I]

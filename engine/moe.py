@@ -1,0 +1,116 @@
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router sends each token to top_k of E SwiGLU experts.
+
+Pure math, no I/O, like engine/families. probs = softmax(x @ router^T) over the E experts; each token keeps its
+top_k, renormalized to sum 1 where the model does (Mixtral always, Qwen3-MoE with norm_topk_prob), and its output
+is the sum of those experts' outputs weighted by them.
+
+Eager steps group the tokens by expert (one host sync per layer, for the count of tokens each expert got) and run
+only the experts some token chose, on only their tokens. A step being captured as a CUDA graph cannot wait for
+the host, nor change shape from one replay to the next: it runs every expert on every token and weights the
+unchosen ones by 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from tiermem.kernels import ops
+
+NAMING = {  # checkpoint names: (MoE prefix in a layer, router, expert j's gate, up and down projections)
+    "mixtral": ("block_sparse_moe.", "gate.weight", ("experts.{j}.w1.weight", "experts.{j}.w3.weight",
+                                                     "experts.{j}.w2.weight")),
+    "qwen": ("mlp.", "gate.weight", ("experts.{j}.gate_proj.weight", "experts.{j}.up_proj.weight",
+                                     "experts.{j}.down_proj.weight")),
+}
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP of a model: which layers have it, how many experts, how many per token."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one expert
+    normalize_top_k: bool  # renormalize the kept probabilities to sum 1
+    sparse_layers: tuple[bool, ...]  # per layer: the sparse MLP (True) or the model's dense MLP
+    naming: str  # a key of NAMING
+
+
+def router_name(moe: MoeConfig, layer_prefix: str) -> str:
+    prefix, router, _ = NAMING[moe.naming]
+    return layer_prefix + prefix + router
+
+
+def expert_names(moe: MoeConfig, layer_prefix: str, j: int) -> tuple[str, str, str]:
+    """(gate, up, down) weight names of expert j in the layer whose names start with layer_prefix."""
+    prefix, _, names = NAMING[moe.naming]
+    gate, up, down = (layer_prefix + prefix + n.format(j=j) for n in names)
+    return gate, up, down
+
+
+def weight_shapes(moe: MoeConfig, layer_prefix: str, hidden: int) -> dict[str, tuple[int, int]]:
+    """HF name -> shape of one sparse MLP: the router [E, D] and each expert's gate, up [I, D] and down [D, I]."""
+    inter = moe.intermediate_size
+    shapes = {router_name(moe, layer_prefix): (moe.num_experts, hidden)}
+    for j in range(moe.num_experts):
+        gate, up, down = expert_names(moe, layer_prefix, j)
+        shapes |= {gate: (inter, hidden), up: (inter, hidden), down: (hidden, inter)}
+    return shapes
+
+
+def route(moe: MoeConfig, router: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] -> (weights [N, top_k] fp32, experts [N, top_k] int64): each token's chosen experts."""
+    probs = torch.softmax(ops.linear(x, router).float(), dim=-1)  # [N, E]
+    weights, experts = probs.topk(moe.top_k, dim=-1)
+    if moe.normalize_top_k:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def _expert(w: Mapping[str, object], names: tuple[str, str, str], x: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: x [n, D] -> [n, D]."""
+    gate, up, down = names
+    return ops.linear(ops.silu_mul(ops.linear(x, w[gate]), ops.linear(x, w[up])), w[down])
+
+
+def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D] -> [B, T, D]: each token through its top_k experts, weighted by the router."""
+    B, T, D = x.shape
+    flat = x.reshape(B * T, D)  # [N, D]
+    weights, experts = route(moe, w[router_name(moe, layer_prefix)], flat)  # [N, k], [N, k]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    out = (all_experts if capturing else chosen_experts)(moe, layer_prefix, w, flat, weights, experts)
+    return out.to(x.dtype).view(B, T, D)
+
+
+def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
+                   weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """x [N, D], weights and experts [N, k] -> [N, D] fp32: each expert some token chose, on those tokens only."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    chosen = experts.reshape(-1)  # [N * k]: token n's picks are n*k .. n*k + k-1
+    order = chosen.argsort(stable=True)  # the picks grouped by expert
+    counts = torch.bincount(chosen, minlength=moe.num_experts).tolist()  # the one host sync
+    flat_weights = weights.reshape(-1)
+    start = 0
+    for j, count in enumerate(counts):
+        if count:
+            picks = order[start:start + count]  # [count] picks of expert j
+            tokens = picks // moe.top_k
+            y = _expert(w, expert_names(moe, layer_prefix, j), x[tokens])  # [count, D]
+            out.index_add_(0, tokens, y.float() * flat_weights[picks, None])
+            start += count
+    return out
+
+
+def all_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
+                weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """chosen_experts' result without a host sync or a shape that depends on the routing: every expert on every
+    token, the experts a token did not choose weighted by 0."""
+    gates = torch.zeros(x.shape[0], moe.num_experts, device=x.device).scatter_(1, experts, weights)  # [N, E]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for j in range(moe.num_experts):
+        out += _expert(w, expert_names(moe, layer_prefix, j), x).float() * gates[:, j:j + 1]
+    return out

@@ -1,0 +1,177 @@
+"""Mixtral and Qwen3-MoE: configs as the hub writes them, the router and experts against transformers, fused
+expert checkpoints, and which experts a step reads."""
+
+import json
+import math
+
+import pytest
+import torch
+from hf_models import build_model, build_tiny, left_padded_batch, load_tiny, rel_err
+from safetensors.torch import save_file
+
+import tiermem
+from tiermem.engine import moe
+from tiermem.engine.config import expected_weights, model_config_from_hf
+from tiermem.errors import ConfigError
+from tiermem.kernels.quant import QuantizedWeight
+from tiermem.storage.format import StoreReader
+from tiermem.storage.hf import HFCheckpoint
+from tiermem.storage.pack import default_should_quantize
+
+transformers = pytest.importorskip("transformers")
+
+# config.json of mistralai/Mixtral-8x7B-v0.1 (transformers 4.36) and Qwen/Qwen3-30B-A3B (4.51), weights not needed
+MIXTRAL_8X7B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    num_local_experts=8, num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768,
+                    rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, torch_dtype="bfloat16",
+                    router_aux_loss_coef=0.02, output_router_logits=False, bos_token_id=1, eos_token_id=2)
+QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                     intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                     norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                     max_position_embeddings=40960, max_window_layers=48, use_sliding_window=False,
+                     sliding_window=None, rms_norm_eps=1e-6, rope_theta=1e6, torch_dtype="bfloat16",
+                     tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
+
+
+def parameters(cfg) -> int:
+    return sum(math.prod(shape) for block in expected_weights(cfg).values() for shape in block.values())
+
+
+def test_hub_configs_read_as_their_transformers_classes_do():
+    mixtral = model_config_from_hf(MIXTRAL_8X7B)
+    assert mixtral.moe == moe.MoeConfig(8, 2, 14336, True, (True,) * 32, "mixtral")
+    assert mixtral.rope.theta == 1e6 and mixtral.sliding_windows == (None,) * 32 and not mixtral.qk_norm
+    assert parameters(mixtral) / 1e9 == pytest.approx(46.7, rel=0.01)
+    qwen = model_config_from_hf(QWEN3_30B_A3B)
+    assert qwen.moe == moe.MoeConfig(128, 8, 768, True, (True,) * 48, "qwen") and qwen.qk_norm
+    assert parameters(qwen) / 1e9 == pytest.approx(30.5, rel=0.01)
+    sparse_every_other = model_config_from_hf(dict(QWEN3_30B_A3B, decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert sparse_every_other.moe.sparse_layers[:6] == (False, True, False, False, False, True)
+    assert "model.layers.0.mlp.up_proj.weight" in expected_weights(sparse_every_other)["layers.0"]
+    five = dict(QWEN3_30B_A3B, num_local_experts=64)  # transformers 5 writes num_local_experts
+    del five["num_experts"]
+    assert model_config_from_hf(five).moe.num_experts == 64
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (dict(num_experts_per_tok=9), "num_experts_per_tok 9 is more than the 8 experts"),
+    (dict(num_local_experts=0), "num_experts must be a positive integer"),
+    (dict(num_experts_per_tok=None), "num_experts_per_tok is null"),
+])
+def test_bad_moe_configs_raise(change, words):
+    with pytest.raises(ConfigError, match=words):
+        model_config_from_hf(dict(MIXTRAL_8X7B, **change))
+
+
+def test_routers_are_never_quantized():
+    assert not default_should_quantize("model.layers.0.block_sparse_moe.gate.weight", (8, 4096))
+    assert not default_should_quantize("model.layers.0.mlp.gate.weight", (128, 2048))
+    assert default_should_quantize("model.layers.0.block_sparse_moe.experts.3.w1.weight", (14336, 4096))
+    assert default_should_quantize("model.layers.0.mlp.gate_proj.weight", (14336, 4096))
+
+
+class Recording(dict):
+    """A weight dict that records the names read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def moe_layer(top_k=2, experts=6, normalize=False, hidden=16, inter=24):
+    cfg = moe.MoeConfig(experts, top_k, inter, normalize, (True,), "qwen")
+    gen = torch.Generator().manual_seed(3)
+    w = Recording({name: 0.3 * torch.randn(shape, generator=gen)
+                   for name, shape in moe.weight_shapes(cfg, "p.", hidden).items()})
+    return cfg, w
+
+
+def test_a_step_reads_only_the_experts_its_tokens_chose():
+    cfg, w = moe_layer()
+    router = w["p.mlp.gate.weight"]
+    router[4] = -10 * router[:4].abs().sum(0)  # expert 4 never wins for x > 0 ...
+    router[5] = router[4]  # ... nor 5
+    x = torch.rand(1, 7, 16) + 0.1
+    w.read.clear()
+    out = moe.sparse_mlp(cfg, "p.", w, x)
+    read_experts = {int(n.split(".")[3]) for n in w.read if ".experts." in n}
+    assert read_experts <= {0, 1, 2, 3} and out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_every_expert_on_every_token_weighted_by_0_gives_the_chosen_experts_result(normalize):
+    """What a CUDA graph capture runs (no host sync, no routing-dependent shape) equals the eager dispatch."""
+    cfg, w = moe_layer(normalize=normalize)
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(4))
+    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], x)
+    assert weights.shape == experts.shape == (11, 2)
+    if normalize:
+        assert torch.allclose(weights.sum(-1), torch.ones(11))
+    grouped = moe.chosen_experts(cfg, "p.", w, x, weights, experts)
+    dense = moe.all_experts(cfg, "p.", w, x, weights, experts)
+    assert rel_err(dense, grouped) <= 1e-6
+
+
+def stored_parts(value):
+    return (value.qdata, value.scale, value.zero) if isinstance(value, QuantizedWeight) else (value,)
+
+
+def fused_checkpoint(variant, directory):
+    """The variant's transformers 5 in-memory state dict (fused experts) saved as it is, with its config."""
+    model = build_model(variant)
+    directory.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state), "transformers no longer fuses the experts"
+    save_file(state, directory / "model.safetensors")
+    model.config.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_a_fused_expert_checkpoint_packs_to_the_same_store_as_the_hub_layout(variant, tmp_path):
+    hub = build_tiny(variant, tmp_path / "hub")
+    fused = fused_checkpoint(variant, tmp_path / "fused")
+    assert set(HFCheckpoint(fused).tensor_names) == set(HFCheckpoint(hub).tensor_names)
+    for quant in (None, "int4"):
+        stores = [StoreReader(tiermem.pack(src, tmp_path / f"{src.name}-{quant}", quant=quant, group_size=16,
+                                           progress=False)) for src in (hub, fused)]
+        assert stores[0].block_names == stores[1].block_names
+        for block in stores[0].block_names:
+            hub_tensors, fused_tensors = (store.load_block(block) for store in stores)
+            assert hub_tensors.keys() == fused_tensors.keys()
+            for name, value in hub_tensors.items():
+                assert all(map(torch.equal, stored_parts(value), stored_parts(fused_tensors[name]))), name
+    ids, mask = left_padded_batch()
+    with tiermem.load(tmp_path / "fused-None", max_batch_size=2, max_seq_len=16) as m:
+        logits = m.forward(ids, mask)
+    with torch.no_grad():
+        ref = load_tiny(hub)(input_ids=ids, attention_mask=mask,
+                             position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)).logits
+    assert rel_err(logits[mask.bool()], ref[mask.bool()]) <= 1e-4
+
+
+def test_tiny_moe_configs_are_what_the_tests_meant():
+    mixtral = model_config_from_hf(json.loads(build_model("mixtral").config.to_json_string()))
+    qwen = model_config_from_hf(json.loads(build_model("qwen3-moe").config.to_json_string()))
+    assert mixtral.moe.num_experts == 4 and mixtral.moe.normalize_top_k
+    assert qwen.moe.sparse_layers == (True, False, True) and not qwen.moe.normalize_top_k
+
+
+def test_the_cost_model_counts_the_flops_of_the_chosen_experts_only():
+    from tiermem.cost_model import Workload
+
+    cfg = model_config_from_hf(MIXTRAL_8X7B)
+    sizes = {block: 1 for block in cfg.block_names}
+    attention = 2 * 4096 * 4096 + 2 * 1024 * 4096
+    per_token = attention + 8 * 4096 + 2 * 3 * 14336 * 4096  # q k v o, the router, 2 of the 8 experts
+    assert Workload.from_config(cfg, sizes).flops_per_token_layer == 2.0 * per_token
+    qwen = model_config_from_hf(dict(QWEN3_30B_A3B, mlp_only_layers=list(range(24))))  # half the layers dense
+    attention = 2 * 4096 * 2048 + 2 * 512 * 2048
+    dense, sparse = 3 * 6144 * 2048, 128 * 2048 + 8 * 3 * 768 * 2048
+    assert Workload.from_config(qwen, sizes).flops_per_token_layer == 2.0 * (attention + (dense + sparse) / 2)
