@@ -8,7 +8,9 @@ set -uo pipefail
 RES=${RES:-/root/moe_results}
 mkdir -p "$RES"
 trap 'tar -C "$RES" -czf "$OUT/results.tgz" .' EXIT
-timeout 240 python3 -m pytest -m gpu -q -rfs --tb=short -p no:cacheprovider tests > "$RES/gpu_suite.txt" 2>&1 \
+# TESTS: a pytest -k expression to run part of the suite (default: all of it)
+timeout 240 python3 -m pytest -m gpu -q -rfs --tb=short -p no:cacheprovider ${TESTS:+-k "$TESTS"} tests \
+    > "$RES/gpu_suite.txt" 2>&1 \
     || echo "GPU suite: exit $?" >> "$RES/gpu_suite.txt"
 tail -8 "$RES/gpu_suite.txt"
 MODEL=(--synthetic mixtral-8x7b --quant int4 --group-size 128 --prompt-len 512 --gen-len 16)
@@ -18,6 +20,11 @@ run() {
     timeout 400 tiermem bench "${MODEL[@]}" "$@" --out "$RES/$name.json" 2>&1 | tr '\r' '\n' | grep -v "B/s\]$" \
         | tail -6 || echo "== $name failed"
 }
-run mixtral_8x7b_int4_resident_graphs --batch 1,16 --cuda-graphs
-run mixtral_8x7b_int4_resident_eager --batch 1,16 --no-cuda-graphs
-run mixtral_8x7b_int4_gpu24_host --batch 1,16 --gpu-memory 24GiB --cpu-memory 100GiB
+# RUNS: which of the three (default: all)
+for name in ${RUNS:-resident_graphs resident_eager gpu24_host}; do
+    case $name in
+        resident_graphs) run mixtral_8x7b_int4_resident_graphs --batch 1,16 --cuda-graphs ;;
+        resident_eager) run mixtral_8x7b_int4_resident_eager --batch 1,16 --no-cuda-graphs ;;
+        gpu24_host) run mixtral_8x7b_int4_gpu24_host --batch 1,16 --gpu-memory 24GiB --cpu-memory 100GiB ;;
+    esac
+done

@@ -4,10 +4,15 @@ Pure math, no I/O, like engine/families. probs = softmax(x @ router^T) over the 
 top_k, renormalized to sum 1 where the model does (Mixtral always, Qwen3-MoE with norm_topk_prob), and its output
 is the sum of those experts' outputs weighted by them.
 
-Eager steps group the tokens by expert (one host sync per layer, for the count of tokens each expert got) and run
-only the experts some token chose, on only their tokens. A step being captured as a CUDA graph cannot wait for
-the host, nor change shape from one replay to the next: it runs every expert on every token and weights the
-unchosen ones by 0.
+Two ways to run the experts, with the same result:
+- chosen_experts groups the tokens by expert (one host sync per layer, for the count of tokens each expert got) and
+  runs only the experts some token chose, on only their tokens: what prefill and a step of few rows take.
+- all_experts runs every expert on every token and weights the unchosen ones by 0: no host sync and no shape that
+  depends on the routing. A step being captured as a CUDA graph must take it; so does a decode step whose picks
+  cover the experts on average (rows x top_k >= E, at most GEMV_SPLIT_ROWS rows): its fused GEMVs read each
+  expert's weights once either way, and the sync would make the host wait for the GPU at every layer, so that the
+  host's issuing of a layer and the GPU's computing of the last one no longer overlap (Mixtral-8x7B int4, batch 16,
+  weights streamed from host RAM: 0.41 of the PCIe roofline with the sync, benchmarks/results/*_s14call3_h200.json).
 """
 
 from __future__ import annotations
@@ -81,9 +86,17 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     B, T, D = x.shape
     flat = x.reshape(B * T, D)  # [N, D]
     weights, experts = route(moe, w[router_name(moe, layer_prefix)], flat)  # [N, k], [N, k]
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    out = (all_experts if capturing else chosen_experts)(moe, layer_prefix, w, flat, weights, experts)
+    out = (all_experts if takes_all_experts(moe, flat) else chosen_experts)(moe, layer_prefix, w, flat, weights,
+                                                                            experts)
     return out.to(x.dtype).view(B, T, D)
+
+
+def takes_all_experts(moe: MoeConfig, x: torch.Tensor) -> bool:
+    """Whether x [N, D] goes through all_experts (see the module doc): a CUDA graph capture, or few rows whose picks
+    cover the experts."""
+    rows = x.shape[0]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return capturing or (rows <= ops.GEMV_SPLIT_ROWS and rows * moe.top_k >= moe.num_experts)
 
 
 def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,

@@ -92,16 +92,25 @@ def moe_layer(top_k=2, experts=6, normalize=False, hidden=16, inter=24):
     return cfg, w
 
 
-def test_a_step_reads_only_the_experts_its_tokens_chose():
+@pytest.mark.parametrize("tokens", [2, 40])
+def test_a_step_of_few_picks_or_many_rows_reads_only_the_experts_its_tokens_chose(tokens):
     cfg, w = moe_layer()
     router = w["p.mlp.gate.weight"]
     router[4] = -10 * router[:4].abs().sum(0)  # expert 4 never wins for x > 0 ...
     router[5] = router[4]  # ... nor 5
-    x = torch.rand(1, 7, 16) + 0.1
+    x = torch.rand(1, tokens, 16) + 0.1
     w.read.clear()
     out = moe.sparse_mlp(cfg, "p.", w, x)
     read_experts = {int(n.split(".")[3]) for n in w.read if ".experts." in n}
     assert read_experts <= {0, 1, 2, 3} and out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_decode_rows_whose_picks_cover_the_experts_run_them_all_without_a_host_sync():
+    cfg = moe.MoeConfig(8, 2, 24, True, (True,), "mixtral")
+    rows = {n: moe.takes_all_experts(cfg, torch.zeros(n, 4)) for n in (1, 3, 4, 16, 32, 33, 512)}
+    assert rows == {1: False, 3: False, 4: True, 16: True, 32: True, 33: False, 512: False}
+    wide = moe.MoeConfig(128, 8, 24, True, (True,), "qwen")
+    assert not moe.takes_all_experts(wide, torch.zeros(8, 4)) and moe.takes_all_experts(wide, torch.zeros(16, 4))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
