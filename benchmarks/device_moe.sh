@@ -20,11 +20,13 @@ run() {
     timeout 400 tiermem bench "${MODEL[@]}" "$@" --out "$RES/$name.json" 2>&1 | tr '\r' '\n' | grep -v "B/s\]$" \
         | tail -6 || echo "== $name failed"
 }
-# RUNS: which of the three (default: all)
+# RUNS: which runs (default: the first three; gpu24_host_kvgpu fixes the KV cache in HBM, against the plan's)
 for name in ${RUNS:-resident_graphs resident_eager gpu24_host}; do
     case $name in
         resident_graphs) run mixtral_8x7b_int4_resident_graphs --batch 1,16 --cuda-graphs ;;
         resident_eager) run mixtral_8x7b_int4_resident_eager --batch 1,16 --no-cuda-graphs ;;
         gpu24_host) run mixtral_8x7b_int4_gpu24_host --batch 1,16 --gpu-memory 24GiB --cpu-memory 100GiB ;;
+        gpu24_host_kvgpu) run mixtral_8x7b_int4_gpu24_host_kvgpu --batch 1,16 --gpu-memory 24GiB --cpu-memory 100GiB \
+            --kv-placement gpu ;;
     esac
 done
