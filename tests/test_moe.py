@@ -10,6 +10,7 @@ from hf_models import build_model, build_tiny, left_padded_batch, load_tiny, rel
 from safetensors.torch import save_file
 
 import tiermem
+from tiermem.api import store_info
 from tiermem.engine import moe
 from tiermem.engine.config import expected_weights, model_config_from_hf
 from tiermem.errors import ConfigError
@@ -184,3 +185,9 @@ def test_the_cost_model_counts_the_flops_of_the_chosen_experts_only():
     attention = 2 * 4096 * 2048 + 2 * 512 * 2048
     dense, sparse = 3 * 6144 * 2048, 128 * 2048 + 8 * 3 * 768 * 2048
     assert Workload.from_config(qwen, sizes).flops_per_token_layer == 2.0 * (attention + (dense + sparse) / 2)
+
+
+def test_info_names_the_experts(tmp_path):
+    store = tiermem.pack(build_tiny("qwen3-moe", tmp_path / "hf"), tmp_path / "store", progress=False)
+    info = store_info(store)
+    assert info["experts"] == "6 of width 48, 2 per token, in 2 of the 3 layers"

@@ -604,17 +604,23 @@ def store_info(store: str | os.PathLike) -> dict:
     cfg = model_config_from_hf(reader.model_config)
     sizes = {b: reader.block_nbytes(b) for b in reader.block_names}
     layers = [s for b, s in sizes.items() if b.startswith("layers.")]
+    experts = {}
+    if cfg.moe is not None:
+        moe = cfg.moe
+        experts["experts"] = (f"{moe.num_experts} of width {moe.intermediate_size}, {moe.top_k} per token, in "
+                              f"{sum(moe.sparse_layers)} of the {cfg.num_layers} layers")
     return {
         "store": str(reader.path),
         "architecture": cfg.model_type,
         "layers": cfg.num_layers,
         "hidden_size": cfg.hidden_size,
         "heads / kv heads": f"{cfg.num_heads} / {cfg.num_kv_heads}",
+        **experts,
         "vocab_size": cfg.vocab_size,
         "quant": "none" if reader.quant is None else f"{reader.quant.name} (group {reader.quant.group_size})",
         "total size": format_size(sum(sizes.values())),
         "embed block": format_size(sizes.get("embed", 0)),
-        "layer block": format_size(max(layers, default=0)),
+        "largest layer block": format_size(max(layers, default=0)),
         "head block": format_size(sizes.get("head", 0)),
         "kv per token": format_size(kv_cache_bytes(cfg, 1, 1, torch.float16)) + " (fp16)",
         "tokenizer": ", ".join(reader.manifest.get("tokenizer_files", [])) or "none",
