@@ -20,13 +20,14 @@ from tiermem.engine.moe import MoeConfig
 from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
 from tiermem.kernels.quant import QuantizedWeight
 
-FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama", "qwen3": "llama",
-                        "qwen3_moe": "llama", "opt": "opt"}
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama",
+                        "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "opt": "opt"}
 MODEL_TYPE_OF_ARCHITECTURE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "MixtralForCausalLM": "mixtral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OPTForCausalLM": "opt",
@@ -47,6 +48,10 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
                   rms_norm_eps=1e-6),
+    "qwen2_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
+                      rms_norm_eps=1e-6, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                      num_experts_per_tok=4, num_local_experts=60, norm_topk_prob=False, decoder_sparse_step=1),
     "qwen3_moe": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768,
                       rms_norm_eps=1e-6, moe_intermediate_size=768, num_experts_per_tok=8, num_local_experts=128,
@@ -215,6 +220,9 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
         return (d.get("sliding_window"),) * n_layers
     if model_type == "qwen3_moe":
         return (d.get("sliding_window") if d.get("use_sliding_window", False) else None,) * n_layers
+    if model_type == "qwen2_moe" and d.get("use_sliding_window", False):
+        raise UnsupportedArchitectureError("qwen2_moe with use_sliding_window is not supported (transformers "
+                                           "versions place its windows differently; no released model uses it)")
     if model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
         window = d.get("sliding_window", 4096)
         types = d.get("layer_types") or [
@@ -225,12 +233,12 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
 
 
 def _moe(model_type: str, d: Mapping[str, Any], n_layers: int) -> MoeConfig | None:
-    """The sparse MLP as MixtralConfig / Qwen3MoeConfig read it (the hub's Qwen3-MoE configs say num_experts,
-    transformers 5 writes num_local_experts)."""
-    if model_type not in ("mixtral", "qwen3_moe"):
+    """The sparse MLP as MixtralConfig / Qwen2MoeConfig / Qwen3MoeConfig read it (the hub's Qwen-MoE configs say
+    num_experts, transformers 5 writes num_local_experts)."""
+    if model_type not in ("mixtral", "qwen2_moe", "qwen3_moe"):
         return None
     experts = d.get("num_local_experts")
-    if model_type == "qwen3_moe" and "num_experts" in d:
+    if model_type != "mixtral" and "num_experts" in d:
         experts = d["num_experts"]
     top_k = d.get("num_experts_per_tok")
     for key, value in (("num_experts", experts), ("num_experts_per_tok", top_k)):
@@ -244,11 +252,15 @@ def _moe(model_type: str, d: Mapping[str, Any], n_layers: int) -> MoeConfig | No
         return MoeConfig(experts, top_k, int(d["intermediate_size"]), True, (True,) * n_layers, "mixtral")
     _check_positive_int("moe_intermediate_size", d.get("moe_intermediate_size"))
     _check_positive_int("decoder_sparse_step", d.get("decoder_sparse_step"))
+    shared = 0
+    if model_type == "qwen2_moe":
+        _check_positive_int("shared_expert_intermediate_size", d.get("shared_expert_intermediate_size"))
+        shared = int(d["shared_expert_intermediate_size"])
     dense = set(d.get("mlp_only_layers") or ())
     step = int(d.get("decoder_sparse_step") or 1)
     sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers))
     return MoeConfig(experts, top_k, int(d["moe_intermediate_size"]), bool(d.get("norm_topk_prob", False)), sparse,
-                     "qwen")
+                     "qwen", shared)
 
 
 def _check_positive_int(key: str, value: Any) -> None:
@@ -333,6 +345,7 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
     if act != "silu":
         raise UnsupportedArchitectureError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
     attention_bias = bool(d.get("attention_bias", False))
+    qwen2_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True)))
     kv_heads = int(d.get("num_key_value_heads") or common["num_heads"])
     if common["num_heads"] % kv_heads:
         raise ConfigError(f"num_attention_heads {common['num_heads']} is not a multiple of num_key_value_heads "
@@ -343,7 +356,7 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
         head_dim=int(d.get("head_dim") or common["hidden_size"] // common["num_heads"]),
         norm_eps=float(d["rms_norm_eps"]), hidden_act=act,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+        qkv_bias=qwen2_bias or attention_bias, o_bias=attention_bias,
         mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
         moe=_moe(model_type, d, common["num_layers"]), rope=_rope(d, int(d["max_position_embeddings"])),
         sliding_windows=_llama_windows(model_type, d, common["num_layers"]),

@@ -1,8 +1,10 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router sends each token to top_k of E SwiGLU experts.
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router sends each token to top_k of E SwiGLU
+experts.
 
 Pure math, no I/O, like engine/families. probs = softmax(x @ router^T) over the E experts; each token keeps its
-top_k, renormalized to sum 1 where the model does (Mixtral always, Qwen3-MoE with norm_topk_prob), and its output
-is the sum of those experts' outputs weighted by them.
+top_k, renormalized to sum 1 where the model does (Mixtral always, Qwen-MoE with norm_topk_prob), and its output
+is the sum of those experts' outputs weighted by them; Qwen2-MoE adds a shared expert that every token goes
+through, weighted by sigmoid(x @ shared_gate^T).
 
 Two ways to run the experts, with the same result:
 - chosen_experts groups the tokens by expert (one host sync per layer, for the count of tokens each expert got) and
@@ -42,6 +44,7 @@ class MoeConfig:
     normalize_top_k: bool  # renormalize the kept probabilities to sum 1
     sparse_layers: tuple[bool, ...]  # per layer: the sparse MLP (True) or the model's dense MLP
     naming: str  # a key of NAMING
+    shared_expert_size: int = 0  # intermediate size of Qwen2-MoE's shared expert (0: none)
 
 
 def router_name(moe: MoeConfig, layer_prefix: str) -> str:
@@ -56,12 +59,22 @@ def expert_names(moe: MoeConfig, layer_prefix: str, j: int) -> tuple[str, str, s
     return gate, up, down
 
 
+def shared_expert_names(layer_prefix: str) -> tuple[tuple[str, str, str], str]:
+    """((gate, up, down) of Qwen2-MoE's shared expert, its gate [1, D]) in the layer starting with layer_prefix."""
+    p = layer_prefix + "mlp.shared_expert"
+    return (p + ".gate_proj.weight", p + ".up_proj.weight", p + ".down_proj.weight"), p + "_gate.weight"
+
+
 def weight_shapes(moe: MoeConfig, layer_prefix: str, hidden: int) -> dict[str, tuple[int, int]]:
-    """HF name -> shape of one sparse MLP: the router [E, D] and each expert's gate, up [I, D] and down [D, I]."""
-    inter = moe.intermediate_size
+    """HF name -> shape of one sparse MLP: the router [E, D], each expert's gate, up [I, D] and down [D, I], and a
+    shared expert with its gate [1, D] where the model has one."""
     shapes = {router_name(moe, layer_prefix): (moe.num_experts, hidden)}
-    for j in range(moe.num_experts):
-        gate, up, down = expert_names(moe, layer_prefix, j)
+    experts = [(expert_names(moe, layer_prefix, j), moe.intermediate_size) for j in range(moe.num_experts)]
+    if moe.shared_expert_size:
+        names, gate = shared_expert_names(layer_prefix)
+        experts.append((names, moe.shared_expert_size))
+        shapes[gate] = (1, hidden)
+    for (gate, up, down), inter in experts:
         shapes |= {gate: (inter, hidden), up: (inter, hidden), down: (hidden, inter)}
     return shapes
 
@@ -88,6 +101,10 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     weights, experts = route(moe, w[router_name(moe, layer_prefix)], flat)  # [N, k], [N, k]
     out = (all_experts if takes_all_experts(moe, flat) else chosen_experts)(moe, layer_prefix, w, flat, weights,
                                                                             experts)
+    if moe.shared_expert_size:
+        names, gate = shared_expert_names(layer_prefix)
+        share = torch.sigmoid(ops.linear(flat, w[gate]).float())  # [N, 1]
+        out += _expert(w, names, flat).float() * share
     return out.to(x.dtype).view(B, T, D)
 
 

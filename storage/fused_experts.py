@@ -1,6 +1,6 @@
 """transformers 5's fused expert tensors, read as the hub's per-expert ones.
 
-Mixtral and Qwen3-MoE checkpoints on the hub hold each expert's projections as 2-D tensors
+Mixtral and Qwen-MoE checkpoints on the hub hold each expert's projections as 2-D tensors
 (`block_sparse_moe.experts.{j}.w1.weight` ..., `mlp.experts.{j}.gate_proj.weight` ...), and transformers
 5.24 saves them so. In memory, transformers 5 fuses them per layer (`mlp.experts.gate_up_proj` [E, 2I, D], the
 gate's rows then the up projection's; `mlp.experts.down_proj` [E, D, I]; Mixtral's router is `mlp.gate.weight`),
@@ -21,6 +21,7 @@ PER_EXPERT = {  # model_type -> (prefix of the sparse MLP, gate, up, down names 
     "qwen3_moe": ("mlp.", "experts.{j}.gate_proj.weight", "experts.{j}.up_proj.weight",
                   "experts.{j}.down_proj.weight"),
 }
+PER_EXPERT["qwen2_moe"] = PER_EXPERT["qwen3_moe"]
 
 Piece = tuple[str, int | None, tuple[int, int] | None]  # (fused tensor, expert or None: all of it, rows or None)
 

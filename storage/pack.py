@@ -50,12 +50,12 @@ def block_order(blocks: set[str] | Sequence[str]) -> list[str]:
     return sorted(set(blocks), key=key)
 
 
-ROUTER_SUFFIXES = ("block_sparse_moe.gate.weight", "mlp.gate.weight")  # MoE routers (Mixtral, Qwen3-MoE)
+ROUTER_SUFFIXES = ("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.shared_expert_gate.weight")  # MoE gates
 
 
 def default_should_quantize(name: str, shape: Sequence[int]) -> bool:
-    """2-D `.weight` matrices of the layers and the LM head; never embeddings, norms, biases or MoE routers (a
-    router's [E, D] is tiny, and its rounding would change which experts a token goes to)."""
+    """2-D `.weight` matrices of the layers and the LM head; never embeddings, norms, biases or MoE routers and
+    gates (a router's [E, D] is tiny, and its rounding would change which experts a token goes to)."""
     if len(shape) != 2 or not name.endswith(".weight") or name.endswith(ROUTER_SUFFIXES):
         return False
     return block_of(name).startswith("layers.") or name.removeprefix("model.").startswith("lm_head.")

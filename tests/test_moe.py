@@ -35,6 +35,14 @@ QWEN3_30B_A3B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_mo
                      sliding_window=None, rms_norm_eps=1e-6, rope_theta=1e6, torch_dtype="bfloat16",
                      tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
 
+QWEN15_MOE_A27B = dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", hidden_size=2048,
+                       intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                       num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+                       num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, vocab_size=151936,
+                       max_position_embeddings=8192, use_sliding_window=False, sliding_window=32768,
+                       max_window_layers=21, rms_norm_eps=1e-6, rope_theta=1e6, torch_dtype="bfloat16",
+                       tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643)
+
 
 def parameters(cfg) -> int:
     return sum(math.prod(shape) for block in expected_weights(cfg).values() for shape in block.values())
@@ -51,6 +59,11 @@ def test_hub_configs_read_as_their_transformers_classes_do():
     sparse_every_other = model_config_from_hf(dict(QWEN3_30B_A3B, decoder_sparse_step=2, mlp_only_layers=[3]))
     assert sparse_every_other.moe.sparse_layers[:6] == (False, True, False, False, False, True)
     assert "model.layers.0.mlp.up_proj.weight" in expected_weights(sparse_every_other)["layers.0"]
+    qwen2 = model_config_from_hf(QWEN15_MOE_A27B)  # Qwen1.5-MoE-A2.7B: 60 experts and a shared one
+    assert qwen2.moe == moe.MoeConfig(60, 4, 1408, False, (True,) * 24, "qwen", 5632) and qwen2.qkv_bias
+    assert parameters(qwen2) / 1e9 == pytest.approx(14.3, rel=0.01)
+    with pytest.raises(tiermem.UnsupportedArchitectureError, match="use_sliding_window"):
+        model_config_from_hf(dict(QWEN15_MOE_A27B, use_sliding_window=True))
     five = dict(QWEN3_30B_A3B, num_local_experts=64)  # transformers 5 writes num_local_experts
     del five["num_experts"]
     assert model_config_from_hf(five).moe.num_experts == 64
@@ -69,6 +82,8 @@ def test_bad_moe_configs_raise(change, words):
 def test_routers_are_never_quantized():
     assert not default_should_quantize("model.layers.0.block_sparse_moe.gate.weight", (8, 4096))
     assert not default_should_quantize("model.layers.0.mlp.gate.weight", (128, 2048))
+    assert not default_should_quantize("model.layers.0.mlp.shared_expert_gate.weight", (1, 2048))
+    assert default_should_quantize("model.layers.0.mlp.shared_expert.up_proj.weight", (5632, 2048))
     assert default_should_quantize("model.layers.0.block_sparse_moe.experts.3.w1.weight", (14336, 4096))
     assert default_should_quantize("model.layers.0.mlp.gate_proj.weight", (14336, 4096))
 
@@ -143,7 +158,7 @@ def fused_checkpoint(variant, directory):
     return directory
 
 
-@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("variant", ["mixtral", "qwen2-moe", "qwen3-moe"])
 def test_a_fused_expert_checkpoint_packs_to_the_same_store_as_the_hub_layout(variant, tmp_path):
     hub = build_tiny(variant, tmp_path / "hub")
     fused = fused_checkpoint(variant, tmp_path / "fused")

@@ -1,5 +1,5 @@
-"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen3 and Qwen3-MoE: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP
-(in Mixtral's and Qwen3-MoE's sparse layers, a router's pick of SwiGLU experts: engine/moe.py).
+"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3 and Qwen3-MoE: pre-norm RMSNorm decoder, RoPE, GQA,
+SwiGLU MLP (in the MoE models' sparse layers, a router's pick of SwiGLU experts: engine/moe.py).
 
 Pure math, no I/O. Weight dicts are keyed by full HF names; values are tensors or QuantizedWeight,
 and every matmul goes through ops.linear (which casts/dequantizes to the activation dtype).
