@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -47,11 +48,13 @@ class MoeConfig:
     shared_expert_size: int = 0  # intermediate size of Qwen2-MoE's shared expert (0: none)
 
 
+@cache  # the names are asked for in every layer of every step
 def router_name(moe: MoeConfig, layer_prefix: str) -> str:
     prefix, router, _ = NAMING[moe.naming]
     return layer_prefix + prefix + router
 
 
+@cache
 def expert_names(moe: MoeConfig, layer_prefix: str, j: int) -> tuple[str, str, str]:
     """(gate, up, down) weight names of expert j in the layer whose names start with layer_prefix."""
     prefix, _, names = NAMING[moe.naming]
@@ -59,6 +62,7 @@ def expert_names(moe: MoeConfig, layer_prefix: str, j: int) -> tuple[str, str, s
     return gate, up, down
 
 
+@cache
 def shared_expert_names(layer_prefix: str) -> tuple[tuple[str, str, str], str]:
     """((gate, up, down) of Qwen2-MoE's shared expert, its gate [1, D]) in the layer starting with layer_prefix."""
     p = layer_prefix + "mlp.shared_expert"
