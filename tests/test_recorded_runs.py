@@ -716,3 +716,37 @@ def test_session_11_kv_attention_split_aims_at_the_sweeps_best():
                      if (r["batch"], r["length"], r["bits"]) == (batch, length, bits)}
             assert set(timed) == {2, 4, 8, 16} and min(timed, key=timed.get) == 4, (batch, length, bits)
     assert KV_ATTENTION_BLOCKS_PER_SM == 4
+
+
+def _moe_xfail(name: str, reason: str):
+    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
+
+
+MOE_HOST_BOUND = ("eager MoE steps streamed from host RAM are host-bound (the host issued the batch-16 step in "
+                  "68-90 ms) and their host time does not hide behind PCIe as the model has it (max of the two)")
+MOE_RECORDED = [
+    "mixtral_8x7b_int4_resident_graphs_s14call3_h200.json",
+    "mixtral_8x7b_int4_resident_graphs_s14call4_h200.json",
+    _moe_xfail("mixtral_8x7b_int4_resident_eager_s14call3_h200.json", "0.1365 s predicted, 0.0758 measured: the "
+               "code synced the host with the GPU in every layer then; the probe's narrow copy waited more"),
+    "mixtral_8x7b_int4_resident_eager_s14call4_h200.json",
+    _moe_xfail("mixtral_8x7b_int4_gpu24_host_s14call3_h200.json", "0.074 s predicted, 0.175 measured: the "
+               "per-layer host sync of that code serialized the host's issuing with the GPU; " + MOE_HOST_BOUND),
+    _moe_xfail("mixtral_8x7b_int4_gpu24_host_s14call4_h200.json", MOE_HOST_BOUND),
+    _moe_xfail("mixtral_8x7b_int4_gpu24_host_s14call5_h200.json", MOE_HOST_BOUND),
+    "mixtral_8x7b_int4_gpu24_host_kvgpu_s14call5_h200.json",
+    "mixtral8x7b_4l_bf16_vs_accelerate_s14call6_h200.json",
+    "mixtral8x7b_4l_int4_vs_accelerate_bf16_s14call6_h200.json",
+]
+
+
+@pytest.mark.parametrize("name", MOE_RECORDED)
+def test_plan_time_prediction_of_recorded_moe_runs_within_15_percent(name):
+    """Session 14's Mixtral runs: the step the plan predicted at load for the largest batch against that batch's
+    median step (16 new tokens: the mean of a graph run carries its capture)."""
+    result = json.loads((RESULTS / name).read_text())
+    runs = [c["tiermem"] for c in result["comparisons"]] if "comparisons" in result else result["runs"]
+    largest = max(runs, key=lambda r: r["batch"])
+    predicted, measured = result["placement"]["predicted_step_s"], largest["decode_step_median_s"]
+    assert largest.get("within_gpu_budget", True)
+    assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
