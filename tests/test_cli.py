@@ -143,6 +143,16 @@ def test_bench_reuses_a_written_store_only_if_it_is_the_one_asked_for(tmp_path, 
     assert "holds another model (int4, not --synthetic tiny-llama --quant none)" in capsys.readouterr().err
 
 
+def test_bench_of_a_store_records_the_stores_quantization(tmp_path):
+    import json
+
+    store = tmp_path / "ws"
+    short = ["--device", "cpu", "--prompt-len", "4", "--gen-len", "2", "--batch", "1"]
+    assert main(["bench", "--synthetic", "tiny-llama", "--quant", "int4", "--write-store", str(store), *short]) == 0
+    assert main(["bench", str(store), *short, "--out", str(tmp_path / "r.json")]) == 0  # no --quant: it is the store's
+    assert json.loads((tmp_path / "r.json").read_text())["quant"] == "int4"
+
+
 def test_bench_measures_the_disk_ceilings_after_its_timed_runs(tmp_path, monkeypatch):
     """Reading the store to measure the disk slowed the disk KV tier's reads when it came first (device calls
     9-10 of session 5): bench times every run, then measures, then computes rooflines and predictions."""

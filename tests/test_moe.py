@@ -206,3 +206,43 @@ def test_info_names_the_experts(tmp_path):
     store = tiermem.pack(build_tiny("qwen3-moe", tmp_path / "hf"), tmp_path / "store", progress=False)
     info = store_info(store)
     assert info["experts"] == "6 of width 48, 2 per token, in 2 of the 3 layers"
+
+
+def test_the_chosen_experts_roofline_reads_only_the_experts_a_step_is_expected_to_choose(tmp_path):
+    from types import SimpleNamespace
+
+    from tiermem.bench import chosen_experts_roofline
+    from tiermem.moe_traffic import chosen_fraction, unchosen_expert_bytes
+
+    reader = StoreReader(tiermem.pack(build_tiny("mixtral", tmp_path / "hf"), tmp_path / "s", quant="int4",
+                                      group_size=16, progress=False))
+    cfg = model_config_from_hf(reader.model_config)
+    assert chosen_fraction(cfg.moe, 1) == 0.5 and chosen_fraction(cfg.moe, 2) == 0.75  # 2 of 4 experts per token
+    specs = {b: reader.tensor_specs(b) for b in reader.block_names}
+    expert = 3 * (96 * 64 // 2 + 2 * 2 * 96 * 64 // 16)  # w1, w2, w3 of one expert: int4 codes, fp16 scale + zero
+    saved = unchosen_expert_bytes(specs, reader.quant, cfg.moe, 1)
+    assert saved == {"embed": 0.0, "layers.0": 2 * expert, "layers.1": 2 * expert, "head": 0.0}
+    weights = SimpleNamespace(resident={"layers.0": None}, host_only=frozenset({"embed"}), disk_names=frozenset())
+    model = SimpleNamespace(config=cfg, reader=reader, source=SimpleNamespace(weights=weights))
+    streamed = reader.block_nbytes("layers.1") + reader.block_nbytes("head")
+    info = {"streamed_bytes_per_step": streamed, "gpu_weight_bytes": reader.block_nbytes("layers.0")}
+    ceilings = {"h2d_pinned_Bps": 1e9, "hbm_Bps": 1e12}
+    got = chosen_experts_roofline(model, info, ceilings, {"batch": 1, "decode_step_s": 1.0})
+    assert got["chosen_experts_roofline_link"] == "pcie" and got["experts_chosen_per_sparse_layer"] == 2.0
+    assert got["chosen_experts_roofline_step_s"] == pytest.approx((streamed - 2 * expert) / 1e9)
+    dense = model_config_from_hf(MIXTRAL_8X7B | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    assert chosen_experts_roofline(SimpleNamespace(config=dense, source=model.source), info, ceilings,
+                                   {"batch": 1}) == {}
+
+
+def test_the_bench_table_gives_the_chosen_experts_roofline_of_a_moe_run():
+    from tiermem.bench import format_table
+
+    run = {"batch": 1, "micro_batches": 1, "prefill_s": 0.3, "decode_step_s": 0.08, "decode_step_median_s": 0.075,
+           "decode_tok_per_s": 12.5, "peak_gpu_bytes": None, "chosen_experts_roofline_step_s": 0.02,
+           "chosen_experts_roofline_link": "pcie", "fraction_of_chosen_experts_roofline": 0.25,
+           "experts_chosen_per_sparse_layer": 2.0}
+    table = format_table({"model": "mixtral-8x7b", "quant": "int4", "machine": {"gpu": "H200"}, "ceilings": {},
+                          "placement": {}, "runs": [run]})
+    assert ("MoE, batch 1: its tokens choose about 2.0 experts per sparse layer; reading only those would take "
+            "0.0200 s (pcie), and the step reached 0.250 of that") in table

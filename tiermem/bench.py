@@ -328,16 +328,18 @@ def run_bench(args: argparse.Namespace) -> dict:
             in_hbm = model.kv_placement == "gpu"
             kv_hbm = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if in_hbm else 0
             run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk, kv_hbm))
+            run.update(chosen_experts_roofline(model, info, ceilings, run, kv_read, kv_disk, kv_hbm))
             if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
                 run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]
             run.update(same_run_prediction(model, ceilings, workloads[batch], batch))
     finally:
         model.close()
+    quant = model.reader.quant  # the store's (for a store, --quant only applies to --synthetic)
     return {
         "command": "tiermem bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
         "machine": {"gpu": ceilings.get("gpu_name"), "host": platform.node(), "torch": torch.__version__,
                     "cuda": torch.version.cuda},
-        "ceilings": ceilings, "model": args.synthetic or args.store, "quant": args.quant,
+        "ceilings": ceilings, "model": args.synthetic or args.store, "quant": quant.name if quant else "none",
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
         "plan": planned if planned is not None else args.plan,
     }
@@ -453,6 +455,29 @@ def roofline(info: dict, ceilings: dict, step_s: float, kv_read_bytes: float = 0
             "kv_hbm_bytes_per_step": kv_hbm_bytes}
 
 
+def chosen_experts_roofline(model, info: dict, ceilings: dict, run: dict, kv_read_bytes: float = 0,
+                            kv_disk_bytes: float = 0, kv_hbm_bytes: float = 0) -> dict:
+    """MoE models on the GPU: the roofline of the bytes the step would move if only the experts its tokens choose
+    were read (tiermem.moe_traffic), and the achieved fraction of it; {} for other models."""
+    from tiermem.moe_traffic import chosen_fraction, unchosen_expert_bytes
+
+    moe, weights = model.config.moe, getattr(model.source, "weights", None)
+    if moe is None or not ceilings or not hasattr(weights, "resident"):
+        return {}
+    names = model.reader.block_names
+    saved = unchosen_expert_bytes({b: model.reader.tensor_specs(b) for b in names}, model.reader.quant, moe,
+                                  run["batch"])
+    streamed = [b for b in names if b not in weights.resident and b not in weights.host_only]
+    fewer = dict(info, streamed_bytes_per_step=info["streamed_bytes_per_step"] - sum(saved[b] for b in streamed),
+                 gpu_weight_bytes=info["gpu_weight_bytes"] - sum(saved[b] for b in weights.resident),
+                 disk_bytes_per_step=info.get("disk_bytes_per_step", 0) - sum(saved[b] for b in weights.disk_names))
+    limit = roofline(fewer, ceilings, run["decode_step_s"], kv_read_bytes, kv_disk_bytes, kv_hbm_bytes)
+    return {"chosen_experts_roofline_step_s": limit["roofline_step_s"],
+            "chosen_experts_roofline_link": limit["roofline_link"],
+            "fraction_of_chosen_experts_roofline": limit["fraction_of_roofline"],
+            "experts_chosen_per_sparse_layer": chosen_fraction(moe, run["batch"]) * moe.num_experts}
+
+
 def format_table(result: dict) -> str:
     lines = [f"{result['model']} ({result['quant']}) on {result['machine']['gpu'] or 'cpu'}"]
     c = result["ceilings"]
@@ -484,6 +509,12 @@ def format_table(result: dict) -> str:
         lines.append(f"NOTE: at batch {beat} the step beat its roofline by more than {ROOFLINE_BEATEN - 1:.0%}: the "
                      "link ran faster during the run than when its ceiling was measured (this disk drifts), or some "
                      "bytes did not cross it (a cache)")
+    for r in result["runs"]:
+        if "chosen_experts_roofline_step_s" in r:
+            lines.append(f"MoE, batch {r['batch']}: its tokens choose about {r['experts_chosen_per_sparse_layer']:.1f} "
+                         "experts per sparse layer; reading only those would take "
+                         f"{r['chosen_experts_roofline_step_s']:.4f} s ({r['chosen_experts_roofline_link']}), and the "
+                         f"step reached {r['fraction_of_chosen_experts_roofline']:.3f} of that")
     over = [r["batch"] for r in result["runs"] if r.get("within_gpu_budget") is False]
     if over:
         budget = placement["gpu_budget_bytes"] / 2**30
