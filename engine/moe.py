@@ -108,7 +108,7 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     if moe.shared_expert_size:
         names, gate = shared_expert_names(layer_prefix)
         share = torch.sigmoid(ops.linear(flat, w[gate]).float())  # [N, 1]
-        out += _expert(w, names, flat).float() * share
+        out = out.float() + _expert(w, names, flat).float() * share
     return out.to(x.dtype).view(B, T, D)
 
 
@@ -122,7 +122,8 @@ def takes_all_experts(moe: MoeConfig, x: torch.Tensor) -> bool:
 
 def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
                    weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """x [N, D], weights and experts [N, k] -> [N, D] fp32: each expert some token chose, on those tokens only."""
+    """x [N, D], weights and experts [N, k] -> [N, D] fp32: each expert some token chose, on those tokens only (one
+    expert at a time, so that a prefill of many tokens holds one expert's activations)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     chosen = experts.reshape(-1)  # [N * k]: token n's picks are n*k .. n*k + k-1
     order = chosen.argsort(stable=True)  # the picks grouped by expert
@@ -142,9 +143,11 @@ def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x
 def all_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
                 weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """chosen_experts' result without a host sync or a shape that depends on the routing: every expert on every
-    token, the experts a token did not choose weighted by 0."""
+    token, the experts a token did not choose weighted by 0. Summed in x's dtype (as transformers sums a token's
+    experts), one fused multiply-add per expert: these are the steps whose launches count."""
     gates = torch.zeros(x.shape[0], moe.num_experts, device=x.device).scatter_(1, experts, weights)  # [N, E]
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    gates = gates.to(x.dtype)
+    out = torch.zeros_like(x)  # [N, D]
     for j in range(moe.num_experts):
-        out += _expert(w, expert_names(moe, layer_prefix, j), x).float() * gates[:, j:j + 1]
+        out.addcmul_(_expert(w, expert_names(moe, layer_prefix, j), x), gates[:, j:j + 1])
     return out

@@ -15,7 +15,8 @@ from tiermem.pinned import CUDA_MEMORY_TYPE_HOST
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     return packed_stores(tmp_path_factory.mktemp("static-decode"), ("llama3", "mistral", "opt", "opt-proj",
-                                                                    "llama-tied", "qwen3", "qwen2-yarn"))
+                                                                    "llama-tied", "qwen3", "qwen2-yarn", "mixtral",
+                                                                    "qwen2-moe", "qwen3-moe"))
 
 
 def _twin_caches(m, ids, mask, max_len, kv_quant=None):
@@ -49,7 +50,8 @@ def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float
     return decoder
 
 
-@pytest.mark.parametrize("variant", ["llama3", "mistral", "opt", "opt-proj", "llama-tied", "qwen3", "qwen2-yarn"])
+@pytest.mark.parametrize("variant", ["llama3", "mistral", "opt", "opt-proj", "llama-tied", "qwen3", "qwen2-yarn",
+                                     "mixtral", "qwen2-moe", "qwen3-moe"])
 def test_static_steps_give_the_logits_and_cache_of_dynamic_steps(stores, variant):
     """Left padding, GQA, llama3 RoPE (llama3), a sliding window shorter than the context (mistral: 16 slots, 22
     tokens), learned positions (opt), embeddings narrower than the layers (opt-proj), a tied head (llama-tied),
@@ -104,9 +106,11 @@ def _check_captures(decoder: CapturingDecoder) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["llama3", "opt", "qwen3", "qwen2-yarn"])
+@pytest.mark.parametrize("variant", ["llama3", "opt", "qwen3", "qwen2-yarn", "mixtral", "qwen3-moe"])
 def test_gpu_graph_replays_give_the_logits_of_dynamic_steps(stores, variant):
-    """Every block resident: the first step of each span runs as it is and is captured, the others replay it."""
+    """Every block resident: the first step of each span runs as it is and is captured, the others replay it. A
+    capture runs every MoE expert (engine.moe.all_experts); qwen3-moe's dynamic steps, 2 rows x 2 picks of 6
+    experts, run only the chosen ones."""
     with tiermem.load(stores[variant], device="cuda", dtype=torch.float32, max_batch_size=2, max_seq_len=64) as m:
         _check_captures(_compare_steps(m, 12, bucket=4, graphs=True, atol=1e-4, decoder_class=CapturingDecoder))
 
