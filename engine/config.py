@@ -21,7 +21,7 @@ from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsErr
 from tiermem.kernels.quant import QuantizedWeight
 
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama",
-                        "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "opt": "opt"}
+                        "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "phi3": "llama", "opt": "opt"}
 MODEL_TYPE_OF_ARCHITECTURE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -30,6 +30,7 @@ MODEL_TYPE_OF_ARCHITECTURE = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
     "OPTForCausalLM": "opt",
 }
 # Defaults of the transformers config classes for keys a config.json may omit.
@@ -56,6 +57,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768,
                       rms_norm_eps=1e-6, moe_intermediate_size=768, num_experts_per_tok=8, num_local_experts=128,
                       norm_topk_prob=False, decoder_sparse_step=1),
+    "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                 num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
@@ -164,6 +167,12 @@ def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi3Config reads these old names so
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedArchitectureError(f"partial_rotary_factor {partial} (RoPE on part of each head) is not "
+                                           "supported; tiermem rotates whole heads")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
             f"rope type {rope_type!r} is not supported; tiermem implements {SUPPORTED_ROPE_TYPES}")
@@ -216,7 +225,7 @@ def _eos(value: Any) -> tuple[int, ...]:
 
 def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tuple[int | None, ...]:
     """Per-layer sliding window (None = full attention), as Mistral / Mixtral / Qwen2 / Qwen3 configs set them."""
-    if model_type in ("mistral", "mixtral"):
+    if model_type in ("mistral", "mixtral", "phi3"):
         return (d.get("sliding_window"),) * n_layers
     if model_type == "qwen3_moe":
         return (d.get("sliding_window") if d.get("use_sliding_window", False) else None,) * n_layers

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from tiermem.errors import PackError, StoreError
-from tiermem.storage.fused_experts import piece_shape, split_fused_experts
+from tiermem.storage.fused_weights import piece_shape, split_fused
 from tiermem.storage.safetensors_io import METADATA_KEY, read_header, str_to_dtype
 
 SINGLE_FILE = "model.safetensors"
@@ -39,8 +39,8 @@ class HFCheckpoint:
         self._infos: dict[str, dict] = {}
         for shard in sorted(set(self._shard_of.values())):
             self._read_shard_header(shard)
-        # transformers 5's fused expert tensors, seen as the per-expert tensors of the hub (storage.fused_experts)
-        self._pieces = split_fused_experts(self.config, {n: tuple(i["shape"]) for n, i in self._infos.items()})
+        # fused tensors (transformers 5's experts, Phi-3's projections), seen as separate ones (storage.fused_weights)
+        self._pieces = split_fused(self.config, {n: tuple(i["shape"]) for n, i in self._infos.items()})
         fused = {source for source, _, _ in self._pieces.values()}
         # File order (shard, offset), so that streaming reads each shard front to back.
         self.tensor_names: list[str] = sorted(
@@ -132,7 +132,7 @@ class HFCheckpoint:
                     return f.get_tensor(name)
                 source, expert, rows = self._pieces[name]
                 if expert is None:
-                    return f.get_tensor(source)
+                    return f.get_slice(source)[rows[0]:rows[1]].contiguous() if rows else f.get_tensor(source)
                 begin, end = rows or (0, self.tensor_shape(name)[0])
                 return f.get_slice(source)[expert:expert + 1, begin:end].squeeze(0).contiguous()
         except Exception as exc:  # safetensors raises its own error types

@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2-moe": ("qwen2_moe", dict(LLAMA, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                     moe_intermediate_size=48, shared_expert_intermediate_size=80,
                                     norm_topk_prob=True)),
+    "phi3": ("phi3", dict(LLAMA, num_key_value_heads=2, sliding_window=16)),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

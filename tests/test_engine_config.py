@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from hf_models import VARIANTS, build_tiny
-from safetensors.torch import load_file
 
 from tiermem.engine.config import check_weights, expected_weights, model_config_from_hf, tied_head_alias
 from tiermem.engine.rope import inverse_frequencies
 from tiermem.engine.weights import block_of, split_state_dict
 from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
+from tiermem.storage.hf import HFCheckpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,10 +151,12 @@ def test_bad_configs_raise(raw, error, words):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_expected_weights_are_exactly_the_hf_checkpoint(variant, tmp_path):
-    """What save_pretrained writes (transformers 5 fuses MoE experts in memory, and writes them per expert)."""
+    """What save_pretrained writes (transformers 5 fuses MoE experts in memory, and writes them per expert), as pack
+    reads it (Phi-3's fused projections split into the engine's names)."""
     path = build_tiny(variant, tmp_path)
     cfg = model_config_from_hf(json.loads((path / "config.json").read_text()))
-    state = load_file(path / "model.safetensors")
+    ckpt = HFCheckpoint(path)
+    state = {name: ckpt.load_tensor(name) for name in ckpt.tensor_names}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     got = {b: {n: tuple(t.shape) for n, t in ws.items()} for b, ws in split_state_dict(state).items()}
@@ -194,3 +196,46 @@ def test_block_rule():
     assert block_of("model.decoder.project_in.weight") == "embed"
     assert block_of("lm_head.weight") == "head" and block_of("model.norm.weight") == "head"
     assert block_of("model.embed_tokens.weight") == "embed"
+
+
+PHI4 = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=5120, intermediate_size=17920,
+            num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10, vocab_size=100352,
+            max_position_embeddings=16384, original_max_position_embeddings=16384, rope_theta=250000.0,
+            rope_scaling=None, sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            torch_dtype="bfloat16", bos_token_id=100257, eos_token_id=100265, pad_token_id=100349)
+
+
+def test_phi_configs_read_as_phi3config_does():
+    """Phi-4 (14.7B) as the hub has it; Phi-3-mini-4k's sliding window; the long-context and partial-rotary
+    variants are refused, naming what is missing."""
+    import math
+
+    phi4 = model_config_from_hf(PHI4)
+    assert phi4.family == "llama" and phi4.rope.theta == 250000.0 and phi4.sliding_windows == (None,) * 40
+    params = sum(math.prod(s) for block in expected_weights(phi4).values() for s in block.values())
+    assert params / 1e9 == pytest.approx(14.7, rel=0.01)
+    mini = model_config_from_hf(dict(PHI4, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, sliding_window=2047))
+    assert mini.sliding_windows == (2047,) * 32
+    long_factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48)
+    for scaling in (dict(type="su", **long_factors), dict(type="yarn", **long_factors),
+                    dict(rope_type="longrope", **long_factors)):
+        with pytest.raises(UnsupportedArchitectureError, match="'longrope' is not supported"):
+            model_config_from_hf(dict(PHI4, rope_scaling=scaling))
+    with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75"):
+        model_config_from_hf(dict(PHI4, partial_rotary_factor=0.75))
+
+
+def test_phi3_fused_projections_are_read_as_llamas(tmp_path):
+    from safetensors import safe_open
+
+    path = build_tiny("phi3", tmp_path)
+    ckpt = HFCheckpoint(path)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        qkv, gate_up = (f.get_tensor(f"model.layers.1.{n}.weight") for n in ("self_attn.qkv_proj", "mlp.gate_up_proj"))
+    q, k, v = (ckpt.load_tensor(f"model.layers.1.self_attn.{n}_proj.weight") for n in "qkv")
+    assert q.shape == (64, 64) and k.shape == v.shape == (32, 64) and torch.equal(torch.cat([q, k, v]), qkv)
+    gate, up = (ckpt.load_tensor(f"model.layers.1.mlp.{n}_proj.weight") for n in ("gate", "up"))
+    assert torch.equal(torch.cat([gate, up]), gate_up) and ckpt.tensor_shape("model.layers.1.mlp.up_proj.weight") == (
+        128, 64)
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in ckpt.tensor_names)

@@ -55,6 +55,8 @@ PRESETS: dict[str, dict] = {
     "llama3-8b": _llama(4096, 14336, 32, 32, 8, vocab=128256, rope_theta=500000.0),
     "llama-111b": _llama(12288, 28672, 80, 96, 8, vocab=32768),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8),
+    "phi-4": _llama(5120, 17920, 40, 40, 10, vocab=100352, architectures=["Phi3ForCausalLM"], model_type="phi3",
+                    max_position_embeddings=16384, rope_theta=250000.0, bos_token_id=100257, eos_token_id=100265),
     "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 32000),
     "mixtral-8x22b": _mixtral(6144, 16384, 56, 48, 32768),
     "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 768),

@@ -1,5 +1,6 @@
-"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3 and Qwen3-MoE: pre-norm RMSNorm decoder, RoPE, GQA,
-SwiGLU MLP (in the MoE models' sparse layers, a router's pick of SwiGLU experts: engine/moe.py).
+"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE and Phi-3/Phi-4 (its fused q/k/v and
+gate/up projections read as Llama's, storage/fused_weights.py): pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP (in
+the MoE models' sparse layers, a router's pick of SwiGLU experts: engine/moe.py).
 
 Pure math, no I/O. Weight dicts are keyed by full HF names; values are tensors or QuantizedWeight,
 and every matmul goes through ops.linear (which casts/dequantizes to the activation dtype).
