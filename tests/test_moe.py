@@ -246,3 +246,16 @@ def test_the_bench_table_gives_the_chosen_experts_roofline_of_a_moe_run():
                           "placement": {}, "runs": [run]})
     assert ("MoE, batch 1: its tokens choose about 2.0 experts per sparse layer; reading only those would take "
             "0.0200 s (pcie), and the step reached 0.250 of that") in table
+
+
+def test_the_gpu_workspace_reservation_holds_the_sparse_mlps_fp32_sums():
+    from dataclasses import replace
+
+    from tiermem.placement import workspace_bytes
+
+    mixtral = model_config_from_hf(MIXTRAL_8X7B)
+    dense = replace(mixtral, moe=None)
+    rows_tokens = 4 * 512  # a prefill of 8 rows x 512 tokens in 2 micro-batches
+    extra = rows_tokens * (12 * 4096 + 12 * 8)
+    assert (workspace_bytes(mixtral, 8, 512, 2, torch.bfloat16) - workspace_bytes(dense, 8, 512, 2, torch.bfloat16)
+            == extra)

@@ -69,6 +69,8 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, 
         dequant += 2 * rows * cfg.num_kv_heads * seq * cfg.head_dim * e
     hidden = 2 * batch * new * cfg.hidden_size * e  # every micro-batch's hidden state, plus one new
     layer = rows * new * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
+    if cfg.moe is not None:  # engine.moe.chosen_experts: the fp32 sum, one expert's fp32 output and its weighting
+        layer += rows * new * (12 * cfg.hidden_size + 3 * 4 * cfg.moe.num_experts)  # ... and router probabilities
     scores = rows * cfg.num_heads * new * seq * 4  # attention probabilities if materialised (fp32)
     logits = 2 * batch * cfg.vocab_size * 4  # last-position logits and their fp32 copy
     return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
