@@ -128,14 +128,14 @@ def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x
     chosen = experts.reshape(-1)  # [N * k]: token n's picks are n*k .. n*k + k-1
     order = chosen.argsort(stable=True)  # the picks grouped by expert
     counts = torch.bincount(chosen, minlength=moe.num_experts).tolist()  # the one host sync
-    flat_weights = weights.reshape(-1)
+    tokens = order // moe.top_k  # [N * k] the token of each pick, grouped by expert
+    pick_weights = weights.reshape(-1)[order, None]  # [N * k, 1]
     start = 0
     for j, count in enumerate(counts):
         if count:
-            picks = order[start:start + count]  # [count] picks of expert j
-            tokens = picks // moe.top_k
-            y = _expert(w, expert_names(moe, layer_prefix, j), x[tokens])  # [count, D]
-            out.index_add_(0, tokens, y.float() * flat_weights[picks, None])
+            mine = slice(start, start + count)  # expert j's picks
+            y = _expert(w, expert_names(moe, layer_prefix, j), x[tokens[mine]])  # [count, D]
+            out.index_add_(0, tokens[mine], y.float().mul_(pick_weights[mine]))
             start += count
     return out
 
