@@ -16,7 +16,8 @@ HW = Hardware(disk_read_Bps=2e9, h2d_Bps=50e9, hbm_Bps=4e12, matmul_flops=6e14, 
 GiB = 1 << 30
 
 
-@pytest.mark.parametrize("shape", ["llama3-8b", "llama-111b", "llama-7b", "opt-30b", "qwen3-32b"])
+@pytest.mark.parametrize("shape", ["llama3-8b", "llama-111b", "llama-7b", "opt-30b", "qwen3-32b", "mixtral-8x22b",
+                                   "qwen3-235b-a22b", "phi-4"])
 def test_the_narrow_model_keeps_the_code_path_and_is_small(shape):
     full = model_config_from_hf(preset(shape))
     narrow = model_config_from_hf(narrow_config(preset(shape), 2, quant_group=128))
@@ -26,6 +27,10 @@ def test_the_narrow_model_keeps_the_code_path_and_is_small(shape):
     assert narrow.num_heads // narrow.num_kv_heads == full.num_heads // full.num_kv_heads
     assert narrow.hidden_size % 256 == 0 and narrow.hidden_size <= 2048
     assert narrow.vocab_size < 2048
+    if full.moe is not None:  # the same experts, top_k and sparse layers, at most 2 x 256 wide
+        assert (narrow.moe.num_experts, narrow.moe.top_k) == (full.moe.num_experts, full.moe.top_k)
+        assert narrow.moe.sparse_layers == full.moe.sparse_layers[:2]
+        assert narrow.moe.intermediate_size <= 2 * narrow.hidden_size
 
 
 def test_host_time_scales_with_micro_batches():

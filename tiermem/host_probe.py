@@ -52,7 +52,9 @@ class HostTime:
 
 def narrow_config(hf_config: dict, num_layers: int, quant_group: int = 128) -> dict:
     """The HF config of a narrow model with hf_config's code path: the same heads per KV head, head_dim,
-    family and options; as few KV heads as make the hidden size a multiple of 2 * quant_group."""
+    family and options (a MoE's experts and top_k too: they set its launches); as few KV heads as make the hidden
+    size a multiple of 2 * quant_group, experts 2 * quant_group wide (Qwen3-235B's 128 experts per layer, 1536
+    wide, would have put 56 GB on the GPU for this probe)."""
     cfg = model_config_from_hf(hf_config)
     group = cfg.num_heads // cfg.num_kv_heads
     kv_heads = 1
@@ -62,7 +64,8 @@ def narrow_config(hf_config: dict, num_layers: int, quant_group: int = 128) -> d
     narrow = dict(hf_config, hidden_size=hidden, num_attention_heads=kv_heads * group,
                   num_key_value_heads=kv_heads, num_hidden_layers=num_layers, vocab_size=TINY_VOCAB)
     for key, value in (("head_dim", cfg.head_dim), ("intermediate_size", 2 * hidden), ("ffn_dim", 2 * hidden),
-                       ("word_embed_proj_dim", hidden)):
+                       ("word_embed_proj_dim", hidden), ("moe_intermediate_size", 2 * quant_group),
+                       ("shared_expert_intermediate_size", 2 * quant_group)):
         if key in narrow:
             narrow[key] = value
     return narrow
