@@ -62,7 +62,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 MAX_LAYERS = 4096  # far beyond any model; a larger count is a broken config (its per-layer tables would not fit RAM)
 IGNORED_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -74,7 +74,7 @@ class RopeConfig:
     """Rotary embedding parameters (HF `rope_parameters` / `rope_scaling`, standardized)."""
 
     theta: float = 10000.0
-    type: str = "default"  # "default" | "linear" | "llama3" | "yarn"
+    type: str = "default"  # one of SUPPORTED_ROPE_TYPES
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -84,6 +84,10 @@ class RopeConfig:
     beta_slow: float = 1.0
     truncate: bool = True
     attention_factor: float = 1.0  # scales cos and sin
+    # longrope only: per-frequency divisors of the default frequencies while the sequence is within
+    # original_max_position_embeddings (short) and once it is longer (long)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,8 @@ def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
         return RopeConfig(theta=float(theta))
     if rope_type == "yarn":
         return _yarn_rope(hf, params, float(theta), max_pos)
+    if rope_type == "longrope":
+        return _longrope(hf, params, float(theta), max_pos)
     try:
         factor = float(params["factor"])
         if rope_type == "linear":
@@ -215,6 +221,23 @@ def _yarn_rope(hf: Mapping[str, Any], params: Mapping[str, Any], theta: float, m
         beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
         truncate=bool(params.get("truncate", True)), attention_factor=float(attention_factor),
     )
+
+
+def _longrope(hf: Mapping[str, Any], params: Mapping[str, Any], theta: float, max_pos: int) -> RopeConfig:
+    """LongRoPE (Phi-3's long-context variants) as transformers computes it: the factor defaults to max_pos over the
+    original length, the attention factor to sqrt(1 + ln(factor) / ln(original length))."""
+    old_len = int(params.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+                  or max_pos)
+    if "short_factor" not in params or "long_factor" not in params:
+        raise ConfigError(f"longrope rope parameters need short_factor and long_factor: {dict(params)}")
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else max_pos / old_len
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    return RopeConfig(theta=theta, type="longrope", factor=factor, original_max_position_embeddings=old_len,
+                      attention_factor=float(attention_factor), short_factor=tuple(map(float, params["short_factor"])),
+                      long_factor=tuple(map(float, params["long_factor"])))
 
 
 def _eos(value: Any) -> tuple[int, ...]:
@@ -286,6 +309,13 @@ def _check_values(cfg: ModelConfig) -> None:
     positive = {"rms_norm_eps / layer norm eps": cfg.norm_eps}
     if cfg.rope is not None:
         positive |= {"rope_theta": cfg.rope.theta, "rope factor": cfg.rope.factor}
+        if cfg.rope.type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                values = getattr(cfg.rope, key)
+                if len(values) != cfg.head_dim // 2:
+                    raise ConfigError(f"config.json longrope {key} has {len(values)} values; head_dim "
+                                      f"{cfg.head_dim} needs {cfg.head_dim // 2}")
+                positive |= {f"longrope {key}": min(values)}
     for key, value in positive.items():
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"config.json {key} must be a positive finite number, got {value!r}")

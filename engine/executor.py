@@ -53,6 +53,9 @@ class Executor:
         self.dtype = dtype
         self.family = family_module(cfg)
         self.inv_freq = rope.inverse_frequencies(cfg.rope, cfg.head_dim, self.device) if cfg.rope else None
+        longrope = cfg.rope is not None and cfg.rope.type == "longrope"
+        self.inv_freq_long = rope.inverse_frequencies(cfg.rope, cfg.head_dim, self.device, long=True) if longrope \
+            else None
         lm_block, _ = self.family.lm_head_weight_name(cfg)
         # Tied embeddings: unless the store put a copy of lm_head.weight into "head" (head_has_lm_head),
         # the embedding block is streamed again after "head" for the output projection.
@@ -63,7 +66,13 @@ class Executor:
         """cos, sin [B, T, Dh] in the compute dtype for positions [B, T]; (None, None) for learned positions."""
         if self.cfg.rope is None:
             return None, None
-        return rope.cos_sin(self.inv_freq, positions, self.dtype, self.cfg.rope.attention_factor)
+        inv_freq = self.inv_freq
+        if self.inv_freq_long is not None:  # longrope: the long set once the step's longest row passes the original
+            # length (transformers' rule: a whole step, all rows, from max(position) + 1); chosen on the device, so
+            # that a graph replay chooses too
+            longer = positions.max() + 1 > self.cfg.rope.original_max_position_embeddings
+            inv_freq = torch.where(longer, self.inv_freq_long, self.inv_freq)
+        return rope.cos_sin(inv_freq, positions, self.dtype, self.cfg.rope.attention_factor)
 
     def _new_mask(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int) -> torch.Tensor:
         if attention_mask is None:

@@ -151,6 +151,16 @@ class DecodeState:
         self.cache = self.cache.to(device)
 
 
+def _reruns_the_sequence(cfg, past: int, length: int) -> bool:
+    """LongRoPE (Phi-3): the step that first takes the sequence past the original length runs it all again, so that
+    every cached key is rotated with the long frequencies, as transformers' Phi-3 generate does (it drops its
+    cache there); the other steps rotate only their new keys."""
+    rope = cfg.rope
+    if rope is None or rope.type != "longrope":
+        return False
+    return 0 < past <= rope.original_max_position_embeddings < length
+
+
 @torch.no_grad()
 def decode(
     executor: Executor, state: DecodeState, sampling: Sampling, max_new_tokens: int, micro_batches: int = 1,
@@ -177,7 +187,9 @@ def decode(
     for k in range(1, max_new_tokens + 1):
         if eos and not bool(state.unfinished.any()):
             return k - 1
-        past = cache.length
+        past = rollback = cache.length
+        if _reruns_the_sequence(executor.cfg, past, state.tokens.shape[1]):
+            past = cache.length = 0
         split = prefill_micro_batches if prefill_micro_batches and state.tokens.shape[1] - past > 1 else micro_batches
         try:
             if step_decoder is not None and split == 1 and state.tokens.shape[1] - past == 1:
@@ -188,7 +200,7 @@ def decode(
             token = next_tokens(logits[:, -1], sampling.do_sample, sampling.temperature, sampling.top_k,
                                 sampling.top_p, state.generator)  # [B]
         except BaseException:
-            cache.length = past
+            cache.length = rollback
             raise
         unfinished = state.unfinished
         if eos:

@@ -1,4 +1,4 @@
-"""Rotary position embedding tables: inverse frequencies (default, linear, llama3, yarn) and cos/sin.
+"""Rotary position embedding tables: inverse frequencies (default, linear, llama3, yarn, longrope) and cos/sin.
 
 Computed in fp32 exactly as transformers does (modeling_rope_utils), then cast to the compute dtype.
 """
@@ -14,9 +14,14 @@ if TYPE_CHECKING:
     from tiermem.engine.config import RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """inv_freq[head_dim / 2] in fp32."""
+def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu",
+                        long: bool = False) -> torch.Tensor:
+    """inv_freq[head_dim / 2] in fp32; long: longrope's frequencies for a sequence longer than the original length
+    (its short ones otherwise; other types have one set)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
+    if rope.type == "longrope":
+        divisors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32, device=device)
+        return 1.0 / (divisors * rope.theta ** (exponents / head_dim))
     inv_freq = 1.0 / (rope.theta ** (exponents / head_dim))  # [Dh/2]
     if rope.type == "linear":
         return inv_freq / rope.factor

@@ -42,6 +42,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                     moe_intermediate_size=48, shared_expert_intermediate_size=80,
                                     norm_topk_prob=True)),
     "phi3": ("phi3", dict(LLAMA, num_key_value_heads=2, sliding_window=16)),
+    # LongRoPE past 16 positions: the tests' 32 new tokens after 9 cross it mid-generation
+    "phi3-longrope": ("phi3", dict(LLAMA, original_max_position_embeddings=16, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0],
+        long_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0]))),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

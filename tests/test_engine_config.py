@@ -206,8 +206,8 @@ PHI4 = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=51
 
 
 def test_phi_configs_read_as_phi3config_does():
-    """Phi-4 (14.7B) as the hub has it; Phi-3-mini-4k's sliding window; the long-context and partial-rotary
-    variants are refused, naming what is missing."""
+    """Phi-4 (14.7B) as the hub has it; Phi-3-mini-4k's sliding window; Phi-3.5-mini's LongRoPE (the old names 'su'
+    and 'yarn' mean it too in a phi3 config); partial rotary (Phi-4-mini) is refused, naming what is missing."""
     import math
 
     phi4 = model_config_from_hf(PHI4)
@@ -217,11 +217,17 @@ def test_phi_configs_read_as_phi3config_does():
     mini = model_config_from_hf(dict(PHI4, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                                      num_attention_heads=32, num_key_value_heads=32, sliding_window=2047))
     assert mini.sliding_windows == (2047,) * 32
-    long_factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48)
-    for scaling in (dict(type="su", **long_factors), dict(type="yarn", **long_factors),
-                    dict(rope_type="longrope", **long_factors)):
-        with pytest.raises(UnsupportedArchitectureError, match="'longrope' is not supported"):
-            model_config_from_hf(dict(PHI4, rope_scaling=scaling))
+    phi35 = dict(PHI4, hidden_size=3072, num_attention_heads=32, num_key_value_heads=32,
+                 max_position_embeddings=131072, original_max_position_embeddings=4096)
+    factors = dict(short_factor=[1.0] * 48, long_factor=[2.0] * 48)
+    for scaling in (dict(type="su", **factors), dict(type="yarn", **factors), dict(rope_type="longrope", **factors)):
+        rope = model_config_from_hf(dict(phi35, rope_scaling=scaling)).rope
+        assert (rope.type, rope.factor, rope.original_max_position_embeddings) == ("longrope", 32.0, 4096)
+        assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+    with pytest.raises(ConfigError, match="short_factor has 47 values; head_dim 96 needs 48"):
+        model_config_from_hf(dict(phi35, rope_scaling=dict(factors, type="longrope", short_factor=[1.0] * 47)))
+    with pytest.raises(ConfigError, match="need short_factor and long_factor"):
+        model_config_from_hf(dict(phi35, rope_scaling=dict(type="longrope", short_factor=[1.0] * 48)))
     with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75"):
         model_config_from_hf(dict(PHI4, partial_rotary_factor=0.75))
 
