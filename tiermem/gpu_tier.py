@@ -106,19 +106,35 @@ class GpuWeights:
         """Yield blocks in order; at most lookahead + 1 streamed copies are outstanding at any time.
 
         Copies run ahead over resident and host-only blocks (the window counts streamed blocks
-        only), and the end of a pass primes the first copies of the next pass with the same names,
-        so that PCIe stays busy across step boundaries (sampling, host syncs, resident layers).
+        only), and once this pass's last copies are issued, the first copies of the next pass with the
+        same names follow as their slots free up, so that PCIe stays busy across step boundaries
+        (this pass's last layers, sampling, host syncs).
         """
         compute = torch.cuda.current_stream(self.device)
         streamed = [j for j, name in enumerate(names) if self._is_streamed(name)]
         pending = self._primed if names == self._primed_for else deque()
         self._primed, self._primed_for = deque(), None
-        issued = len(pending)
+        # The next pass's first copies, up to its first disk block (disk reads start with the next pass's stream),
+        # are issued as soon as their slots are free, not when this pass ends: the PCIe copies then run on while
+        # this pass's last layers compute and the step's sampling runs.
+        head = streamed[: len(self.slots)]
+        head = [names[j] for j in head[: next((k for k, j in enumerate(head) if names[j] in self.disk_names),
+                                              len(head))]]
+        primed: deque[_Slot] = deque()
+        issued = len(pending)  # copies of this pass, then of the next one's head
         consumed = 0
-        for name in names:
-            while issued < min(len(streamed), consumed + len(self.slots)):
-                pending.append(self._issue_copy(names[streamed[issued]], disk_blocks))
+
+        def issue_ahead() -> None:  # at most len(slots) copies not yet consumed: a slot is reused once consumed
+            nonlocal issued
+            while issued < min(len(streamed) + len(head), consumed + len(self.slots)):
+                if issued < len(streamed):
+                    pending.append(self._issue_copy(names[streamed[issued]], disk_blocks))
+                else:
+                    primed.append(self._issue_copy(head[issued - len(streamed)], disk_blocks))
                 issued += 1
+
+        for name in names:
+            issue_ahead()
             if name in self.host_only:
                 yield name, self._views(name, self.host_blocks[name])
             elif name in self.resident:
@@ -129,11 +145,8 @@ class GpuWeights:
                 yield name, self._views(name, slot.buffer[: self._nbytes(name)])
                 slot.free.record(compute)
                 consumed += 1
-        # Prime the next pass up to its first disk block (disk reads start with the next pass's stream).
-        head = streamed[: len(self.slots)]
-        head = head[: next((k for k, j in enumerate(head) if names[j] in self.disk_names), len(head))]
-        self._primed = deque(self._issue_copy(names[j], disk_blocks) for j in head)
-        self._primed_for = names
+        issue_ahead()
+        self._primed, self._primed_for = primed, names
 
     def device_views(self, name: str) -> dict | None:
         """Block `name`'s tensors where kernels on the GPU read them in place: views into its HBM buffer if it is
