@@ -34,11 +34,27 @@ from tiermem.scratch_file import PREFIX
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    return packed_stores(tmp_path_factory.mktemp("kv-disk"), ("llama3", "opt"))
+    return packed_stores(tmp_path_factory.mktemp("kv-disk"), ("llama3", "opt", "phi3-longrope"))
 
 
 def kv_files(directory) -> list[str]:
     return sorted(p for p in os.listdir(directory) if p.startswith(PREFIX))
+
+
+def test_a_disk_cache_generates_what_the_device_cache_does_through_a_longrope_rerun(stores, tmp_path):
+    """LongRoPE's generate runs the whole sequence again once it passes the original length (16 here): a disk cache
+    whose length goes back to 0 mid-generation rewrites its slots from the first."""
+    from hf_models import left_padded_batch
+
+    from tiermem.engine.generate import generate
+
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["phi3-longrope"], max_batch_size=2, max_seq_len=64) as m:
+        ref = generate(m.executor, ids, 20, attention_mask=mask, cache=KVCache.allocate(m.config, 2, 40, m.dtype))
+        disk = DiskKVCache.allocate(m.config, 2, 40, m.dtype, "cpu", offload_dir=tmp_path)
+        out = generate(m.executor, ids, 20, attention_mask=mask, cache=disk)
+        disk.flush()
+    assert out.shape == (2, 30) and torch.equal(out, ref) and disk.length == 29
 
 
 @pytest.mark.parametrize("variant", ["llama3", "opt"])

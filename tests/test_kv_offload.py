@@ -21,7 +21,7 @@ from tiermem.placement import kv_cache_bytes
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    return packed_stores(tmp_path_factory.mktemp("kv-offload"), ("llama3", "opt"))
+    return packed_stores(tmp_path_factory.mktemp("kv-offload"), ("llama3", "opt", "phi3-longrope"))
 
 
 class CountingMover(SyncMover):
@@ -35,6 +35,22 @@ class CountingMover(SyncMover):
         direction = "to_host" if id(dst) in self.host_ids else "to_device"
         self.log.append((direction, rows.stop - rows.start, start, end))
         super().copy_slots(dst, src, rows, start, end)
+
+
+@pytest.mark.parametrize("kv_quant", [None, "int4"])
+def test_a_host_cache_generates_what_the_device_cache_does_through_a_longrope_rerun(stores, kv_quant):
+    """LongRoPE's generate runs the whole sequence again once it passes the original length (16 here): a host
+    cache whose length goes back to 0 mid-generation, with its layer prefetches in flight."""
+    from tiermem.engine.generate import generate
+
+    ids, mask = left_padded_batch()
+    with tiermem.load(stores["phi3-longrope"], max_batch_size=2, max_seq_len=64) as m:
+        scheme = kv_scheme(kv_quant, m.config.head_dim)
+        ref = generate(m.executor, ids, 20, attention_mask=mask,
+                       cache=KVCache.allocate(m.config, 2, 40, m.dtype, kv_quant=scheme))
+        host = HostKVCache.allocate(m.config, 2, 40, m.dtype, "cpu", kv_quant=scheme)
+        out = generate(m.executor, ids, 20, attention_mask=mask, cache=host)
+    assert out.shape == (2, 30) and torch.equal(out, ref) and host.length == 29
 
 
 @pytest.mark.parametrize("variant", ["llama3", "opt"])
