@@ -58,7 +58,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                       rms_norm_eps=1e-6, moe_intermediate_size=768, num_experts_per_tok=8, num_local_experts=128,
                       norm_topk_prob=False, decoder_sparse_step=1),
     "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                 num_attention_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+                 num_attention_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                 rms_norm_eps=1e-5),
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
