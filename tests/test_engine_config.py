@@ -245,3 +245,19 @@ def test_phi3_fused_projections_are_read_as_llamas(tmp_path):
     assert torch.equal(torch.cat([gate, up]), gate_up) and ckpt.tensor_shape("model.layers.1.mlp.up_proj.weight") == (
         128, 64)
     assert not any("qkv_proj" in n or "gate_up_proj" in n for n in ckpt.tensor_names)
+
+
+def test_a_fused_projection_of_the_wrong_shape_is_named_not_split(tmp_path):
+    """A qkv_proj whose rows are not q + k + v of the config stays whole, and pack's check names it."""
+    from safetensors.torch import load_file, save_file
+
+    import tiermem
+
+    path = build_tiny("phi3", tmp_path / "hf")
+    state = load_file(path / "model.safetensors")
+    state["model.layers.0.self_attn.qkv_proj.weight"] = state["model.layers.0.self_attn.qkv_proj.weight"][:-8]
+    save_file(state, path / "model.safetensors")
+    assert "model.layers.0.self_attn.qkv_proj.weight" in HFCheckpoint(path).tensor_names
+    with pytest.raises(WeightsError, match=r"missing model\.layers\.0\.self_attn\.q_proj\.weight.*unexpected "
+                                           r"model\.layers\.0\.self_attn\.qkv_proj\.weight"):
+        tiermem.pack(path, tmp_path / "store", progress=False)
