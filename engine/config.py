@@ -19,6 +19,7 @@ from tiermem.engine.families import llama, opt, output
 from tiermem.engine.moe import MoeConfig
 from tiermem.errors import ConfigError, UnsupportedArchitectureError, WeightsError
 from tiermem.kernels.quant import QuantizedWeight
+from tiermem.storage.moe_names import NAMING_OF_MODEL_TYPE
 
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama",
                         "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "phi3": "llama", "opt": "opt"}
@@ -268,7 +269,7 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
 def _moe(model_type: str, d: Mapping[str, Any], n_layers: int) -> MoeConfig | None:
     """The sparse MLP as MixtralConfig / Qwen2MoeConfig / Qwen3MoeConfig read it (the hub's Qwen-MoE configs say
     num_experts, transformers 5 writes num_local_experts)."""
-    if model_type not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if model_type not in NAMING_OF_MODEL_TYPE:
         return None
     experts = d.get("num_local_experts")
     if model_type != "mixtral" and "num_experts" in d:
@@ -282,7 +283,8 @@ def _moe(model_type: str, d: Mapping[str, Any], n_layers: int) -> MoeConfig | No
     if top_k > experts:
         raise ConfigError(f"config.json num_experts_per_tok {top_k} is more than the {experts} experts")
     if model_type == "mixtral":
-        return MoeConfig(experts, top_k, int(d["intermediate_size"]), True, (True,) * n_layers, "mixtral")
+        return MoeConfig(experts, top_k, int(d["intermediate_size"]), True, (True,) * n_layers,
+                         NAMING_OF_MODEL_TYPE[model_type])
     _check_positive_int("moe_intermediate_size", d.get("moe_intermediate_size"))
     _check_positive_int("decoder_sparse_step", d.get("decoder_sparse_step"))
     shared = 0
@@ -293,7 +295,7 @@ def _moe(model_type: str, d: Mapping[str, Any], n_layers: int) -> MoeConfig | No
     step = int(d.get("decoder_sparse_step") or 1)
     sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(n_layers))
     return MoeConfig(experts, top_k, int(d["moe_intermediate_size"]), bool(d.get("norm_topk_prob", False)), sparse,
-                     "qwen", shared)
+                     NAMING_OF_MODEL_TYPE[model_type], shared)
 
 
 def _check_positive_int(key: str, value: Any) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from tiermem.config import check_integer
+from tiermem.engine.config import ModelConfig
 from tiermem.engine.executor import Executor
 from tiermem.engine.kv_cache import KVCache
 from tiermem.engine.static_decode import StaticDecoder
@@ -151,7 +152,7 @@ class DecodeState:
         self.cache = self.cache.to(device)
 
 
-def _reruns_the_sequence(cfg, past: int, length: int) -> bool:
+def _reruns_the_sequence(cfg: ModelConfig, past: int, length: int) -> bool:
     """LongRoPE (Phi-3): the step that first takes the sequence past the original length runs it all again, so that
     every cached key is rotated with the long frequencies, as transformers' Phi-3 generate does (it drops its
     cache there); the other steps rotate only their new keys."""

@@ -26,13 +26,7 @@ from functools import cache
 import torch
 
 from tiermem.kernels import ops
-
-NAMING = {  # checkpoint names: (MoE prefix in a layer, router, expert j's gate, up and down projections)
-    "mixtral": ("block_sparse_moe.", "gate.weight", ("experts.{j}.w1.weight", "experts.{j}.w3.weight",
-                                                     "experts.{j}.w2.weight")),
-    "qwen": ("mlp.", "gate.weight", ("experts.{j}.gate_proj.weight", "experts.{j}.up_proj.weight",
-                                     "experts.{j}.down_proj.weight")),
-}
+from tiermem.storage.moe_names import NAMING, ROUTER, SHARED_EXPERT
 
 
 @dataclass(frozen=True)
@@ -44,20 +38,20 @@ class MoeConfig:
     intermediate_size: int  # of one expert
     normalize_top_k: bool  # renormalize the kept probabilities to sum 1
     sparse_layers: tuple[bool, ...]  # per layer: the sparse MLP (True) or the model's dense MLP
-    naming: str  # a key of NAMING
+    naming: str  # a key of storage.moe_names.NAMING
     shared_expert_size: int = 0  # intermediate size of Qwen2-MoE's shared expert (0: none)
 
 
 @cache  # the names are asked for in every layer of every step
 def router_name(moe: MoeConfig, layer_prefix: str) -> str:
-    prefix, router, _ = NAMING[moe.naming]
-    return layer_prefix + prefix + router
+    prefix, _ = NAMING[moe.naming]
+    return layer_prefix + prefix + ROUTER
 
 
 @cache
 def expert_names(moe: MoeConfig, layer_prefix: str, j: int) -> tuple[str, str, str]:
     """(gate, up, down) weight names of expert j in the layer whose names start with layer_prefix."""
-    prefix, _, names = NAMING[moe.naming]
+    prefix, names = NAMING[moe.naming]
     gate, up, down = (layer_prefix + prefix + n.format(j=j) for n in names)
     return gate, up, down
 
@@ -65,7 +59,7 @@ def expert_names(moe: MoeConfig, layer_prefix: str, j: int) -> tuple[str, str, s
 @cache
 def shared_expert_names(layer_prefix: str) -> tuple[tuple[str, str, str], str]:
     """((gate, up, down) of Qwen2-MoE's shared expert, its gate [1, D]) in the layer starting with layer_prefix."""
-    p = layer_prefix + "mlp.shared_expert"
+    p = layer_prefix + SHARED_EXPERT
     return (p + ".gate_proj.weight", p + ".up_proj.weight", p + ".down_proj.weight"), p + "_gate.weight"
 
 

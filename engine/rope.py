@@ -63,7 +63,8 @@ def cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, T, Dh] for positions [B, T] (frequencies repeated twice, HF's layout), times `scale`.
 
-    `scale` is RopeConfig.attention_factor (YaRN's; 1 for the other types), applied in fp32 as transformers does.
+    `scale` is RopeConfig.attention_factor (YaRN's and LongRoPE's; 1 for the other types), applied in fp32 as
+    transformers does.
     """
     freqs = positions[..., None].to(torch.float32) * inv_freq.to(positions.device)  # [B, T, Dh/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]

@@ -82,6 +82,12 @@ def _values_of(name: str, value: Value, spec: TensorSpec) -> list[torch.Tensor]:
     return parts
 
 
+def stored_nbytes(name: str, spec: TensorSpec) -> int:
+    """Bytes a logical weight takes in a block file: all of its parts (codes, scales and zeros of a quantized one),
+    alignment padding aside."""
+    return sum(tensor_nbytes(dt, shape) for _, dt, shape in _parts_of_spec(name, spec))
+
+
 def spec_of(value: Value) -> TensorSpec:
     if isinstance(value, QuantizedWeight):
         return tuple(value.shape), value.scheme

@@ -19,16 +19,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from tiermem.storage.moe_names import NAMING, NAMING_OF_MODEL_TYPE, ROUTER
+
 FUSED_EXPERTS = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+\.)mlp\.(?P<part>experts\.gate_up_proj"
                            r"|experts\.down_proj|gate\.weight)$")
 FUSED_PROJECTIONS = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+\.)(?P<part>self_attn\.qkv_proj|mlp\.gate_up_proj)"
                                r"\.weight$")
-PER_EXPERT = {  # model_type -> (prefix of the sparse MLP, gate, up, down names of expert j)
-    "mixtral": ("block_sparse_moe.", "experts.{j}.w1.weight", "experts.{j}.w3.weight", "experts.{j}.w2.weight"),
-    "qwen3_moe": ("mlp.", "experts.{j}.gate_proj.weight", "experts.{j}.up_proj.weight",
-                  "experts.{j}.down_proj.weight"),
-}
-PER_EXPERT["qwen2_moe"] = PER_EXPERT["qwen3_moe"]
 
 # (fused tensor, expert or None: a 2-D tensor, rows [begin, end) or None: all of them)
 Piece = tuple[str, int | None, tuple[int, int] | None]
@@ -38,16 +34,16 @@ def split_fused(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
     """Separate tensor name -> where it lies in a fused tensor, for each fused tensor of `shapes` whose shape
     matches the config ({} for other models, or a checkpoint already split)."""
     model_type = config.get("model_type")
-    if model_type in PER_EXPERT:
-        return _split_experts(config, shapes, PER_EXPERT[model_type])
+    if model_type in NAMING_OF_MODEL_TYPE:
+        return _split_experts(config, shapes, NAMING[NAMING_OF_MODEL_TYPE[model_type]])
     if model_type == "phi3":
         return _split_projections(config, shapes)
     return {}
 
 
 def _split_experts(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                   naming: tuple[str, str, str, str]) -> dict[str, Piece]:
-    prefix, gate, up, down = naming
+                   naming: tuple[str, tuple[str, str, str]]) -> dict[str, Piece]:
+    prefix, (gate, up, down) = naming
     hidden = config.get("hidden_size")
     inter = config.get("intermediate_size" if config.get("model_type") == "mixtral" else "moe_intermediate_size")
     pieces: dict[str, Piece] = {}
@@ -56,9 +52,9 @@ def _split_experts(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ..
         if match is None:
             continue
         layer, part = match["layer"], match["part"]
-        if part == "gate.weight":
-            if layer + prefix + "gate.weight" != name:  # Mixtral's router: mlp.gate -> block_sparse_moe.gate
-                pieces[layer + prefix + "gate.weight"] = (name, None, None)
+        if part == ROUTER:
+            if layer + prefix + ROUTER != name:  # Mixtral's router: mlp.gate -> block_sparse_moe.gate
+                pieces[layer + prefix + ROUTER] = (name, None, None)
         elif part == "experts.gate_up_proj" and len(shape) == 3 and tuple(shape[1:]) == (2 * inter, hidden):
             for j in range(shape[0]):
                 pieces[layer + prefix + gate.format(j=j)] = (name, j, (0, inter))

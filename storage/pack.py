@@ -21,6 +21,7 @@ from tiermem.storage.durable import atomic_directory, why_not_replaceable
 from tiermem.storage.format import StoreWriter, TensorSpec
 from tiermem.storage.hf import HFCheckpoint
 from tiermem.storage.manifest import FORMAT_NAME, MANIFEST_NAME
+from tiermem.storage.moe_names import is_gate
 
 ShouldQuantize = Callable[[str, Sequence[int]], bool]
 
@@ -50,13 +51,10 @@ def block_order(blocks: set[str] | Sequence[str]) -> list[str]:
     return sorted(set(blocks), key=key)
 
 
-ROUTER_SUFFIXES = ("block_sparse_moe.gate.weight", "mlp.gate.weight", "mlp.shared_expert_gate.weight")  # MoE gates
-
-
 def default_should_quantize(name: str, shape: Sequence[int]) -> bool:
     """2-D `.weight` matrices of the layers and the LM head; never embeddings, norms, biases or MoE routers and
     gates (a router's [E, D] is tiny, and its rounding would change which experts a token goes to)."""
-    if len(shape) != 2 or not name.endswith(".weight") or name.endswith(ROUTER_SUFFIXES):
+    if len(shape) != 2 or not name.endswith(".weight") or is_gate(name):
         return False
     return block_of(name).startswith("layers.") or name.removeprefix("model.").startswith("lm_head.")
 

@@ -80,6 +80,7 @@ from typing import Any
 from tiermem.errors import ConfigError
 from tiermem.kernels.cupy_ops import gemv_chunks
 from tiermem.kernels.ops import GEMV_SPLIT_ROWS
+from tiermem.storage.moe_names import is_routed_expert
 
 DEFAULT_LAYER_OVERHEAD_S = 50e-6
 KV_MODES = (("gpu", False), ("cpu", False), ("cpu", True))  # (kv placement, cpu_cache_compute)
@@ -263,7 +264,7 @@ def _active_matmul_elements(cfg, shapes: Mapping[str, Mapping[str, tuple[int, ..
     share = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe is not None else 1.0
     total = 0.0
     for i in range(cfg.num_layers):
-        total += sum(s[0] * s[1] * (share if ".experts." in name else 1.0)
+        total += sum(s[0] * s[1] * (share if is_routed_expert(name) else 1.0)
                      for name, s in shapes[f"layers.{i}"].items() if len(s) == 2)
     return total / cfg.num_layers
 

@@ -8,12 +8,12 @@ roofline of what tiermem moves.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from tiermem.engine.moe import MoeConfig
 from tiermem.kernels.quant import QuantScheme
+from tiermem.storage.format import stored_nbytes
+from tiermem.storage.moe_names import is_routed_expert
 
 
 def chosen_fraction(moe: MoeConfig, batch: int) -> float:
@@ -21,23 +21,14 @@ def chosen_fraction(moe: MoeConfig, batch: int) -> float:
     return 1.0 - (1.0 - moe.top_k / moe.num_experts) ** batch
 
 
-def stored_bytes(shape: Sequence[int], kind: Any, quant: QuantScheme | None) -> int:
-    """Bytes of one stored tensor: int4/int8 codes plus fp16 scale and zero per group, or dense elements."""
-    if isinstance(kind, str):
-        out, inp = shape
-        codes, groups = quant.packed_shape(out, inp), quant.groups_shape(out, inp)
-        return math.prod(codes) + 2 * 2 * math.prod(groups)
-    return math.prod(shape) * kind.itemsize
-
-
 def unchosen_expert_bytes(specs: Mapping[str, Mapping[str, tuple]], quant: QuantScheme | None, moe: MoeConfig,
                           batch: int) -> dict[str, float]:
     """Block -> expected bytes of its routed experts that no token of a `batch`-token decode step chooses.
 
-    specs: block -> {tensor name -> (shape, dtype or "int4"/"int8")}, as StoreReader.tensor_specs gives them.
-    A shared expert (Qwen2-MoE) is always read.
+    specs: block -> {tensor name -> (shape, dtype or "int4"/"int8")}, as StoreReader.tensor_specs gives them (a
+    quantized weight is stored in `quant`). A shared expert (Qwen2-MoE) is always read.
     """
     unchosen = 1.0 - chosen_fraction(moe, batch)
-    return {block: unchosen * sum(stored_bytes(shape, kind, quant) for name, (shape, kind) in tensors.items()
-                                  if ".experts." in name)
+    return {block: unchosen * sum(stored_nbytes(name, (shape, quant if isinstance(kind, str) else kind))
+                                  for name, (shape, kind) in tensors.items() if is_routed_expert(name))
             for block, tensors in specs.items()}
