@@ -27,12 +27,39 @@ def packed(request, tmp_path_factory):
     return request.param, load_tiny(src), store
 
 
+def positions(mask):
+    """HF generate's position ids [B, T] of a left-padded mask: real tokens before each, 0 on padding."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def greedy_without_cache(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id):
+    """What HF greedy generate returns, each token from a forward over the whole sequence (no KV cache)."""
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        token = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1].argmax(-1)
+        token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))  # [B]
+        unfinished &= token != eos_token_id
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        if not unfinished.any():
+            break
+    return ids
+
+
 def hf_reference(model, ids, mask):
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    """transformers' logits [B, T, V] of the batch and its greedy tokens (32 new at most, EOS 2, pad 0).
+
+    LongRoPE's tokens come from whole-sequence forwards: the step that first passes the original length reruns
+    the sequence (Phi-3's generate drops its cache there, rotating every key with the long factors), and
+    transformers 5.17 (the GPU machine's) then fed that step only its last token, with no cache at all (5.24 fixed
+    it); a forward over the whole sequence at every step is the fixed behaviour in any version.
+    """
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-        tokens = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
-                                eos_token_id=2, pad_token_id=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        if (getattr(model.config, "rope_parameters", None) or {}).get("rope_type") == "longrope":
+            tokens = greedy_without_cache(model, ids, mask, 32, eos_token_id=2, pad_token_id=0)
+        else:
+            tokens = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32,
+                                    eos_token_id=2, pad_token_id=0)
     return logits, tokens
 
 
