@@ -737,12 +737,15 @@ MOE_RECORDED = [
     "mixtral_8x7b_int4_gpu24_host_kvgpu_s14call5_h200.json",
     "mixtral8x7b_4l_bf16_vs_accelerate_s14call6_h200.json",
     "mixtral8x7b_4l_int4_vs_accelerate_bf16_s14call6_h200.json",
+    "mixtral_8x7b_int4_resident_graphs_s15call1_h200.json",
+    "mixtral_8x7b_int4_gpu24_host_s15call1_h200.json",
+    "mixtral_8x22b_int4_gpu24_host_s15call2_h200.json",
 ]
 
 
 @pytest.mark.parametrize("name", MOE_RECORDED)
 def test_plan_time_prediction_of_recorded_moe_runs_within_15_percent(name):
-    """Session 14's Mixtral runs: the step the plan predicted at load for the largest batch against that batch's
+    """Sessions 14 and 15's Mixtral runs: the step the plan predicted at load for the largest batch against that batch's
     median step (16 new tokens: the mean of a graph run carries its capture)."""
     result = json.loads((RESULTS / name).read_text())
     runs = [c["tiermem"] for c in result["comparisons"]] if "comparisons" in result else result["runs"]
@@ -750,3 +753,14 @@ def test_plan_time_prediction_of_recorded_moe_runs_within_15_percent(name):
     predicted, measured = result["placement"]["predicted_step_s"], largest["decode_step_median_s"]
     assert largest.get("within_gpu_budget", True)
     assert abs(predicted - measured) / measured <= 0.15, (predicted, measured)
+
+
+def test_session_15_mixtral_8x22b_in_24_gib_streams_at_the_pcie_roofline():
+    """Mixtral-8x22B (141B parameters, int4) in 24 GiB of GPU memory, 53 GB a step from pinned host RAM (call 2):
+    every step within the GPU budget and the pinned RAM within cpu_memory, at >= 0.9 of the PCIe roofline."""
+    result = json.loads((RESULTS / "mixtral_8x22b_int4_gpu24_host_s15call2_h200.json").read_text())
+    placement = result["placement"]
+    assert placement["pinned_host_bytes"] + placement["host_kv_reserved_bytes"] <= 100 * 2**30
+    for run in result["runs"]:
+        assert run["within_gpu_budget"] and run["peak_gpu_bytes"] <= 24 * 2**30
+        assert run["roofline_link"] == "pcie" and run["fraction_of_roofline"] >= 0.9, run["batch"]
