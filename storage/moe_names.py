@@ -7,6 +7,8 @@ adds a shared expert `mlp.shared_expert.*` and its gate `mlp.shared_expert_gate.
 
 from __future__ import annotations
 
+import re
+
 NAMING = {  # naming style -> (prefix of the sparse MLP in a layer, expert j's gate, up and down projections)
     "mixtral": ("block_sparse_moe.", ("experts.{j}.w1.weight", "experts.{j}.w3.weight", "experts.{j}.w2.weight")),
     "qwen": ("mlp.", ("experts.{j}.gate_proj.weight", "experts.{j}.up_proj.weight", "experts.{j}.down_proj.weight")),
@@ -20,6 +22,15 @@ GATES = tuple(prefix + ROUTER for prefix, _ in NAMING.values()) + (SHARED_EXPERT
 def is_routed_expert(name: str) -> bool:
     """Whether tensor `name` belongs to one of a sparse layer's routed experts (not its router or shared expert)."""
     return ".experts." in name
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The index j of the routed expert tensor `name` belongs to (`...experts.{j}....`), None for any other tensor."""
+    found = _EXPERT_INDEX.search(name)
+    return int(found.group(1)) if found else None
 
 
 def is_gate(name: str) -> bool:

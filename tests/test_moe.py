@@ -202,6 +202,28 @@ def test_the_cost_model_counts_the_flops_of_the_chosen_experts_only():
     assert Workload.from_config(qwen, sizes).flops_per_token_layer == 2.0 * (attention + (dense + sparse) / 2)
 
 
+def test_the_cost_model_streams_only_the_chosen_experts_where_a_step_takes_chosen_experts():
+    """Mixtral-8x7B (2 of 8 experts per token): PCIe carries the host-streamed blocks less their unchosen experts at
+    batch 1 and 2 and beyond 32 rows (chosen_experts), all of them from 4 to 32 rows (all_experts); disk blocks are
+    copied whole."""
+    from tiermem.cost_model import Hardware, Workload, step_cost
+
+    cfg = model_config_from_hf(MIXTRAL_8X7B)
+    sizes = {block: 10**9 for block in cfg.block_names}
+    experts, rest = 8 * 3 * 14336 * 4096, 2 * 4096 * 4096 + 2 * 1024 * 4096 + 8 * 4096 + 2 * 4096  # + norms
+    share = experts / (experts + rest)
+    hw = Hardware(disk_read_Bps=1e9, h2d_Bps=1e10, hbm_Bps=1e12, matmul_flops=1e15, cpu_memcpy_Bps=1e10)
+    for batch, micro, unchosen in ((1, 1, 0.75), (2, 1, 0.75**2), (16, 1, 0.0), (4, 1, 0.0), (40, 1, 0.75**40),
+                                   (64, 2, 0.0)):
+        w = Workload.from_config(cfg, sizes, batch=batch)
+        assert w.expert_share == pytest.approx(share, rel=1e-9)
+        cost = step_cost(w, hw, resident=0, host=8 * 10**9, disk=2 * 10**9, kv="gpu", cpu_cache_compute=False,
+                         micro_batches=micro)
+        assert cost["pcie"] == pytest.approx((8e9 * (1 - share * unchosen) + 2e9) / 1e10), batch
+    dense = model_config_from_hf(MIXTRAL_8X7B | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    assert Workload.from_config(dense, sizes).host_stream_share(1) == 1.0
+
+
 def test_info_names_the_experts(tmp_path):
     store = tiermem.pack(build_tiny("qwen3-moe", tmp_path / "hf"), tmp_path / "store", progress=False)
     info = store_info(store)
@@ -259,3 +281,28 @@ def test_the_gpu_workspace_reservation_holds_the_sparse_mlps_fp32_sums():
     extra = rows_tokens * (12 * 4096 + 12 * 8)
     assert (workspace_bytes(mixtral, 8, 512, 2, torch.bfloat16) - workspace_bytes(dense, 8, 512, 2, torch.bfloat16)
             == extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_gpu_a_streamed_step_of_one_token_copies_only_its_experts_and_generates_transformers_tokens(variant,
+                                                                                                  tmp_path):
+    """Every block streamed from host RAM, batch 1 (2 picks of 4 or 6 experts): the steps after the first move fewer
+    bytes than the streamed blocks hold (tiermem.gpu_tier copies the chosen experts on demand), and the tokens are
+    transformers' (fp32)."""
+    src = build_tiny(variant, tmp_path / "hf")
+    store = tiermem.pack(src, tmp_path / "store", progress=False)
+    ids = left_padded_batch()[0][:1]  # [1, 10], no padding
+    with torch.no_grad():
+        ref = load_tiny(src).generate(input_ids=ids, do_sample=False, max_new_tokens=16, eos_token_id=2,
+                                      pad_token_id=0)
+    with tiermem.load(store, device="cuda", dtype=torch.float32, max_batch_size=1, max_seq_len=32,
+                      resident_weights=0) as m:
+        weights = m.source.weights
+        whole = sum(weights.host_blocks[b].numel() for b in weights.host_blocks if b not in weights.host_only)
+        copied = [weights.h2d_bytes]
+        out = m.generate(ids, 16, eos_token_id=2, pad_token_id=0, on_step=lambda k: copied.append(weights.h2d_bytes))
+    assert torch.equal(out.cpu(), ref)
+    steps = [b - a for a, b in zip(copied[2:], copied[3:], strict=False)]  # from the second decode step on
+    assert steps and max(steps) < whole, (steps, whole)

@@ -4,7 +4,9 @@ Measures, in one run: the link ceilings (pinned host -> HBM, HBM copy), then for
 the prefill and decode step times of the model, then (after the timed runs, which they could perturb) the
 disk's read ceilings where blocks or the KV cache are on disk, and reports tok/s and achieved / roofline, where
 roofline step time = max(bytes streamed per step / pinned H2D bandwidth, (weight bytes + the KV cache's bytes where
-it is in HBM) / HBM bandwidth, disk bytes / the disk's read rate).
+it is in HBM) / HBM bandwidth, disk bytes / the disk's read rate); on the GPU the streamed bytes are those the decode
+steps copied (a sparse layer's unchosen experts stay in host RAM), and a MoE run also gets the roofline of the bytes
+its tokens' chosen experts hold (tiermem.moe_traffic).
 Results go to JSON; a PNG plot of tok/s against batch size with the roofline is drawn when asked.
 """
 
@@ -246,20 +248,25 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
                     drop_cache_after_prompt: bool = False) -> dict:
     """Prefill + gen_len - 1 decode steps, each timed to a device sync; returns per-step seconds, and for each decode
     step the seconds until the host had issued it (before the sync: a step whose issue takes as long as the step is
-    host-bound), the share of the machine's busy CPU time stolen by the VM's host while the decode steps ran, and the
-    GPU's SM clock right after them.
+    host-bound), the share of the machine's busy CPU time stolen by the VM's host while the decode steps ran, the
+    GPU's SM clock right after them, and on the GPU the weight bytes each decode step copied host -> HBM (fewer than
+    its streamed blocks hold where tiermem.gpu_tier leaves unchosen experts in host RAM).
     drop_cache_after_prompt: write back and drop the page cache after the prompt (inside its time), so that decode
     steps read a KV cache on disk from the disk, not from the pages the prompt just wrote."""
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     stamps: list[float] = []
     issued: list[float] = []
+    weights = getattr(model.source, "weights", None)
+    copied: list[int] = []  # GpuWeights.h2d_bytes after each step
     steal: list[tuple[int, int] | None] = []
     dropped: list[bool] = []
 
     def on_step(k: int) -> None:
         issued.append(time.perf_counter())
         _sync(model.device)
+        if hasattr(weights, "h2d_bytes"):
+            copied.append(weights.h2d_bytes)
         if k == 1 and drop_cache_after_prompt:
             dropped.append(drop_page_cache())
         stamps.append(time.perf_counter())
@@ -288,6 +295,8 @@ def time_generation(model, batch: int, micro_batches: int | None, prompt_len: in
         "decode_host_issue_s": decode_issue, "decode_cpu_steal_of_busy": stolen, "gpu_sm_clock_mhz_after": clock,
         "decode_tok_per_s": batch / statistics.mean(decode),
         "total_s": stamps[-1] - start, "tok_per_s_incl_prefill": batch * gen_len / (stamps[-1] - start),
+        **({"h2d_weight_bytes_per_step": statistics.mean(b - a for a, b in zip(copied, copied[1:], strict=False))}
+           if len(copied) > 1 else {}),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None,
         **({"page_cache_dropped_after_prompt": dropped[0]} if dropped else {}),
     }
@@ -327,7 +336,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             kv_disk = kv_read + kv_per_token * batch if model.kv_placement == "disk" else 0  # + new slots written
             in_hbm = model.kv_placement == "gpu"
             kv_hbm = kv_per_token * batch * (args.prompt_len + args.gen_len / 2) if in_hbm else 0
-            run.update(roofline(info, ceilings, run["decode_step_s"], kv_read, kv_disk, kv_hbm))
+            moved = dict(info, streamed_bytes_per_step=run.get("h2d_weight_bytes_per_step",
+                                                               info.get("streamed_bytes_per_step", 0)))
+            run.update(roofline(moved, ceilings, run["decode_step_s"], kv_read, kv_disk, kv_hbm))
             run.update(chosen_experts_roofline(model, info, ceilings, run, kv_read, kv_disk, kv_hbm))
             if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
                 run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]

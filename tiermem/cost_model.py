@@ -8,7 +8,10 @@ kv = KV bytes per token per layer (K and V, compute dtype):
             + KV on disk: Workload.disk_kv_s, the tier's reads and writes timed through DiskKVCache in offload_dir
               by tiermem.disk_kv_probe; (L*B*c*kv read back + L*B*kv new slots written) / disk_read_Bps where not
               measured (that missed a layer's 3-5 ms that do not scale with its bytes)
-  pcie    = (bytes of every streamed block, from host or disk
+  pcie    = (bytes of every streamed block, from host or disk (of a sparse layer streamed from host RAM, where the
+             step's micro-batches take engine.moe.chosen_experts: less its routed experts no token chose,
+             expert_share * (1 - top_k / E) ** B of its bytes with the routing spread evenly, since tiermem.gpu_tier
+             copies those experts on demand)
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
   hbm     = (m * f(B/m) * bytes of all GPU-side weights (every micro-batch reads every weight; f = 1 for
@@ -158,7 +161,8 @@ class Workload:
     count -> GPU seconds of a decode step's kernels (tiermem.gpu_probe; empty: not counted). cuda_graphs: decode
     steps are CUDA graph replays, which follow the host's part of the step (host_step_s is that part then).
     dense_per_stored: bytes of a quantized weight dequantized to the compute dtype per byte as stored (0: the
-    weights are stored dense).
+    weights are stored dense). num_experts, top_k: a sparse MLP's experts and picks per token (0: a dense model);
+    expert_share: the share of the layers' weights that are routed experts.
     """
 
     block_bytes: Mapping[str, int]
@@ -180,6 +184,9 @@ class Workload:
     cuda_graphs: bool = False
     disk_kv_s: float = 0.0
     dense_per_stored: float = 0.0
+    num_experts: int = 0
+    top_k: int = 0
+    expert_share: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.batch, self.num_layers) < 1 or self.prompt_len < 0 or self.gen_len < 1:
@@ -216,6 +223,15 @@ class Workload:
             return float(gemv_chunks(rows))
         return 1.0 + 2.0 * self.dense_per_stored
 
+    def host_stream_share(self, rows: int) -> float:
+        """Share of the bytes of the blocks streamed from host RAM that a decode step copies, its micro-batches of
+        `rows` rows: all of them, unless the step takes engine.moe.chosen_experts (a micro-batch's picks do not
+        cover the experts, or it has more than GEMV_SPLIT_ROWS rows, as engine.moe.takes_all_experts decides), whose
+        unchosen experts stay in host RAM (tiermem.gpu_tier; the module doc)."""
+        if not self.num_experts or (rows <= GEMV_SPLIT_ROWS and rows * self.top_k >= self.num_experts):
+            return 1.0
+        return 1.0 - self.expert_share * (1.0 - self.top_k / self.num_experts) ** self.batch
+
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
         """HBM activations of decode steps split into micro_batches and a prefill split into
         prefill_micro_batches (None: the same)."""
@@ -240,6 +256,7 @@ class Workload:
         shapes = expected_weights(cfg)
         matmul = sum(s[0] * s[1] for s in shapes["layers.0"].values() if len(s) == 2)  # weights stored
         active = _active_matmul_elements(cfg, shapes)
+        moe = cfg.moe
         q_dim, e = cfg.num_heads * cfg.head_dim, dtype.itemsize
         return cls(
             block_bytes=dict(block_bytes), num_layers=cfg.num_layers,
@@ -255,6 +272,8 @@ class Workload:
                                                        kv_quant is not None, new_tokens=1) for m in divisors(batch)},
             host_step_s=dict(host_step_s or {}), cpu_attention_s=dict(cpu_attention_s or {}),
             dense_per_stored=matmul * e / block_bytes["layers.0"] if quantized else 0.0,
+            num_experts=moe.num_experts if moe else 0, top_k=moe.top_k if moe else 0,
+            expert_share=_routed_expert_share(cfg, shapes) if moe else 0.0,
         )
 
 
@@ -267,6 +286,15 @@ def _active_matmul_elements(cfg, shapes: Mapping[str, Mapping[str, tuple[int, ..
         total += sum(s[0] * s[1] * (share if is_routed_expert(name) else 1.0)
                      for name, s in shapes[f"layers.{i}"].items() if len(s) == 2)
     return total / cfg.num_layers
+
+
+def _routed_expert_share(cfg, shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> float:
+    """The share of the layers' weight elements that are routed experts' (as stored: a quantized store keeps every
+    matrix at the same bytes per element; the unquantized norms and routers are a few thousandths of a layer)."""
+    layers = [shapes[f"layers.{i}"] for i in range(cfg.num_layers)]
+    total = sum(math.prod(s) for layer in layers for s in layer.values())
+    experts = sum(math.prod(s) for layer in layers for name, s in layer.items() if is_routed_expert(name))
+    return experts / total
 
 
 def divisors(n: int) -> list[int]:
@@ -284,7 +312,8 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     kv_read = L * B * w.mean_context * w.kv_bytes_per_token_layer
     streamed = host + disk
     weights_read = m * w.weight_traffic(math.ceil(B / m)) * (resident + streamed)
-    disk_bytes, pcie_bytes, hbm_bytes = disk, streamed, weights_read + streamed
+    copied = host * w.host_stream_share(math.ceil(B / m)) + disk
+    disk_bytes, pcie_bytes, hbm_bytes = disk, copied, weights_read + copied
     disk_kv_s = 0.0
     flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)
     cpu_att = 0.0

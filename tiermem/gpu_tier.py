@@ -6,6 +6,12 @@ the copy stream after its copy) and `free` (recorded on the compute stream after
 that reads it). Compute waits only on its own block's `ready`; a copy into a slot waits only on
 that slot's `free`. Nothing synchronises the host, so the CPU runs ahead and the copy engine is
 never idle while a later block still has to cross PCIe.
+
+A sparse layer streamed from host RAM whose last pass left some of its routed experts unused is copied without
+them (tiermem.expert_split): each expert crosses PCIe when a kernel first asks for one of its tensors, and the
+kernels wait for that copy only. A step of few tokens (engine.moe.chosen_experts, which syncs the host with the GPU
+at each sparse layer anyway) then moves only the experts its tokens chose; a block whose last pass used every
+expert is copied whole, ahead of use, as any other block.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from tiermem.disk_tier import DiskStager
 from tiermem.errors import BudgetError, ConfigError, TiermemError
+from tiermem.expert_split import ExpertSplit, Runs, split_experts
 from tiermem.pinned import device_alias
 
 Decoder = Callable[[str, torch.Tensor], dict]
@@ -29,6 +36,33 @@ class _Slot:
     buffer: torch.Tensor  # uint8 [slot_bytes] in HBM
     ready: torch.cuda.Event
     free: torch.cuda.Event
+    whole: bool = True  # the last copy into it was its block's every byte (not the shared part of a split block)
+
+
+class _ExpertsOnDemand(Mapping):
+    """A split block's tensors in its slot: the first access to a routed expert's tensor copies that expert in
+    (unless the slot holds the whole block) and makes the current stream wait for the copy."""
+
+    def __init__(self, tier: GpuWeights, name: str, views: dict, split: ExpertSplit, slot: _Slot):
+        self.tier, self.name, self.views, self.split, self.slot = tier, name, views, split, slot
+        self.used: set[int] = set()
+
+    def __getitem__(self, key: str):
+        j = self.split.owner.get(key)
+        if j is not None and j not in self.used:
+            self.used.add(j)
+            if not self.slot.whole:
+                self.tier._copy_runs(self.name, self.slot, self.split.experts[j])
+        return self.views[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.views
+
+    def __iter__(self):
+        return iter(self.views)
+
+    def __len__(self) -> int:
+        return len(self.views)
 
 
 class GpuWeights:
@@ -43,6 +77,9 @@ class GpuWeights:
     HBM slots.
     disk: a DiskStager for the blocks that live only on disk; they are read into pinned staging
     buffers ahead of use and then stream through the same ring.
+    experts_on_demand: copy the routed experts of a sparse layer streamed from host RAM when they are used (see the
+    module doc); False copies every block whole.
+    h2d_bytes counts the bytes copied host -> HBM so far.
     """
 
     def __init__(
@@ -54,6 +91,7 @@ class GpuWeights:
         host_only: Sequence[str] = (),
         lookahead: int = 2,
         disk: DiskStager | None = None,
+        experts_on_demand: bool = True,
     ) -> None:
         if lookahead < 1:
             raise ConfigError(f"lookahead must be >= 1, got {lookahead}")
@@ -84,6 +122,14 @@ class GpuWeights:
         self._mapped: dict[str, dict | None] = {}  # host-only block -> views of its device alias: device_views
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
+        self._splits: dict[str, ExpertSplit] = {}  # streamed host block -> its split, where it has routed experts
+        if experts_on_demand:
+            for name, buffer in self.host_blocks.items():
+                split = None if name in self.host_only else split_experts(decode(name, buffer), buffer)
+                if split is not None:
+                    self._splits[name] = split
+        self._used_all: dict[str, bool] = {}  # split block -> its last pass used every expert (unknown: True)
+        self.h2d_bytes = 0
 
     def _nbytes(self, name: str) -> int:
         return self.disk.reader.block_nbytes(name) if name in self.disk_names else self.host_blocks[name].numel()
@@ -142,7 +188,14 @@ class GpuWeights:
             else:
                 slot = pending.popleft()
                 compute.wait_event(slot.ready)
-                yield name, self._views(name, slot.buffer[: self._nbytes(name)])
+                views = self._views(name, slot.buffer[: self._nbytes(name)])
+                split = self._splits.get(name)
+                if split is None:
+                    yield name, views
+                else:
+                    on_demand = _ExpertsOnDemand(self, name, views, split, slot)
+                    yield name, on_demand
+                    self._used_all[name] = len(on_demand.used) == len(split.experts)
                 slot.free.record(compute)
                 consumed += 1
         issue_ahead()
@@ -190,12 +243,33 @@ class GpuWeights:
         slot = self.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         self.copy_stream.wait_event(slot.free)
+        split = self._splits.get(name)
+        slot.whole = split is None or self._used_all.get(name, True)
         with torch.cuda.stream(self.copy_stream):
-            slot.buffer[: src.numel()].copy_(src, non_blocking=True)
+            if slot.whole:
+                slot.buffer[: src.numel()].copy_(src, non_blocking=True)
+                self.h2d_bytes += src.numel()
+            else:
+                self._copy(src, slot.buffer, split.shared)
             slot.ready.record(self.copy_stream)
             if name in self.disk_names:
                 self._disk_copied.record(self.copy_stream)
         return slot
+
+    def _copy(self, src: torch.Tensor, dst: torch.Tensor, runs: Runs) -> None:
+        """Issue the copies of byte ranges `runs` of src (pinned) into dst (HBM) on the current stream."""
+        for start, end in runs:
+            dst[start:end].copy_(src[start:end], non_blocking=True)
+            self.h2d_bytes += end - start
+
+    def _copy_runs(self, name: str, slot: _Slot, runs: Runs) -> None:
+        """Copy runs of host block `name` into its slot, after what the copy stream has queued (the slot's shared
+        part among it), and make the current stream wait for them."""
+        copied = torch.cuda.Event()
+        with torch.cuda.stream(self.copy_stream):
+            self._copy(self.host_blocks[name], slot.buffer, runs)
+            copied.record(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(copied)
 
     def close(self) -> None:
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
