@@ -21,7 +21,8 @@ run() {  # run NAME SHAPE BENCH-ARGS...
         | grep -v "B/s\]$" | tail -6 || echo "== $name failed"
 }
 # RUNS: which runs (default: the first three; gpu24_host_kvgpu fixes the KV cache in HBM, against the plan's;
-# 8x22b_gpu24_host is Mixtral-8x22B in 24 GiB of GPU memory, the rest in 100 GiB of host RAM)
+# 8x22b_gpu24_host is Mixtral-8x22B in 24 GiB of GPU memory, the rest in 100 GiB of host RAM; *_whole copy the
+# streamed sparse layers whole, every expert, against the default that copies only the chosen experts)
 for name in ${RUNS:-resident_graphs resident_eager gpu24_host}; do
     case $name in
         resident_graphs) run mixtral_8x7b_int4_resident_graphs mixtral-8x7b --batch 1,16 --cuda-graphs ;;
@@ -29,8 +30,12 @@ for name in ${RUNS:-resident_graphs resident_eager gpu24_host}; do
         gpu24_host) run mixtral_8x7b_int4_gpu24_host mixtral-8x7b --batch 1,16 --gpu-memory 24GiB --cpu-memory 100GiB ;;
         gpu24_host_kvgpu) run mixtral_8x7b_int4_gpu24_host_kvgpu mixtral-8x7b --batch 1,16 --gpu-memory 24GiB \
             --cpu-memory 100GiB --kv-placement gpu ;;
+        gpu24_host_whole) run mixtral_8x7b_int4_gpu24_host_whole_experts mixtral-8x7b --batch 1,16 \
+            --gpu-memory 24GiB --cpu-memory 100GiB --whole-experts ;;
         # 141B parameters, about 75 GB in int4: more than the machine's 64 GiB disk, so it lives in host RAM
         8x22b_gpu24_host) run mixtral_8x22b_int4_gpu24_host mixtral-8x22b --batch 1,8 --gpu-memory 24GiB \
             --cpu-memory 100GiB ;;
+        8x22b_gpu24_host_whole) run mixtral_8x22b_int4_gpu24_host_whole_experts mixtral-8x22b --batch 1,8 \
+            --gpu-memory 24GiB --cpu-memory 100GiB --whole-experts ;;
     esac
 done

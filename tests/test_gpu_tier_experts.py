@@ -102,3 +102,10 @@ def test_the_split_runs_cover_each_owners_tensors_and_skip_padding_between_owner
     assert split.experts == {0: ((32, 80),), 1: ((96, 128),), 2: ((144, 200),)}  # 176-192: padding of expert 2
     assert split.owner[EXPERT.format(j=2, w="w2")] == 2 and "block_sparse_moe.gate.weight" not in split.owner
     assert split_experts({"self_attn.q_proj.weight": buffer[:32]}, buffer) is None
+
+
+def test_turning_on_demand_off_between_passes_copies_whole_blocks_from_the_next_copy_on(fake_cuda):  # noqa: F811
+    weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=1)
+    steady(weights, {0})
+    weights.experts_on_demand = False
+    assert steady(weights, {0}) == 4 * BLOCK_BYTES

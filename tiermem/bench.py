@@ -43,6 +43,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-store", metavar="DIR", default=None,
                    help="with --synthetic: write the random model to a store on disk (once) and bench that store")
     p.add_argument("--group-size", type=int, default=64, help="for --synthetic quantization")
+    p.add_argument("--whole-experts", action="store_true",
+                   help="copy streamed sparse layers whole, every expert, to compare with copying the chosen ones")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default=None, help="compute dtype")
     p.add_argument("--batch", default="1", help="comma-separated effective batch sizes, e.g. 1,8,32")
     p.add_argument("--micro-batches", default=None,
@@ -315,6 +317,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     load_start = time.perf_counter()
     model = _open_model(args, max(b for b, _ in plan), max((m for _, m in plan if m), default=None), planned)
     load_s = time.perf_counter() - load_start
+    if args.whole_experts and hasattr(getattr(model.source, "weights", None), "experts_on_demand"):
+        model.source.weights.experts_on_demand = False
     info = model.info()
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype, model.kv_quant)  # all layers, K and V
     runs = []
@@ -352,6 +356,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                     "cuda": torch.version.cuda},
         "ceilings": ceilings, "model": args.synthetic or args.store, "quant": quant.name if quant else "none",
         "placement": info, "load_s": load_s, "gpu_memory": args.gpu_memory, "runs": runs,
+        "experts": "whole" if args.whole_experts else "on demand",
         "plan": planned if planned is not None else args.plan,
     }
 

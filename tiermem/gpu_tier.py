@@ -78,7 +78,7 @@ class GpuWeights:
     disk: a DiskStager for the blocks that live only on disk; they are read into pinned staging
     buffers ahead of use and then stream through the same ring.
     experts_on_demand: copy the routed experts of a sparse layer streamed from host RAM when they are used (see the
-    module doc); False copies every block whole.
+    module doc); False copies every block whole. The attribute of that name may be changed between passes.
     h2d_bytes counts the bytes copied host -> HBM so far.
     """
 
@@ -123,11 +123,11 @@ class GpuWeights:
         self._primed: deque[_Slot] = deque()  # copies issued for the next pass over _primed_for
         self._primed_for: list[str] | None = None
         self._splits: dict[str, ExpertSplit] = {}  # streamed host block -> its split, where it has routed experts
-        if experts_on_demand:
-            for name, buffer in self.host_blocks.items():
-                split = None if name in self.host_only else split_experts(decode(name, buffer), buffer)
-                if split is not None:
-                    self._splits[name] = split
+        for name, buffer in self.host_blocks.items():
+            split = None if name in self.host_only else split_experts(decode(name, buffer), buffer)
+            if split is not None:
+                self._splits[name] = split
+        self.experts_on_demand = experts_on_demand
         self._used_all: dict[str, bool] = {}  # split block -> its last pass used every expert (unknown: True)
         self.h2d_bytes = 0
 
@@ -244,7 +244,7 @@ class GpuWeights:
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         self.copy_stream.wait_event(slot.free)
         split = self._splits.get(name)
-        slot.whole = split is None or self._used_all.get(name, True)
+        slot.whole = split is None or not self.experts_on_demand or self._used_all.get(name, True)
         with torch.cuda.stream(self.copy_stream):
             if slot.whole:
                 slot.buffer[: src.numel()].copy_(src, non_blocking=True)
