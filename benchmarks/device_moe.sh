@@ -13,11 +13,12 @@ timeout 240 python3 -m pytest -m gpu -q -rfs --tb=short -p no:cacheprovider ${TE
     > "$RES/gpu_suite.txt" 2>&1 \
     || echo "GPU suite: exit $?" >> "$RES/gpu_suite.txt"
 tail -8 "$RES/gpu_suite.txt"
-COMMON=(--quant int4 --group-size 128 --prompt-len 512 --gen-len 16)
+COMMON=(--quant int4 --group-size 128 --prompt-len 512 --gen-len 16)  # EXTRA: more options for every run
 run() {  # run NAME SHAPE BENCH-ARGS...
     local name=$1 shape=$2; shift 2
     echo "== $name: tiermem bench --synthetic $shape ${COMMON[*]} $*"
-    timeout 400 tiermem bench --synthetic "$shape" "${COMMON[@]}" "$@" --out "$RES/$name.json" 2>&1 | tr '\r' '\n' \
+    timeout 400 tiermem bench --synthetic "$shape" "${COMMON[@]}" "$@" ${EXTRA:-} --out "$RES/$name.json" 2>&1 \
+        | tr '\r' '\n' \
         | grep -v "B/s\]$" | tail -6 || echo "== $name failed"
 }
 # RUNS: which runs (default: the first three; gpu24_host_kvgpu fixes the KV cache in HBM, against the plan's;
