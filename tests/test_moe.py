@@ -204,8 +204,8 @@ def test_the_cost_model_counts_the_flops_of_the_chosen_experts_only():
 
 def test_the_cost_model_streams_only_the_chosen_experts_where_a_step_takes_chosen_experts():
     """Mixtral-8x7B (2 of 8 experts per token): PCIe carries the host-streamed blocks less their unchosen experts at
-    batch 1 and 2 and beyond 32 rows (chosen_experts), all of them from 4 to 32 rows (all_experts); disk blocks are
-    copied whole."""
+    batch 1 and 2 and beyond 32 rows (chosen_experts), all of them from 4 to 32 rows (all_experts) and in a split
+    step; disk blocks are copied whole."""
     from tiermem.cost_model import Hardware, Workload, step_cost
 
     cfg = model_config_from_hf(MIXTRAL_8X7B)
@@ -214,7 +214,7 @@ def test_the_cost_model_streams_only_the_chosen_experts_where_a_step_takes_chose
     share = experts / (experts + rest)
     hw = Hardware(disk_read_Bps=1e9, h2d_Bps=1e10, hbm_Bps=1e12, matmul_flops=1e15, cpu_memcpy_Bps=1e10)
     for batch, micro, unchosen in ((1, 1, 0.75), (2, 1, 0.75**2), (16, 1, 0.0), (4, 1, 0.0), (40, 1, 0.75**40),
-                                   (64, 2, 0.0)):
+                                   (64, 2, 0.0), (2, 2, 0.0)):
         w = Workload.from_config(cfg, sizes, batch=batch)
         assert w.expert_share == pytest.approx(share, rel=1e-9)
         cost = step_cost(w, hw, resident=0, host=8 * 10**9, disk=2 * 10**9, kv="gpu", cpu_cache_compute=False,

@@ -8,10 +8,10 @@ kv = KV bytes per token per layer (K and V, compute dtype):
             + KV on disk: Workload.disk_kv_s, the tier's reads and writes timed through DiskKVCache in offload_dir
               by tiermem.disk_kv_probe; (L*B*c*kv read back + L*B*kv new slots written) / disk_read_Bps where not
               measured (that missed a layer's 3-5 ms that do not scale with its bytes)
-  pcie    = (bytes of every streamed block, from host or disk (of a sparse layer streamed from host RAM, where the
-             step's micro-batches take engine.moe.chosen_experts: less its routed experts no token chose,
+  pcie    = (bytes of every streamed block, from host or disk (of a sparse layer streamed from host RAM, where an
+             unsplit step takes engine.moe.chosen_experts: less its routed experts no token chose,
              expert_share * (1 - top_k / E) ** B of its bytes with the routing spread evenly, since tiermem.gpu_tier
-             copies those experts on demand)
+             copies those experts on demand; a split step is counted whole, see Workload.host_stream_share)
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
   hbm     = (m * f(B/m) * bytes of all GPU-side weights (every micro-batch reads every weight; f = 1 for
@@ -223,14 +223,21 @@ class Workload:
             return float(gemv_chunks(rows))
         return 1.0 + 2.0 * self.dense_per_stored
 
-    def host_stream_share(self, rows: int) -> float:
-        """Share of the bytes of the blocks streamed from host RAM that a decode step copies, its micro-batches of
-        `rows` rows: all of them, unless the step takes engine.moe.chosen_experts (a micro-batch's picks do not
-        cover the experts, or it has more than GEMV_SPLIT_ROWS rows, as engine.moe.takes_all_experts decides), whose
-        unchosen experts stay in host RAM (tiermem.gpu_tier; the module doc)."""
-        if not self.num_experts or (rows <= GEMV_SPLIT_ROWS and rows * self.top_k >= self.num_experts):
+    def host_stream_share(self, micro_batches: int) -> float:
+        """Share of the bytes of the blocks streamed from host RAM that a decode step split into `micro_batches`
+        copies: all of them, unless the whole batch takes engine.moe.chosen_experts (its picks do not cover the
+        experts, or it has more than GEMV_SPLIT_ROWS rows, as engine.moe.takes_all_experts decides), whose unchosen
+        experts stay in host RAM (tiermem.gpu_tier; the module doc).
+
+        A split step is counted whole: each micro-batch's host sync waits for the expert copies of the one before,
+        which neither this model nor the host probe sees (Mixtral-8x22B int4 in 24 GiB, batch 8 in 4 micro-batches
+        of chosen experts: 1.27 s a step, host-bound, predicted 0.88; in one micro-batch, every expert: 1.00 s,
+        benchmarks/results/mixtral_8x22b_int4_gpu24_host*_s15call{2,4}_h200.json)."""
+        rows = self.batch
+        if (not self.num_experts or micro_batches > 1
+                or (rows <= GEMV_SPLIT_ROWS and rows * self.top_k >= self.num_experts)):
             return 1.0
-        return 1.0 - self.expert_share * (1.0 - self.top_k / self.num_experts) ** self.batch
+        return 1.0 - self.expert_share * (1.0 - self.top_k / self.num_experts) ** rows
 
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
         """HBM activations of decode steps split into micro_batches and a prefill split into
@@ -312,7 +319,7 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     kv_read = L * B * w.mean_context * w.kv_bytes_per_token_layer
     streamed = host + disk
     weights_read = m * w.weight_traffic(math.ceil(B / m)) * (resident + streamed)
-    copied = host * w.host_stream_share(math.ceil(B / m)) + disk
+    copied = host * w.host_stream_share(m) + disk
     disk_bytes, pcie_bytes, hbm_bytes = disk, copied, weights_read + copied
     disk_kv_s = 0.0
     flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)
