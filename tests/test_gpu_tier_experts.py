@@ -1,6 +1,6 @@
 """The GPU tier copies a streamed sparse layer's routed experts on demand (CUDA streams and events faked, as in
 test_gpu_tier_schedule: copies happen when issued): the experts a pass uses hold their bytes, the ones it does not
-use never cross, and a block whose last pass used every expert is copied whole."""
+use never cross, and after a sparse layer that used every expert blocks are copied whole."""
 
 import pytest
 import torch
@@ -68,9 +68,11 @@ def steady(weights, use):
 def test_only_the_experts_a_pass_uses_cross_once_a_pass_left_some_unused(fake_cuda, lookahead):  # noqa: F811
     weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=lookahead)
     head = BLOCK_BYTES  # "head" has no experts: always whole
-    # no history yet: whole blocks; the next pass's first lookahead + 1 copies, issued after this pass used them,
-    # are their shared parts only
-    assert run_pass(weights, use={0}) == 3 * BLOCK_BYTES + head + (lookahead + 1) * SHARED_BYTES
+    # before any sparse layer was used, whole blocks: the first lookahead + 1 copies; the rest, issued after layers.0
+    # left experts unused, are shared parts (and expert 0 when used), the next pass's first lookahead + 1 too
+    whole = lookahead + 1
+    assert run_pass(weights, use={0}) == (whole * BLOCK_BYTES + (3 - whole) * (SHARED_BYTES + expert_bytes(0))
+                                          + head + (lookahead + 1) * SHARED_BYTES)
     assert steady(weights, {0}) == 3 * (SHARED_BYTES + expert_bytes(0)) + head
     assert steady(weights, {1, 2}) == 3 * (SHARED_BYTES + expert_bytes(1, 2)) + head
     assert steady(weights, {0, 1, 2}) == 4 * BLOCK_BYTES  # each pass used every expert: whole blocks again
@@ -109,3 +111,14 @@ def test_turning_on_demand_off_between_passes_copies_whole_blocks_from_the_next_
     steady(weights, {0})
     weights.experts_on_demand = False
     assert steady(weights, {0}) == 4 * BLOCK_BYTES
+
+
+def test_a_prompt_after_decode_steps_and_the_step_after_it_follow_their_own_first_layers(fake_cuda):  # noqa: F811
+    """lookahead 1: a pass that uses every expert (a prompt) after passes that used one fetches all experts of its
+    first two layers (copied before it showed), and copies the rest whole; the pass after it gets its first two
+    layers whole and splits from the third."""
+    weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=1)
+    steady(weights, {0})
+    every = expert_bytes(0, 1, 2)
+    assert run_pass(weights, {0, 1, 2}) == 2 * every + 2 * BLOCK_BYTES + 2 * BLOCK_BYTES  # + layers.2, head, primes
+    assert run_pass(weights, {0}) == (SHARED_BYTES + expert_bytes(0)) + BLOCK_BYTES + 2 * SHARED_BYTES

@@ -3,7 +3,8 @@
 A decode step of few tokens uses top_k of a sparse layer's E experts (Mixtral-8x22B at batch 1: 2 of 8, about 70%
 of the layer's bytes unused). The GPU tier copies a streamed block's shared part (attention, norms, router, a shared
 expert) ahead of use, as it copies any block, and each routed expert when a kernel first asks for one of its
-tensors (tiermem.gpu_tier), so that only the chosen experts cross PCIe.
+tensors (tiermem.gpu_tier, after a sparse layer that left experts unused), so that only the chosen experts cross
+PCIe.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ class ExpertSplit:
     shared: Runs
     experts: Mapping[int, Runs]  # expert index -> its runs
     owner: Mapping[str, int]  # name of a routed expert's tensor -> that expert's index
-
-    def nbytes(self, runs: Runs) -> int:
-        return sum(end - start for start, end in runs)
 
 
 def _parts(value: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, ...]:

@@ -7,11 +7,13 @@ that reads it). Compute waits only on its own block's `ready`; a copy into a slo
 that slot's `free`. Nothing synchronises the host, so the CPU runs ahead and the copy engine is
 never idle while a later block still has to cross PCIe.
 
-A sparse layer streamed from host RAM whose last pass left some of its routed experts unused is copied without
-them (tiermem.expert_split): each expert crosses PCIe when a kernel first asks for one of its tensors, and the
-kernels wait for that copy only. A step of few tokens (engine.moe.chosen_experts, which syncs the host with the GPU
-at each sparse layer anyway) then moves only the experts its tokens chose; a block whose last pass used every
-expert is copied whole, ahead of use, as any other block.
+A sparse layer streamed from host RAM is copied without its routed experts (tiermem.expert_split) when the sparse
+layer used last left some of its experts unused: each expert crosses PCIe when a kernel first asks for one of its
+tensors, and the kernels wait for that copy only. A step of few tokens (engine.moe.chosen_experts, which syncs the
+host with the GPU at each sparse layer anyway) then moves only the experts its tokens chose; after a layer that
+used every expert (a prompt, a step whose picks cover the experts), blocks are copied whole, ahead of use, as any
+other block. The sparse layers of one pass see the same tokens, so the pass's first layers tell the rest: only the
+copies issued before them (lookahead + 1) follow the pass before.
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ class GpuWeights:
     HBM slots.
     disk: a DiskStager for the blocks that live only on disk; they are read into pinned staging
     buffers ahead of use and then stream through the same ring.
-    experts_on_demand: copy the routed experts of a sparse layer streamed from host RAM when they are used (see the
-    module doc); False copies every block whole. The attribute of that name may be changed between passes.
+    experts_on_demand: copy the routed experts of a sparse layer streamed from host RAM when they are used, after a
+    sparse layer that left experts unused (see the module doc); False copies every block whole. The attribute of that
+    name may be changed between passes.
     h2d_bytes counts the bytes copied host -> HBM so far.
     """
 
@@ -128,7 +131,7 @@ class GpuWeights:
             if split is not None:
                 self._splits[name] = split
         self.experts_on_demand = experts_on_demand
-        self._used_all: dict[str, bool] = {}  # split block -> its last pass used every expert (unknown: True)
+        self._used_all = True  # the split block used last took every expert (before any: True)
         self.h2d_bytes = 0
 
     def _nbytes(self, name: str) -> int:
@@ -195,7 +198,7 @@ class GpuWeights:
                 else:
                     on_demand = _ExpertsOnDemand(self, name, views, split, slot)
                     yield name, on_demand
-                    self._used_all[name] = len(on_demand.used) == len(split.experts)
+                    self._used_all = len(on_demand.used) == len(split.experts)
                 slot.free.record(compute)
                 consumed += 1
         issue_ahead()
@@ -244,7 +247,7 @@ class GpuWeights:
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         self.copy_stream.wait_event(slot.free)
         split = self._splits.get(name)
-        slot.whole = split is None or not self.experts_on_demand or self._used_all.get(name, True)
+        slot.whole = split is None or not self.experts_on_demand or self._used_all
         with torch.cuda.stream(self.copy_stream):
             if slot.whole:
                 slot.buffer[: src.numel()].copy_(src, non_blocking=True)
