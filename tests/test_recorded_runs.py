@@ -749,6 +749,7 @@ MOE_RECORDED = [
     _moe_xfail("mixtral_8x22b_int4_gpu24_host_kvcpu_experts_on_demand_s15call4_h200.json", MOE_SPLIT_STEPS),
     "mixtral_8x22b_int4_gpu24_host_experts_on_demand_s15call5_h200.json",
     _moe_xfail("mixtral_8x7b_int4_gpu24_host_experts_on_demand_s15call5_h200.json", MOE_HOST_BOUND),
+    _moe_xfail("mixtral_8x7b_int4_gpu24_host_experts_on_demand_s15call6_h200.json", MOE_HOST_BOUND),
 ]
 
 
