@@ -53,7 +53,7 @@ class Attention:
     start: int  # slots already in the cache before this step
     rows: slice  # this micro-batch's rows of the full batch (and of the cache)
     cache: KVCache | None = None
-    cos: torch.Tensor | None = None  # [b, T, Dh]
+    cos: torch.Tensor | None = None  # [b, T, R]: R of Dh dimensions rotate (rope.cos_sin)
     sin: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _grouped: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)

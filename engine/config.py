@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -90,6 +90,12 @@ class RopeConfig:
     # original_max_position_embeddings (short) and once it is longer (long)
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    partial_rotary_factor: float = 1.0  # the share of each head's dimensions that rotate (Phi-4-mini: 0.75)
+
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many of a head's head_dim dimensions rotate (the first ones; the rest pass through), as transformers
+        counts them: int(head_dim * partial_rotary_factor)."""
+        return int(head_dim * self.partial_rotary_factor)
 
 
 @dataclass(frozen=True)
@@ -169,16 +175,25 @@ def _dtype(hf: Mapping[str, Any]) -> torch.dtype | None:
 
 
 def _rope(hf: Mapping[str, Any], max_pos: int) -> RopeConfig:
-    # transformers 5 takes a (legacy) rope_scaling whole where it is set, even next to rope_parameters
+    """The rotary embedding of a config, with RoPE on part of each head where the model rotates so (Phi-3's family:
+    Phi-4-mini rotates 3/4 of each head)."""
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0 and hf.get("model_type") != "phi3":
+        raise UnsupportedArchitectureError(
+            f"partial_rotary_factor {partial} (RoPE on part of each head) with model_type {hf.get('model_type')!r}: "
+            "transformers rotates part of each head in Phi-3's family only, and so does tiermem")
+    if not (isinstance(partial, (int, float)) and 0 < partial <= 1):
+        raise ConfigError(f"config.json partial_rotary_factor must be in (0, 1], got {partial!r}")
+    return replace(_whole_head_rope(hf, params, max_pos), partial_rotary_factor=float(partial))
+
+
+def _whole_head_rope(hf: Mapping[str, Any], params: dict, max_pos: int) -> RopeConfig:
+    # transformers 5 takes a (legacy) rope_scaling whole where it is set, even next to rope_parameters
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):
         rope_type = "longrope"  # Phi3Config reads these old names so
-    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UnsupportedArchitectureError(f"partial_rotary_factor {partial} (RoPE on part of each head) is not "
-                                           "supported; tiermem rotates whole heads")
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedArchitectureError(
             f"rope type {rope_type!r} is not supported; tiermem implements {SUPPORTED_ROPE_TYPES}")
@@ -312,12 +327,16 @@ def _check_values(cfg: ModelConfig) -> None:
     positive = {"rms_norm_eps / layer norm eps": cfg.norm_eps}
     if cfg.rope is not None:
         positive |= {"rope_theta": cfg.rope.theta, "rope factor": cfg.rope.factor}
+        rotary = cfg.rope.rotary_dim(cfg.head_dim)
+        if rotary < 2 or rotary % 2:
+            raise ConfigError(f"partial_rotary_factor {cfg.rope.partial_rotary_factor} of head_dim {cfg.head_dim} "
+                              f"rotates {rotary} dimensions; RoPE turns them in pairs (an even number >= 2)")
         if cfg.rope.type == "longrope":
             for key in ("short_factor", "long_factor"):
                 values = getattr(cfg.rope, key)
-                if len(values) != cfg.head_dim // 2:
-                    raise ConfigError(f"config.json longrope {key} has {len(values)} values; head_dim "
-                                      f"{cfg.head_dim} needs {cfg.head_dim // 2}")
+                if len(values) != rotary // 2:
+                    raise ConfigError(f"config.json longrope {key} has {len(values)} values; {rotary} rotary "
+                                      f"dimensions of head_dim {cfg.head_dim} need {rotary // 2}")
                 positive |= {f"longrope {key}": min(values)}
     for key, value in positive.items():
         if not (math.isfinite(value) and value > 0):

@@ -63,7 +63,8 @@ class Executor:
         self.block_order = cfg.block_names + (["embed"] if tied_reuse else [])
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """cos, sin [B, T, Dh] in the compute dtype for positions [B, T]; (None, None) for learned positions."""
+        """cos, sin [B, T, R] (rope.cos_sin) in the compute dtype for positions [B, T]; (None, None) for learned
+        positions."""
         if self.cfg.rope is None:
             return None, None
         inv_freq = self.inv_freq

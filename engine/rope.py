@@ -16,17 +16,19 @@ if TYPE_CHECKING:
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu",
                         long: bool = False) -> torch.Tensor:
-    """inv_freq[head_dim / 2] in fp32; long: longrope's frequencies for a sequence longer than the original length
-    (its short ones otherwise; other types have one set)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
+    """inv_freq[R / 2] in fp32 for the R = rope.rotary_dim(head_dim) dimensions of a head that rotate; long:
+    longrope's frequencies for a sequence longer than the original length (its short ones otherwise; other types
+    have one set)."""
+    dim = rope.rotary_dim(head_dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32)
     if rope.type == "longrope":
         divisors = torch.tensor(rope.long_factor if long else rope.short_factor, dtype=torch.float32, device=device)
-        return 1.0 / (divisors * rope.theta ** (exponents / head_dim))
-    inv_freq = 1.0 / (rope.theta ** (exponents / head_dim))  # [Dh/2]
+        return 1.0 / (divisors * rope.theta ** (exponents / dim))
+    inv_freq = 1.0 / (rope.theta ** (exponents / dim))  # [R/2]
     if rope.type == "linear":
         return inv_freq / rope.factor
     if rope.type == "yarn":
-        return _yarn(rope, inv_freq, head_dim)
+        return _yarn(rope, inv_freq, dim)
     if rope.type != "llama3":
         return inv_freq
     old_len = rope.original_max_position_embeddings
@@ -61,13 +63,14 @@ def _yarn(rope: RopeConfig, inv_freq: torch.Tensor, head_dim: int) -> torch.Tens
 def cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, Dh] for positions [B, T] (frequencies repeated twice, HF's layout), times `scale`.
+    """cos, sin [B, T, R] for positions [B, T] and inv_freq [R / 2] (frequencies repeated twice, HF's layout), times
+    `scale`; R is the rotary part of a head (all of it, Dh, unless the model rotates part of each head).
 
     `scale` is RopeConfig.attention_factor (YaRN's and LongRoPE's; 1 for the other types), applied in fp32 as
     transformers does.
     """
-    freqs = positions[..., None].to(torch.float32) * inv_freq.to(positions.device)  # [B, T, Dh/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]
+    freqs = positions[..., None].to(torch.float32) * inv_freq.to(positions.device)  # [B, T, R/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, R]
     cos, sin = emb.cos(), emb.sin()
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale

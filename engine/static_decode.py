@@ -76,7 +76,7 @@ class StaticAttention:
     cache: KVCache
     slot: torch.Tensor  # long [1] on the device: where the new token's K and V go
     span: int
-    cos: torch.Tensor | None  # [B, 1, Dh]
+    cos: torch.Tensor | None  # [B, 1, R] (rope.cos_sin)
     sin: torch.Tensor | None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 

@@ -91,7 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x[B, H, T, Dh] with cos/sin[B, T, Dh] (see reference.apply_rope)."""
+    """Rotary embedding: x[B, H, T, Dh] with cos/sin[B, T, R], R <= Dh (see reference.apply_rope; the CUDA kernel
+    rotates whole heads, R = Dh)."""
     if (
         x.dim() == 4
         and cos.dim() == 3

@@ -51,10 +51,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x[B, H, T, Dh] with cos/sin[B, T, Dh] (frequencies repeated twice)."""
-    cos = cos.unsqueeze(1).to(x.dtype)  # [B, 1, T, Dh]
+    """Rotary embedding: x[B, H, T, Dh] with cos/sin[B, T, R] (frequencies repeated twice), R <= Dh: the first R
+    dimensions of each head rotate, the rest pass through (RoPE on part of each head, as Phi-3's family has it)."""
+    cos = cos.unsqueeze(1).to(x.dtype)  # [B, 1, T, R]
     sin = sin.unsqueeze(1).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned, kept = x[..., :rotary], x[..., rotary:]
+    return torch.cat([turned * cos + rotate_half(turned) * sin, kept], dim=-1)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

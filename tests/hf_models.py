@@ -46,6 +46,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "phi3-longrope": ("phi3", dict(LLAMA, original_max_position_embeddings=16, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0],
         long_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0]))),
+    # Phi-4-mini's shape of RoPE: 3/4 of each head rotates (12 of 16 dimensions), LongRoPE past 16 positions
+    "phi3-partial": ("phi3", dict(LLAMA, num_key_value_heads=2, original_max_position_embeddings=16,
+                                  partial_rotary_factor=0.75, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
+        short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0], long_factor=[1.0, 2.0, 3.0, 5.0, 8.0, 16.0]))),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

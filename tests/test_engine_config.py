@@ -207,7 +207,8 @@ PHI4 = dict(architectures=["Phi3ForCausalLM"], model_type="phi3", hidden_size=51
 
 def test_phi_configs_read_as_phi3config_does():
     """Phi-4 (14.7B) as the hub has it; Phi-3-mini-4k's sliding window; Phi-3.5-mini's LongRoPE (the old names 'su'
-    and 'yarn' mean it too in a phi3 config); partial rotary (Phi-4-mini) is refused, naming what is missing."""
+    and 'yarn' mean it too in a phi3 config); Phi-4-mini's partial rotary (96 of 128 dimensions, its LongRoPE
+    factors counted on those); partial rotary outside Phi-3's family is refused, as transformers cannot run it."""
     import math
 
     phi4 = model_config_from_hf(PHI4)
@@ -224,12 +225,28 @@ def test_phi_configs_read_as_phi3config_does():
         rope = model_config_from_hf(dict(phi35, rope_scaling=scaling)).rope
         assert (rope.type, rope.factor, rope.original_max_position_embeddings) == ("longrope", 32.0, 4096)
         assert rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
-    with pytest.raises(ConfigError, match="short_factor has 47 values; head_dim 96 needs 48"):
+    with pytest.raises(ConfigError, match="short_factor has 47 values; 96 rotary dimensions of head_dim 96 need 48"):
         model_config_from_hf(dict(phi35, rope_scaling=dict(factors, type="longrope", short_factor=[1.0] * 47)))
     with pytest.raises(ConfigError, match="need short_factor and long_factor"):
         model_config_from_hf(dict(phi35, rope_scaling=dict(type="longrope", short_factor=[1.0] * 48)))
-    with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75"):
-        model_config_from_hf(dict(PHI4, partial_rotary_factor=0.75))
+    # microsoft/Phi-4-mini-instruct's config (transformers 4.45): head_dim 128, 3/4 of it rotates
+    phi4_mini = dict(PHI4, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
+                     num_key_value_heads=8, vocab_size=200064, max_position_embeddings=131072,
+                     original_max_position_embeddings=4096, partial_rotary_factor=0.75, rope_theta=10000.0,
+                     tie_word_embeddings=True, rope_scaling=dict(type="longrope", short_factor=[1.0] * 48,
+                                                                 long_factor=[2.0] * 48))
+    rope = model_config_from_hf(phi4_mini).rope
+    assert (rope.type, rope.partial_rotary_factor, rope.rotary_dim(128)) == ("longrope", 0.75, 96)
+    with pytest.raises(ConfigError, match="64 values; 96 rotary dimensions of head_dim 128 need 48"):
+        model_config_from_hf(dict(phi4_mini, rope_scaling=dict(type="longrope", short_factor=[1.0] * 64,
+                                                               long_factor=[2.0] * 64)))
+    with pytest.raises(ConfigError, match="rotates 1 dimensions"):
+        model_config_from_hf(dict(PHI4, partial_rotary_factor=1 / 128))
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\]"):
+        model_config_from_hf(dict(PHI4, partial_rotary_factor=1.5))
+    with pytest.raises(UnsupportedArchitectureError, match="partial_rotary_factor 0.75 .* model_type 'llama'"):
+        model_config_from_hf(dict(PHI4, partial_rotary_factor=0.75, model_type="llama",
+                                  architectures=["LlamaForCausalLM"]))
 
 
 def test_phi3_fused_projections_are_read_as_llamas(tmp_path):
