@@ -64,7 +64,7 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 MAX_LAYERS = 4096  # far beyond any model; a larger count is a broken config (its per-layer tables would not fit RAM)
 IGNORED_WEIGHT_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -80,7 +80,7 @@ class RopeConfig:
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = 8192  # dynamic: max_position_embeddings, past which it rescales
     # yarn only
     beta_fast: float = 32.0
     beta_slow: float = 1.0
@@ -207,6 +207,9 @@ def _whole_head_rope(hf: Mapping[str, Any], params: dict, max_pos: int) -> RopeC
         factor = float(params["factor"])
         if rope_type == "linear":
             return RopeConfig(theta=float(theta), type="linear", factor=factor)
+        if rope_type == "dynamic":
+            return RopeConfig(theta=float(theta), type="dynamic", factor=factor,
+                              original_max_position_embeddings=max_pos)
         return RopeConfig(
             theta=float(theta), type="llama3", factor=factor,
             low_freq_factor=float(params["low_freq_factor"]),

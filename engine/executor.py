@@ -68,7 +68,9 @@ class Executor:
         if self.cfg.rope is None:
             return None, None
         inv_freq = self.inv_freq
-        if self.inv_freq_long is not None:  # longrope: the long set once the step's longest row passes the original
+        if self.cfg.rope.type == "dynamic":  # from the step's longest row, on the device (graph replays too)
+            inv_freq = rope.dynamic_frequencies(self.cfg.rope, self.cfg.head_dim, positions.max() + 1)
+        elif self.inv_freq_long is not None:  # longrope: the long set once the step's longest row passes the original
             # length (transformers' rule: a whole step, all rows, from max(position) + 1); chosen on the device, so
             # that a graph replay chooses too
             longer = positions.max() + 1 > self.cfg.rope.original_max_position_embeddings

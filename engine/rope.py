@@ -1,4 +1,5 @@
-"""Rotary position embedding tables: inverse frequencies (default, linear, llama3, yarn, longrope) and cos/sin.
+"""Rotary position embedding tables: inverse frequencies (default, linear, llama3, yarn, longrope, dynamic) and
+cos/sin.
 
 Computed in fp32 exactly as transformers does (modeling_rope_utils), then cast to the compute dtype.
 """
@@ -58,6 +59,22 @@ def _yarn(rope: RopeConfig, inv_freq: torch.Tensor, head_dim: int) -> torch.Tens
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # [Dh/2]
     extrapolated = 1 - ramp.to(inv_freq.device)  # 1: keep the original frequency
     return inv_freq / rope.factor * (1 - extrapolated) + inv_freq * extrapolated
+
+
+def dynamic_frequencies(rope: RopeConfig, head_dim: int, seq_len: torch.Tensor) -> torch.Tensor:
+    """Dynamic NTK scaling: inv_freq[R / 2] for a step whose longest row is seq_len (a 0-d integer tensor) tokens
+    long, computed on its device (a graph replay recomputes it), as transformers computes it past
+    max_position_embeddings M: base theta * (factor * seq_len / M - (factor - 1)) ** (R / (R - 2)); up to M, the
+    default frequencies. transformers keeps the largest length seen until a step shorter than M resets it; from a
+    fresh model on, steps whose length only grows (a generation) get the same frequencies here."""
+    dim = rope.rotary_dim(head_dim)
+    longest = rope.original_max_position_embeddings
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=seq_len.device, dtype=torch.float32)
+    stretched = torch.maximum(seq_len, torch.tensor(longest, dtype=seq_len.dtype, device=seq_len.device))
+    base = rope.theta * ((rope.factor * stretched / longest) - (rope.factor - 1)) ** (dim / (dim - 2))
+    scaled = 1.0 / (base ** (exponents / dim))  # [R/2]
+    default = 1.0 / (rope.theta ** (exponents / dim))
+    return torch.where(seq_len > longest, scaled, default)
 
 
 def cos_sin(

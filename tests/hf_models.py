@@ -27,6 +27,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64))),
     "llama-tied": ("llama", dict(LLAMA, tie_word_embeddings=True, num_key_value_heads=1)),
+    # dynamic NTK scaling past 16 positions: the tests' 32 new tokens after 9 cross it mid-generation
+    "llama-dynamic": ("llama", dict(LLAMA, num_key_value_heads=2, max_position_embeddings=16, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=3.0))),
     "mistral": ("mistral", dict(LLAMA, num_key_value_heads=2, sliding_window=16, head_dim=32)),
     "qwen2": ("qwen2", dict(LLAMA, num_key_value_heads=2, rope_parameters=dict(rope_type="default",
                                                                                  rope_theta=1000000.0))),

@@ -62,6 +62,8 @@ CONFIGS = {
         "original_max_position_embeddings": 2048}),
     "yarn-top-level-original-length": dict(LLAMA, original_max_position_embeddings=1024,
                                            rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+    # dynamic NTK (transformers 4.3x "type"); its frequencies start as the default ones
+    "llama-dynamic-v4": dict(LLAMA, rope_scaling={"type": "dynamic", "factor": 2.5}),
 }
 
 
@@ -83,6 +85,23 @@ def test_llama_family_configs_read_like_transformers(name):
     rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf)
     assert torch.allclose(inverse_frequencies(cfg.rope, cfg.head_dim), rotary.inv_freq, rtol=1e-6, atol=0)
     assert cfg.rope.attention_factor == pytest.approx(rotary.attention_scaling, rel=1e-12)
+
+
+def test_dynamic_frequencies_are_transformers_at_every_length():
+    """Up to max_position_embeddings the default frequencies, past it NTK's rescaled base, from the step's length as a
+    tensor (as a graph replay computes it), against a fresh LlamaRotaryEmbedding after a forward of that length."""
+    from tiermem.engine.rope import dynamic_frequencies
+
+    raw = CONFIGS["llama-dynamic-v4"]
+    cfg = model_config_from_hf(raw)
+    hf = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
+    longest = hf.max_position_embeddings
+    for length in (5, longest - 1, longest, longest + 1, 3 * longest + 7):
+        rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf)
+        rotary(torch.zeros(1, 1, cfg.head_dim), torch.arange(length)[None])
+        ours = dynamic_frequencies(cfg.rope, cfg.head_dim, torch.tensor(length))
+        assert torch.allclose(ours, rotary.inv_freq, rtol=1e-6, atol=0), length
+        assert torch.equal(ours, inverse_frequencies(cfg.rope, cfg.head_dim)) == (length <= longest)
 
 
 def test_versions_agree_and_derived_fields():
@@ -118,7 +137,10 @@ def test_opt_350m_style_config():
     ("raw", "error", "words"),
     [
         (dict(LLAMA, model_type="gpt2"), UnsupportedArchitectureError, "gpt2"),
-        (dict(LLAMA, rope_scaling={"type": "dynamic", "factor": 4.0}), UnsupportedArchitectureError, "dynamic"),
+        (dict(LLAMA, rope_scaling={"type": "proportional", "factor": 4.0}), UnsupportedArchitectureError,
+         "proportional"),
+        (dict(LLAMA, rope_scaling={"type": "dynamic"}), ConfigError, "'dynamic' lack key 'factor'"),
+        (dict(LLAMA, rope_scaling={"type": "dynamic", "factor": 0.0}), ConfigError, "rope factor"),
         (dict(LLAMA, rope_scaling={"type": "yarn", "factor": -4.0}), ConfigError, "positive factor"),
         (dict(LLAMA, rope_scaling={"rope_type": "llama3", "factor": 8.0}), ConfigError, "low_freq_factor"),
         (dict(LLAMA, hidden_act="gelu"), UnsupportedArchitectureError, "gelu"),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from hf_models import VARIANTS, build_tiny, load_tiny, rel_err
+from hf_models import VARIANTS, build_tiny, load_tiny, longer_batch, rel_err
 
 from tiermem.engine.config import check_weights, model_config_from_hf
 from tiermem.engine.executor import Executor, micro_batch_slices
@@ -64,6 +64,18 @@ def test_forward_logits_match_transformers(tiny, batch, micro_batches):
     real = mask.bool()  # padding rows are garbage in both, compare real tokens only
     err = rel_err(out[real], ref[real])
     assert err <= 1e-4, f"{tiny.cfg.model_type}: max rel error {err:.2e}"
+
+
+@pytest.mark.parametrize("variant", ["llama-dynamic", "phi3-longrope", "phi3-partial"])
+def test_a_forward_past_the_length_where_the_frequencies_change_matches_transformers(variant, tmp_path):
+    """22 tokens, past the 16 positions where dynamic NTK rescales and LongRoPE takes its long factors: the whole
+    forward at the frequencies of its length, as transformers computes them."""
+    tiny = Tiny(variant, tmp_path)
+    ids, mask = longer_batch(12)  # [2, 22], the second row left-padded by 4
+    ref = hf_logits(tiny.hf, ids, mask)
+    out = tiny.executor().forward(ids, mask)
+    real = mask.bool()
+    assert rel_err(out[real], ref[real]) <= 1e-4
 
 
 def test_greedy_generate_matches_transformers(tiny, batch):
