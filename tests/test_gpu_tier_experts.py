@@ -67,6 +67,7 @@ def steady(weights, use):
 @pytest.mark.parametrize("lookahead", [1, 2])
 def test_only_the_experts_a_pass_uses_cross_once_a_pass_left_some_unused(fake_cuda, lookahead):  # noqa: F811
     weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=lookahead)
+    assert weights.sparse_host_blocks == ["layers.0", "layers.1", "layers.2"]
     head = BLOCK_BYTES  # "head" has no experts: always whole
     # before any sparse layer was used, whole blocks: the first lookahead + 1 copies; the rest, issued after layers.0
     # left experts unused, are shared parts (and expert 0 when used), the next pass's first lookahead + 1 too

@@ -300,6 +300,7 @@ def test_gpu_a_streamed_step_of_one_token_copies_only_its_experts_and_generates_
     with tiermem.load(store, device="cuda", dtype=torch.float32, max_batch_size=1, max_seq_len=32,
                       resident_weights=0) as m:
         weights = m.source.weights
+        assert m.info()["experts_on_demand_blocks"] == m.config.moe.sparse_layers.count(True)
         whole = sum(weights.host_blocks[b].numel() for b in weights.host_blocks if b not in weights.host_only)
         copied = [weights.h2d_bytes]
         out = m.generate(ids, 16, eos_token_id=2, pad_token_id=0, on_step=lambda k: copied.append(weights.h2d_bytes))

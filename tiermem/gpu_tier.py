@@ -134,6 +134,11 @@ class GpuWeights:
         self._used_all = True  # the split block used last took every expert (before any: True)
         self.h2d_bytes = 0
 
+    @property
+    def sparse_host_blocks(self) -> list[str]:
+        """The streamed host blocks with routed experts, which experts_on_demand copies in parts."""
+        return list(self._splits)
+
     def _nbytes(self, name: str) -> int:
         return self.disk.reader.block_nbytes(name) if name in self.disk_names else self.host_blocks[name].numel()
 

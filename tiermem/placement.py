@@ -267,7 +267,7 @@ def build_gpu_source(
         "disk_kv_file_bytes": kv if kv_placement == "disk" else 0,
         "streamed_bytes_per_step": sum(sizes[b] for b in streamed),
         "disk_bytes_per_step": sum(sizes[b] for b in disk_names), "gpu_budget_bytes": budget,
-        "read_backend": backend_name}
+        "read_backend": backend_name, "experts_on_demand_blocks": len(weights.sparse_host_blocks)}
     if plan is not None:
         described["predicted_step_s"] = plan.predicted_step_s
     source = GpuSource(weights, arena, backend, described, kv_placement, micro_batches, prefill_micro_batches,
