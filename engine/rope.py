@@ -69,8 +69,9 @@ def dynamic_frequencies(rope: RopeConfig, head_dim: int, seq_len: torch.Tensor) 
     fresh model on, steps whose length only grows (a generation) get the same frequencies here."""
     dim = rope.rotary_dim(head_dim)
     longest = rope.original_max_position_embeddings
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=seq_len.device, dtype=torch.float32)
-    stretched = torch.maximum(seq_len, torch.tensor(longest, dtype=seq_len.dtype, device=seq_len.device))
+    # made on seq_len's device with no copy from the host, which a CUDA graph capture would refuse
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_len.device).to(torch.float32)
+    stretched = seq_len.clamp(min=longest)
     base = rope.theta * ((rope.factor * stretched / longest) - (rope.factor - 1)) ** (dim / (dim - 2))
     scaled = 1.0 / (base ** (exponents / dim))  # [R/2]
     default = 1.0 / (rope.theta ** (exponents / dim))

@@ -307,3 +307,24 @@ def test_gpu_a_streamed_step_of_one_token_copies_only_its_experts_and_generates_
     assert torch.equal(out.cpu(), ref)
     steps = [b - a for a, b in zip(copied[2:], copied[3:], strict=False)]  # from the second decode step on
     assert steps and max(steps) < whole, (steps, whole)
+
+
+def test_cli_plan_says_which_experts_a_decode_step_copies(tmp_path, capsys, monkeypatch):
+    """Mixtral-8x22B in 24 GiB of GPU memory: batch 1 copies its chosen experts (28% of a sparse layer's bytes with
+    2 of 8 chosen: the shared part and 1 - 0.75 of the experts), batch 8 every expert; a dense model says nothing."""
+    from tiermem.cli import main
+    from tiermem.cost_model import Hardware
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    hw = tmp_path / "hw.json"
+    hw.write_text(Hardware(disk_read_Bps=1.7e9, h2d_Bps=5.3e10, hbm_Bps=4.2e12, matmul_flops=7.5e14,
+                           cpu_memcpy_Bps=3e10, name="H200").to_json())
+    common = ["--quant", "int4", "--group-size", "128", "--gpu-memory", "24GiB", "--cpu-memory", "100GiB",
+              "--hardware", str(hw)]
+    assert main(["plan", "--synthetic", "mixtral-8x22b", "--batch", "1", *common]) == 0
+    assert "copies only the experts its tokens choose of the sparse layers in pinned host memory: 28%" in \
+        capsys.readouterr().out
+    assert main(["plan", "--synthetic", "mixtral-8x22b", "--batch", "8", *common]) == 0
+    assert "copies every expert (its picks cover them, or the step is split)" in capsys.readouterr().out
+    assert main(["plan", "--synthetic", "llama-13b", "--batch", "1", *common]) == 0
+    assert "experts:" not in capsys.readouterr().out
