@@ -6,6 +6,7 @@ once there and shared by all layers); family code calls `attn.rope(q)` and `attn
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,27 @@ def positions_from_mask(key_mask: torch.Tensor, start: int) -> torch.Tensor:
     """Positions [B, T] of slots start..S-1: real tokens before each (HF: cumsum - 1); padding -> 0."""
     pos = key_mask.long().cumsum(-1) - 1  # [B, S]
     return pos.masked_fill(~key_mask, 0)[:, start:]
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      softcap: float | None = None) -> torch.Tensor:
+    """Attention of q [b, Hkv, g * T, Dh] (the query heads sharing a kv head folded into the query length) over
+    k, v [b, Hkv, S, Dh] under mask [b, 1, g * T, S] (True = attend): SDPA, or, with softcap (Gemma 2), its scores
+    cap * tanh(q k^T * scale / cap) written out (SDPA has no soft-capping), softmax in fp32 -> [b, Hkv, g * T, Dh]."""
+    if softcap is None:
+        with sdpa_kernel(list(SDPA_BACKENDS)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # in two halves of the queries: a half's scores in q's dtype and its fp32 probabilities fit the fp32 scores of
+    # all queries that tiermem.placement.workspace_bytes reserves
+    rows = max(1, math.ceil(q.shape[2] / 2))
+    outs = []
+    for start in range(0, q.shape[2], rows):
+        part = mask[:, :, start:start + rows] if mask.shape[2] > 1 else mask
+        scores = torch.matmul(q[:, :, start:start + rows], k.transpose(-1, -2))  # [b, Hkv, rows, S]
+        scores.mul_(scale).div_(softcap).tanh_().mul_(softcap)  # in place: ops.softcap(scores * scale, softcap)
+        scores.masked_fill_(~part, float("-inf"))
+        outs.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v))
+    return torch.cat(outs, dim=2)
 
 
 # cuDNN attention builds a new plan (~2 ms of host time) whenever the key length changes, i.e. on every
@@ -80,9 +102,11 @@ class Attention:
         return self._grouped[(window, group)]
 
     def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
+        scale: float | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
-        """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh].
+        """q [b, H, T, Dh], new k/v [b, Hkv, T, Dh] -> attention output [b, T, H * Dh]; scale: of the scores (None:
+        Dh ** -0.5); softcap: Gemma 2's cap of the scores (grouped_attention).
 
         A decode step (T = 1) over a quantized cache on the GPU can read K and V quantized, dequantizing them
         inside the attention kernel (ops.kv_decode_attention, while ops.FUSED_KV_ATTENTION); otherwise K and V
@@ -90,17 +114,18 @@ class Attention:
         never repeats K and V per query head (tests/test_attention_memory.py).
         """
         b, H, T, Dh = q.shape
+        scale = Dh**-0.5 if scale is None else scale
         on_host = self.cache is not None and self.cache.cpu_attention
         if on_host and (T == 1 or self.cache.length):  # decode steps: attention over the host K/V, on the host
-            out = self.cache.attend(layer, self.rows, q, k, v, self.mask(window), Dh**-0.5)  # [b, H, T, Dh]
+            out = self.cache.attend(layer, self.rows, q, k, v, self.mask(window), scale, softcap)  # [b, H, T, Dh]
             return out.transpose(1, 2).reshape(b, T, H * Dh)
         scheme = self.cache.kv_quant if self.cache is not None else None
         length = self.cache.length + T if self.cache is not None else 0
-        if (ops.FUSED_KV_ATTENTION and scheme is not None and T == 1
+        if (ops.FUSED_KV_ATTENTION and scheme is not None and T == 1 and softcap is None
                 and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, scheme.group_size, length)):
             keys, values = self.cache.append(layer, self.rows, k, v)  # QuantizedKV [b, Hkv, S_max, *]
             out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
-                                          self.key_mask, length, window, Dh**-0.5)  # [b, H, 1, Dh]
+                                          self.key_mask, length, window, scale)  # [b, H, 1, Dh]
             return out.transpose(1, 2).reshape(b, T, H * Dh)
         if on_host:  # a prompt into an empty host cache: its K/V go to the host, its attention runs here
             k, v = self.cache.store(layer, self.rows, k, v)
@@ -108,9 +133,6 @@ class Attention:
             k, v = self.cache.update(layer, self.rows, k, v)  # [b, Hkv, S, Dh]
         kv_heads = k.shape[1]
         group = H // kv_heads
-        with sdpa_kernel(list(SDPA_BACKENDS)):
-            out = F.scaled_dot_product_attention(
-                q.reshape(b, kv_heads, group * T, Dh), k, v, attn_mask=self.grouped_mask(window, group),
-                scale=Dh**-0.5,
-            )  # [b, Hkv, group * T, Dh]
+        out = grouped_attention(q.reshape(b, kv_heads, group * T, Dh), k, v, self.grouped_mask(window, group), scale,
+                                softcap)  # [b, Hkv, group * T, Dh]
         return out.reshape(b, H, T, Dh).transpose(1, 2).reshape(b, T, H * Dh)

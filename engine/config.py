@@ -22,7 +22,8 @@ from tiermem.kernels.quant import QuantizedWeight
 from tiermem.storage.moe_names import NAMING_OF_MODEL_TYPE
 
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama",
-                        "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "phi3": "llama", "opt": "opt"}
+                        "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "phi3": "llama",
+                        "gemma2": "llama", "opt": "opt"}
 MODEL_TYPE_OF_ARCHITECTURE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -32,6 +33,7 @@ MODEL_TYPE_OF_ARCHITECTURE = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
     "OPTForCausalLM": "opt",
 }
 # Defaults of the transformers config classes for keys a config.json may omit.
@@ -61,6 +63,11 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "phi3": dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
                  rms_norm_eps=1e-5),
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                   query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
@@ -113,12 +120,21 @@ class ModelConfig:
     head_dim: int
     max_position_embeddings: int
     norm_eps: float
-    hidden_act: str  # "silu" (llama family) | "relu" | "gelu" (opt)
+    hidden_act: str  # "silu" | "gelu_pytorch_tanh" (Gemma 2) in the llama family; "relu" | "gelu" (opt)
     tie_word_embeddings: bool
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    # Gemma 2: RMSNorm weights applied as (1 + w) in fp32; norms of the attention's and the MLP's outputs too (and
+    # before the MLP: pre_feedforward_layernorm); the embedding times sqrt(hidden_size); tanh soft-capping of the
+    # attention scores and of the logits (x -> cap * tanh(x / cap)); the softmax scale query_pre_attn_scalar ** -0.5
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     moe: MoeConfig | None = None  # the sparse MLP of Mixtral and Qwen3-MoE (None: every layer's MLP is dense)
     rope: RopeConfig | None = None  # None: learned positions (OPT)
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full causal attention
@@ -270,6 +286,10 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
     """Per-layer sliding window (None = full attention), as Mistral / Mixtral / Qwen2 / Qwen3 configs set them."""
     if model_type in ("mistral", "mixtral", "phi3"):
         return (d.get("sliding_window"),) * n_layers
+    if model_type == "gemma2":  # Gemma2Config: layers 0, 2, 4, ... slide unless layer_types says otherwise
+        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                         for i in range(n_layers)]
+        return tuple(d.get("sliding_window") if t == "sliding_attention" else None for t in types)
     if model_type == "qwen3_moe":
         return (d.get("sliding_window") if d.get("use_sliding_window", False) else None,) * n_layers
     if model_type == "qwen2_moe" and d.get("use_sliding_window", False):
@@ -405,9 +425,11 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
             final_layer_norm=before and not d.get("_remove_final_layer_norm", False),
             layer_norm_affine=bool(d.get("layer_norm_elementwise_affine", True)), position_offset=2,
         )
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise UnsupportedArchitectureError(f"{model_type} hidden_act {act!r} is not supported (only silu)")
+    gemma = model_type == "gemma2"
+    act = (d.get("hidden_activation") or d.get("hidden_act")) if gemma else d.get("hidden_act", "silu")
+    supported = "gelu_pytorch_tanh" if gemma else "silu"
+    if act != supported:
+        raise UnsupportedArchitectureError(f"{model_type} hidden_act {act!r} is not supported (only {supported})")
     attention_bias = bool(d.get("attention_bias", False))
     qwen2_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(d.get("qkv_bias", True)))
     kv_heads = int(d.get("num_key_value_heads") or common["num_heads"])
@@ -424,7 +446,22 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
         mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
         moe=_moe(model_type, d, common["num_layers"]), rope=_rope(d, int(d["max_position_embeddings"])),
         sliding_windows=_llama_windows(model_type, d, common["num_layers"]),
+        **(_gemma(d, common["hidden_size"]) if gemma else {}),
     )
+
+
+def _gemma(d: Mapping[str, Any], hidden: int) -> dict[str, Any]:
+    """Gemma 2's ModelConfig fields, as Gemma2Config reads them (a cap of null: none)."""
+    caps = {key: None if d.get(name) is None else float(d[name])
+            for key, name in (("attn_softcap", "attn_logit_softcapping"), ("final_softcap", "final_logit_softcapping"))}
+    for key, cap in caps.items():
+        if cap is not None and not (math.isfinite(cap) and cap > 0):
+            raise ConfigError(f"config.json {key.replace('_softcap', '')} logit softcapping must be a positive "
+                              f"number or null, got {cap!r}")
+    scalar = float(d["query_pre_attn_scalar"])
+    if not scalar > 0:
+        raise ConfigError(f"config.json query_pre_attn_scalar must be positive, got {scalar!r}")
+    return dict(norm_plus_one=True, sandwich_norms=True, embed_scale=hidden**0.5, attn_scale=scalar**-0.5, **caps)
 
 
 def gpu_compute_dtype(cfg: ModelConfig, dtype: torch.dtype | None = None) -> torch.dtype:

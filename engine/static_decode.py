@@ -30,10 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
-from tiermem.engine.attention import SDPA_BACKENDS, positions_from_mask
+from tiermem.engine.attention import grouped_attention, positions_from_mask
 from tiermem.engine.executor import Executor, indexed_device
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored
 from tiermem.errors import ConfigError, NotResidentError
@@ -95,31 +93,31 @@ class StaticAttention:
         return self._masks[window]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 window: int | None = None) -> torch.Tensor:
-        """q [B, H, 1, Dh], new k/v [B, Hkv, 1, Dh] -> attention output [B, 1, H * Dh].
+                 window: int | None = None, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+        """q [B, H, 1, Dh], new k/v [B, Hkv, 1, Dh] -> attention output [B, 1, H * Dh] (scale, softcap: as
+        engine.attention.Attention takes them).
 
         A quantized cache on the GPU is read by the fused kernel (ops.kv_decode_attention) over the span, told the
         query's slot by `slot`; otherwise (or while ops.FUSED_KV_ATTENTION is off) the span is dequantized for SDPA."""
         B, H, _, Dh = q.shape
+        scale = Dh**-0.5 if scale is None else scale
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         for stored, x in ((keys, k), (values, v)):
             self._write(stored, x)
         if isinstance(keys, QuantizedKV):
             scheme = keys.scheme
-            if (ops.FUSED_KV_ATTENTION
+            if (ops.FUSED_KV_ATTENTION and softcap is None
                     and ops.kv_decode_attention_supported(q, k.shape[1], scheme.bits, scheme.group_size, self.span)):
                 out = ops.kv_decode_attention(q, keys.tensors, values.tensors, scheme.bits, scheme.group_size,
-                                              self.cache.key_mask, self.span, window, Dh**-0.5,
+                                              self.cache.key_mask, self.span, window, scale,
                                               query_slot=self.slot)  # [B, H, 1, Dh]
                 return out.transpose(1, 2).reshape(B, 1, H * Dh)
             keys, values = keys.dequantize(slice(None), self.span), values.dequantize(slice(None), self.span)
         else:
             keys, values = keys[:, :, :self.span], values[:, :, :self.span]  # [B, Hkv, span, Dh]
         kv_heads = k.shape[1]
-        with sdpa_kernel(list(SDPA_BACKENDS)):
-            out = F.scaled_dot_product_attention(
-                q.reshape(B, kv_heads, H // kv_heads, Dh), keys, values, attn_mask=self.mask(window),
-                scale=Dh**-0.5)  # [B, Hkv, group, Dh]
+        out = grouped_attention(q.reshape(B, kv_heads, H // kv_heads, Dh), keys, values, self.mask(window), scale,
+                                softcap)  # [B, Hkv, group, Dh]
         return out.reshape(B, 1, H * Dh)
 
     def _write(self, stored: Stored, x: torch.Tensor) -> None:

@@ -21,8 +21,8 @@ from tiermem.kernels import cupy_ops, reference
 from tiermem.kernels.kv_quant import quantize_kv
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
-__all__ = ["apply_rope", "dequantize", "kv_decode_attention", "kv_decode_attention_supported", "linear", "rms_norm",
-           "silu_mul", "write_quantized_kv"]
+__all__ = ["apply_rope", "dequantize", "gelu_tanh_mul", "kv_decode_attention", "kv_decode_attention_supported",
+           "linear", "rms_norm", "rms_norm_plus_one", "silu_mul", "softcap", "write_quantized_kv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -88,6 +88,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     ):
         return cupy_ops.rms_norm_cuda(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
+
+
+def rms_norm_plus_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm (see reference.rms_norm_plus_one; torch's ops on every device)."""
+    return reference.rms_norm_plus_one(x, weight, eps)
+
+
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's elementwise part (see reference.gelu_tanh_mul; torch's ops on every device)."""
+    return reference.gelu_tanh_mul(gate, up)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) (see reference.softcap)."""
+    return reference.softcap(x, cap)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

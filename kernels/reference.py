@@ -44,6 +44,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight.to(torch.float32) * x32).to(x.dtype)
 
 
+def rms_norm_plus_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm: x[..., D] / rms(x) * (1 + w[D]), all in fp32, then cast to x's dtype."""
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * (1.0 + weight.to(torch.float32))).to(x.dtype)
+
+
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """GeGLU's elementwise part (Gemma 2): gelu(gate), tanh-approximated, * up."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), in x's dtype (Gemma 2's attention scores and logits)."""
+    return torch.tanh(x / cap) * cap
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """[x1, x2] -> [-x2, x1] on the last dimension (HF's non-interleaved RoPE convention)."""
     half = x.shape[-1] // 2

@@ -54,6 +54,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                   partial_rotary_factor=0.75, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75,
         short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 4.0], long_factor=[1.0, 2.0, 3.0, 5.0, 8.0, 16.0]))),
+    # Gemma 2 with caps low enough to bend these random weights' scores and logits, a softmax scale of
+    # query_pre_attn_scalar 24 (not head_dim 16) and a window shorter than the tests' sequences on layer 0
+    "gemma2": ("gemma2", dict(LLAMA, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                              attn_logit_softcapping=0.5, final_logit_softcapping=2.0)),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

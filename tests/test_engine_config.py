@@ -271,6 +271,37 @@ def test_phi_configs_read_as_phi3config_does():
                                   architectures=["LlamaForCausalLM"]))
 
 
+# config.json of google/gemma-2-9b (transformers 4.42), weights not needed
+GEMMA2_9B = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_size=3584, intermediate_size=14336,
+                 num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                 hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                 sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                 max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=256000,
+                 torch_dtype="float32", bos_token_id=2, eos_token_id=1, pad_token_id=0, cache_implementation="hybrid")
+
+
+def test_gemma2_configs_read_as_gemma2config_does():
+    """Gemma-2-9B as the hub has it: 9.24B parameters, tied embeddings, every other layer (0, 2, ...) in a 4096-token
+    window, softcaps 50 and 30, the softmax scale 256 ** -0.5, the embedding scaled by sqrt(3584); layer_types and a
+    null cap as transformers 5 may write them; another activation is refused."""
+    import math
+
+    cfg = model_config_from_hf(GEMMA2_9B)
+    params = sum(math.prod(s) for block in expected_weights(cfg).values() for s in block.values())
+    assert params / 1e9 == pytest.approx(9.24, rel=0.01)
+    assert cfg.tie_word_embeddings and cfg.hidden_act == "gelu_pytorch_tanh" and cfg.norm_plus_one
+    assert cfg.sliding_windows[:4] == (4096, None, 4096, None)
+    assert (cfg.attn_softcap, cfg.final_softcap, cfg.attn_scale) == (50.0, 30.0, 256**-0.5)
+    assert cfg.embed_scale == 3584**0.5
+    assert "model.layers.0.pre_feedforward_layernorm.weight" in expected_weights(cfg)["layers.0"]
+    v5 = model_config_from_hf(dict(GEMMA2_9B, layer_types=["full_attention"] * 42, final_logit_softcapping=None))
+    assert v5.sliding_windows == (None,) * 42 and v5.final_softcap is None
+    with pytest.raises(UnsupportedArchitectureError, match="'silu' is not supported"):
+        model_config_from_hf(dict(GEMMA2_9B, hidden_act="silu", hidden_activation="silu"))
+    with pytest.raises(ConfigError, match="attn logit softcapping must be a positive number"):
+        model_config_from_hf(dict(GEMMA2_9B, attn_logit_softcapping=0))
+
+
 def test_phi3_fused_projections_are_read_as_llamas(tmp_path):
     from safetensors import safe_open
 

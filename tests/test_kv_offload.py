@@ -21,7 +21,7 @@ from tiermem.placement import kv_cache_bytes
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    return packed_stores(tmp_path_factory.mktemp("kv-offload"), ("llama3", "opt", "phi3-longrope"))
+    return packed_stores(tmp_path_factory.mktemp("kv-offload"), ("llama3", "opt", "phi3-longrope", "gemma2"))
 
 
 class CountingMover(SyncMover):
@@ -53,7 +53,7 @@ def test_a_host_cache_generates_what_the_device_cache_does_through_a_longrope_re
     assert out.shape == (2, 30) and torch.equal(out, ref) and host.length == 29
 
 
-@pytest.mark.parametrize("variant", ["llama3", "opt"])
+@pytest.mark.parametrize("variant", ["llama3", "opt", "gemma2"])
 @pytest.mark.parametrize("kv_quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_host_cache_gives_the_logits_of_the_device_cache(stores, variant, kv_quant, micro_batches):
@@ -68,10 +68,11 @@ def test_host_cache_gives_the_logits_of_the_device_cache(stores, variant, kv_qua
     assert host.length == ids.shape[1] and host.nbytes == kv_cache_bytes(m.config, 2, 40, m.dtype, scheme)
 
 
-@pytest.mark.parametrize("variant", ["llama3", "opt"])
+@pytest.mark.parametrize("variant", ["llama3", "opt", "gemma2"])
 @pytest.mark.parametrize("kv_quant", [None, "int4"])
 def test_cpu_attention_gives_the_logits_of_the_device_cache(stores, variant, kv_quant):
-    """cpu_attention: attention computed on the host over the host K/V (FlexGen's cpu_cache_compute)."""
+    """cpu_attention: attention computed on the host over the host K/V (FlexGen's cpu_cache_compute); Gemma 2's
+    scores soft-capped there too."""
     ids, mask = left_padded_batch()
     with tiermem.load(stores[variant], max_batch_size=2, max_seq_len=64) as m:
         scheme = kv_scheme(kv_quant, m.config.head_dim)

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from tiermem.engine.attention import grouped_attention
 from tiermem.engine.config import ModelConfig
 from tiermem.engine.kv_cache import KVCache, QuantizedKV, Stored, filled, write_tokens
 from tiermem.errors import ConfigError
@@ -256,10 +257,11 @@ class HostKVCache(KVCache):
         return out[0], out[1]
 
     def attend(self, layer: int, rows: slice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-               softmax_scale: float) -> torch.Tensor:
+               softmax_scale: float, softcap: float | None = None) -> torch.Tensor:
         """Attention on the host (FlexGen's cpu_cache_compute): q [b, H, T, Dh] and the new k, v [b, Hkv, T, Dh]
         come to the host, k and v are appended there, attention runs over the layer's host K, V in their dtype
-        (dequantized when quantized) under mask [b, 1, T, S]; returns [b, H, T, Dh] on q's device in q's dtype.
+        (dequantized when quantized) under mask [b, 1, T, S] (scores soft-capped at softcap, Gemma 2's); returns
+        [b, H, T, Dh] on q's device in q's dtype.
         Only the activations cross PCIe. No fp32 copy of K and V: torch's CPU attention kernel takes bf16 and
         accumulates in fp32, and the copy cost 5-8x the attention itself (llama3-8b, batch 16 x 2048: 1.1 s per
         step). The query heads sharing a kv head are folded into the query length, as on the GPU."""
@@ -275,7 +277,10 @@ class HostKVCache(KVCache):
         mask = mask.to("cpu")
         if group > 1 and T > 1:
             mask = mask.expand(b, group, T, mask.shape[-1]).reshape(b, 1, group * T, mask.shape[-1])
-        out = F.scaled_dot_product_attention(folded, K, V, attn_mask=mask, scale=softmax_scale)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(folded, K, V, attn_mask=mask, scale=softmax_scale)
+        else:  # Gemma 2's capped scores (engine.attention.grouped_attention)
+            out = grouped_attention(folded, K, V, mask, softmax_scale, softcap)
         return out.reshape(b, H, T, Dh).to(q.device, q.dtype)
 
     def begin_step(self, new_mask: torch.Tensor) -> torch.Tensor:

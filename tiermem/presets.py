@@ -35,6 +35,14 @@ def _qwen3_moe(hidden: int, layers: int, heads: int, kv_heads: int, experts_inte
                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
 
 
+def _gemma2(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, head_dim: int, query_scalar: int) -> dict:
+    return _llama(hidden, inter, layers, heads, kv_heads, vocab=256000, architectures=["Gemma2ForCausalLM"],
+                  model_type="gemma2", head_dim=head_dim, max_position_embeddings=8192,
+                  rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                  tie_word_embeddings=True, query_pre_attn_scalar=query_scalar, sliding_window=4096,
+                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0, bos_token_id=2, eos_token_id=1)
+
+
 def _opt(hidden: int, ffn: int, layers: int, heads: int) -> dict:
     return {
         "architectures": ["OPTForCausalLM"], "model_type": "opt",
@@ -57,6 +65,8 @@ PRESETS: dict[str, dict] = {
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8),
     "phi-4": _llama(5120, 17920, 40, 40, 10, vocab=100352, architectures=["Phi3ForCausalLM"], model_type="phi3",
                     max_position_embeddings=16384, rope_theta=250000.0, bos_token_id=100257, eos_token_id=100265),
+    "gemma-2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256),
+    "gemma-2-27b": _gemma2(4608, 36864, 46, 32, 16, 128, 144),
     "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 32000),
     "mixtral-8x22b": _mixtral(6144, 16384, 56, 48, 32768),
     "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 768),

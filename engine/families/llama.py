@@ -1,6 +1,8 @@
-"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE and Phi-3/Phi-4 (its fused q/k/v and
-gate/up projections read as Llama's, storage/fused_weights.py): pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP (in
-the MoE models' sparse layers, a router's pick of SwiGLU experts: engine/moe.py).
+"""Llama 2/3/3.1, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Phi-3/Phi-4 (its fused q/k/v and gate/up
+projections read as Llama's, storage/fused_weights.py) and Gemma 2: pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP
+(in the MoE models' sparse layers, a router's pick of SwiGLU experts: engine/moe.py). Gemma 2 adds norms of the
+attention's and the MLP's outputs, (1 + w) norm weights, a scaled embedding, GeGLU and soft-capped attention scores
+and logits (ModelConfig's Gemma fields).
 
 Pure math, no I/O. Weight dicts are keyed by full HF names; values are tensors or QuantizedWeight,
 and every matmul goes through ops.linear (which casts/dequantizes to the activation dtype).
@@ -37,6 +39,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
         p = f"model.layers.{i}."
         w = {
             p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
+            **({p + "pre_feedforward_layernorm.weight": (D,), p + "post_feedforward_layernorm.weight": (D,)}
+               if cfg.sandwich_norms else {}),
             p + "self_attn.q_proj.weight": (q_dim, D), p + "self_attn.k_proj.weight": (kv_dim, D),
             p + "self_attn.v_proj.weight": (kv_dim, D), p + "self_attn.o_proj.weight": (D, q_dim),
         }
@@ -73,14 +77,21 @@ def embed(
     Rows are gathered where the table lives; only the gathered rows move.
     """
     table = w[EMBED]  # [V, D]
-    return F.embedding(input_ids.to(table.device), table).to(device or table.device, dtype or table.dtype)
+    rows = F.embedding(input_ids.to(table.device), table)  # [B, T, D]
+    if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the table's dtype, as transformers multiplies
+        rows = rows * float(torch.tensor(cfg.embed_scale).to(table.dtype))
+    return rows.to(device or table.device, dtype or table.dtype)
+
+
+def _norm(cfg: ModelConfig, x: torch.Tensor, weight) -> torch.Tensor:
+    return (ops.rms_norm_plus_one if cfg.norm_plus_one else ops.rms_norm)(x, weight, cfg.norm_eps)
 
 
 def layer(cfg: ModelConfig, i: int, w: Weights, h: torch.Tensor, attn: Attention) -> torch.Tensor:
     """One decoder layer: h [B, T, D] -> [B, T, D]."""
     p = f"model.layers.{i}."
     B, T, _ = h.shape
-    x = ops.rms_norm(h, w[p + "input_layernorm.weight"], cfg.norm_eps)  # [B, T, D]
+    x = _norm(cfg, h, w[p + "input_layernorm.weight"])  # [B, T, D]
     q = ops.linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))  # [B, T, H*Dh]
     k = ops.linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))  # [B, T, Hkv*Dh]
     v = ops.linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
@@ -91,20 +102,26 @@ def layer(cfg: ModelConfig, i: int, w: Weights, h: torch.Tensor, attn: Attention
         k = ops.rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.norm_eps)
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, Hkv, T, Dh]
     v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    a = attn(i, attn.rope(q), attn.rope(k), v, cfg.sliding_windows[i])  # [B, T, H*Dh]
-    h = h + ops.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
-    x = ops.rms_norm(h, w[p + "post_attention_layernorm.weight"], cfg.norm_eps)
+    a = attn(i, attn.rope(q), attn.rope(k), v, cfg.sliding_windows[i], cfg.attn_scale, cfg.attn_softcap)
+    a = ops.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))  # [B, T, D]
+    if cfg.sandwich_norms:  # Gemma 2: post_attention_layernorm normalizes the attention's output
+        h = h + _norm(cfg, a, w[p + "post_attention_layernorm.weight"])
+        x = _norm(cfg, h, w[p + "pre_feedforward_layernorm.weight"])
+    else:
+        h = h + a
+        x = _norm(cfg, h, w[p + "post_attention_layernorm.weight"])
     if _sparse(cfg, i):
         return h + moe.sparse_mlp(cfg.moe, p, w, x)
     gate = ops.linear(x, w[p + "mlp.gate_proj.weight"], w.get(p + "mlp.gate_proj.bias"))  # [B, T, I]
     up = ops.linear(x, w[p + "mlp.up_proj.weight"], w.get(p + "mlp.up_proj.bias"))
-    x = ops.silu_mul(gate, up)  # [B, T, I]
-    return h + ops.linear(x, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
+    x = ops.gelu_tanh_mul(gate, up) if cfg.hidden_act == "gelu_pytorch_tanh" else ops.silu_mul(gate, up)  # [B, T, I]
+    x = ops.linear(x, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))  # [B, T, D]
+    return h + (_norm(cfg, x, w[p + "post_feedforward_layernorm.weight"]) if cfg.sandwich_norms else x)
 
 
 def final(cfg: ModelConfig, w_head: Weights, h: torch.Tensor) -> torch.Tensor:
     """Final RMSNorm: h [B, T, D] -> [B, T, D]."""
-    return ops.rms_norm(h, w_head[NORM], cfg.norm_eps)
+    return _norm(cfg, h, w_head[NORM])
 
 
 def lm_head_weight_name(cfg: ModelConfig) -> tuple[str, str]:

@@ -21,5 +21,6 @@ def lm_head_weight_name(cfg: ModelConfig, embed_name: str) -> tuple[str, str]:
 
 def logits(cfg: ModelConfig, w: dict, h: torch.Tensor, embed_name: str) -> torch.Tensor:
     """h [B, T, D] -> logits [B, T, V]; `w` holds lm_head.weight (a tied store may carry a copy in
-    "head") or else is the block named by lm_head_weight_name."""
-    return ops.linear(h, w[LM_HEAD] if LM_HEAD in w else w[lm_head_weight_name(cfg, embed_name)[1]])
+    "head") or else is the block named by lm_head_weight_name; soft-capped where the model caps them (Gemma 2)."""
+    out = ops.linear(h, w[LM_HEAD] if LM_HEAD in w else w[lm_head_weight_name(cfg, embed_name)[1]])
+    return out if cfg.final_softcap is None else ops.softcap(out, cfg.final_softcap)
