@@ -76,10 +76,16 @@ def test_streamed_equals_resident(stores):
     assert torch.equal(logits_a, logits_b) and torch.equal(tokens_a, tokens_b)
 
 
+# Gemma 2: its soft-capped attention is written out in torch (engine.attention.grouped_attention), its scores held
+GEMMA2 = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", head_dim=64, query_pre_attn_scalar=64,
+              sliding_window=64, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("quant", [None, QuantScheme(4, 64)])
-def test_gpu_memory_is_a_hard_limit(quant):
+def test_gpu_memory_is_a_hard_limit(quant, family):
     config = dict(SMALL, num_hidden_layers=12, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                  num_key_value_heads=8, torch_dtype="float16")
+                  num_key_value_heads=8, torch_dtype="float16", **(GEMMA2 if family == "gemma2" else {}))
     store = SyntheticStore(config, quant, torch.float16, device="cuda")
     total = sum(store.block_nbytes(b) for b in store.block_names)
     cfg = model_config_from_hf(config)
