@@ -26,3 +26,18 @@ def test_every_preset_is_covered_and_unknown_names_are_refused():
     assert model_config_from_hf(preset("qwen3-32b")).qk_norm
     with pytest.raises(ConfigError, match="known: "):
         preset("llama-9000b")
+
+
+def test_synthetic_norms_start_as_transformers_initialises_them():
+    """Llama's norm weights start at 1; Gemma's at 0, since its norms apply 1 + w (a synthetic Gemma with weights of 1
+    would double every normalized activation)."""
+    import torch
+
+    from tiermem.synthetic import SyntheticStore
+
+    small = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512)
+    for name, start in (("llama-1b", 1.0), ("gemma-2-9b", 0.0)):
+        store = SyntheticStore(dict(preset(name), **small, head_dim=32), None, torch.float32)
+        norms = [t for n, t in store.tensors("layers.0").items() if n.endswith("layernorm.weight")]
+        assert len(norms) >= 2 and all(torch.equal(t, torch.full_like(t, start)) for t in norms), name

@@ -20,13 +20,15 @@ from tiermem.storage.pack import default_should_quantize
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """One weight initialised the way HF initialises a fresh model."""
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  norm_plus_one: bool = False) -> torch.Tensor:
+    """One weight initialised the way HF initialises a fresh model (norm_plus_one: a Gemma model, whose norms apply
+    1 + w and start at w = 0)."""
     leaf = name.rsplit(".", 2)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype, device=device)
     if len(shape) == 1 and "norm" in leaf[-2]:
-        return torch.ones(shape, dtype=dtype, device=device)
+        return (torch.zeros if norm_plus_one else torch.ones)(shape, dtype=dtype, device=device)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     out.normal_(0.0, 0.02, generator=generator)
     return out.to(dtype)
@@ -35,10 +37,12 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator,
 def random_block(hf_config: dict, block: str, seed: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The random tensors of one block ("embed", "layers.i", "head"), reproducible from (seed, block)."""
-    specs = expected_weights(model_config_from_hf(hf_config))[block]
+    cfg = model_config_from_hf(hf_config)
+    specs = expected_weights(cfg)[block]
     generator = torch.Generator(device=device)
     generator.manual_seed(seed * 1_000_003 + sum(map(ord, block)) * 7919 + _block_index(block))
-    return {name: random_tensor(name, shape, generator, dtype, device) for name, shape in specs.items()}
+    return {name: random_tensor(name, shape, generator, dtype, device, cfg.norm_plus_one)
+            for name, shape in specs.items()}
 
 
 def _block_index(block: str) -> int:
@@ -80,6 +84,7 @@ class SyntheticStore:
         for name, source in tied_head_alias(cfg).items():  # a copy in "head", as tiermem.pack stores it
             shapes["head"][name] = shapes["embed"][source]
         self._shapes = shapes
+        self._norm_plus_one = cfg.norm_plus_one  # Gemma: norms start at 0 (1 + w)
         self.block_names = cfg.block_names
         self._nbytes = {b: self._plan(b) for b in self.block_names}
         self._layouts: dict[str, dict] = {}  # block -> manifest-style entry, recorded by read_block
@@ -110,7 +115,7 @@ class SyntheticStore:
         generator.manual_seed(self.seed * 1_000_003 + self.block_names.index(block))
         out = {}
         for name, shape in self._shapes[block].items():
-            value = random_tensor(name, shape, generator, self.dtype, self.device)
+            value = random_tensor(name, shape, generator, self.dtype, self.device, self._norm_plus_one)
             if self.quant is not None and default_should_quantize(name, shape):
                 value = quantize(value, self.quant, name)
             out[name] = value
