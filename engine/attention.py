@@ -77,11 +77,16 @@ class Attention:
     cache: KVCache | None = None
     cos: torch.Tensor | None = None  # [b, T, R]: R of Dh dimensions rotate (rope.cos_sin)
     sin: torch.Tensor | None = None
+    cos_local: torch.Tensor | None = None  # Gemma 3's sliding-window layers' own tables (None: cos, sin)
+    sin_local: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _grouped: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
 
-    def rope(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of x [b, H, T, Dh] at this step's positions."""
+    def rope(self, x: torch.Tensor, local: bool = False) -> torch.Tensor:
+        """Rotary embedding of x [b, H, T, Dh] at this step's positions (local: with the sliding-window layers'
+        tables, where the model has them)."""
+        if local and self.cos_local is not None:
+            return ops.apply_rope(x, self.cos_local, self.sin_local)
         return ops.apply_rope(x, self.cos, self.sin)
 
     def mask(self, window: int | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from tiermem.storage.moe_names import NAMING_OF_MODEL_TYPE
 
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "llama",
                         "qwen2_moe": "llama", "qwen3": "llama", "qwen3_moe": "llama", "phi3": "llama",
-                        "gemma2": "llama", "opt": "opt"}
+                        "gemma2": "llama", "gemma3_text": "llama", "opt": "opt"}
 MODEL_TYPE_OF_ARCHITECTURE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -34,6 +34,7 @@ MODEL_TYPE_OF_ARCHITECTURE = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
     "OPTForCausalLM": "opt",
 }
 # Defaults of the transformers config classes for keys a config.json may omit.
@@ -68,6 +69,12 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                    rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
                    query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
                    attn_logit_softcapping=50.0),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None,
+                        attn_logit_softcapping=None, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        sliding_window_pattern=6),
     "opt": dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=2048),
 }
@@ -137,6 +144,7 @@ class ModelConfig:
     final_softcap: float | None = None
     moe: MoeConfig | None = None  # the sparse MLP of Mixtral and Qwen3-MoE (None: every layer's MLP is dense)
     rope: RopeConfig | None = None  # None: learned positions (OPT)
+    rope_local: RopeConfig | None = None  # Gemma 3: the sliding-window layers' own RoPE (None: `rope` everywhere)
     sliding_windows: tuple[int | None, ...] = ()  # per layer; None = full causal attention
     # OPT only
     word_embed_proj_dim: int = 0  # 0: same as hidden_size
@@ -286,8 +294,9 @@ def _llama_windows(model_type: str, d: Mapping[str, Any], n_layers: int) -> tupl
     """Per-layer sliding window (None = full attention), as Mistral / Mixtral / Qwen2 / Qwen3 configs set them."""
     if model_type in ("mistral", "mixtral", "phi3"):
         return (d.get("sliding_window"),) * n_layers
-    if model_type == "gemma2":  # Gemma2Config: layers 0, 2, 4, ... slide unless layer_types says otherwise
-        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+    if model_type in ("gemma2", "gemma3_text"):  # every other layer slides in Gemma 2, 5 of each 6 in Gemma 3
+        pattern = 2 if model_type == "gemma2" else int(d["sliding_window_pattern"])
+        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
                                          for i in range(n_layers)]
         return tuple(d.get("sliding_window") if t == "sliding_attention" else None for t in types)
     if model_type == "qwen3_moe":
@@ -348,6 +357,8 @@ def _check_positive_int(key: str, value: Any) -> None:
 def _check_values(cfg: ModelConfig) -> None:
     """ConfigError for values of the right type that no model has (they would give NaN logits, not an error)."""
     positive = {"rms_norm_eps / layer norm eps": cfg.norm_eps}
+    if cfg.rope_local is not None:
+        positive |= {"rope_local_base_freq": cfg.rope_local.theta, "sliding layers' rope factor": cfg.rope_local.factor}
     if cfg.rope is not None:
         positive |= {"rope_theta": cfg.rope.theta, "rope factor": cfg.rope.factor}
         rotary = cfg.rope.rotary_dim(cfg.head_dim)
@@ -425,7 +436,7 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
             final_layer_norm=before and not d.get("_remove_final_layer_norm", False),
             layer_norm_affine=bool(d.get("layer_norm_elementwise_affine", True)), position_offset=2,
         )
-    gemma = model_type == "gemma2"
+    gemma = model_type in ("gemma2", "gemma3_text")
     act = (d.get("hidden_activation") or d.get("hidden_act")) if gemma else d.get("hidden_act", "silu")
     supported = "gelu_pytorch_tanh" if gemma else "silu"
     if act != supported:
@@ -443,11 +454,36 @@ def _read_config(hf: Mapping[str, Any]) -> ModelConfig:
         norm_eps=float(d["rms_norm_eps"]), hidden_act=act,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=qwen2_bias or attention_bias, o_bias=attention_bias,
-        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
-        moe=_moe(model_type, d, common["num_layers"]), rope=_rope(d, int(d["max_position_embeddings"])),
+        mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+        moe=_moe(model_type, d, common["num_layers"]),
         sliding_windows=_llama_windows(model_type, d, common["num_layers"]),
+        **(_gemma3_ropes(d) if model_type == "gemma3_text" else {"rope": _rope(d, int(d["max_position_embeddings"]))}),
         **(_gemma(d, common["hidden_size"]) if gemma else {}),
     )
+
+
+def _gemma3_ropes(d: Mapping[str, Any]) -> dict[str, RopeConfig]:
+    """Gemma 3's two RoPEs, as Gemma3TextConfig reads them: rope_parameters per layer type (transformers 5), or
+    rope_theta (+ a rope_scaling) for the full-attention layers and rope_local_base_freq for the sliding ones."""
+    params = d.get("rope_parameters") or {}
+    nested = bool({"full_attention", "sliding_attention"} & set(params))  # else a flat one: the full layers'
+    full = dict(params.get("full_attention") or {}) if nested else dict(params)
+    local = dict(params.get("sliding_attention") or {}) if nested else {}
+    if d.get("rope_scaling"):
+        full.update(d["rope_scaling"])
+    full.setdefault("rope_theta", d["rope_theta"])
+    local.setdefault("rope_theta", d["rope_local_base_freq"])
+    max_pos = int(d["max_position_embeddings"])
+    if d.get("sliding_window") is None:
+        raise UnsupportedArchitectureError("gemma3_text without a sliding_window is not supported (its sliding "
+                                           "layers would still rotate with their own RoPE; no released model has it)")
+    plain = {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_parameters")}
+    ropes = {"rope": _rope(dict(plain, rope_parameters=full), max_pos),
+             "rope_local": _rope(dict(plain, rope_parameters=local), max_pos)}
+    if ropes["rope_local"].type in ("dynamic", "longrope"):
+        raise UnsupportedArchitectureError(f"a {ropes['rope_local'].type} RoPE on Gemma 3's sliding layers is not "
+                                           "supported (their tables are made once per step from fixed frequencies)")
+    return ropes
 
 
 def _gemma(d: Mapping[str, Any], hidden: int) -> dict[str, Any]:

@@ -56,15 +56,22 @@ class Executor:
         longrope = cfg.rope is not None and cfg.rope.type == "longrope"
         self.inv_freq_long = rope.inverse_frequencies(cfg.rope, cfg.head_dim, self.device, long=True) if longrope \
             else None
+        self.inv_freq_local = (rope.inverse_frequencies(cfg.rope_local, cfg.head_dim, self.device)
+                               if cfg.rope_local else None)  # Gemma 3's sliding-window layers
         lm_block, _ = self.family.lm_head_weight_name(cfg)
         # Tied embeddings: unless the store put a copy of lm_head.weight into "head" (head_has_lm_head),
         # the embedding block is streamed again after "head" for the output projection.
         tied_reuse = lm_block == "embed" and not head_has_lm_head
         self.block_order = cfg.block_names + (["embed"] if tied_reuse else [])
 
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def rope_tables(self, positions: torch.Tensor, local: bool = False
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """cos, sin [B, T, R] (rope.cos_sin) in the compute dtype for positions [B, T]; (None, None) for learned
-        positions."""
+        positions, and for local=True where the model has no second RoPE for its sliding-window layers."""
+        if local:
+            if self.inv_freq_local is None:
+                return None, None
+            return rope.cos_sin(self.inv_freq_local, positions, self.dtype, self.cfg.rope_local.attention_factor)
         if self.cfg.rope is None:
             return None, None
         inv_freq = self.inv_freq
@@ -106,13 +113,10 @@ class Executor:
         if cfg.rope is None and int(positions.max()) >= cfg.max_position_embeddings:
             raise ConfigError(f"{cfg.model_type} has learned positions up to {cfg.max_position_embeddings}; "
                               f"position {int(positions.max())} requested: shorten the sequence")
-        cos, sin = self.rope_tables(positions)
+        tables = [*self.rope_tables(positions), *self.rope_tables(positions, local=True)]  # cos, sin, local ones
         slices = micro_batch_slices(B, micro_batches)
-        attns = [
-            Attention(key_mask[r], past, r, cache, cos[r] if cos is not None else None,
-                      sin[r] if sin is not None else None)
-            for r in slices
-        ]
+        attns = [Attention(key_mask[r], past, r, cache, *(t[r] if t is not None else None for t in tables))
+                 for r in slices]
         hs: list[torch.Tensor] = []  # per micro-batch hidden states [b, T, D]
         with self.source.stream(self.block_order) as blocks:
             for step, (name, w) in enumerate(blocks):

@@ -76,10 +76,14 @@ class StaticAttention:
     span: int
     cos: torch.Tensor | None  # [B, 1, R] (rope.cos_sin)
     sin: torch.Tensor | None
+    cos_local: torch.Tensor | None = None  # Gemma 3's sliding-window layers' own tables (None: cos, sin)
+    sin_local: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def rope(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of x [B, H, 1, Dh] at the step's positions."""
+    def rope(self, x: torch.Tensor, local: bool = False) -> torch.Tensor:
+        """Rotary embedding of x [B, H, 1, Dh] at the step's positions (local: as engine.attention.Attention.rope)."""
+        if local and self.cos_local is not None:
+            return ops.apply_rope(x, self.cos_local, self.sin_local)
         return ops.apply_rope(x, self.cos, self.sin)
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -207,8 +211,8 @@ class StaticDecoder:
         ex = self.executor
         with self._embedding_block() as w:
             h = ex.family.embed(ex.cfg, w, self.input_ids, self.positions, ex.device, ex.dtype)  # [B, 1, D]
-        cos, sin = ex.rope_tables(self.positions)
-        attn = StaticAttention(self.cache, self.slot, span, cos, sin)
+        attn = StaticAttention(self.cache, self.slot, span, *ex.rope_tables(self.positions),
+                               *ex.rope_tables(self.positions, local=True))
         with ex.source.stream(ex.block_order[1:]) as blocks:
             for name, w in blocks:
                 if name.startswith("layers."):

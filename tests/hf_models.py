@@ -58,6 +58,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # query_pre_attn_scalar 24 (not head_dim 16) and a window shorter than the tests' sequences on layer 0
     "gemma2": ("gemma2", dict(LLAMA, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
                               attn_logit_softcapping=0.5, final_logit_softcapping=2.0)),
+    # Gemma 3 (text): layers 0-4 of each 6 in a window of 8 with their own RoPE (base 10000), layer 5 global (base
+    # 1e6, linear factor 4); q/k norms; 6 layers so that both kinds run
+    "gemma3": ("gemma3_text", dict(LLAMA, num_hidden_layers=6, num_key_value_heads=2, head_dim=16,
+                                   query_pre_attn_scalar=24, sliding_window=8, rope_theta=1_000_000.0,
+                                   rope_local_base_freq=10_000.0, rope_scaling=dict(rope_type="linear", factor=4.0))),
     "opt": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=True)),
     "opt-proj": ("opt", dict(COMMON, ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 }

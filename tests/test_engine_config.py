@@ -302,6 +302,44 @@ def test_gemma2_configs_read_as_gemma2config_does():
         model_config_from_hf(dict(GEMMA2_9B, attn_logit_softcapping=0))
 
 
+# config.json of google/gemma-3-1b-it (transformers 4.50), weights not needed
+GEMMA3_1B = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", hidden_size=1152,
+                 intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                 head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=512,
+                 sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling=None,
+                 final_logit_softcapping=None, attn_logit_softcapping=None, max_position_embeddings=32768,
+                 rms_norm_eps=1e-6, vocab_size=262144, torch_dtype="bfloat16", bos_token_id=2, eos_token_id=[1, 106],
+                 pad_token_id=0)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 8.0}])
+def test_gemma3_configs_read_as_gemma3textconfig_does(scaling):
+    """Gemma-3-1B as the hub has it (and with the 4B+ models' linear scaling of the global layers): 5 of each 6
+    layers in a 512-token window with RoPE base 10000, the others global with base 1e6; each RoPE's frequencies
+    against transformers' Gemma3RotaryEmbedding, from the legacy keys and from transformers 5's nested
+    rope_parameters; q/k norms; no soft-capping."""
+    import math
+
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    raw = dict(GEMMA3_1B, rope_scaling=scaling)
+    cfg = model_config_from_hf(raw)
+    params = sum(math.prod(s) for block in expected_weights(cfg).values() for s in block.values())
+    assert params / 1e9 == pytest.approx(1.0, rel=0.01)
+    assert cfg.sliding_windows[:7] == (512,) * 5 + (None, 512)
+    assert cfg.qk_norm and cfg.norm_plus_one and cfg.attn_softcap is None and cfg.final_softcap is None
+    hf = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "architectures"})
+    rotary = Gemma3RotaryEmbedding(hf)
+    nested = model_config_from_hf(json.loads(hf.to_json_string()))  # as transformers 5 writes it back
+    for read in (cfg, nested):
+        assert torch.allclose(inverse_frequencies(read.rope, 256), rotary.full_attention_inv_freq, rtol=1e-6, atol=0)
+        assert torch.allclose(inverse_frequencies(read.rope_local, 256), rotary.sliding_attention_inv_freq,
+                              rtol=1e-6, atol=0)
+    assert (cfg.rope.type, cfg.rope_local.type) == (("linear" if scaling else "default"), "default")
+    with pytest.raises(UnsupportedArchitectureError, match="without a sliding_window"):
+        model_config_from_hf(dict(GEMMA3_1B, sliding_window=None))
+
+
 def test_phi3_fused_projections_are_read_as_llamas(tmp_path):
     from safetensors import safe_open
 

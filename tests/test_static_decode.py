@@ -17,7 +17,8 @@ def stores(tmp_path_factory):
     return packed_stores(tmp_path_factory.mktemp("static-decode"), ("llama3", "mistral", "opt", "opt-proj",
                                                                     "llama-tied", "qwen3", "qwen2-yarn", "mixtral",
                                                                     "qwen2-moe", "qwen3-moe", "phi3-longrope",
-                                                                    "phi3-partial", "llama-dynamic", "gemma2"))
+                                                                    "phi3-partial", "llama-dynamic", "gemma2",
+                                                                    "gemma3"))
 
 
 def _twin_caches(m, ids, mask, max_len, kv_quant=None):
@@ -53,7 +54,7 @@ def _compare_steps(m, steps: int, bucket: int, graphs: bool = False, atol: float
 
 @pytest.mark.parametrize("variant", ["llama3", "mistral", "opt", "opt-proj", "llama-tied", "qwen3", "qwen2-yarn",
                                      "mixtral", "qwen2-moe", "qwen3-moe", "phi3-longrope", "phi3-partial",
-                                     "llama-dynamic", "gemma2"])
+                                     "llama-dynamic", "gemma2", "gemma3"])
 def test_static_steps_give_the_logits_and_cache_of_dynamic_steps(stores, variant):
     """Left padding, GQA, llama3 RoPE (llama3), a sliding window shorter than the context (mistral: 16 slots, 22
     tokens), learned positions (opt), embeddings narrower than the layers (opt-proj), a tied head (llama-tied),
@@ -109,7 +110,7 @@ def _check_captures(decoder: CapturingDecoder) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("variant", ["llama3", "opt", "qwen3", "qwen2-yarn", "mixtral", "qwen3-moe", "phi3-longrope",
-                                     "phi3-partial", "llama-dynamic", "gemma2"])
+                                     "phi3-partial", "llama-dynamic", "gemma2", "gemma3"])
 def test_gpu_graph_replays_give_the_logits_of_dynamic_steps(stores, variant):
     """Every block resident: the first step of each span runs as it is and is captured, the others replay it. A
     capture runs every MoE expert (engine.moe.all_experts); qwen3-moe's dynamic steps, 2 rows x 2 picks of 6

@@ -98,11 +98,13 @@ def layer(cfg: ModelConfig, i: int, w: Weights, h: torch.Tensor, attn: Attention
     q = q.view(B, T, cfg.num_heads, cfg.head_dim)  # [B, T, H, Dh]
     k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, Dh]
     if cfg.qk_norm:  # per head, over Dh
-        q = ops.rms_norm(q, w[p + "self_attn.q_norm.weight"], cfg.norm_eps)
-        k = ops.rms_norm(k, w[p + "self_attn.k_norm.weight"], cfg.norm_eps)
+        q = _norm(cfg, q, w[p + "self_attn.q_norm.weight"])
+        k = _norm(cfg, k, w[p + "self_attn.k_norm.weight"])
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, Dh], [B, Hkv, T, Dh]
     v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-    a = attn(i, attn.rope(q), attn.rope(k), v, cfg.sliding_windows[i], cfg.attn_scale, cfg.attn_softcap)
+    local = cfg.sliding_windows[i] is not None  # Gemma 3: sliding layers rotate with their own RoPE
+    q, k = attn.rope(q, local), attn.rope(k, local)
+    a = attn(i, q, k, v, cfg.sliding_windows[i], cfg.attn_scale, cfg.attn_softcap)
     a = ops.linear(a, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))  # [B, T, D]
     if cfg.sandwich_norms:  # Gemma 2: post_attention_layernorm normalizes the attention's output
         h = h + _norm(cfg, a, w[p + "post_attention_layernorm.weight"])
