@@ -9,7 +9,7 @@ from tiermem.errors import ConfigError
 from tiermem.presets import PRESETS, preset
 
 BILLIONS = {"llama-1b": 1.2, "llama-7b": 6.7, "llama-13b": 13.0, "llama3-8b": 8.0, "llama-111b": 111.0,
-            "qwen3-32b": 32.8, "phi-4": 14.7, "gemma-2-9b": 9.24, "gemma-2-27b": 27.2,
+            "qwen3-32b": 32.8, "phi-4": 14.7, "gemma-2-9b": 9.24, "gemma-2-27b": 27.2, "gemma-3-27b": 27.0,
             "mixtral-8x7b": 46.7, "mixtral-8x22b": 140.6, "qwen3-30b-a3b": 30.5,
             "qwen3-235b-a22b": 235.1, "opt-1.3b": 1.3, "opt-6.7b": 6.7, "opt-30b": 30.0, "opt-66b": 66.0}
 

@@ -67,6 +67,12 @@ PRESETS: dict[str, dict] = {
                     max_position_embeddings=16384, rope_theta=250000.0, bos_token_id=100257, eos_token_id=100265),
     "gemma-2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256),
     "gemma-2-27b": _gemma2(4608, 36864, 46, 32, 16, 128, 144),
+    # the text model of google/gemma-3-27b-it (whose checkpoint also holds a vision tower tiermem does not read)
+    "gemma-3-27b": dict(_gemma2(5376, 21504, 62, 32, 16, 128, 168), architectures=["Gemma3ForCausalLM"],
+                        model_type="gemma3_text", vocab_size=262208, sliding_window=1024, sliding_window_pattern=6,
+                        final_logit_softcapping=None, attn_logit_softcapping=None, max_position_embeddings=131072,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 8.0}),
     "mixtral-8x7b": _mixtral(4096, 14336, 32, 32, 32000),
     "mixtral-8x22b": _mixtral(6144, 16384, 56, 48, 32768),
     "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 768),
