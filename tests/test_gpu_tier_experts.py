@@ -1,10 +1,9 @@
 """The GPU tier copies a streamed sparse layer's routed experts on demand (CUDA streams and events faked, as in
-test_gpu_tier_schedule: copies happen when issued): the experts a pass uses hold their bytes, the ones it does not
+conftest.fake_cuda: copies happen when issued): the experts a pass uses hold their bytes, the ones it does not
 use never cross, and after a sparse layer that used every expert blocks are copied whole."""
 
 import pytest
 import torch
-from test_gpu_tier_schedule import fake_cuda  # noqa: F401  (the fixture)
 
 from tiermem.expert_split import split_experts
 from tiermem.gpu_tier import GpuWeights
@@ -65,7 +64,7 @@ def steady(weights, use):
 
 
 @pytest.mark.parametrize("lookahead", [1, 2])
-def test_only_the_experts_a_pass_uses_cross_once_a_pass_left_some_unused(fake_cuda, lookahead):  # noqa: F811
+def test_only_the_experts_a_pass_uses_cross_once_a_pass_left_some_unused(fake_cuda, lookahead):
     weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=lookahead)
     assert weights.sparse_host_blocks == ["layers.0", "layers.1", "layers.2"]
     head = BLOCK_BYTES  # "head" has no experts: always whole
@@ -80,13 +79,13 @@ def test_only_the_experts_a_pass_uses_cross_once_a_pass_left_some_unused(fake_cu
     assert steady(weights, {1}) == 3 * (SHARED_BYTES + expert_bytes(1)) + head
 
 
-def test_experts_are_copied_whole_without_on_demand(fake_cuda):  # noqa: F811
+def test_experts_are_copied_whole_without_on_demand(fake_cuda):
     weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=1,
                          experts_on_demand=False)
     assert steady(weights, {0}) == 4 * BLOCK_BYTES
 
 
-def test_a_membership_test_copies_nothing(fake_cuda):  # noqa: F811
+def test_a_membership_test_copies_nothing(fake_cuda):
     weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=1)
     steady(weights, {0})
     before = weights.h2d_bytes
@@ -107,14 +106,14 @@ def test_the_split_runs_cover_each_owners_tensors_and_skip_padding_between_owner
     assert split_experts({"self_attn.q_proj.weight": buffer[:32]}, buffer) is None
 
 
-def test_turning_on_demand_off_between_passes_copies_whole_blocks_from_the_next_copy_on(fake_cuda):  # noqa: F811
+def test_turning_on_demand_off_between_passes_copies_whole_blocks_from_the_next_copy_on(fake_cuda):
     weights = GpuWeights({}, host_blocks(), decode, device="cpu", host_only=["embed"], lookahead=1)
     steady(weights, {0})
     weights.experts_on_demand = False
     assert steady(weights, {0}) == 4 * BLOCK_BYTES
 
 
-def test_a_prompt_after_decode_steps_and_the_step_after_it_follow_their_own_first_layers(fake_cuda):  # noqa: F811
+def test_a_prompt_after_decode_steps_and_the_step_after_it_follow_their_own_first_layers(fake_cuda):
     """lookahead 1: a pass that uses every expert (a prompt) after passes that used one fetches all experts of its
     first two layers (copied before it showed), and copies the rest whole; the pass after it gets its first two
     layers whole and splits from the third."""

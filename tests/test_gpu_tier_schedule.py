@@ -2,44 +2,10 @@
 issued): every block it yields holds that block's bytes, over passes that repeat, change or stop early, and the
 copies of the next pass start as soon as a slot is free."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from tiermem.gpu_tier import GpuWeights
-
-
-class FakeEvent:
-    def record(self, stream=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-
-class FakeStream:
-    def __init__(self, device=None):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-    def wait_stream(self, stream):
-        pass
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    @contextmanager
-    def stream(s):
-        yield
-
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
-    monkeypatch.setattr(torch.cuda, "stream", stream)
-
 
 SIZES = {"embed": 64, **{f"layers.{i}": 96 + 16 * (i % 3) for i in range(8)}, "head": 80}
 
