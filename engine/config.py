@@ -389,12 +389,25 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     if not isinstance(hf, Mapping):
         raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     try:
-        cfg = _read_config(hf)
+        cfg = _read_config(_text_model(hf))
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"config.json has a value of the wrong type or form ({e}); compare it with the config "
                           "transformers writes for this model, or re-export it") from e
     _check_values(cfg)
     return cfg
+
+
+def _text_model(hf: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config of a multimodal checkpoint's text model (Gemma 3: its text_config, read as a Gemma3ForCausalLM
+    config; the token ids, dtype and tying at the top where text_config leaves them out); other configs as they are."""
+    if hf.get("model_type") != "gemma3":
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError("a gemma3 config.json needs a text_config object (the language model's config)")
+    top = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "dtype",
+                              "torch_dtype") if k in hf}
+    return {**top, **text, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
 
 
 def _read_config(hf: Mapping[str, Any]) -> ModelConfig:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from tiermem.errors import PackError, StoreError
 from tiermem.storage.fused_weights import piece_shape, split_fused
+from tiermem.storage.multimodal import text_tensors
 from tiermem.storage.safetensors_io import METADATA_KEY, read_header, str_to_dtype
 
 SINGLE_FILE = "model.safetensors"
@@ -41,7 +42,10 @@ class HFCheckpoint:
             self._read_shard_header(shard)
         # fused tensors (transformers 5's experts, Phi-3's projections), seen as separate ones (storage.fused_weights)
         self._pieces = split_fused(self.config, {n: tuple(i["shape"]) for n, i in self._infos.items()})
-        fused = {source for source, _, _ in self._pieces.values()}
+        # a multimodal checkpoint's text model under a text checkpoint's names, the rest left out (storage.multimodal)
+        renamed, self.left_out = text_tensors(self.config, self._shard_of)
+        self._pieces |= {name: (stored, None, None) for name, stored in renamed.items()}
+        fused = {source for source, _, _ in self._pieces.values()} | self.left_out
         # File order (shard, offset), so that streaming reads each shard front to back.
         self.tensor_names: list[str] = sorted(
             [n for n in self._shard_of if n not in fused] + list(self._pieces),
