@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def pack_checkpoint(
     should_quantize(name, shape) picks the weights to quantize (default: `default_should_quantize`).
     dtype: convert floating tensors that are not quantized (default: keep the checkpoint's dtype).
     aliases: extra tensors to store, {new name: checkpoint tensor it copies} (e.g. a tied lm_head).
+    A multimodal checkpoint (Gemma 3's) is packed as its text model, its vision tower left out (storage.multimodal;
+    said on stderr where progress is shown).
     """
     if isinstance(quant, str):
         try:
@@ -125,6 +128,9 @@ def pack_checkpoint(
         raise PackError(f"{reason}: overwrite=True replaces only a tiermem store; choose another destination or "
                         "remove it yourself")
     ckpt = HFCheckpoint(src_dir)
+    if ckpt.left_out and progress:
+        tqdm.write(f"{src_dir}: packing the text model; {len(ckpt.left_out)} tensors of its vision tower and "
+                   "projector are left out", file=sys.stderr)
     aliases = dict(aliases or {})
     missing = sorted(src for src in aliases.values() if src not in ckpt.tensor_names)
     if missing:

@@ -33,12 +33,14 @@ def gemma3_multimodal(tmp_path_factory):
     return model, directory
 
 
-def test_a_multimodal_gemma3_packs_its_text_model_and_runs_as_transformers_does(gemma3_multimodal, tmp_path):
+def test_a_multimodal_gemma3_packs_its_text_model_and_runs_as_transformers_does(gemma3_multimodal, tmp_path,
+                                                                                capsys):
     model, directory = gemma3_multimodal
     ckpt = HFCheckpoint(directory)
     assert ckpt.left_out and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in ckpt.left_out)
     assert "model.layers.0.self_attn.q_norm.weight" in ckpt.tensor_names
-    store = tiermem.pack(directory, tmp_path / "store", progress=False)
+    store = tiermem.pack(directory, tmp_path / "store", progress=True)
+    assert f"packing the text model; {len(ckpt.left_out)} tensors of its vision tower" in capsys.readouterr().err
     reader = StoreReader(store)
     assert model_config_from_hf(reader.model_config).model_type == "gemma3_text"
     stored = {n for b in reader.block_names for n in reader.tensor_specs(b)}
