@@ -56,8 +56,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     for start in range(0, q.shape[2], rows):
         part = mask[:, :, start:start + rows] if mask.shape[2] > 1 else mask
         scores = torch.matmul(q[:, :, start:start + rows], k.transpose(-1, -2))  # [b, Hkv, rows, S]
-        scores.mul_(scale).div_(softcap).tanh_().mul_(softcap)  # in place: ops.softcap(scores * scale, softcap)
-        scores.masked_fill_(~part, float("-inf"))
+        ops.softcap_(scores.mul_(scale), softcap).masked_fill_(~part, float("-inf"))
         outs.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v))
     return torch.cat(outs, dim=2)
 

@@ -106,12 +106,17 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     return out.to(x.dtype).view(B, T, D)
 
 
+def picks_cover_experts(moe: MoeConfig, rows: int) -> bool:
+    """Whether a step of `rows` rows runs every expert outside a capture (see the module doc): few enough rows for
+    the fused GEMV, whose picks cover the experts (rows x top_k >= E)."""
+    return rows <= ops.GEMV_SPLIT_ROWS and rows * moe.top_k >= moe.num_experts
+
+
 def takes_all_experts(moe: MoeConfig, x: torch.Tensor) -> bool:
-    """Whether x [N, D] goes through all_experts (see the module doc): a CUDA graph capture, or few rows whose picks
+    """Whether x [N, D] goes through all_experts (see the module doc): a CUDA graph capture, or rows whose picks
     cover the experts."""
-    rows = x.shape[0]
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    return capturing or (rows <= ops.GEMV_SPLIT_ROWS and rows * moe.top_k >= moe.num_experts)
+    return capturing or picks_cover_experts(moe, x.shape[0])
 
 
 def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,

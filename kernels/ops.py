@@ -22,7 +22,7 @@ from tiermem.kernels.kv_quant import quantize_kv
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
 __all__ = ["apply_rope", "dequantize", "gelu_tanh_mul", "kv_decode_attention", "kv_decode_attention_supported",
-           "linear", "rms_norm", "rms_norm_plus_one", "silu_mul", "softcap", "write_quantized_kv"]
+           "linear", "rms_norm", "rms_norm_plus_one", "silu_mul", "softcap_", "write_quantized_kv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -100,9 +100,9 @@ def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return reference.gelu_tanh_mul(gate, up)
 
 
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap) (see reference.softcap)."""
-    return reference.softcap(x, cap)
+def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """x = cap * tanh(x / cap) in place (see reference.softcap_)."""
+    return reference.softcap_(x, cap)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

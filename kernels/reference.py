@@ -56,9 +56,10 @@ def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap * tanh(x / cap), in x's dtype (Gemma 2's attention scores and logits)."""
-    return torch.tanh(x / cap) * cap
+def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """x = cap * tanh(x / cap) in place, in x's dtype and transformers' order of operations (Gemma 2's attention
+    scores and logits); returns x."""
+    return x.div_(cap).tanh_().mul_(cap)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

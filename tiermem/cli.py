@@ -217,12 +217,13 @@ def _print_plan(args: argparse.Namespace, chosen, hardware, source: str, workloa
     if workload.disk_kv_s:
         print(f"disk KV cache I/O, timed in {args.offload_dir}: {workload.disk_kv_s:.4f} s per decode step")
     print("\n".join(chosen.describe()))
-    if workload.num_experts and chosen.host_blocks:
+    if workload.moe is not None and chosen.host_blocks:
         share = workload.host_stream_share(chosen.micro_batches)
         how = ("only the experts its tokens choose" if share < 1 else
                "every expert (its picks cover them, or the step is split)")
-        print(f"experts: {workload.top_k} of {workload.num_experts} per token; a decode step copies {how} of the "
-              f"sparse layers in pinned host memory: {share:.0%} of their bytes with even routing")
+        moe = workload.moe
+        print(f"experts: {moe.top_k} of {moe.num_experts} per token; a decode step copies {how} of the sparse layers "
+              f"in pinned host memory: {share:.0%} of their bytes with even routing")
     if not workload.host_step_s:
         print(f"host time not measured (no CUDA here): {DEFAULT_LAYER_OVERHEAD_S * 1e6:.0f} us per layer and "
               "micro-batch assumed; a decode step issued from Python took 15-40 ms for 32 resident layers on an "

@@ -80,9 +80,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from tiermem.engine.moe import MoeConfig, picks_cover_experts
 from tiermem.errors import ConfigError
 from tiermem.kernels.cupy_ops import gemv_chunks
 from tiermem.kernels.ops import GEMV_SPLIT_ROWS
+from tiermem.moe_traffic import chosen_fraction
 from tiermem.storage.moe_names import is_routed_expert
 
 DEFAULT_LAYER_OVERHEAD_S = 50e-6
@@ -161,8 +163,8 @@ class Workload:
     count -> GPU seconds of a decode step's kernels (tiermem.gpu_probe; empty: not counted). cuda_graphs: decode
     steps are CUDA graph replays, which follow the host's part of the step (host_step_s is that part then).
     dense_per_stored: bytes of a quantized weight dequantized to the compute dtype per byte as stored (0: the
-    weights are stored dense). num_experts, top_k: a sparse MLP's experts and picks per token (0: a dense model);
-    expert_share: the share of the layers' weights that are routed experts.
+    weights are stored dense). moe: the model's sparse MLP (None: a dense model); expert_share: the share of the
+    layers' weights that are routed experts.
     """
 
     block_bytes: Mapping[str, int]
@@ -184,8 +186,7 @@ class Workload:
     cuda_graphs: bool = False
     disk_kv_s: float = 0.0
     dense_per_stored: float = 0.0
-    num_experts: int = 0
-    top_k: int = 0
+    moe: MoeConfig | None = None
     expert_share: float = 0.0
 
     def __post_init__(self) -> None:
@@ -225,19 +226,17 @@ class Workload:
 
     def host_stream_share(self, micro_batches: int) -> float:
         """Share of the bytes of the blocks streamed from host RAM that a decode step split into `micro_batches`
-        copies: all of them, unless the whole batch takes engine.moe.chosen_experts (its picks do not cover the
-        experts, or it has more than GEMV_SPLIT_ROWS rows, as engine.moe.takes_all_experts decides), whose unchosen
-        experts stay in host RAM (tiermem.gpu_tier; the module doc).
+        copies: all of them, unless the whole batch takes engine.moe.chosen_experts (engine.moe.picks_cover_experts
+        is false for it), whose unchosen experts (tiermem.moe_traffic.chosen_fraction) stay in host RAM
+        (tiermem.gpu_tier; the module doc).
 
         A split step is counted whole: each micro-batch's host sync waits for the expert copies of the one before,
         which neither this model nor the host probe sees (Mixtral-8x22B int4 in 24 GiB, batch 8 in 4 micro-batches
         of chosen experts: 1.27 s a step, host-bound, predicted 0.88; in one micro-batch, every expert: 1.00 s,
         benchmarks/results/mixtral_8x22b_int4_gpu24_host*_s15call{2,4}_h200.json)."""
-        rows = self.batch
-        if (not self.num_experts or micro_batches > 1
-                or (rows <= GEMV_SPLIT_ROWS and rows * self.top_k >= self.num_experts)):
+        if self.moe is None or micro_batches > 1 or picks_cover_experts(self.moe, self.batch):
             return 1.0
-        return 1.0 - self.expert_share * (1.0 - self.top_k / self.num_experts) ** rows
+        return 1.0 - self.expert_share * (1.0 - chosen_fraction(self.moe, self.batch))
 
     def workspace(self, micro_batches: int, prefill_micro_batches: int | None = None) -> int:
         """HBM activations of decode steps split into micro_batches and a prefill split into
@@ -263,7 +262,6 @@ class Workload:
         shapes = expected_weights(cfg)
         matmul = sum(s[0] * s[1] for s in shapes["layers.0"].values() if len(s) == 2)  # weights stored
         active = _active_matmul_elements(cfg, shapes)
-        moe = cfg.moe
         q_dim, e = cfg.num_heads * cfg.head_dim, dtype.itemsize
         return cls(
             block_bytes=dict(block_bytes), num_layers=cfg.num_layers,
@@ -279,8 +277,7 @@ class Workload:
                                                        kv_quant is not None, new_tokens=1) for m in divisors(batch)},
             host_step_s=dict(host_step_s or {}), cpu_attention_s=dict(cpu_attention_s or {}),
             dense_per_stored=matmul * e / block_bytes["layers.0"] if quantized else 0.0,
-            num_experts=moe.num_experts if moe else 0, top_k=moe.top_k if moe else 0,
-            expert_share=_routed_expert_share(cfg, shapes) if moe else 0.0,
+            moe=cfg.moe, expert_share=_routed_expert_share(cfg, shapes) if cfg.moe else 0.0,
         )
 
 

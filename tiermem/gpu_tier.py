@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,7 @@ class _Slot:
     ready: torch.cuda.Event
     free: torch.cuda.Event
     whole: bool = True  # the last copy into it was its block's every byte (not the shared part of a split block)
+    copied: dict[int, torch.cuda.Event] = field(default_factory=dict)  # expert -> after its latest copy in (reused)
 
 
 class _ExpertsOnDemand(Mapping):
@@ -54,7 +55,7 @@ class _ExpertsOnDemand(Mapping):
         if j is not None and j not in self.used:
             self.used.add(j)
             if not self.slot.whole:
-                self.tier._copy_runs(self.name, self.slot, self.split.experts[j])
+                self.tier._copy_expert(self.name, self.slot, j, self.split.experts[j])
         return self.views[key]
 
     def __contains__(self, key: object) -> bool:
@@ -270,10 +271,13 @@ class GpuWeights:
             dst[start:end].copy_(src[start:end], non_blocking=True)
             self.h2d_bytes += end - start
 
-    def _copy_runs(self, name: str, slot: _Slot, runs: Runs) -> None:
-        """Copy runs of host block `name` into its slot, after what the copy stream has queued (the slot's shared
-        part among it), and make the current stream wait for them."""
-        copied = torch.cuda.Event()
+    def _copy_expert(self, name: str, slot: _Slot, expert: int, runs: Runs) -> None:
+        """Copy expert `expert` (its byte `runs`) of host block `name` into the block's slot, after what the copy
+        stream has queued (the slot's shared part among it), and make the current stream wait for that copy (an
+        event per slot and expert, made once: a wait binds to the record before it)."""
+        if expert not in slot.copied:
+            slot.copied[expert] = torch.cuda.Event()
+        copied = slot.copied[expert]
         with torch.cuda.stream(self.copy_stream):
             self._copy(self.host_blocks[name], slot.buffer, runs)
             copied.record(self.copy_stream)

@@ -10,6 +10,7 @@ and every matmul goes through ops.linear (which casts/dequantizes to the activat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -79,8 +80,14 @@ def embed(
     table = w[EMBED]  # [V, D]
     rows = F.embedding(input_ids.to(table.device), table)  # [B, T, D]
     if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the table's dtype, as transformers multiplies
-        rows = rows * float(torch.tensor(cfg.embed_scale).to(table.dtype))
+        rows = rows * _rounded(cfg.embed_scale, table.dtype)
     return rows.to(device or table.device, dtype or table.dtype)
+
+
+@functools.cache  # asked for at every step
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """`value` as a tensor of `dtype` holds it."""
+    return float(torch.tensor(value).to(dtype))
 
 
 def _norm(cfg: ModelConfig, x: torch.Tensor, weight) -> torch.Tensor:

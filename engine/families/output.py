@@ -23,4 +23,4 @@ def logits(cfg: ModelConfig, w: dict, h: torch.Tensor, embed_name: str) -> torch
     """h [B, T, D] -> logits [B, T, V]; `w` holds lm_head.weight (a tied store may carry a copy in
     "head") or else is the block named by lm_head_weight_name; soft-capped where the model caps them (Gemma 2)."""
     out = ops.linear(h, w[LM_HEAD] if LM_HEAD in w else w[lm_head_weight_name(cfg, embed_name)[1]])
-    return out if cfg.final_softcap is None else ops.softcap(out, cfg.final_softcap)
+    return out if cfg.final_softcap is None else ops.softcap_(out, cfg.final_softcap)  # out: fresh from linear
