@@ -7,6 +7,8 @@
    (--gemv-batch), every launch variant (beyond 8 rows also with two 8-row tiles per block): achieved
    bandwidth = bytes of qdata + scale + zero + x + y / time, and its fraction of (1); the dense fp16 GEMV
    through torch (cuBLAS) as a reference point.
+   Routed GEMV (kernels/cuda/routed_gemv.cu) over 8 experts of --routed-shape (OUTxINxM: M matrices per launch,
+   Mixtral's gate and up, then down), 1-6 picks, every launch variant: bytes = the picked experts' weights + x + y.
 3. Dequantization to a dense fp16 matrix (bytes read + written / time).
 4. Fused RMSNorm, RoPE and SiLU*mul against the torch reference ops.
 5. Decode attention over an int4/int8 KV cache: the fused kernel (K, V dequantized inside it) against what
@@ -32,7 +34,7 @@ import torch
 from tiermem.kernels import cupy_ops, reference
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme, quantize
 
-SECTIONS = ("gemv", "dequant", "elementwise", "kv_attention")
+SECTIONS = ("gemv", "routed", "dequant", "elementwise", "kv_attention")
 SLEEP_CYCLES = 20_000_000  # ~10 ms at 2 GHz: covers the enqueue time of one batch of launches
 
 
@@ -138,6 +140,40 @@ def bench_gemv(args, l2_bytes: int, hbm: float) -> list[dict]:
                      "us": seconds * 1e6, "bytes": moved, "gbps": moved / seconds / 1e9,
                      "fraction_of_hbm": moved / seconds / hbm})
         del dense
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_routed(args, l2_bytes: int, hbm: float) -> list[dict]:
+    """Every launch variant of the routed GEMV at each --routed-shape, bf16, for 1, 2, 4 and 6 picks of 8 experts
+    (distinct picks per launch, cycling over the experts so that the L2 cache does not hold them)."""
+    rows = []
+    for shape in args.routed_shape:
+        out_features, in_features, matrices = (int(n) for n in shape.split("x"))
+        experts = 8
+        base = weight_copies(out_features, in_features, 4, args.group, 0)[0]
+        weights = [[QuantizedWeight(base.qdata.clone(), base.scale.clone(), base.zero.clone(), base.scheme,
+                                    base.shape) for _ in range(experts)] for _ in range(matrices)]
+        del base
+        table = cupy_ops.expert_table(weights, torch.device("cuda"))
+        for picks in (1, 2, 4, 6):
+            x = torch.randn(picks if matrices == 1 else 1, in_features, device="cuda").to(torch.bfloat16)
+            x_div = 1 if matrices == 1 else picks
+            choices = [torch.tensor([(start + j) % experts for j in range(picks)], device="cuda")
+                       for start in range(0, experts, max(1, picks))]
+            for config in GEMV_CONFIGS:
+                fns = [(lambda e=e, c=config, x=x, t=table, d=x_div: cupy_ops.routed_quant_linear(x, t, e, d, config=c))
+                       for e in choices]
+                seconds = time_launches(fns, args.reps)
+                moved = matrices * picks * weights[0][0].nbytes + x.numel() * 2 + matrices * picks * out_features * 2
+                rows.append({
+                    "kernel": "routed_gemv", "bits": 4, "dtype": "bfloat16", "out": out_features, "in": in_features,
+                    "matrices": matrices, "picks": picks,
+                    "variant": f"u{config.unroll}m{config.m_tiles}w{config.warps}",
+                    "default": config == cupy_ops.DEFAULT_GEMV, "us": seconds * 1e6, "bytes": moved,
+                    "gbps": moved / seconds / 1e9, "fraction_of_hbm": moved / seconds / hbm,
+                })
+        del weights, table
         torch.cuda.empty_cache()
     return rows
 
@@ -257,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight shapes OUTxIN of the GEMV section")
     parser.add_argument("--gemv-batch", type=int, nargs="+", default=[1, 4, 8, 16],
                         help="rows of x in the GEMV section")
+    parser.add_argument("--routed-shape", nargs="+", default=["14336x4096x2", "4096x14336x1", "16384x6144x2",
+                                                               "6144x16384x1"],
+                        help="OUTxINxM of the routed GEMV section (Mixtral-8x7B's and 8x22B's experts)")
     parser.add_argument("--kv-blocks-per-sm", type=int, nargs="*", default=[],
                         help="also time the fused KV attention with the sequence split for these blocks per SM")
     args = parser.parse_args(argv)
@@ -272,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", *sys.argv]),
     }
     sections = {"gemv": lambda: bench_gemv(args, l2_bytes, hbm),
+                "routed": lambda: bench_routed(args, l2_bytes, hbm),
                 "dequant": lambda: bench_dequant(args, l2_bytes, hbm),
                 "elementwise": lambda: bench_elementwise(args, hbm),
                 "kv_attention": lambda: bench_kv_attention(args, hbm)}
@@ -292,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['kernel']:22s} {row['bits']:4d} {row['dtype']:>8s} {row['out']:>6d}x{row['in']:<5d} "
               f"{row['batch']:2d} {row['variant']:>12s} {row['us']:8.1f} {row['gbps']:7.0f} "
               f"{row['fraction_of_hbm']:7.1%}")
+    for row in result.get("routed", []):
+        print(f"routed int4 bf16 {row['out']}x{row['in']} x{row['matrices']} {row['picks']} picks {row['variant']:>8s}"
+              f"{' (default)' if row['default'] else ''}: {row['us']:8.1f} us, {row['gbps']:5.0f} GB/s, "
+              f"{row['fraction_of_hbm']:.1%} of HBM")
     for row in result.get("dequant", []):
         print(f"dequant int{row['bits']} -> fp16 28672x8192: {row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
               f"{row['fraction_of_hbm']:.1%} of HBM")

@@ -1,7 +1,7 @@
 """Where a decode step with resident weights spends its time: host (Python, launches) or GPU kernels.
 
     python3 benchmarks/profile_decode.py --synthetic llama3-8b --quant int4 --kv-quant int4 --batch 16 \
-        --prompt-len 2048 --out DIR [--profiler python]
+        --prompt-len 2048 --out DIR [--profiler python] [--cuda-graphs]
 
 Runs the prompt and a few decode steps, then profiles `--steps` decode steps.
 - `--profiler torch` (default; CPU and CUDA activities): writes DIR/profile_decode.json with wall seconds per
@@ -139,12 +139,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--profiler", choices=["torch", "python"], default="torch")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode steps as CUDA graph replays (the kernels of a "
+                   "replay are profiled one by one; its host part is the replay's launch)")
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     model = load_from_reader(synthetic_store(args, args.device), args.device, None, None, dtype=torch.bfloat16,
                              max_batch_size=args.batch, max_seq_len=args.prompt_len + WARM_STEPS + args.steps,
-                             kv_quant=args.kv_quant, plan=None if cuda else "auto")
+                             kv_quant=args.kv_quant, plan=None if cuda else "auto", cuda_graphs=args.cuda_graphs)
     args.out.mkdir(parents=True, exist_ok=True)
     with model:
         (torch_profile if args.profiler == "torch" else python_profile)(model, args)

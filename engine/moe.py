@@ -6,15 +6,21 @@ top_k, renormalized to sum 1 where the model does (Mixtral always, Qwen-MoE with
 is the sum of those experts' outputs weighted by them; Qwen2-MoE adds a shared expert that every token goes
 through, weighted by sigmoid(x @ shared_gate^T).
 
-Two ways to run the experts, with the same result:
+Three ways to run the experts, with the same result:
+- routed_experts runs each pick (a token's chosen expert) as one block of the routed GEMV (ops.routed_linear), the
+  choice read on the GPU: no host sync, the same launches for any routing, and only the chosen experts' weights read.
+  It reads an expert once per pick, so it is what a decode step of quantized experts takes while its picks are fewer
+  than the experts (rows x top_k < E), on the GPU, captured as a CUDA graph too, unless the weights copy each expert
+  to the GPU when first asked for (gpu_tier's experts on demand, which need the choice on the host).
 - chosen_experts groups the tokens by expert (one host sync per layer, for the count of tokens each expert got) and
-  runs only the experts some token chose, on only their tokens: what prefill and a step of few rows take.
+  runs only the experts some token chose, on only their tokens: what prefill and the other steps of few rows take.
 - all_experts runs every expert on every token and weights the unchosen ones by 0: no host sync and no shape that
-  depends on the routing. A step being captured as a CUDA graph must take it; so does a decode step whose picks
-  cover the experts on average (rows x top_k >= E, at most GEMV_SPLIT_ROWS rows): its fused GEMVs read each
-  expert's weights once either way, and the sync would make the host wait for the GPU at every layer, so that the
-  host's issuing of a layer and the GPU's computing of the last one no longer overlap (Mixtral-8x7B int4, batch 16,
-  weights streamed from host RAM: 0.41 of the PCIe roofline with the sync, benchmarks/results/*_s14call3_h200.json).
+  depends on the routing. A step being captured as a CUDA graph that routed_experts does not take runs it; so does a
+  decode step whose picks cover the experts on average (rows x top_k >= E, at most GEMV_SPLIT_ROWS rows): its fused
+  GEMVs read each expert's weights once either way, and the sync would make the host wait for the GPU at every
+  layer, so that the host's issuing of a layer and the GPU's computing of the last one no longer overlap
+  (Mixtral-8x7B int4, batch 16, weights streamed from host RAM: 0.41 of the PCIe roofline with the sync,
+  benchmarks/results/*_s14call3_h200.json).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ class MoeConfig:
     sparse_layers: tuple[bool, ...]  # per layer: the sparse MLP (True) or the model's dense MLP
     naming: str  # a key of storage.moe_names.NAMING
     shared_expert_size: int = 0  # intermediate size of Qwen2-MoE's shared expert (0: none)
+
+
+# sparse_mlp takes routed_experts where it may while this is True (benchmarks/moe_routed_ab.py switches it off to
+# compare with the other two ways).
+ROUTED_EXPERTS = True
 
 
 @cache  # the names are asked for in every layer of every step
@@ -97,13 +108,39 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     B, T, D = x.shape
     flat = x.reshape(B * T, D)  # [N, D]
     weights, experts = route(moe, w[router_name(moe, layer_prefix)], flat)  # [N, k], [N, k]
-    out = (all_experts if takes_all_experts(moe, flat) else chosen_experts)(moe, layer_prefix, w, flat, weights,
-                                                                            experts)
+    if takes_routed_experts(moe, layer_prefix, w, flat):
+        run = routed_experts
+    else:
+        run = all_experts if takes_all_experts(moe, flat) else chosen_experts
+    out = run(moe, layer_prefix, w, flat, weights, experts)
     if moe.shared_expert_size:
         names, gate = shared_expert_names(layer_prefix)
         share = torch.sigmoid(ops.linear(flat, w[gate]).float())  # [N, 1]
         out = out.float() + _expert(w, names, flat).float() * share
     return out.to(x.dtype).view(B, T, D)
+
+
+def _expert_matrices(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object]) -> tuple[tuple, tuple, tuple]:
+    """(gates, ups, downs) of the layer's E experts, each a tuple over the experts."""
+    names = [expert_names(moe, layer_prefix, j) for j in range(moe.num_experts)]
+    return tuple(tuple(w[n[m]] for n in names) for m in range(3))
+
+
+def picks_fewer_than_experts(moe: MoeConfig, rows: int) -> bool:
+    """Whether a step of `rows` rows is one that routed_experts takes (where the weights let it, see the module doc):
+    fewer picks than experts (rows x top_k < E), at most GEMV_SPLIT_ROWS rows."""
+    return rows <= ops.GEMV_SPLIT_ROWS and rows * moe.top_k < moe.num_experts
+
+
+def takes_routed_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor) -> bool:
+    """Whether x [N, D] goes through routed_experts (see the module doc): picks_fewer_than_experts, on the GPU, with
+    weights that do not copy experts on demand (w.copies_experts_on_demand) and that the routed GEMV takes."""
+    if not (ROUTED_EXPERTS and x.is_cuda and picks_fewer_than_experts(moe, x.shape[0])):
+        return False
+    if getattr(w, "copies_experts_on_demand", False):
+        return False
+    gates, ups, downs = _expert_matrices(moe, layer_prefix, w)
+    return ops.routed_table(x, (gates, ups)) is not None and ops.routed_table(x, (downs,)) is not None
 
 
 def picks_cover_experts(moe: MoeConfig, rows: int) -> bool:
@@ -137,6 +174,19 @@ def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x
             out.index_add_(0, tokens[mine], y.float().mul_(pick_weights[mine]))
             start += count
     return out
+
+
+def routed_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
+                   weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """chosen_experts' result [N, D] fp32 from x [N, D], weights and experts [N, k], the choice never read on the host:
+    each of the N * k picks through its expert (ops.routed_linear), summed by the router's weights."""
+    N, D = x.shape
+    gates, ups, downs = _expert_matrices(moe, layer_prefix, w)
+    picks = experts.reshape(-1)  # [P = N * k]: token n's picks are n*k .. n*k + k-1
+    gate_up = ops.routed_linear(x, (gates, ups), picks, moe.top_k)  # [2, P, I]
+    h = ops.silu_mul(gate_up[0], gate_up[1])  # [P, I]
+    y = ops.routed_linear(h, (downs,), picks, 1)[0]  # [P, D]
+    return (y.view(N, moe.top_k, D).float() * weights[..., None]).sum(1)  # [N, D], as chosen_experts rounds it
 
 
 def all_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,

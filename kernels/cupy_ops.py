@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +73,18 @@ def cuda_kernels_available() -> bool:
     return torch.cuda.get_device_capability()[0] >= 8
 
 
-def source_text(name: str) -> str:
-    """A .cu file with common.cuh inlined (so CuPy's cache key covers the header too)."""
-    text = (CUDA_DIR / name).read_text()
-    header = (CUDA_DIR / "common.cuh").read_text().replace("#pragma once\n", "")
-    return text.replace('#include "common.cuh"', header)
+def source_text(name: str, inlined: set[str] | None = None) -> str:
+    """A .cu file with the headers it includes from CUDA_DIR inlined, each once (so CuPy's cache key covers them)."""
+    inlined = set() if inlined is None else inlined
+    lines = []
+    for line in (CUDA_DIR / name).read_text().replace("#pragma once\n", "").splitlines(keepends=True):
+        header = re.fullmatch(r'#include "(\w+\.cuh)"\n?', line)
+        if header is None:
+            lines.append(line)
+        elif header.group(1) not in inlined:
+            inlined.add(header.group(1))
+            lines.append(source_text(header.group(1), inlined))
+    return "".join(lines)
 
 
 def _compile_options() -> tuple[str, ...]:
@@ -313,6 +323,96 @@ def dequantize_cuda(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
                 np.uint32(total))
         _launch(qdata.device, "dequant.cu", f"{prefix}_scalar", _grid_for(total, 256), 256, args)
     return out
+
+
+# ---------------------------------------------------------------- routed GEMV over a mixture's experts
+
+
+@dataclass(frozen=True)
+class ExpertTable:
+    """The weights of one routed GEMV launch (kernels/cuda/routed_gemv.cu): M matrices of each of E experts, all
+    quantized alike and of one shape, as the device addresses the kernel reads."""
+
+    pointers: torch.Tensor  # int64 [M, 3, E] on the GPU: codes, scales, zeros of matrix m of expert e
+    shape: tuple[int, int]  # (O, I) of every weight
+    bits: int
+    group_size: int
+
+
+# id(matrices[0][0]) -> (weak references to every weight of the table, the table or None where routed_supported
+# said no). Decoded weights live as long as their tier and are asked for again at every step; an entry goes with its
+# first weight (weakref.finalize).
+_expert_tables: dict[int, tuple[tuple[weakref.ref, ...], ExpertTable | None]] = {}
+
+
+def routed_supported(matrices: Sequence[Sequence[object]], device: torch.device) -> bool:
+    """Whether the routed GEMV takes matrices[m][e]: quantized weights the fused GEMV takes, on `device`, of one
+    shape and scheme, with contiguous scales and zeros."""
+    first = matrices[0][0]
+    if not isinstance(first, QuantizedWeight):
+        return False
+    return all(
+        isinstance(w, QuantizedWeight) and w.shape == first.shape and w.scheme == first.scheme
+        and w.qdata.device == device and gemv_supported(w) and w.scale.is_contiguous() and w.zero.is_contiguous()
+        for row in matrices for w in row
+    )
+
+
+def expert_table(matrices: Sequence[Sequence[object]], device: torch.device, build: bool = True
+                 ) -> ExpertTable | None:
+    """The table of matrices[m][e] on `device`, or None where routed_supported says no; made once, then found again
+    while the same weight objects are asked for (the check is made once too). None also where it is not made yet
+    and build is False (a CUDA graph capture may not copy it to the GPU)."""
+    flat = [w for row in matrices for w in row]
+    key = id(flat[0])
+    found = _expert_tables.get(key)
+    if found is not None and len(found[0]) == len(flat) and all(r() is w for r, w in zip(found[0], flat, strict=True)):
+        return found[1]
+    if not build:
+        return None
+    table = None
+    if routed_supported(matrices, device):
+        first = flat[0]
+        pointers = [[[w.qdata.data_ptr() for w in row], [w.scale.data_ptr() for w in row],
+                     [w.zero.data_ptr() for w in row]] for row in matrices]  # [M][3][E]
+        table = ExpertTable(torch.tensor(pointers, dtype=torch.int64, device=device), first.shape,
+                            first.scheme.bits, first.scheme.group_size)
+    try:
+        refs = tuple(weakref.ref(w) for w in flat)
+    except TypeError:  # a weight that takes no weak reference: nothing to find it again by
+        return table
+    _expert_tables[key] = (refs, table)
+    weakref.finalize(flat[0], _expert_tables.pop, key, None)
+    return table
+
+
+def routed_quant_linear(x: torch.Tensor, table: ExpertTable, experts: torch.Tensor, x_div: int,
+                        config: GemvConfig = DEFAULT_GEMV) -> torch.Tensor:
+    """y [M, P, O]: y[m, p] = x[p // x_div] @ dequant(W[m][experts[p]])^T in one launch, for x [rows, I] fp16/bf16
+    and experts int64 [P] on the GPU (read there: any routing, the same launch). config's batch_tiles is ignored
+    (one pick per block)."""
+    out_features, in_features = table.shape
+    picks = experts.numel()
+    rows = picks // x_div if x_div > 0 else 0
+    if x.dtype not in HALF_DTYPES or x.dim() != 2 or x.shape[1] != in_features or x.shape[0] != rows \
+            or rows * x_div != picks:
+        raise TiermemError(f"routed_quant_linear: x must be fp16/bf16 [{rows}, {in_features}] for {picks} picks, "
+                           f"{x_div} per row; got {x.dtype} {tuple(x.shape)}")
+    if experts.dtype != torch.int64 or not 1 <= picks <= GEMV_MAX_CHUNKS:
+        raise TiermemError(f"routed_quant_linear: experts must be int64 [1..{GEMV_MAX_CHUNKS}], got {experts.dtype} "
+                           f"{tuple(experts.shape)}")
+    x, experts = x.contiguous(), experts.contiguous()
+    _check_cuda("routed_quant_linear", x, experts, table.pointers)
+    kernel, rows_per_block, shift = _gemv_plan(table.bits, table.group_size, x.dtype, config.unroll,
+                                               config.m_tiles, 1)
+    matrices, _, num_experts = table.pointers.shape
+    y = torch.empty((matrices, picks, out_features), dtype=x.dtype, device=x.device)
+    args = (_ptr(table.pointers), _ptr(experts), *_i32s(num_experts), _ptr(x), _ptr(y),
+            *_i32s(out_features, in_features, table.group_size, picks, x_div, shift))
+    grid = (math.ceil(out_features / rows_per_block), picks, matrices)
+    _launch(x.device, "routed_gemv.cu", kernel.replace("quant_gemv", "routed_gemv", 1), grid, 32 * config.warps,
+            args, shared_mem=config.warps * (rows_per_block // 16) * 128 * 4)
+    return y
 
 
 # ---------------------------------------------------------------- fused elementwise kernels

@@ -5,6 +5,8 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - linear: quantized weight, x with at most GEMV_SPLIT_ROWS (32) rows -> fused dequant-GEMV (one 8-row
   chunk up to 8 rows, 16-row chunks beyond, all in one launch); more rows -> dequantize on the GPU, then
   torch's matmul; unquantized weight -> F.linear (the reference).
+- routed_linear: a mixture's chosen experts (quantized) for a few rows, the choice read on the GPU -> the routed
+  GEMV (one launch, one pick per block); otherwise, and on the CPU, the reference (which reads the choice on the host).
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
@@ -15,6 +17,8 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from tiermem.kernels import cupy_ops, reference
@@ -22,7 +26,8 @@ from tiermem.kernels.kv_quant import quantize_kv
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
 __all__ = ["apply_rope", "dequantize", "gelu_tanh_mul", "kv_decode_attention", "kv_decode_attention_supported",
-           "linear", "rms_norm", "rms_norm_plus_one", "silu_mul", "softcap_", "write_quantized_kv"]
+           "linear", "rms_norm", "rms_norm_plus_one", "routed_linear", "routed_table", "silu_mul", "softcap_",
+           "write_quantized_kv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -76,6 +81,26 @@ def linear(
             return cupy_ops.quant_linear(x, weight, bias)
         return reference.linear(x, dequantize(weight, x.dtype), bias)
     return reference.linear(x, weight, bias)
+
+
+def routed_table(x: torch.Tensor, matrices: Sequence[Sequence[object]]) -> cupy_ops.ExpertTable | None:
+    """The table with which routed_linear runs x over matrices[m][e] in one fused launch, with no host sync, or None
+    where it does not: fp16/bf16 x on the GPU, quantized weights there that the fused GEMV takes, and, while a CUDA
+    graph is being captured, their table made already (by the step run as it is before the capture)."""
+    if not (x.is_cuda and x.dtype in cupy_ops.HALF_DTYPES and cupy_ops.cuda_kernels_available()):
+        return None
+    return cupy_ops.expert_table(matrices, x.device, build=not torch.cuda.is_current_stream_capturing())
+
+
+def routed_linear(x: torch.Tensor, matrices: Sequence[Sequence[torch.Tensor | QuantizedWeight]],
+                  experts: torch.Tensor, x_div: int) -> torch.Tensor:
+    """y [M, P, O]: y[m, p] = x[p // x_div] @ W^T for W = matrices[m][experts[p]]: x [P / x_div, I], experts int64
+    [P] (see reference.routed_linear); one launch of kernels/cuda/routed_gemv.cu, the experts read on the GPU, where
+    routed_table gives a table."""
+    table = routed_table(x, matrices)
+    if table is not None:
+        return cupy_ops.routed_quant_linear(x, table, experts, x_div)
+    return reference.routed_linear(x, matrices, experts, x_div)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,6 +6,8 @@ CuPy kernels are tested against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,15 @@ def linear(
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def routed_linear(x: torch.Tensor, matrices: Sequence[Sequence[torch.Tensor | QuantizedWeight]],
+                  experts: torch.Tensor, x_div: int) -> torch.Tensor:
+    """y [M, P, O]: y[m, p] = x[p // x_div] @ W^T for W = matrices[m][experts[p]], x [P / x_div, I], experts [P]
+    (the picks of a mixture's decode step, read on the host here)."""
+    picks = experts.tolist()
+    return torch.stack([torch.cat([linear(x[p // x_div:p // x_div + 1], row[e]) for p, e in enumerate(picks)])
+                        for row in matrices])
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -38,6 +38,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3": ("qwen3", dict(LLAMA, num_key_value_heads=2, head_dim=32)),
     "mixtral": ("mixtral", dict(LLAMA, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                 intermediate_size=96)),
+    # Mixtral's 8 experts: a decode step of 2 rows (4 picks) takes the routed GEMV (engine.moe.routed_experts)
+    "mixtral-8experts": ("mixtral", dict(LLAMA, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                                         intermediate_size=96)),
     "qwen3-moe": ("qwen3_moe", dict(LLAMA, num_key_value_heads=2, head_dim=32, num_experts=6, num_experts_per_tok=2,
                                     moe_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False,
                                     num_hidden_layers=3)),

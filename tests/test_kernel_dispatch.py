@@ -163,6 +163,72 @@ def test_quant_linear_takes_two_batch_tiles_per_block_beyond_8_rows(rows, monkey
     assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
 
 
+def _routed_kernel_params() -> list[str]:
+    """The parameters of routed_gemv.cu's kernels (its TM_ROUTED_GEMV macro)."""
+    text = (cupy_ops.CUDA_DIR / "routed_gemv.cu").read_text()
+    params = re.search(r"\bNAME\(([^)]*)\)", text).group(1)
+    return [" ".join(p.replace("\\", " ").split()) for p in params.split(",")]
+
+
+def test_routed_gemv_launches_once_over_picks_and_matrices_with_the_kernels_argument_types(monkeypatch):
+    """routed_quant_linear's launch, recorded: grid (row blocks, picks, matrices), DEFAULT_GEMV's one-tile kernel
+    under its routed name, pointers as 8-byte ints and `int` as np.int32, the table's expert count among them."""
+    launches = []
+    monkeypatch.setattr(cupy_ops, "_launch", lambda *args, **kwargs: launches.append((args, kwargs)))
+    monkeypatch.setattr(cupy_ops, "_check_cuda", lambda *tensors: None)
+    table = cupy_ops.ExpertTable(torch.ones(2, 3, 5, dtype=torch.int64), (40, 256), 4, 64)
+    y = cupy_ops.routed_quant_linear(torch.randn(3, 256).half(), table, torch.tensor([4, 0, 2, 4, 1, 3]), 2)
+    assert y.shape == (2, 6, 40) and y.dtype == torch.float16
+    (args, kwargs), = launches
+    _, source, kernel, grid, block, kernel_args = args
+    config = cupy_ops.DEFAULT_GEMV
+    assert (source, kernel) == ("routed_gemv.cu", f"routed_gemv_int4_f16_u{config.unroll}m{config.m_tiles}")
+    assert grid == (math.ceil(40 / (16 * config.m_tiles)), 6, 2) and block == 32 * config.warps
+    assert kwargs == {"shared_mem": config.warps * config.m_tiles * 128 * 4}
+    params = _routed_kernel_params()
+    assert len(kernel_args) == len(params) == 11
+    for param, arg in zip(params, kernel_args, strict=True):
+        if "*" in param:
+            assert type(arg) is int and 0 < arg < 2**63, (param, arg)
+        else:
+            assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
+    assert int(kernel_args[2]) == 5  # num_experts
+    assert [int(a) for a in kernel_args[5:]] == [40, 256, 64, 6, 2, 1]  # O, I, gs, picks, x_div, cpg_shift
+
+
+@pytest.mark.parametrize(("rows", "experts", "words"), [
+    (2, torch.tensor([0, 1, 2, 3, 4, 0]), "x must be fp16/bf16 \\[3, 256\\] for 6 picks, 2 per row"),
+    (3, torch.tensor([0, 1, 2, 3, 4, 0], dtype=torch.int32), "experts must be int64"),
+])
+def test_routed_gemv_refuses_x_or_picks_that_do_not_fit(rows, experts, words, monkeypatch):
+    monkeypatch.setattr(cupy_ops, "_launch", lambda *args, **kwargs: pytest.fail("launched"))
+    table = cupy_ops.ExpertTable(torch.ones(1, 3, 5, dtype=torch.int64), (40, 256), 4, 64)
+    with pytest.raises(TiermemError, match=words):
+        cupy_ops.routed_quant_linear(torch.randn(rows, 256).half(), table, experts, 2)
+
+
+def test_expert_tables_are_made_once_and_go_with_their_weights(monkeypatch):
+    """The table holds the codes', scales' and zeros' addresses of matrices[m][e]; the same weight objects find it
+    again, other ones make another, and the entry goes when the weights do."""
+    import gc
+
+    monkeypatch.setattr(cupy_ops, "routed_supported", lambda matrices, device: True)  # CPU tensors stand in
+    matrices = [[quantize(torch.randn(16, 64), QuantScheme(4, 32)) for _ in range(3)] for _ in range(2)]
+    before = len(cupy_ops._expert_tables)
+    table = cupy_ops.expert_table(matrices, torch.device("cpu"))
+    assert table.shape == (16, 64) and (table.bits, table.group_size) == (4, 32)
+    assert table.pointers.tolist() == [[[w.qdata.data_ptr() for w in row], [w.scale.data_ptr() for w in row],
+                                        [w.zero.data_ptr() for w in row]] for row in matrices]
+    assert cupy_ops.expert_table(matrices, torch.device("cpu")) is table
+    swapped = [matrices[0], [matrices[1][0], matrices[1][2], matrices[1][1]]]
+    assert cupy_ops.expert_table(swapped, torch.device("cpu")) is not table
+    assert cupy_ops.expert_table([[w.to("cpu") for w in row] for row in matrices], torch.device("cpu"),
+                                 build=False) is None
+    del matrices, swapped
+    gc.collect()
+    assert len(cupy_ops._expert_tables) == before
+
+
 def test_gemv_config_takes_one_or_two_batch_tiles():
     assert cupy_ops.GemvConfig(batch_tiles=2).batch_tiles == 2
     with pytest.raises(TiermemError, match="batch_tiles must be 1 or 2"):

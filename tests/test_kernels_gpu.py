@@ -123,6 +123,54 @@ def test_quant_gemv_general_groups(bits, group, in_features, dtype):
         assert _rel_err(y, _linear_ref(x, qw, bias)) < TOL[dtype]
 
 
+# (out, in, bits, group): the fast kernels' shapes, one general-group case
+ROUTED_SHAPES = [(100, 128 * 5, 4, 128), (37, 64 * 9, 8, 64), (45, 32 * 5, 4, 32), (50, 96 * 3, 4, 48)]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("out_features", "in_features", "bits", "group"), ROUTED_SHAPES)
+def test_routed_gemv_runs_each_pick_through_its_expert_as_the_fused_gemv_does(out_features, in_features, bits,
+                                                                             group, dtype):
+    """Two matrices of 5 experts, 3 rows x 2 picks (one expert picked twice): each pick's output is bit for bit the
+    fused GEMV's for its row and expert (the same kernel at one row), and within tolerance of the reference."""
+    gen = _gen("routed", out_features, in_features, bits, group, dtype)
+    matrices = [[_quantized(out_features, in_features, bits, group, gen) for _ in range(5)] for _ in range(2)]
+    x = _randn((3, in_features), gen, dtype)
+    experts = torch.tensor([4, 0, 2, 4, 1, 3], device="cuda")  # [P = 6], x_div 2
+    table = cupy_ops.expert_table(matrices, x.device)
+    assert table is not None and table.pointers.shape == (2, 3, 5)
+    y = cupy_ops.routed_quant_linear(x, table, experts, 2)
+    assert y.shape == (2, 6, out_features)
+    for m, row in enumerate(matrices):
+        for p, e in enumerate(experts.tolist()):
+            assert torch.equal(y[m, p], cupy_ops.quant_linear(x[p // 2:p // 2 + 1], row[e])[0]), (m, p)
+    ref = reference.routed_linear(x.float(), matrices, experts, 2)
+    assert _rel_err(y, ref) < TOL[dtype]
+
+
+def test_routed_gemv_tables_are_found_again_and_capturable():
+    """ops.routed_linear: the table made once for the same weights, none made during a capture (the step before it
+    made it), and a captured launch reads each replay's routing."""
+    gen = _gen("routed-graph")
+    matrices = [[_quantized(64, 256, 4, 64, gen) for _ in range(4)]]
+    x = _randn((2, 256), gen, torch.bfloat16)
+    experts = torch.tensor([1, 3], device="cuda")
+    first = ops.routed_table(x, matrices)
+    assert first is not None and ops.routed_table(x, matrices) is first
+    other = [[_quantized(64, 256, 4, 64, gen) for _ in range(4)]]
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    ops.routed_linear(x, matrices, experts, 1)  # warm-up (the kernel compiled and loaded)
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        assert ops.routed_table(x, other) is None
+        y = ops.routed_linear(x, matrices, experts, 1)
+    for picks in ([0, 2], [3, 3]):
+        experts.copy_(torch.tensor(picks))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, ops.routed_linear(x, matrices, experts.clone(), 1))
+
+
 @pytest.mark.parametrize("lead", [(2, 3), (3, 5)])  # 6 rows, 15 rows (two chunks)
 def test_quant_gemv_leading_dims_and_views(lead):
     gen = _gen("views", lead)

@@ -14,7 +14,7 @@ from tiermem.api import store_info
 from tiermem.engine import moe
 from tiermem.engine.config import expected_weights, model_config_from_hf
 from tiermem.errors import ConfigError
-from tiermem.kernels.quant import QuantizedWeight
+from tiermem.kernels.quant import QuantizedWeight, QuantScheme, quantize
 from tiermem.storage.format import StoreReader
 from tiermem.storage.hf import HFCheckpoint
 from tiermem.storage.pack import default_should_quantize
@@ -141,6 +141,32 @@ def test_every_expert_on_every_token_weighted_by_0_gives_the_chosen_experts_resu
     grouped = moe.chosen_experts(cfg, "p.", w, x, weights, experts)
     dense = moe.all_experts(cfg, "p.", w, x, weights, experts)
     assert rel_err(dense, grouped) <= 1e-6
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_each_pick_through_its_expert_gives_the_chosen_experts_result(quantized):
+    """routed_experts (the choice never read on the host where the routed GEMV runs; ops.routed_linear's reference
+    here) equals the eager dispatch, an expert picked by two tokens included."""
+    cfg, w = moe_layer(normalize=True)
+    if quantized:
+        w = {n: quantize(v, QuantScheme(4, 8)) if ".experts." in n else v for n, v in w.items()}
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], x)
+    routed = moe.routed_experts(cfg, "p.", w, x, weights, experts)
+    assert routed.shape == x.shape and routed.dtype == torch.float32
+    assert rel_err(routed, moe.chosen_experts(cfg, "p.", w, x, weights, experts)) <= 1e-6
+
+
+def test_decode_steps_of_fewer_picks_than_experts_are_the_routed_ones():
+    mixtral = moe.MoeConfig(8, 2, 24, True, (True,), "mixtral")
+    assert {n: moe.picks_fewer_than_experts(mixtral, n) for n in (1, 3, 4, 32)} == {1: True, 3: True, 4: False,
+                                                                                   32: False}
+    qwen3 = moe.MoeConfig(128, 8, 24, True, (True,), "qwen")
+    assert moe.picks_fewer_than_experts(qwen3, 15) and not moe.picks_fewer_than_experts(qwen3, 16)
+    many = moe.MoeConfig(512, 2, 24, True, (True,), "qwen")  # beyond 32 rows the fused GEMV is not what runs
+    assert moe.picks_fewer_than_experts(many, 32) and not moe.picks_fewer_than_experts(many, 33)
+    cfg, w = moe_layer()
+    assert not moe.takes_routed_experts(cfg, "p.", w, torch.zeros(1, 16))  # on the CPU: chosen_experts
 
 
 def stored_parts(value):
@@ -307,6 +333,74 @@ def test_gpu_a_streamed_step_of_one_token_copies_only_its_experts_and_generates_
     assert torch.equal(out.cpu(), ref)
     steps = [b - a for a, b in zip(copied[2:], copied[3:], strict=False)]  # from the second decode step on
     assert steps and max(steps) < whole, (steps, whole)
+
+
+class _OnDemand(dict):
+    """Weights that copy each expert in when first asked for (what tiermem.gpu_tier yields for a split block)."""
+
+    copies_experts_on_demand = True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_gpu_routed_experts_give_the_chosen_experts_result_bit_for_bit(rows):
+    """int4 experts, bf16 on the GPU, 2 picks of 8: each pick through the routed GEMV as the fused GEMV computes one
+    row, summed as chosen_experts sums two picks; sparse_mlp takes this path unless the weights copy experts on
+    demand, whose choice must be read on the host."""
+    from tiermem.kernels import cupy_ops
+
+    if not cupy_ops.cuda_kernels_available():
+        pytest.skip("needs the CuPy kernels")
+    cfg, w = moe_layer(experts=8, hidden=64, inter=96)
+    w = {n: quantize(v, QuantScheme(4, 32)).to("cuda") if ".experts." in n else v.to("cuda", torch.bfloat16)
+         for n, v in w.items()}
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to("cuda", torch.bfloat16)
+    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], x)
+    routed = moe.routed_experts(cfg, "p.", w, x, weights, experts)
+    assert torch.equal(routed, moe.chosen_experts(cfg, "p.", w, x, weights, experts))
+    assert moe.takes_routed_experts(cfg, "p.", w, x)
+    assert not moe.takes_routed_experts(cfg, "p.", _OnDemand(w), x)
+    assert not moe.takes_routed_experts(cfg, "p.", w, x.float())  # fp32: the fused GEMV takes fp16/bf16 only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_streamed_experts_copied_on_demand_are_never_routed_on_the_gpu(tmp_path, monkeypatch):
+    """int4 experts in bf16 streamed from host RAM, batch 1: the steps copy only the chosen experts (chosen_experts
+    reads the choice on the host), so routed_experts never runs; with experts copied whole, the decode steps take it
+    and give the same tokens."""
+    from tiermem.kernels import cupy_ops
+
+    if not cupy_ops.cuda_kernels_available():
+        pytest.skip("needs the CuPy kernels")
+    routed = []
+    run = moe.routed_experts
+
+    def recorded(*args):
+        routed.append(args[3].shape[0])
+        return run(*args)
+
+    monkeypatch.setattr(moe, "routed_experts", recorded)
+    store = tiermem.pack(build_tiny("mixtral-8experts", tmp_path / "hf"), tmp_path / "int4", quant="int4",
+                         group_size=32, progress=False)
+    ids = left_padded_batch()[0][:1]
+    tokens = {}
+    for on_demand in (True, False):
+        with tiermem.load(store, device="cuda", dtype=torch.bfloat16, max_batch_size=1, max_seq_len=32,
+                          resident_weights=0) as m:
+            weights = m.source.weights
+            weights.experts_on_demand = on_demand
+            whole = sum(weights.host_blocks[b].numel() for b in weights.host_blocks if b not in weights.host_only)
+            copied = [weights.h2d_bytes]
+            tokens[on_demand] = m.generate(ids, 8, eos_token_id=[],
+                                           on_step=lambda k, c=copied, w=weights: c.append(w.h2d_bytes)).cpu()
+        steps = [b - a for a, b in zip(copied[2:], copied[3:], strict=False)]
+        if on_demand:
+            assert not routed and max(steps) < whole, (routed, steps, whole)
+        else:
+            assert routed.count(1) >= 6 * 2 and min(steps) >= whole  # 2 sparse layers a step, every expert copied
+    assert torch.equal(tokens[True], tokens[False])
 
 
 def test_cli_plan_says_which_experts_a_decode_step_copies(tmp_path, capsys, monkeypatch):

@@ -132,16 +132,33 @@ def test_gpu_graph_replays_over_a_quantized_cache_give_the_logits_of_dynamic_ste
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_graph_replays_of_int4_weights_in_bf16_give_the_logits_of_dynamic_steps(tmp_path):
+@pytest.mark.parametrize("variant", ["llama3", "mixtral-8experts"])
+def test_gpu_graph_replays_of_int4_weights_in_bf16_give_the_logits_of_dynamic_steps(tmp_path, variant, monkeypatch):
     """The bench's path: int4 weights and bf16 compute, so that the CuPy kernels (GEMV, RMSNorm, RoPE, SiLU) are
-    what the graph captures; the static steps attend over more (masked) slots, so bf16 sums may differ slightly."""
+    what the graph captures; the static steps attend over more (masked) slots, so bf16 sums may differ slightly.
+    mixtral-8experts: 2 rows x 2 picks of 8 experts, the routed GEMV in the dynamic steps and in the captures (the
+    choice read on the GPU at every replay)."""
     from hf_models import build_tiny
 
-    store = tiermem.pack(build_tiny("llama3", tmp_path / "hf"), tmp_path / "int4", quant="int4", group_size=32,
+    from tiermem.engine import moe
+
+    routed = []  # per call of engine.moe.routed_experts: whether a capture made it
+    run = moe.routed_experts
+
+    def recorded(*args):
+        routed.append(torch.cuda.is_current_stream_capturing())
+        return run(*args)
+
+    monkeypatch.setattr(moe, "routed_experts", recorded)
+    store = tiermem.pack(build_tiny(variant, tmp_path / "hf"), tmp_path / "int4", quant="int4", group_size=32,
                          progress=False)
     with tiermem.load(store, device="cuda", dtype=torch.bfloat16, max_batch_size=2, max_seq_len=64) as m:
+        routed.clear()  # the load's host probe ran (and captured) a narrow copy of the model
         _check_captures(_compare_steps(m, 12, bucket=4, graphs=True, atol=3e-2, rtol=3e-2,
                                        decoder_class=CapturingDecoder))
+    sparse = m.config.moe.sparse_layers.count(True) if m.config.moe else 0
+    assert routed.count(True) == 4 * sparse  # every capture (4 spans)
+    assert routed.count(False) == (12 + 4) * sparse  # the reference's 12 steps, the decoder's first step of each span
 
 
 @pytest.mark.gpu

@@ -50,6 +50,12 @@ class _ExpertsOnDemand(Mapping):
         self.tier, self.name, self.views, self.split, self.slot = tier, name, views, split, slot
         self.used: set[int] = set()
 
+    @property
+    def copies_experts_on_demand(self) -> bool:
+        """Whether an expert's first tensor asked for may copy it in (engine.moe then reads the routing on the host
+        and asks for the chosen experts only)."""
+        return self.tier.experts_on_demand
+
     def __getitem__(self, key: str):
         j = self.split.owner.get(key)
         if j is not None and j not in self.used:
