@@ -8,8 +8,9 @@ second routed run shows the drift of the machine between the two).
 With --gpu-memory the model is placed by the planner within the budgets (layers streamed from host RAM copy the
 chosen experts on demand, and are never routed) and only eager steps run.
 
-Not routed, a decode step of fewer picks than experts takes engine.moe.chosen_experts in eager steps (a host sync
-per sparse layer) and all_experts in a capture (every expert). Each run is tiermem.bench.time_generation with the
+Not routed (engine.moe.ROUTED_EXPERTS off), a decode step of fewer picks than experts takes engine.moe.chosen_experts
+in eager steps (a host sync per sparse layer) and all_experts in a capture (every expert), and all_experts runs expert
+by expert (five launches each) instead of in two launches of the routed GEMV. Each run is tiermem.bench.time_generation with the
 roofline of the bytes a step must read if only the chosen experts are read (bench.chosen_experts_roofline). Writes
 DIR/moe_routed_ab.json.
 """

@@ -20,7 +20,8 @@ Three ways to run the experts, with the same result:
   GEMVs read each expert's weights once either way, and the sync would make the host wait for the GPU at every
   layer, so that the host's issuing of a layer and the GPU's computing of the last one no longer overlap
   (Mixtral-8x7B int4, batch 16, weights streamed from host RAM: 0.41 of the PCIe roofline with the sync,
-  benchmarks/results/*_s14call3_h200.json).
+  benchmarks/results/*_s14call3_h200.json). Where the routed GEMV takes the weights, it runs as two launches of it,
+  every expert a pick of all the step's rows.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class MoeConfig:
     shared_expert_size: int = 0  # intermediate size of Qwen2-MoE's shared expert (0: none)
 
 
-# sparse_mlp takes routed_experts where it may while this is True (benchmarks/moe_routed_ab.py switches it off to
-# compare with the other two ways).
+# The experts run through the routed GEMV where it takes them while this is True: routed_experts, and all_experts in
+# two launches (benchmarks/moe_routed_ab.py switches it off to compare with chosen_experts and all_experts' launches
+# expert by expert).
 ROUTED_EXPERTS = True
 
 
@@ -192,11 +194,28 @@ def routed_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x
 def all_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
                 weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """chosen_experts' result without a host sync or a shape that depends on the routing: every expert on every
-    token, the experts a token did not choose weighted by 0. Summed in x's dtype (as transformers sums a token's
-    experts), one fused multiply-add per expert: these are the steps whose launches count."""
+    token, the experts a token did not choose weighted by 0. Where the routed GEMV takes the weights, one launch
+    for every expert's gate and up and one for their down (ops.routed_linear, each expert a pick of all N rows),
+    summed in fp32; otherwise expert by expert, summed in x's dtype (as transformers sums a token's experts), one
+    fused multiply-add per expert. These are the steps whose launches count."""
     gates = torch.zeros(x.shape[0], moe.num_experts, device=x.device).scatter_(1, experts, weights)  # [N, E]
+    matrices = _expert_matrices(moe, layer_prefix, w)
+    gate_up, down = matrices[:2], matrices[2:]  # (gates, ups), (downs,)
+    if ROUTED_EXPERTS and ops.routed_table(x, gate_up) is not None and ops.routed_table(x, down) is not None:
+        N, D = x.shape
+        every = _every_expert(moe.num_experts, x.device)  # [E]
+        y = ops.routed_linear(x, gate_up, every, moe.num_experts, rows=N)  # [2, E * N, I]
+        h = ops.silu_mul(y[0], y[1])  # [E * N, I]
+        out = ops.routed_linear(h, down, every, 1, rows=N)[0].view(moe.num_experts, N, D)  # [E, N, D]
+        return (out.float() * gates.T[:, :, None]).sum(0)  # [N, D]
     gates = gates.to(x.dtype)
     out = torch.zeros_like(x)  # [N, D]
     for j in range(moe.num_experts):
         out.addcmul_(_expert(w, expert_names(moe, layer_prefix, j), x), gates[:, j:j + 1])
     return out
+
+
+@cache  # made in the step run as it is before a capture, which then reads it
+def _every_expert(num_experts: int, device: torch.device) -> torch.Tensor:
+    """int64 [E]: 0 .. E-1 on `device`, all_experts' picks."""
+    return torch.arange(num_experts, device=device)

@@ -363,6 +363,8 @@ def expert_table(matrices: Sequence[Sequence[object]], device: torch.device, bui
     """The table of matrices[m][e] on `device`, or None where routed_supported says no; made once, then found again
     while the same weight objects are asked for (the check is made once too). None also where it is not made yet
     and build is False (a CUDA graph capture may not copy it to the GPU)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # as the weights' tensors name it
     flat = [w for row in matrices for w in row]
     key = id(flat[0])
     found = _expert_tables.get(key)
@@ -386,32 +388,36 @@ def expert_table(matrices: Sequence[Sequence[object]], device: torch.device, bui
     return table
 
 
-def routed_quant_linear(x: torch.Tensor, table: ExpertTable, experts: torch.Tensor, x_div: int,
-                        config: GemvConfig = DEFAULT_GEMV) -> torch.Tensor:
-    """y [M, P, O]: y[m, p] = x[p // x_div] @ dequant(W[m][experts[p]])^T in one launch, for x [rows, I] fp16/bf16
-    and experts int64 [P] on the GPU (read there: any routing, the same launch). config's batch_tiles is ignored
-    (one pick per block)."""
+def routed_quant_linear(x: torch.Tensor, table: ExpertTable, experts: torch.Tensor, x_div: int, rows: int = 1,
+                        config: GemvConfig | None = None) -> torch.Tensor:
+    """y [M, P * rows, O]: y[m, p * rows + r] = x[(p // x_div) * rows + r] @ dequant(W[m][experts[p]])^T in one
+    launch, for x [P / x_div * rows, I] fp16/bf16 and experts int64 [P] on the GPU (read there: any routing, the
+    same launch). rows: the rows each pick takes (1: a token's pick; the step's rows: an expert over all of them).
+    config: default_gemv(rows)'s when None; its batch tiles apply to each pick's rows."""
     out_features, in_features = table.shape
     picks = experts.numel()
-    rows = picks // x_div if x_div > 0 else 0
-    if x.dtype not in HALF_DTYPES or x.dim() != 2 or x.shape[1] != in_features or x.shape[0] != rows \
-            or rows * x_div != picks:
-        raise TiermemError(f"routed_quant_linear: x must be fp16/bf16 [{rows}, {in_features}] for {picks} picks, "
-                           f"{x_div} per row; got {x.dtype} {tuple(x.shape)}")
-    if experts.dtype != torch.int64 or not 1 <= picks <= GEMV_MAX_CHUNKS:
-        raise TiermemError(f"routed_quant_linear: experts must be int64 [1..{GEMV_MAX_CHUNKS}], got {experts.dtype} "
-                           f"{tuple(experts.shape)}")
+    blocks = picks // x_div if x_div > 0 else 0  # of `rows` rows of x
+    if x.dtype not in HALF_DTYPES or x.dim() != 2 or x.shape[1] != in_features or rows < 1 \
+            or x.shape[0] != blocks * rows or blocks * x_div != picks:
+        raise TiermemError(f"routed_quant_linear: x must be fp16/bf16 [{blocks} * {rows}, {in_features}] for "
+                           f"{picks} picks of {rows} rows, {x_div} per block of rows; got {x.dtype} {tuple(x.shape)}")
+    config = config or default_gemv(rows)
+    chunks = gemv_chunks(rows, config)
+    if experts.dtype != torch.int64 or not 1 <= picks * chunks <= GEMV_MAX_CHUNKS:
+        raise TiermemError(f"routed_quant_linear: experts must be int64 [1..{GEMV_MAX_CHUNKS // chunks}], got "
+                           f"{experts.dtype} {tuple(experts.shape)}")
     x, experts = x.contiguous(), experts.contiguous()
     _check_cuda("routed_quant_linear", x, experts, table.pointers)
+    tiles = batch_tiles(rows, config)
     kernel, rows_per_block, shift = _gemv_plan(table.bits, table.group_size, x.dtype, config.unroll,
-                                               config.m_tiles, 1)
+                                               config.m_tiles, tiles)
     matrices, _, num_experts = table.pointers.shape
-    y = torch.empty((matrices, picks, out_features), dtype=x.dtype, device=x.device)
+    y = torch.empty((matrices, picks * rows, out_features), dtype=x.dtype, device=x.device)
     args = (_ptr(table.pointers), _ptr(experts), *_i32s(num_experts), _ptr(x), _ptr(y),
-            *_i32s(out_features, in_features, table.group_size, picks, x_div, shift))
-    grid = (math.ceil(out_features / rows_per_block), picks, matrices)
+            *_i32s(out_features, in_features, table.group_size, picks, x_div, rows, shift))
+    grid = (math.ceil(out_features / rows_per_block), picks * chunks, matrices)
     _launch(x.device, "routed_gemv.cu", kernel.replace("quant_gemv", "routed_gemv", 1), grid, 32 * config.warps,
-            args, shared_mem=config.warps * (rows_per_block // 16) * 128 * 4)
+            args, shared_mem=config.warps * (rows_per_block // 16) * tiles * 128 * 4)
     return y
 
 

@@ -5,8 +5,9 @@ one they implement; everything else, and every CPU tensor, runs the torch refere
 - linear: quantized weight, x with at most GEMV_SPLIT_ROWS (32) rows -> fused dequant-GEMV (one 8-row
   chunk up to 8 rows, 16-row chunks beyond, all in one launch); more rows -> dequantize on the GPU, then
   torch's matmul; unquantized weight -> F.linear (the reference).
-- routed_linear: a mixture's chosen experts (quantized) for a few rows, the choice read on the GPU -> the routed
-  GEMV (one launch, one pick per block); otherwise, and on the CPU, the reference (which reads the choice on the host).
+- routed_linear: a mixture's chosen experts (quantized) for a few rows, or its every expert over a step's rows, the
+  choice read on the GPU -> the routed GEMV (one launch); otherwise, and on the CPU, the reference (which reads the
+  choice on the host).
 - rms_norm, apply_rope, silu_mul: fused for fp16/bf16 CUDA tensors.
 - kv_decode_attention: one query token over a quantized KV cache, dequantized inside the kernel
   (engine.attention falls back to dequantize + SDPA where kv_decode_attention_supported says no).
@@ -93,14 +94,14 @@ def routed_table(x: torch.Tensor, matrices: Sequence[Sequence[object]]) -> cupy_
 
 
 def routed_linear(x: torch.Tensor, matrices: Sequence[Sequence[torch.Tensor | QuantizedWeight]],
-                  experts: torch.Tensor, x_div: int) -> torch.Tensor:
-    """y [M, P, O]: y[m, p] = x[p // x_div] @ W^T for W = matrices[m][experts[p]]: x [P / x_div, I], experts int64
-    [P] (see reference.routed_linear); one launch of kernels/cuda/routed_gemv.cu, the experts read on the GPU, where
-    routed_table gives a table."""
+                  experts: torch.Tensor, x_div: int, rows: int = 1) -> torch.Tensor:
+    """y [M, P * rows, O]: y[m, p * rows + r] = x[(p // x_div) * rows + r] @ W^T for W = matrices[m][experts[p]]:
+    x [P / x_div * rows, I], experts int64 [P] (see reference.routed_linear); one launch of
+    kernels/cuda/routed_gemv.cu, the experts read on the GPU, where routed_table gives a table."""
     table = routed_table(x, matrices)
     if table is not None:
-        return cupy_ops.routed_quant_linear(x, table, experts, x_div)
-    return reference.routed_linear(x, matrices, experts, x_div)
+        return cupy_ops.routed_quant_linear(x, table, experts, x_div, rows)
+    return reference.routed_linear(x, matrices, experts, x_div, rows)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

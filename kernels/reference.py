@@ -38,11 +38,12 @@ def linear(
 
 
 def routed_linear(x: torch.Tensor, matrices: Sequence[Sequence[torch.Tensor | QuantizedWeight]],
-                  experts: torch.Tensor, x_div: int) -> torch.Tensor:
-    """y [M, P, O]: y[m, p] = x[p // x_div] @ W^T for W = matrices[m][experts[p]], x [P / x_div, I], experts [P]
-    (the picks of a mixture's decode step, read on the host here)."""
-    picks = experts.tolist()
-    return torch.stack([torch.cat([linear(x[p // x_div:p // x_div + 1], row[e]) for p, e in enumerate(picks)])
+                  experts: torch.Tensor, x_div: int, rows: int = 1) -> torch.Tensor:
+    """y [M, P * rows, O]: y[m, p * rows + r] = x[(p // x_div) * rows + r] @ W^T for W = matrices[m][experts[p]],
+    x [P / x_div * rows, I], experts [P] (a mixture's picks, or its every expert over all rows; read on the host
+    here)."""
+    blocks = x.view(-1, rows, x.shape[-1])  # [P / x_div, rows, I]
+    return torch.stack([torch.cat([linear(blocks[p // x_div], row[e]) for p, e in enumerate(experts.tolist())])
                         for row in matrices])
 
 

@@ -170,34 +170,42 @@ def _routed_kernel_params() -> list[str]:
     return [" ".join(p.replace("\\", " ").split()) for p in params.split(",")]
 
 
-def test_routed_gemv_launches_once_over_picks_and_matrices_with_the_kernels_argument_types(monkeypatch):
-    """routed_quant_linear's launch, recorded: grid (row blocks, picks, matrices), DEFAULT_GEMV's one-tile kernel
-    under its routed name, pointers as 8-byte ints and `int` as np.int32, the table's expert count among them."""
+@pytest.mark.parametrize(("rows", "picks", "x_div"), [(1, 6, 2), (5, 8, 8), (13, 8, 1)])
+def test_routed_gemv_launches_once_over_picks_and_matrices_with_the_kernels_argument_types(rows, picks, x_div,
+                                                                                         monkeypatch):
+    """routed_quant_linear's launch, recorded: grid (row blocks, picks x chunks of each pick's rows, matrices),
+    default_gemv(rows)'s kernel under its routed name (two batch tiles beyond 8 rows), pointers as 8-byte ints and
+    `int` as np.int32, the table's expert count among them. (1, 6, 2): a token's picks; (5, 8, 8), (13, 8, 1): every
+    expert over all rows, gate and up (x shared) and down (x per expert)."""
     launches = []
     monkeypatch.setattr(cupy_ops, "_launch", lambda *args, **kwargs: launches.append((args, kwargs)))
     monkeypatch.setattr(cupy_ops, "_check_cuda", lambda *tensors: None)
-    table = cupy_ops.ExpertTable(torch.ones(2, 3, 5, dtype=torch.int64), (40, 256), 4, 64)
-    y = cupy_ops.routed_quant_linear(torch.randn(3, 256).half(), table, torch.tensor([4, 0, 2, 4, 1, 3]), 2)
-    assert y.shape == (2, 6, 40) and y.dtype == torch.float16
+    table = cupy_ops.ExpertTable(torch.ones(2, 3, 8, dtype=torch.int64), (40, 256), 4, 64)
+    x = torch.randn(picks // x_div * rows, 256).half()
+    y = cupy_ops.routed_quant_linear(x, table, torch.arange(picks) % 8, x_div, rows)
+    assert y.shape == (2, picks * rows, 40) and y.dtype == torch.float16
     (args, kwargs), = launches
     _, source, kernel, grid, block, kernel_args = args
-    config = cupy_ops.DEFAULT_GEMV
-    assert (source, kernel) == ("routed_gemv.cu", f"routed_gemv_int4_f16_u{config.unroll}m{config.m_tiles}")
-    assert grid == (math.ceil(40 / (16 * config.m_tiles)), 6, 2) and block == 32 * config.warps
-    assert kwargs == {"shared_mem": config.warps * config.m_tiles * 128 * 4}
+    config = cupy_ops.default_gemv(rows)
+    tiles = cupy_ops.batch_tiles(rows, config)
+    suffix = "n2" if tiles == 2 else ""
+    assert (source, kernel) == ("routed_gemv.cu", f"routed_gemv_int4_f16_u{config.unroll}m{config.m_tiles}{suffix}")
+    chunks = math.ceil(rows / (8 * tiles))
+    assert grid == (math.ceil(40 / (16 * config.m_tiles)), picks * chunks, 2) and block == 32 * config.warps
+    assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
     params = _routed_kernel_params()
-    assert len(kernel_args) == len(params) == 11
+    assert len(kernel_args) == len(params) == 12
     for param, arg in zip(params, kernel_args, strict=True):
         if "*" in param:
             assert type(arg) is int and 0 < arg < 2**63, (param, arg)
         else:
             assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
-    assert int(kernel_args[2]) == 5  # num_experts
-    assert [int(a) for a in kernel_args[5:]] == [40, 256, 64, 6, 2, 1]  # O, I, gs, picks, x_div, cpg_shift
+    assert int(kernel_args[2]) == 8  # num_experts
+    assert [int(a) for a in kernel_args[5:11]] == [40, 256, 64, picks, x_div, rows]  # O, I, gs, picks, x_div, rows
 
 
 @pytest.mark.parametrize(("rows", "experts", "words"), [
-    (2, torch.tensor([0, 1, 2, 3, 4, 0]), "x must be fp16/bf16 \\[3, 256\\] for 6 picks, 2 per row"),
+    (2, torch.tensor([0, 1, 2, 3, 4, 0]), "x must be fp16/bf16 \\[3 \\* 1, 256\\] for 6 picks of 1 rows, 2 per"),
     (3, torch.tensor([0, 1, 2, 3, 4, 0], dtype=torch.int32), "experts must be int64"),
 ])
 def test_routed_gemv_refuses_x_or_picks_that_do_not_fit(rows, experts, words, monkeypatch):
@@ -205,6 +213,21 @@ def test_routed_gemv_refuses_x_or_picks_that_do_not_fit(rows, experts, words, mo
     table = cupy_ops.ExpertTable(torch.ones(1, 3, 5, dtype=torch.int64), (40, 256), 4, 64)
     with pytest.raises(TiermemError, match=words):
         cupy_ops.routed_quant_linear(torch.randn(rows, 256).half(), table, experts, 2)
+
+
+def test_the_routed_reference_runs_each_pick_over_its_block_of_rows():
+    """reference.routed_linear, the CPU path and the GPU kernels' specification: pick p takes rows
+    (p // x_div) * rows .. + rows - 1 of x through its expert's matrix m, into rows p * rows .. of y[m]."""
+    gen = torch.Generator().manual_seed(7)
+    matrices = [[torch.randn(6, 16, generator=gen) for _ in range(4)] for _ in range(2)]
+    x = torch.randn(2 * 3, 16, generator=gen)  # 2 blocks of 3 rows
+    experts = torch.tensor([3, 0, 1, 1])  # x_div 2: picks 0, 1 read block 0, picks 2, 3 block 1
+    y = reference.routed_linear(x, matrices, experts, 2, rows=3)
+    assert y.shape == (2, 4 * 3, 6)
+    for m, row in enumerate(matrices):
+        for p, e in enumerate(experts.tolist()):
+            block = x[(p // 2) * 3:(p // 2) * 3 + 3]
+            torch.testing.assert_close(y[m, p * 3:p * 3 + 3], block @ row[e].T)
 
 
 def test_expert_tables_are_made_once_and_go_with_their_weights(monkeypatch):

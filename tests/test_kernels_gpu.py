@@ -148,6 +148,27 @@ def test_routed_gemv_runs_each_pick_through_its_expert_as_the_fused_gemv_does(ou
     assert _rel_err(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("rows", [4, 8, 13, 32])
+def test_routed_gemv_over_every_expert_and_all_rows_is_the_fused_gemv_of_each(rows, dtype):
+    """engine.moe.all_experts' launches: every expert of 6 a pick of all `rows` rows, gate and up sharing x (x_div 6),
+    then down with each expert's own rows (x_div 1): bit for bit the fused GEMV of those rows through each expert
+    (the same kernel and batch tiles)."""
+    gen = _gen("routed-rows", rows, dtype)
+    matrices = [[_quantized(96, 256, 4, 64, gen) for _ in range(6)] for _ in range(2)]
+    every = torch.arange(6, device="cuda")
+    x = _randn((rows, 256), gen, dtype)
+    y = ops.routed_linear(x, matrices, every, 6, rows=rows)
+    assert y.shape == (2, 6 * rows, 96)
+    h = _randn((6 * rows, 256), gen, dtype)
+    down = ops.routed_linear(h, matrices[:1], every, 1, rows=rows)
+    for m, row in enumerate(matrices):
+        for e, w in enumerate(row):
+            assert torch.equal(y[m, e * rows:(e + 1) * rows], cupy_ops.quant_linear(x, w)), (m, e)
+    for e, w in enumerate(matrices[0]):
+        assert torch.equal(down[0, e * rows:(e + 1) * rows], cupy_ops.quant_linear(h[e * rows:(e + 1) * rows], w))
+
+
 def test_routed_gemv_tables_are_found_again_and_capturable():
     """ops.routed_linear: the table made once for the same weights, none made during a capture (the step before it
     made it), and a captured launch reads each replay's routing."""

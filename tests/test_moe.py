@@ -250,6 +250,34 @@ def test_the_cost_model_streams_only_the_chosen_experts_where_a_step_takes_chose
     assert Workload.from_config(dense, sizes).host_stream_share(1) == 1.0
 
 
+def test_the_cost_model_reads_in_hbm_one_copy_of_an_expert_per_pick_where_the_routed_gemv_runs():
+    """Mixtral-8x7B resident in HBM: quantized, batch 1-3 reads the other weights and an expert per pick (2, 4, 6 of
+    8: the routed GEMV); batch 4-32 every expert (all_experts); beyond 32 rows only the chosen ones
+    (chosen_experts), at the dequantize-then-matmul traffic; stored dense, batch 1 reads its chosen experts."""
+    from dataclasses import replace
+
+    from tiermem.cost_model import Hardware, Workload, step_cost
+
+    cfg = model_config_from_hf(MIXTRAL_8X7B)
+    sizes = {block: 10**9 for block in cfg.block_names}
+    hw = Hardware(disk_read_Bps=1e9, h2d_Bps=1e10, hbm_Bps=1e12, matmul_flops=1e15, cpu_memcpy_Bps=1e10)
+
+    def weight_seconds(batch, quantized=True):
+        w = Workload.from_config(cfg, sizes, batch=batch, quantized=quantized, dtype=torch.bfloat16)
+        cost = step_cost(w, hw, resident=10 * 10**9, host=0, disk=0, kv="cpu", cpu_cache_compute=True,
+                         micro_batches=1)
+        return w, cost["hbm"] * 1e12 / 10**10  # the share of the resident bytes read
+    w, _ = weight_seconds(1)
+    share = w.expert_share
+    for batch, read in ((1, 1 - share * 6 / 8), (3, 1 - share * 2 / 8), (4, 1.0), (32, 2.0)):
+        assert weight_seconds(batch)[1] == pytest.approx(read), batch
+    w, got = weight_seconds(40)
+    assert got == pytest.approx(w.weight_traffic(40) * (1 - share * 0.75**40))
+    w, got = weight_seconds(1, quantized=False)
+    assert got == pytest.approx(1 - share * 0.75)
+    assert replace(w, cuda_graphs=True).read_share(1) == 1.0  # a capture of dense experts runs all of them
+
+
 def test_info_names_the_experts(tmp_path):
     store = tiermem.pack(build_tiny("qwen3-moe", tmp_path / "hf"), tmp_path / "store", progress=False)
     info = store_info(store)
@@ -309,6 +337,20 @@ def test_the_gpu_workspace_reservation_holds_the_sparse_mlps_fp32_sums():
             == extra)
 
 
+def test_the_gpu_workspace_of_a_decode_step_holds_every_experts_activations():
+    """A decode step of quantized experts may run all_experts' two launches: every expert's gate, up and SiLU
+    product over all rows, its output, that in fp32 and weighted, on top of chosen_experts' sums."""
+    from dataclasses import replace
+
+    from tiermem.placement import workspace_bytes
+
+    mixtral = model_config_from_hf(MIXTRAL_8X7B)
+    dense = replace(mixtral, moe=None)
+    got = (workspace_bytes(mixtral, 32, 512, 1, torch.bfloat16, quantized=True, new_tokens=1)
+           - workspace_bytes(dense, 32, 512, 1, torch.bfloat16, quantized=True, new_tokens=1))
+    assert got == 32 * (12 * 4096 + 12 * 8) + 8 * 32 * (3 * 14336 * 2 + 4096 * (2 + 8))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
@@ -362,6 +404,27 @@ def test_gpu_routed_experts_give_the_chosen_experts_result_bit_for_bit(rows):
     assert moe.takes_routed_experts(cfg, "p.", w, x)
     assert not moe.takes_routed_experts(cfg, "p.", _OnDemand(w), x)
     assert not moe.takes_routed_experts(cfg, "p.", w, x.float())  # fp32: the fused GEMV takes fp16/bf16 only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [4, 16, 40])
+def test_gpu_every_expert_in_two_launches_gives_the_chosen_experts_result(rows):
+    """all_experts where the routed GEMV takes the weights (int4, bf16): every expert a pick of all rows, in one
+    launch for gate and up and one for down, within bf16 rounding of chosen_experts (which runs each expert on its
+    own rows, in other batch tiles); 40 rows: what a CUDA graph capture of that many rows runs."""
+    from tiermem.kernels import cupy_ops
+
+    if not cupy_ops.cuda_kernels_available():
+        pytest.skip("needs the CuPy kernels")
+    cfg, w = moe_layer(experts=8, hidden=64, inter=96)
+    w = {n: quantize(v, QuantScheme(4, 32)).to("cuda") if ".experts." in n else v.to("cuda", torch.bfloat16)
+         for n, v in w.items()}
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to("cuda", torch.bfloat16)
+    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], x)
+    every = moe.all_experts(cfg, "p.", w, x, weights, experts)
+    assert every.dtype == torch.float32  # the fused path's fp32 sum
+    assert rel_err(every, moe.chosen_experts(cfg, "p.", w, x, weights, experts)) < 1e-2
 
 
 @pytest.mark.gpu

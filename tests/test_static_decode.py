@@ -132,12 +132,13 @@ def test_gpu_graph_replays_over_a_quantized_cache_give_the_logits_of_dynamic_ste
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["llama3", "mixtral-8experts"])
+@pytest.mark.parametrize("variant", ["llama3", "mixtral-8experts", "mixtral"])
 def test_gpu_graph_replays_of_int4_weights_in_bf16_give_the_logits_of_dynamic_steps(tmp_path, variant, monkeypatch):
     """The bench's path: int4 weights and bf16 compute, so that the CuPy kernels (GEMV, RMSNorm, RoPE, SiLU) are
     what the graph captures; the static steps attend over more (masked) slots, so bf16 sums may differ slightly.
-    mixtral-8experts: 2 rows x 2 picks of 8 experts, the routed GEMV in the dynamic steps and in the captures (the
-    choice read on the GPU at every replay)."""
+    mixtral-8experts: 2 rows x 2 picks of 8 experts, the routed GEMV (routed_experts) in the dynamic steps and in
+    the captures (the choice read on the GPU at every replay); mixtral: 4 picks of 4 experts, every expert over both
+    rows in two launches of it (all_experts)."""
     from hf_models import build_tiny
 
     from tiermem.engine import moe
@@ -156,7 +157,7 @@ def test_gpu_graph_replays_of_int4_weights_in_bf16_give_the_logits_of_dynamic_st
         routed.clear()  # the load's host probe ran (and captured) a narrow copy of the model
         _check_captures(_compare_steps(m, 12, bucket=4, graphs=True, atol=3e-2, rtol=3e-2,
                                        decoder_class=CapturingDecoder))
-    sparse = m.config.moe.sparse_layers.count(True) if m.config.moe else 0
+    sparse = m.config.moe.sparse_layers.count(True) if variant == "mixtral-8experts" else 0
     assert routed.count(True) == 4 * sparse  # every capture (4 spans)
     assert routed.count(False) == (12 + 4) * sparse  # the reference's 12 steps, the decoder's first step of each span
 

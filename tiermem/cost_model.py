@@ -14,11 +14,12 @@ kv = KV bytes per token per layer (K and V, compute dtype):
              copies those experts on demand; a split step is counted whole, see Workload.host_stream_share)
              + KV on CPU or disk with GPU attention: L*B*c*kv read over PCIe each step
              + KV on CPU with CPU attention: L*B*(q + attention output + new K/V) activations) / h2d_Bps
-  hbm     = (m * f(B/m) * bytes of all GPU-side weights (every micro-batch reads every weight; f = 1 for
+  hbm     = (m * f(B/m) * bytes of all GPU-side weights the step uses (every micro-batch reads them; f = 1 for
                dense weights; quantized ones at r rows a micro-batch: 1 up to 16 rows, ceil(r/16) up to 32 (the
                fused GEMV reads the weight once per chunk: 8 rows up to 8, 16 beyond), beyond that 1 + 2 *
                dense/stored bytes
-               (dequantized to a dense copy, written, then read by the matmul))
+               (dequantized to a dense copy, written, then read by the matmul); of a sparse layer's experts, those
+               the step runs, Workload.read_share: one copy per pick where the routed GEMV runs them)
              + streamed bytes (written into the ring slots)
              + KV on GPU: L*B*(c + 1)*kv (read + append); KV on CPU, GPU attention: 2*L*B*c*kv;
                KV on disk: 4*L*B*c*kv (landed, permuted: read + write, read by attention)) / hbm_Bps
@@ -80,7 +81,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from tiermem.engine.moe import MoeConfig, picks_cover_experts
+from tiermem.engine.moe import MoeConfig, picks_cover_experts, picks_fewer_than_experts
 from tiermem.errors import ConfigError
 from tiermem.kernels.cupy_ops import gemv_chunks
 from tiermem.kernels.ops import GEMV_SPLIT_ROWS
@@ -224,6 +225,21 @@ class Workload:
             return float(gemv_chunks(rows))
         return 1.0 + 2.0 * self.dense_per_stored
 
+    def read_share(self, rows: int) -> float:
+        """Share of a block's weight bytes that a decode micro-batch of `rows` rows reads once in HBM: of a sparse
+        layer's routed experts, one copy per pick where the step takes engine.moe.routed_experts (quantized weights,
+        engine.moe.picks_fewer_than_experts), the chosen ones (tiermem.moe_traffic.chosen_fraction) where it takes
+        chosen_experts, every one where it takes all_experts (picks_cover_experts, or a CUDA graph of experts the
+        routed GEMV does not take); 1 for a dense model."""
+        moe = self.moe
+        if moe is None or picks_cover_experts(moe, rows):
+            return 1.0
+        if self.dense_per_stored and picks_fewer_than_experts(moe, rows):
+            return 1.0 - self.expert_share * (1.0 - rows * moe.top_k / moe.num_experts)
+        if self.cuda_graphs:
+            return 1.0
+        return 1.0 - self.expert_share * (1.0 - chosen_fraction(moe, rows))
+
     def host_stream_share(self, micro_batches: int) -> float:
         """Share of the bytes of the blocks streamed from host RAM that a decode step split into `micro_batches`
         copies: all of them, unless the whole batch takes engine.moe.chosen_experts (engine.moe.picks_cover_experts
@@ -314,9 +330,11 @@ def step_cost(w: Workload, hw: Hardware, *, resident: int, host: int, disk: int,
     """
     L, B, m = w.num_layers, w.batch, micro_batches
     kv_read = L * B * w.mean_context * w.kv_bytes_per_token_layer
-    streamed = host + disk
-    weights_read = m * w.weight_traffic(math.ceil(B / m)) * (resident + streamed)
-    copied = host * w.host_stream_share(m) + disk
+    rows = math.ceil(B / m)
+    host_share = w.host_stream_share(m)  # < 1: only the chosen experts are copied (on demand), and read
+    host_read = host * (host_share if host_share < 1 else w.read_share(rows))
+    weights_read = m * w.weight_traffic(rows) * ((resident + disk) * w.read_share(rows) + host_read)
+    copied = host * host_share + disk
     disk_bytes, pcie_bytes, hbm_bytes = disk, copied, weights_read + copied
     disk_kv_s = 0.0
     flops = B * (L * w.flops_per_token_layer + w.head_flops_per_token)

@@ -71,6 +71,9 @@ def workspace_bytes(cfg: ModelConfig, batch: int, seq: int, micro_batches: int, 
     layer = rows * new * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * e  # qkv/attn out, MLP
     if cfg.moe is not None:  # engine.moe.chosen_experts: the fp32 sum, one expert's fp32 output and its weighting
         layer += rows * new * (12 * cfg.hidden_size + 3 * 4 * cfg.moe.num_experts)  # ... and router probabilities
+        if new == 1 and quantized:  # engine.moe.all_experts' launches: every expert's gate, up and product over
+            # every row, its output, that in fp32 and weighted
+            layer += cfg.moe.num_experts * rows * (3 * cfg.moe.intermediate_size * e + cfg.hidden_size * (e + 8))
     scores = rows * cfg.num_heads * new * seq * 4  # attention probabilities if materialised (fp32)
     logits = 2 * batch * cfg.vocab_size * 4  # last-position logits and their fp32 copy
     return hidden + layer + scores + logits + dequant + WORKSPACE_MARGIN
