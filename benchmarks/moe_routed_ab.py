@@ -10,9 +10,9 @@ chosen experts on demand, and are never routed) and only eager steps run.
 
 Not routed (engine.moe.ROUTED_EXPERTS off), a decode step of fewer picks than experts takes engine.moe.chosen_experts
 in eager steps (a host sync per sparse layer) and all_experts in a capture (every expert), and all_experts runs expert
-by expert (five launches each) instead of in two launches of the routed GEMV. Each run is tiermem.bench.time_generation with the
-roofline of the bytes a step must read if only the chosen experts are read (bench.chosen_experts_roofline). Writes
-DIR/moe_routed_ab.json.
+by expert (five launches each) instead of in two launches of the routed GEMV. Each run is
+tiermem.bench.time_generation with the roofline of the bytes a step must read if only the chosen experts are read
+(bench.chosen_experts_roofline). Writes DIR/moe_routed_ab.json.
 """
 
 from __future__ import annotations
