@@ -468,9 +468,10 @@ def test_gpu_streamed_experts_copied_on_demand_are_never_routed_on_the_gpu(tmp_p
 
 def test_cli_plan_says_which_experts_a_decode_step_copies(tmp_path, capsys, monkeypatch):
     """Mixtral-8x22B in 24 GiB of GPU memory: batch 1 copies its chosen experts (28% of a sparse layer's bytes with
-    2 of 8 chosen: the shared part and 1 - 0.75 of the experts), batch 8 every expert; a dense model says nothing."""
+    2 of 8 chosen: the shared part and 1 - 0.75 of the experts), batch 8 every expert; a dense model says nothing.
+    Mixtral-8x7B all in HBM: batch 1 reads one expert per pick there, batch 16 every expert."""
     from tiermem.cli import main
-    from tiermem.cost_model import Hardware
+    from tiermem.cost_model import Hardware, Workload
 
     monkeypatch.setenv("HOME", str(tmp_path))
     hw = tmp_path / "hw.json"
@@ -484,4 +485,15 @@ def test_cli_plan_says_which_experts_a_decode_step_copies(tmp_path, capsys, monk
     assert main(["plan", "--synthetic", "mixtral-8x22b", "--batch", "8", *common]) == 0
     assert "copies every expert (its picks cover them, or the step is split)" in capsys.readouterr().out
     assert main(["plan", "--synthetic", "llama-13b", "--batch", "1", *common]) == 0
-    assert "experts:" not in capsys.readouterr().out
+    assert "experts" not in capsys.readouterr().out
+    resident = ["--quant", "int4", "--group-size", "128", "--gpu-memory", "140GiB", "--cpu-memory", "100GiB",
+                "--hardware", str(hw)]
+    assert main(["plan", "--synthetic", "mixtral-8x7b", "--batch", "1", *resident]) == 0
+    out = capsys.readouterr().out
+    assert "experts:" not in out  # nothing streamed from host RAM
+    cfg = model_config_from_hf(MIXTRAL_8X7B)
+    share = Workload.from_config(cfg, {block: 1 for block in cfg.block_names}).expert_share
+    assert (f"a decode step reads one expert per pick (2 of 8, the routed GEMV) of the sparse layers there: "
+            f"{1 - share * 0.75:.0%}") in out
+    assert main(["plan", "--synthetic", "mixtral-8x7b", "--batch", "16", *resident]) == 0
+    assert "reads every expert of the sparse layers there: 100%" in capsys.readouterr().out

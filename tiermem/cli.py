@@ -224,11 +224,26 @@ def _print_plan(args: argparse.Namespace, chosen, hardware, source: str, workloa
         moe = workload.moe
         print(f"experts: {moe.top_k} of {moe.num_experts} per token; a decode step copies {how} of the sparse layers "
               f"in pinned host memory: {share:.0%} of their bytes with even routing")
+    if workload.moe is not None and chosen.gpu_blocks:
+        _print_expert_reads(workload, -(-args.batch // chosen.micro_batches))
     if not workload.host_step_s:
         print(f"host time not measured (no CUDA here): {DEFAULT_LAYER_OVERHEAD_S * 1e6:.0f} us per layer and "
               "micro-batch assumed; a decode step issued from Python took 15-40 ms for 32 resident layers on an "
               "H200 machine, so a host-bound prediction made here is optimistic")
     print(f"predicted: {chosen.predicted_step_s:.4f} s per decode step, {chosen.predicted_tok_per_s:.2f} tok/s")
+
+
+def _print_expert_reads(workload, rows: int) -> None:
+    """Which experts of the layers in HBM a decode micro-batch of `rows` rows reads (Workload.read_share)."""
+    from tiermem.engine.moe import picks_fewer_than_experts
+
+    moe, share = workload.moe, workload.read_share(rows)
+    if workload.dense_per_stored and picks_fewer_than_experts(moe, rows):
+        how = f"one expert per pick ({rows * moe.top_k} of {moe.num_experts}, the routed GEMV)"
+    else:
+        how = "only the experts its tokens choose" if share < 1 else "every expert"
+    print(f"experts in HBM: a decode step reads {how} of the sparse layers there: {share:.0%} of their bytes with "
+          "even routing")
 
 
 def _kv_name(scheme) -> str:
