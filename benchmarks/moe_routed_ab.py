@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 from pathlib import Path
 
 import torch
@@ -70,13 +71,16 @@ def main() -> None:
                     over_pcie = model._offloads_kv() and not model.cpu_attention
                     run.update(chosen_experts_roofline(model, info, ceilings, run, kv_read_bytes=kv if over_pcie else 0,
                                                        kv_hbm_bytes=kv if model.kv_placement == "gpu" else 0))
+                    if run["peak_gpu_bytes"] is not None and info.get("gpu_budget_bytes"):
+                        run["within_gpu_budget"] = run["peak_gpu_bytes"] <= info["gpu_budget_bytes"]
                     runs.append({"cuda_graphs": graphs, "routed": routed, **run})
                     print(f"batch {batch}, {'graphs' if graphs else 'eager'}, {'routed' if routed else 'not routed'}: "
                           f"decode step median {run['decode_step_median_s'] * 1e3:.2f} ms, "
                           f"{run.get('fraction_of_chosen_experts_roofline', float('nan')):.3f} of the chosen "
                           f"experts' roofline ({run.get('chosen_experts_roofline_step_s', float('nan')) * 1e3:.2f} ms)")
         moe.ROUTED_EXPERTS = True
-    result = {"command": command(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result = {"command": command(), "gpu": torch.cuda.get_device_name(), "host": platform.node(),
+              "torch": torch.__version__,
               "ceilings": ceilings, "model": args.synthetic, "quant": args.quant, "placement": info, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe_routed_ab.json").write_text(json.dumps(result, indent=1))
