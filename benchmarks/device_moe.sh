@@ -23,7 +23,8 @@ run() {  # run NAME SHAPE BENCH-ARGS...
 }
 # RUNS: which runs (default: the first three; gpu24_host_kvgpu fixes the KV cache in HBM, against the plan's;
 # 8x22b_gpu24_host is Mixtral-8x22B in 24 GiB of GPU memory, the rest in 100 GiB of host RAM; *_whole copy the
-# streamed sparse layers whole, every expert, against the default that copies only the chosen experts)
+# streamed sparse layers whole, every expert, against the default that copies only the chosen experts;
+# qwen3_235b_resident_graphs: Qwen3-235B-A22B all in HBM; routed_ab: benchmarks/moe_routed_ab.py)
 for name in ${RUNS:-resident_graphs resident_eager gpu24_host}; do
     case $name in
         resident_graphs) run mixtral_8x7b_int4_resident_graphs mixtral-8x7b --batch 1,16 --cuda-graphs ;;
@@ -38,5 +39,11 @@ for name in ${RUNS:-resident_graphs resident_eager gpu24_host}; do
             --cpu-memory 100GiB ;;
         8x22b_gpu24_host_whole) run mixtral_8x22b_int4_gpu24_host_whole_experts mixtral-8x22b --batch 1,8 \
             --gpu-memory 24GiB --cpu-memory 100GiB --whole-experts ;;
+        # 235B parameters, about 125 GB in int4: all of it in the H200's HBM (tiermem plan places it in 116 GiB)
+        qwen3_235b_resident_graphs) run qwen3_235b_a22b_int4_resident_graphs qwen3-235b-a22b --batch 1,16 \
+            --cuda-graphs ;;
+        # the routed GEMV against chosen_experts / all_experts expert by expert, one process (engine.moe.ROUTED_EXPERTS)
+        routed_ab) (cd "$(dirname "$0")" && timeout 400 python3 moe_routed_ab.py --synthetic mixtral-8x7b \
+            --batch 1,2,3,16 --prompt-len 512 --gen-len 16 --out "$RES/routed_ab") 2>&1 | grep -v "B/s\]$" | tail -24 ;;
     esac
 done
