@@ -144,17 +144,15 @@ def bench_gemv(args, l2_bytes: int, hbm: float) -> list[dict]:
     return rows
 
 
-def bench_routed(args, l2_bytes: int, hbm: float) -> list[dict]:
+def bench_routed(args, hbm: float) -> list[dict]:
     """Every launch variant of the routed GEMV at each --routed-shape, bf16, for 1, 2, 4 and 6 picks of 8 experts
     (distinct picks per launch, cycling over the experts so that the L2 cache does not hold them)."""
     rows = []
     for shape in args.routed_shape:
         out_features, in_features, matrices = (int(n) for n in shape.split("x"))
         experts = 8
-        base = weight_copies(out_features, in_features, 4, args.group, 0)[0]
-        weights = [[QuantizedWeight(base.qdata.clone(), base.scale.clone(), base.zero.clone(), base.scheme,
-                                    base.shape) for _ in range(experts)] for _ in range(matrices)]
-        del base
+        weights = [[quantize(torch.randn(out_features, in_features, device="cuda") * 0.02, QuantScheme(4, args.group))
+                    for _ in range(experts)] for _ in range(matrices)]
         table = cupy_ops.expert_table(weights, torch.device("cuda"))
         for picks in (1, 2, 4, 6):
             x = torch.randn(picks if matrices == 1 else 1, in_features, device="cuda").to(torch.bfloat16)
@@ -311,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", *sys.argv]),
     }
     sections = {"gemv": lambda: bench_gemv(args, l2_bytes, hbm),
-                "routed": lambda: bench_routed(args, l2_bytes, hbm),
+                "routed": lambda: bench_routed(args, hbm),
                 "dequant": lambda: bench_dequant(args, l2_bytes, hbm),
                 "elementwise": lambda: bench_elementwise(args, hbm),
                 "kv_attention": lambda: bench_kv_attention(args, hbm)}

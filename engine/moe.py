@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -110,11 +111,15 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     B, T, D = x.shape
     flat = x.reshape(B * T, D)  # [N, D]
     weights, experts = route(moe, w[router_name(moe, layer_prefix)], flat)  # [N, k], [N, k]
-    if takes_routed_experts(moe, layer_prefix, w, flat):
-        run = routed_experts
+    few = _few_picks(moe, w, flat)
+    every = takes_all_experts(moe, flat)
+    layer = layer_experts(moe, layer_prefix, w, flat) if few or every else None  # the experts looked up once
+    if few and layer.routed:
+        out = routed_experts(moe, layer_prefix, w, flat, weights, experts, layer)
+    elif every:
+        out = all_experts(moe, layer_prefix, w, flat, weights, experts, layer)
     else:
-        run = all_experts if takes_all_experts(moe, flat) else chosen_experts
-    out = run(moe, layer_prefix, w, flat, weights, experts)
+        out = chosen_experts(moe, layer_prefix, w, flat, weights, experts)
     if moe.shared_expert_size:
         names, gate = shared_expert_names(layer_prefix)
         share = torch.sigmoid(ops.linear(flat, w[gate]).float())  # [N, 1]
@@ -122,10 +127,29 @@ def sparse_mlp(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: to
     return out.to(x.dtype).view(B, T, D)
 
 
-def _expert_matrices(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object]) -> tuple[tuple, tuple, tuple]:
-    """(gates, ups, downs) of the layer's E experts, each a tuple over the experts."""
+class LayerExperts(NamedTuple):
+    """A sparse layer's experts as ops.routed_linear takes them, with their routed GEMV tables (ops.routed_table;
+    None where it does not take them, or while ROUTED_EXPERTS is off)."""
+
+    gate_up: tuple[tuple, tuple]  # (gates, ups), each a tuple over the E experts
+    down: tuple[tuple]  # (downs,)
+    gate_up_table: object | None
+    down_table: object | None
+
+    @property
+    def routed(self) -> bool:
+        """Whether the routed GEMV runs these experts."""
+        return self.gate_up_table is not None and self.down_table is not None
+
+
+def layer_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor) -> LayerExperts:
+    """The experts of the layer whose weights `w` are, for x [N, D] (every expert asked for: those copied on demand
+    are copied)."""
     names = [expert_names(moe, layer_prefix, j) for j in range(moe.num_experts)]
-    return tuple(tuple(w[n[m]] for n in names) for m in range(3))
+    gates, ups, downs = (tuple(w[n[m]] for n in names) for m in range(3))
+    if not ROUTED_EXPERTS:
+        return LayerExperts((gates, ups), (downs,), None, None)
+    return LayerExperts((gates, ups), (downs,), ops.routed_table(x, (gates, ups)), ops.routed_table(x, (downs,)))
 
 
 def picks_fewer_than_experts(moe: MoeConfig, rows: int) -> bool:
@@ -134,15 +158,18 @@ def picks_fewer_than_experts(moe: MoeConfig, rows: int) -> bool:
     return rows <= ops.GEMV_SPLIT_ROWS and rows * moe.top_k < moe.num_experts
 
 
+def _few_picks(moe: MoeConfig, w: Mapping[str, object], x: torch.Tensor) -> bool:
+    """picks_fewer_than_experts for x [N, D] where the routed GEMV may run on it (ops.routed_gemv_takes), of weights
+    that do not copy experts on demand (w.copies_experts_on_demand: those need the choice on the host,
+    chosen_experts). Looks up no expert: a step that takes chosen_experts reads only those its tokens chose."""
+    return (ROUTED_EXPERTS and picks_fewer_than_experts(moe, x.shape[0]) and ops.routed_gemv_takes(x)
+            and not getattr(w, "copies_experts_on_demand", False))
+
+
 def takes_routed_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor) -> bool:
-    """Whether x [N, D] goes through routed_experts (see the module doc): picks_fewer_than_experts, on the GPU, with
-    weights that do not copy experts on demand (w.copies_experts_on_demand) and that the routed GEMV takes."""
-    if not (ROUTED_EXPERTS and x.is_cuda and picks_fewer_than_experts(moe, x.shape[0])):
-        return False
-    if getattr(w, "copies_experts_on_demand", False):
-        return False
-    gates, ups, downs = _expert_matrices(moe, layer_prefix, w)
-    return ops.routed_table(x, (gates, ups)) is not None and ops.routed_table(x, (downs,)) is not None
+    """Whether x [N, D] goes through routed_experts (see the module doc): _few_picks, with experts the routed GEMV
+    takes on x's device."""
+    return _few_picks(moe, w, x) and layer_experts(moe, layer_prefix, w, x).routed
 
 
 def picks_cover_experts(moe: MoeConfig, rows: int) -> bool:
@@ -179,35 +206,35 @@ def chosen_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x
 
 
 def routed_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
-                   weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+                   weights: torch.Tensor, experts: torch.Tensor, layer: LayerExperts | None = None) -> torch.Tensor:
     """chosen_experts' result [N, D] fp32 from x [N, D], weights and experts [N, k], the choice never read on the host:
-    each of the N * k picks through its expert (ops.routed_linear), summed by the router's weights."""
+    each of the N * k picks through its expert (ops.routed_linear), summed by the router's weights. layer: the
+    layer's experts, where the caller has looked them up."""
     N, D = x.shape
-    gates, ups, downs = _expert_matrices(moe, layer_prefix, w)
+    layer = layer or layer_experts(moe, layer_prefix, w, x)
     picks = experts.reshape(-1)  # [P = N * k]: token n's picks are n*k .. n*k + k-1
-    gate_up = ops.routed_linear(x, (gates, ups), picks, moe.top_k)  # [2, P, I]
+    gate_up = ops.routed_linear(x, layer.gate_up, picks, moe.top_k, table=layer.gate_up_table)  # [2, P, I]
     h = ops.silu_mul(gate_up[0], gate_up[1])  # [P, I]
-    y = ops.routed_linear(h, (downs,), picks, 1)[0]  # [P, D]
+    y = ops.routed_linear(h, layer.down, picks, 1, table=layer.down_table)[0]  # [P, D]
     return (y.view(N, moe.top_k, D).float() * weights[..., None]).sum(1)  # [N, D], as chosen_experts rounds it
 
 
 def all_experts(moe: MoeConfig, layer_prefix: str, w: Mapping[str, object], x: torch.Tensor,
-                weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, experts: torch.Tensor, layer: LayerExperts | None = None) -> torch.Tensor:
     """chosen_experts' result without a host sync or a shape that depends on the routing: every expert on every
     token, the experts a token did not choose weighted by 0. Where the routed GEMV takes the weights, one launch
     for every expert's gate and up and one for their down (ops.routed_linear, each expert a pick of all N rows),
     summed in fp32; otherwise expert by expert, summed in x's dtype (as transformers sums a token's experts), one
-    fused multiply-add per expert. These are the steps whose launches count."""
+    fused multiply-add per expert. These are the steps whose launches count. layer: as routed_experts takes it."""
     gates = torch.zeros(x.shape[0], moe.num_experts, device=x.device).scatter_(1, experts, weights)  # [N, E]
-    matrices = _expert_matrices(moe, layer_prefix, w)
-    gate_up, down = matrices[:2], matrices[2:]  # (gates, ups), (downs,)
-    if ROUTED_EXPERTS and ops.routed_table(x, gate_up) is not None and ops.routed_table(x, down) is not None:
+    layer = layer or layer_experts(moe, layer_prefix, w, x)
+    if layer.routed:
         N, D = x.shape
         every = _every_expert(moe.num_experts, x.device)  # [E]
-        y = ops.routed_linear(x, gate_up, every, moe.num_experts, rows=N)  # [2, E * N, I]
-        h = ops.silu_mul(y[0], y[1])  # [E * N, I]
-        out = ops.routed_linear(h, down, every, 1, rows=N)[0].view(moe.num_experts, N, D)  # [E, N, D]
-        return (out.float() * gates.T[:, :, None]).sum(0)  # [N, D]
+        y = ops.routed_linear(x, layer.gate_up, every, moe.num_experts, rows=N, table=layer.gate_up_table)
+        h = ops.silu_mul(y[0], y[1])  # y [2, E * N, I] -> h [E * N, I]
+        out = ops.routed_linear(h, layer.down, every, 1, rows=N, table=layer.down_table)[0]  # [E * N, D]
+        return (out.view(moe.num_experts, N, D).float() * gates.T[:, :, None]).sum(0)  # [N, D]
     gates = gates.to(x.dtype)
     out = torch.zeros_like(x)  # [N, D]
     for j in range(moe.num_experts):

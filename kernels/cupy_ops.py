@@ -379,11 +379,7 @@ def expert_table(matrices: Sequence[Sequence[object]], device: torch.device, bui
                      [w.zero.data_ptr() for w in row]] for row in matrices]  # [M][3][E]
         table = ExpertTable(torch.tensor(pointers, dtype=torch.int64, device=device), first.shape,
                             first.scheme.bits, first.scheme.group_size)
-    try:
-        refs = tuple(weakref.ref(w) for w in flat)
-    except TypeError:  # a weight that takes no weak reference: nothing to find it again by
-        return table
-    _expert_tables[key] = (refs, table)
+    _expert_tables[key] = (tuple(weakref.ref(w) for w in flat), table)
     weakref.finalize(flat[0], _expert_tables.pop, key, None)
     return table
 

@@ -27,8 +27,8 @@ from tiermem.kernels.kv_quant import quantize_kv
 from tiermem.kernels.quant import QuantizedWeight, QuantScheme
 
 __all__ = ["apply_rope", "dequantize", "gelu_tanh_mul", "kv_decode_attention", "kv_decode_attention_supported",
-           "linear", "rms_norm", "rms_norm_plus_one", "routed_linear", "routed_table", "silu_mul", "softcap_",
-           "write_quantized_kv"]
+           "linear", "rms_norm", "rms_norm_plus_one", "routed_gemv_takes", "routed_linear", "routed_table", "silu_mul",
+           "softcap_", "write_quantized_kv"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_LIMIT = 2**31  # the elementwise kernels index with 32-bit integers
@@ -84,21 +84,29 @@ def linear(
     return reference.linear(x, weight, bias)
 
 
+def routed_gemv_takes(x: torch.Tensor) -> bool:
+    """Whether the routed GEMV may run on x (fp16/bf16 on the GPU, the CUDA kernels usable): the check before any
+    weight is looked up for it (routed_table then checks the weights)."""
+    return x.is_cuda and x.dtype in cupy_ops.HALF_DTYPES and cupy_ops.cuda_kernels_available()
+
+
 def routed_table(x: torch.Tensor, matrices: Sequence[Sequence[object]]) -> cupy_ops.ExpertTable | None:
     """The table with which routed_linear runs x over matrices[m][e] in one fused launch, with no host sync, or None
-    where it does not: fp16/bf16 x on the GPU, quantized weights there that the fused GEMV takes, and, while a CUDA
-    graph is being captured, their table made already (by the step run as it is before the capture)."""
-    if not (x.is_cuda and x.dtype in cupy_ops.HALF_DTYPES and cupy_ops.cuda_kernels_available()):
+    where it does not: routed_gemv_takes(x), quantized weights on x's device that the fused GEMV takes, and, while a
+    CUDA graph is being captured, their table made already (by the step run as it is before the capture)."""
+    if not routed_gemv_takes(x):
         return None
     return cupy_ops.expert_table(matrices, x.device, build=not torch.cuda.is_current_stream_capturing())
 
 
 def routed_linear(x: torch.Tensor, matrices: Sequence[Sequence[torch.Tensor | QuantizedWeight]],
-                  experts: torch.Tensor, x_div: int, rows: int = 1) -> torch.Tensor:
+                  experts: torch.Tensor, x_div: int, rows: int = 1,
+                  table: cupy_ops.ExpertTable | None = None) -> torch.Tensor:
     """y [M, P * rows, O]: y[m, p * rows + r] = x[(p // x_div) * rows + r] @ W^T for W = matrices[m][experts[p]]:
     x [P / x_div * rows, I], experts int64 [P] (see reference.routed_linear); one launch of
-    kernels/cuda/routed_gemv.cu, the experts read on the GPU, where routed_table gives a table."""
-    table = routed_table(x, matrices)
+    kernels/cuda/routed_gemv.cu, the experts read on the GPU, where routed_table gives a table (`table`: that table,
+    looked up already)."""
+    table = routed_table(x, matrices) if table is None else table
     if table is not None:
         return cupy_ops.routed_quant_linear(x, table, experts, x_div, rows)
     return reference.routed_linear(x, matrices, experts, x_div, rows)

@@ -108,11 +108,22 @@ def test_gemv_lane_model_matches_reference(bits, group, dtype, unroll, m_tiles, 
     assert _rel_err(y, ref) < (2e-3 if dtype == torch.float16 else 1e-2)
 
 
-def _gemv_kernel_params() -> list[str]:
-    """The parameters of gemv.cu's kernels (its TM_GEMV macro), e.g. 'const uint4* __restrict__ qdata', 'int O'."""
-    text = (cupy_ops.CUDA_DIR / "gemv.cu").read_text()
+def _kernel_params(source: str) -> list[str]:
+    """The parameters of a .cu file's kernels (the NAME(...) of its kernel macro), e.g. 'const uint4* __restrict__
+    qdata', 'int O'."""
+    text = (cupy_ops.CUDA_DIR / source).read_text()
     params = re.search(r"\bNAME\(([^)]*)\)", text).group(1)
     return [" ".join(p.replace("\\", " ").split()) for p in params.split(",")]
+
+
+def _check_argument_types(params: list[str], kernel_args: tuple) -> None:
+    """Each launch argument typed as its kernel parameter: pointers as 8-byte ints (Python int), `int` as np.int32."""
+    assert len(kernel_args) == len(params)
+    for param, arg in zip(params, kernel_args, strict=True):
+        if "*" in param:
+            assert type(arg) is int and 0 < arg < 2**63, (param, arg)
+        else:
+            assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 9, 13, 16, 17])
@@ -132,13 +143,9 @@ def test_quant_linear_launches_once_with_the_kernels_argument_types(rows, monkey
     _, source, kernel, grid, block, kernel_args = args
     assert (source, kernel, grid, block) == ("gemv.cu", "quant_gemv_int4_f16_u2m1", (3, math.ceil(rows / 8)), 256)
     assert kwargs == {"shared_mem": 8 * 128 * 4}
-    params = _gemv_kernel_params()
-    assert len(kernel_args) == len(params) == 11
-    for param, arg in zip(params, kernel_args, strict=True):
-        if "*" in param:
-            assert type(arg) is int and 0 < arg < 2**63, (param, arg)
-        else:
-            assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
+    params = _kernel_params("gemv.cu")
+    assert len(params) == 11
+    _check_argument_types(params, kernel_args)
     assert [int(a) for a in kernel_args[6:]] == [40, 256, 64, rows, 1]  # O, I, gs, batch, cpg_shift
 
 
@@ -161,13 +168,6 @@ def test_quant_linear_takes_two_batch_tiles_per_block_beyond_8_rows(rows, monkey
     assert kernel == f"quant_gemv_int4_bf16_u{config.unroll}m{config.m_tiles}" + ("n2" if tiles == 2 else "")
     assert grid == (math.ceil(40 / rows_per_block), math.ceil(rows / (8 * tiles))) and block == 32 * config.warps
     assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
-
-
-def _routed_kernel_params() -> list[str]:
-    """The parameters of routed_gemv.cu's kernels (its TM_ROUTED_GEMV macro)."""
-    text = (cupy_ops.CUDA_DIR / "routed_gemv.cu").read_text()
-    params = re.search(r"\bNAME\(([^)]*)\)", text).group(1)
-    return [" ".join(p.replace("\\", " ").split()) for p in params.split(",")]
 
 
 @pytest.mark.parametrize(("rows", "picks", "x_div"), [(1, 6, 2), (5, 8, 8), (13, 8, 1)])
@@ -193,13 +193,9 @@ def test_routed_gemv_launches_once_over_picks_and_matrices_with_the_kernels_argu
     chunks = math.ceil(rows / (8 * tiles))
     assert grid == (math.ceil(40 / (16 * config.m_tiles)), picks * chunks, 2) and block == 32 * config.warps
     assert kwargs == {"shared_mem": config.warps * config.m_tiles * tiles * 128 * 4}
-    params = _routed_kernel_params()
-    assert len(kernel_args) == len(params) == 12
-    for param, arg in zip(params, kernel_args, strict=True):
-        if "*" in param:
-            assert type(arg) is int and 0 < arg < 2**63, (param, arg)
-        else:
-            assert param.startswith("int ") and type(arg) is np.int32, (param, arg)
+    params = _kernel_params("routed_gemv.cu")
+    assert len(params) == 12
+    _check_argument_types(params, kernel_args)
     assert int(kernel_args[2]) == 8  # num_experts
     assert [int(a) for a in kernel_args[5:11]] == [40, 256, 64, picks, x_div, rows]  # O, I, gs, picks, x_div, rows
 

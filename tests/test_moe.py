@@ -3,6 +3,7 @@ expert checkpoints, and which experts a step reads."""
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -155,6 +156,59 @@ def test_each_pick_through_its_expert_gives_the_chosen_experts_result(quantized)
     routed = moe.routed_experts(cfg, "p.", w, x, weights, experts)
     assert routed.shape == x.shape and routed.dtype == torch.float32
     assert rel_err(routed, moe.chosen_experts(cfg, "p.", w, x, weights, experts)) <= 1e-6
+
+
+@pytest.mark.parametrize(("tokens", "path"), [(2, "routed_experts"), (3, "all_experts"), (40, "chosen_experts")])
+def test_a_sparse_layer_looks_its_experts_and_tables_up_once(tokens, path, monkeypatch):
+    """sparse_mlp's dispatch as on the GPU, its routed GEMV stood in for by the reference (ops.routed_gemv_takes
+    any x, ops.routed_table gives a table for any weights): 2 tokens x 2 picks of 6 experts take routed_experts, 3
+    tokens (6 picks) all_experts in its routed launches, 40 chosen_experts; one table lookup per matrix set and one
+    read of each expert weight per layer, and the chosen experts' result."""
+    from tiermem.kernels import ops, reference
+
+    lookups = []  # the number of matrices of each table looked up
+
+    def table(x, matrices):
+        lookups.append(len(matrices))
+        return "table"
+
+    def routed_linear(x, matrices, experts, x_div, rows=1, table=None):
+        assert table == "table", "the looked-up table is passed, not looked up again"
+        return reference.routed_linear(x, matrices, experts, x_div, rows)
+
+    ran = []
+
+    def recording(name):
+        run = getattr(moe, name)
+        return lambda *args: ran.append(name) or run(*args)
+
+    monkeypatch.setattr(ops, "routed_gemv_takes", lambda x: True)
+    monkeypatch.setattr(ops, "routed_table", table)
+    monkeypatch.setattr(ops, "routed_linear", routed_linear)
+    for name in ("routed_experts", "all_experts", "chosen_experts"):
+        monkeypatch.setattr(moe, name, recording(name))
+
+    class Counting(dict):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.reads = Counter()
+
+        def __getitem__(self, name):
+            self.reads[name] += 1
+            return super().__getitem__(name)
+
+    cfg, w = moe_layer()
+    w = Counting(w)
+    x = torch.randn(1, tokens, 16, generator=torch.Generator().manual_seed(tokens))
+    out = moe.sparse_mlp(cfg, "p.", w, x)
+    assert ran == [path]
+    assert lookups == ([2, 1] if path != "chosen_experts" else [])
+    if path != "chosen_experts":
+        assert {n: c for n, c in w.reads.items() if ".experts." in n and c != 1} == {}
+        assert sum(".experts." in n for n in w.reads) == 3 * 6
+    flat = x.reshape(tokens, 16)
+    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], flat)
+    assert rel_err(out.reshape(tokens, 16), moe.chosen_experts(cfg, "p.", dict(w), flat, weights, experts)) <= 1e-6
 
 
 def test_decode_steps_of_fewer_picks_than_experts_are_the_routed_ones():
@@ -383,13 +437,9 @@ class _OnDemand(dict):
     copies_experts_on_demand = True
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows", [1, 2, 3])
-def test_gpu_routed_experts_give_the_chosen_experts_result_bit_for_bit(rows):
-    """int4 experts, bf16 on the GPU, 2 picks of 8: each pick through the routed GEMV as the fused GEMV computes one
-    row, summed as chosen_experts sums two picks; sparse_mlp takes this path unless the weights copy experts on
-    demand, whose choice must be read on the host."""
+def _gpu_int4_layer(rows: int):
+    """A sparse layer of 8 int4 experts (2 picks) on the GPU in bf16, `rows` tokens routed through it: (cfg, w, x,
+    weights, experts); skips without the CuPy kernels."""
     from tiermem.kernels import cupy_ops
 
     if not cupy_ops.cuda_kernels_available():
@@ -398,7 +448,17 @@ def test_gpu_routed_experts_give_the_chosen_experts_result_bit_for_bit(rows):
     w = {n: quantize(v, QuantScheme(4, 32)).to("cuda") if ".experts." in n else v.to("cuda", torch.bfloat16)
          for n, v in w.items()}
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to("cuda", torch.bfloat16)
-    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], x)
+    return (cfg, w, x, *moe.route(cfg, w["p.mlp.gate.weight"], x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_gpu_routed_experts_give_the_chosen_experts_result_bit_for_bit(rows):
+    """int4 experts, bf16 on the GPU, 2 picks of 8: each pick through the routed GEMV as the fused GEMV computes one
+    row, summed as chosen_experts sums two picks; sparse_mlp takes this path unless the weights copy experts on
+    demand, whose choice must be read on the host."""
+    cfg, w, x, weights, experts = _gpu_int4_layer(rows)
     routed = moe.routed_experts(cfg, "p.", w, x, weights, experts)
     assert torch.equal(routed, moe.chosen_experts(cfg, "p.", w, x, weights, experts))
     assert moe.takes_routed_experts(cfg, "p.", w, x)
@@ -413,15 +473,7 @@ def test_gpu_every_expert_in_two_launches_gives_the_chosen_experts_result(rows):
     """all_experts where the routed GEMV takes the weights (int4, bf16): every expert a pick of all rows, in one
     launch for gate and up and one for down, within bf16 rounding of chosen_experts (which runs each expert on its
     own rows, in other batch tiles); 40 rows: what a CUDA graph capture of that many rows runs."""
-    from tiermem.kernels import cupy_ops
-
-    if not cupy_ops.cuda_kernels_available():
-        pytest.skip("needs the CuPy kernels")
-    cfg, w = moe_layer(experts=8, hidden=64, inter=96)
-    w = {n: quantize(v, QuantScheme(4, 32)).to("cuda") if ".experts." in n else v.to("cuda", torch.bfloat16)
-         for n, v in w.items()}
-    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)).to("cuda", torch.bfloat16)
-    weights, experts = moe.route(cfg, w["p.mlp.gate.weight"], x)
+    cfg, w, x, weights, experts = _gpu_int4_layer(rows)
     every = moe.all_experts(cfg, "p.", w, x, weights, experts)
     assert every.dtype == torch.float32  # the fused path's fp32 sum
     assert rel_err(every, moe.chosen_experts(cfg, "p.", w, x, weights, experts)) < 1e-2

@@ -343,3 +343,20 @@ __device__ __forceinline__ void quant_gemv(const uint4* __restrict__ qdata, cons
 }
 
 }  // namespace tiermem
+
+// The launch variants of a kernel macro KERNEL(NAME, BITS, T, GENERAL, U, MT, NT, MINB) that runs quant_gemv<BITS, T,
+// GENERAL, U, MT, NT>, named PREFIX_int<BITS>_<TN>_<variant>: cupy_ops.GEMV_VARIANTS (u<U>m<MT>) and the general
+// one, each with one batch tile and with two (suffix n2). MINB (blocks of 256 threads per SM) caps the registers so
+// that no variant spills (ptxas -v); U2_MINB is the u2m1 variant's (int4 bf16 needs more registers for its split
+// constants).
+#define TM_GEMV_VARIANTS(KERNEL, PREFIX, BITS, TN, T, U2_MINB)                       \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u1m1, BITS, T, false, 1, 1, 1, 4)               \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u2m1, BITS, T, false, 2, 1, 1, U2_MINB)         \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u4m1, BITS, T, false, 4, 1, 1, 2)               \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u2m2, BITS, T, false, 2, 2, 1, 2)               \
+  KERNEL(PREFIX##_int##BITS##_##TN##_general, BITS, T, true, 1, 1, 1, 2)             \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u1m1n2, BITS, T, false, 1, 1, 2, 2)             \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u2m1n2, BITS, T, false, 2, 1, 2, 2)             \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u4m1n2, BITS, T, false, 4, 1, 2, 1)             \
+  KERNEL(PREFIX##_int##BITS##_##TN##_u2m2n2, BITS, T, false, 2, 2, 2, 1)             \
+  KERNEL(PREFIX##_int##BITS##_##TN##_generaln2, BITS, T, true, 1, 1, 2, 1)

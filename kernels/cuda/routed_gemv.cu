@@ -28,20 +28,8 @@
         nullptr, y + (static_cast<size_t>(m) * picks + p) * rows * O, O, I, gs, rows, cpg_shift, 8 * NT * c);     \
   }
 
-// gemv.cu's variants, with its register caps (int8 bf16 u2m1 one block lower: the table reads spilled at 4).
-#define TM_ROUTED_GEMV_ALL(BITS, TN, T, U2_MINB)                                                  \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u1m1, BITS, T, false, 1, 1, 1, 4)                 \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u2m1, BITS, T, false, 2, 1, 1, U2_MINB)           \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u4m1, BITS, T, false, 4, 1, 1, 2)                 \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u2m2, BITS, T, false, 2, 2, 1, 2)                 \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_general, BITS, T, true, 1, 1, 1, 2)               \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u1m1n2, BITS, T, false, 1, 1, 2, 2)               \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u2m1n2, BITS, T, false, 2, 1, 2, 2)               \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u4m1n2, BITS, T, false, 4, 1, 2, 1)               \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_u2m2n2, BITS, T, false, 2, 2, 2, 1)               \
-  TM_ROUTED_GEMV(routed_gemv_int##BITS##_##TN##_generaln2, BITS, T, true, 1, 1, 2, 1)
-
-TM_ROUTED_GEMV_ALL(4, f16, __half, 4)
-TM_ROUTED_GEMV_ALL(4, bf16, __nv_bfloat16, 3)
-TM_ROUTED_GEMV_ALL(8, f16, __half, 4)
-TM_ROUTED_GEMV_ALL(8, bf16, __nv_bfloat16, 3)
+// gemv.cu's variants and register caps, but int8 bf16 u2m1 one block lower (its table reads spilled at 4).
+TM_GEMV_VARIANTS(TM_ROUTED_GEMV, routed_gemv, 4, f16, __half, 4)
+TM_GEMV_VARIANTS(TM_ROUTED_GEMV, routed_gemv, 4, bf16, __nv_bfloat16, 3)
+TM_GEMV_VARIANTS(TM_ROUTED_GEMV, routed_gemv, 8, f16, __half, 4)
+TM_GEMV_VARIANTS(TM_ROUTED_GEMV, routed_gemv, 8, bf16, __nv_bfloat16, 3)
